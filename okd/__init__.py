@@ -1,0 +1,3 @@
+"""okd: online knowledge distillation in PyTorch."""
+
+__version__ = "0.1.0"

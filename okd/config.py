@@ -1,0 +1,206 @@
+"""Typed run configuration: dataclass defaults, short YAML files and ``key=value`` overrides.
+
+The ``method`` section is validated against the chosen method's own ``Params`` dataclass, so every
+method owns its knobs and an unknown key fails before training with the valid keys named.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from okd.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "cifar100"  # cifar10 | cifar100
+    root: str = "data"
+    download: bool = True
+    pad: int = 4
+    padding_mode: str = "reflect"  # reflect | zeros
+    flip: bool = True
+    mean: list[float] | None = None  # None: the dataset's standard statistics
+    std: list[float] | None = None
+    batch_size: int = 128
+    test_batch_size: int = 500
+    drop_last: bool = False
+    limit_train: int | None = None  # first N training images (quick runs and tests)
+    limit_test: int | None = None
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet32"
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    milestones: list[int] = field(default_factory=lambda: [150, 225])
+    gamma: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 300
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    deterministic: bool = False
+    progress: str = "auto"  # auto | bar | log | none
+    max_steps_per_epoch: int | None = None
+
+
+@dataclass
+class RunConfig:
+    name: str | None = None
+    output_dir: str = "runs"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class Config:
+    """A resolved configuration: the run settings plus the method's name and typed parameters."""
+
+    run: RunConfig
+    method_name: str
+    method_params: Any
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self.run)
+        out["method"] = {"name": self.method_name, **dataclasses.asdict(self.method_params)}
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+_CHOICES = {
+    ("data", "dataset"): ("cifar10", "cifar100"),
+    ("data", "padding_mode"): ("reflect", "zeros"),
+    ("train", "progress"): ("auto", "bar", "log", "none"),
+}
+
+
+def _field_names(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _typed(schema_cls, raw: dict, where: str):
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema_cls), raw)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or getattr(exc, "key", None) or ""
+        section = _section_of(schema_cls, str(key))
+        valid = ", ".join(_field_names(section)) if section is not None else ""
+        msg = str(exc).splitlines()[0]
+        hint = f" Valid keys here: {valid}." if valid else ""
+        raise ConfigError(f"bad config {where}{'.' + str(key) if key else ''}: {msg}.{hint}") from None
+
+
+def _section_of(cls, dotted: str):
+    """The dataclass that holds the last component of ``dotted`` (for listing valid keys)."""
+    parts = [p for p in dotted.split(".") if p][:-1]
+    for p in parts:
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if p not in fields:
+            return cls
+        default = fields[p].default_factory() if fields[p].default_factory is not dataclasses.MISSING else None
+        if default is None or not dataclasses.is_dataclass(default):
+            return cls
+        cls = type(default)
+    return cls
+
+
+def _validate(run: RunConfig) -> None:
+    for (section, key), choices in _CHOICES.items():
+        value = getattr(getattr(run, section), key)
+        if value not in choices:
+            raise ConfigError(f"{section}.{key}={value!r} is not valid; choose one of: {', '.join(choices)}")
+    positive = {
+        "train.epochs": run.train.epochs,
+        "data.batch_size": run.data.batch_size,
+        "data.test_batch_size": run.data.test_batch_size,
+        "optim.lr": run.optim.lr,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key} must be positive, got {value}")
+    for key in ("limit_train", "limit_test"):
+        v = getattr(run.data, key)
+        if v is not None and v <= 0:
+            raise ConfigError(f"data.{key} must be positive or null, got {v}")
+    if run.train.max_steps_per_epoch is not None and run.train.max_steps_per_epoch <= 0:
+        raise ConfigError("train.max_steps_per_epoch must be positive or null")
+    if run.data.pad < 0:
+        raise ConfigError(f"data.pad must be >= 0, got {run.data.pad}")
+    for key in ("mean", "std"):
+        v = getattr(run.data, key)
+        if v is not None and len(v) != 3:
+            raise ConfigError(f"data.{key} needs 3 values (R, G, B), got {list(v)}")
+    if run.train.device not in ("auto", "cpu") and not run.train.device.startswith("cuda"):
+        raise ConfigError(f"train.device={run.train.device!r}: use auto, cpu, cuda or cuda:N")
+
+
+def parse_overrides(overrides: list[str]) -> DictConfig:
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.epochs=5)")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"cannot parse overrides {overrides}: {exc}") from None
+
+
+def load_raw(path: str | Path | None) -> DictConfig:
+    if path is None:
+        return OmegaConf.create({})
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist; see configs/ for examples")
+    try:
+        raw = OmegaConf.load(path)
+    except Exception as exc:  # yaml errors come in many types
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+    if not isinstance(raw, DictConfig):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections (data, model, ...)")
+    return raw
+
+
+def build_config(raw: DictConfig | dict) -> Config:
+    """Validate a raw mapping into a :class:`Config`."""
+    from okd.methods import METHODS  # the registry is filled on import
+
+    raw = OmegaConf.to_container(OmegaConf.create(raw), resolve=True)
+    method_raw = raw.pop("method", None) or {}
+    if not isinstance(method_raw, dict):
+        raise ConfigError("the method section must be a mapping, e.g. method: {name: ffsd}")
+    method_raw = dict(method_raw)
+    name = method_raw.pop("name", "baseline")
+    method_cls = METHODS.get(name)
+    run = _typed(RunConfig, raw, "key")
+    _validate(run)
+    params = _typed(method_cls.Params, method_raw, f"method ({name})")
+    check = getattr(params, "validate", None)
+    if check is not None:
+        check()
+    return Config(run=run, method_name=name, method_params=params)
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Load a YAML config, apply ``key=value`` overrides and validate everything."""
+    raw = OmegaConf.merge(load_raw(path), parse_overrides(list(overrides)))
+    return build_config(raw)

@@ -1,0 +1,59 @@
+"""Build the train and test loaders of a run from its :class:`~okd.config.DataConfig`."""
+
+from __future__ import annotations
+
+import torch
+
+from okd.config import DataConfig
+from okd.data.cifar import DATASET_STATS, get_spec, load_cifar
+from okd.data.device_loader import DeviceLoader
+from okd.errors import DataError
+
+
+def build_loaders(
+    data_cfg: DataConfig, seed: int, device: torch.device | str | None, views: int = 1
+) -> tuple[DeviceLoader, DeviceLoader, int, list[str]]:
+    """Load (or download) the dataset and return ``(train_loader, test_loader, num_classes, class_names)``.
+
+    ``limit_train``/``limit_test`` keep the first N images; mean/std default to the dataset's standard
+    statistics; ``padding_mode='zeros'`` pads with raw pixel value 0 (before normalisation), as
+    torchvision's ``RandomCrop(32, padding=4)`` does.
+    """
+    spec = get_spec(data_cfg.dataset)
+    default_mean, default_std = DATASET_STATS[spec.name]
+    mean = list(data_cfg.mean) if data_cfg.mean is not None else list(default_mean)
+    std = list(data_cfg.std) if data_cfg.std is not None else list(default_std)
+    if any(s <= 0 for s in std):
+        raise DataError(f"data.std must be positive, got {std}")
+    loaders = []
+    classes: list[str] = []
+    for train, limit in ((True, data_cfg.limit_train), (False, data_cfg.limit_test)):
+        split = load_cifar(data_cfg.root, spec.name, train=train, download=data_cfg.download)
+        classes = split.classes
+        images, labels = split.images, split.labels
+        if limit is not None:
+            images, labels = images[:limit], labels[:limit]
+        loader = DeviceLoader(
+            torch.from_numpy(images),
+            torch.from_numpy(labels),
+            data_cfg.batch_size if train else data_cfg.test_batch_size,
+            mean=mean,
+            std=std,
+            train=train,
+            pad=data_cfg.pad,
+            padding_mode=data_cfg.padding_mode,
+            flip=data_cfg.flip,
+            shuffle=train,
+            drop_last=data_cfg.drop_last and train,
+            seed=seed,
+            views=views if train else 1,
+            device=device,
+        )
+        if len(loader) == 0:
+            raise DataError(
+                f"the {'training' if train else 'test'} split has {len(labels)} images, fewer than one "
+                f"batch of {loader.batch_size} with data.drop_last=true; lower data.batch_size, raise "
+                f"data.limit_train or set data.drop_last=false."
+            )
+        loaders.append(loader)
+    return loaders[0], loaders[1], spec.num_classes, classes

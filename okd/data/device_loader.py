@@ -1,0 +1,152 @@
+"""A loader that keeps a whole uint8 split on the device and augments batches with tensor ops.
+
+Training batches get the standard CIFAR recipe (pad-``pad`` random crop, horizontal flip with
+probability 1/2, normalisation), the same distribution as torchvision's ``RandomCrop(32, padding=4,
+padding_mode=...)`` + ``RandomHorizontalFlip()`` + ``Normalize``; crop and flip are one gather.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+
+PADDING_MODES = ("reflect", "zeros")
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """A CPU generator whose state is a pure function of ``(seed, epoch)``."""
+    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(epoch) & 0xFFFFFFFF, 0x0CD]).generate_state(2)
+    return torch.Generator().manual_seed(int(state[0]) << 31 ^ int(state[1]))
+
+
+def _source_index(pos: torch.Tensor, size: int, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Map unpadded coordinates (any range) to valid indices; also return the in-range mask."""
+    valid = (pos >= 0) & (pos < size)
+    if mode == "reflect":
+        pos = pos.abs()
+        pos = torch.where(pos >= size, 2 * (size - 1) - pos, pos)
+    else:
+        pos = pos.clamp(0, size - 1)
+    return pos, valid
+
+
+class DeviceLoader:
+    """Batches of ``(x, y)`` from a uint8 N x 3 x H x W split held on ``device``.
+
+    ``x`` is ``dtype`` (float32) normalised with ``mean``/``std`` (given on the [0, 1] scale). With
+    ``train`` the order is shuffled (if ``shuffle``) and each sample gets an independent crop offset,
+    uniform over the (2*pad+1)^2 grid, and a flip with probability 1/2 (if ``flip``); with ``views > 1``
+    ``x`` is a list of ``views`` independent draws of the same images. Without ``train`` the split comes
+    in order, normalised only. Each pass uses the epoch set by :meth:`set_epoch` (then advances it by
+    one), and all of its draws are a pure function of ``(seed, epoch)``, so resuming needs no RNG state.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        *,
+        mean: Sequence[float],
+        std: Sequence[float],
+        train: bool,
+        pad: int = 4,
+        padding_mode: str = "reflect",
+        flip: bool = True,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        seed: int = 0,
+        views: int = 1,
+        device: torch.device | str | None = None,
+        channels_last: bool = False,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError(f"images must be uint8 N x C x H x W, got {images.dtype} {tuple(images.shape)}")
+        if labels.shape != images.shape[:1]:
+            raise ValueError(f"labels shape {tuple(labels.shape)} does not match {images.shape[0]} images")
+        if batch_size <= 0 or views <= 0 or pad < 0:
+            raise ValueError("batch_size and views must be positive and pad non-negative")
+        if padding_mode not in PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
+        c, h, w = images.shape[1:]
+        if padding_mode == "reflect" and pad >= min(h, w):
+            raise ValueError(f"reflect padding needs pad < image size, got pad={pad} for {h}x{w}")
+        if len(mean) != c or len(std) != c:
+            raise ValueError(f"mean and std need {c} values each")
+        self.device = torch.device(device) if device is not None else images.device
+        self.images = images.to(self.device).contiguous()
+        self.labels = labels.to(self.device, torch.int64)
+        self.batch_size, self.train, self.views = int(batch_size), bool(train), int(views)
+        self.pad, self.padding_mode, self.flip = int(pad), padding_mode, bool(flip)
+        self.shuffle, self.drop_last, self.seed = bool(shuffle) and self.train, bool(drop_last), int(seed)
+        self.channels_last, self.dtype = channels_last, dtype
+        std_t = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, c, 1, 1)
+        mean_t = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, c, 1, 1)
+        self._scale = 1.0 / (255.0 * std_t)  # (x / 255 - mean) / std == x * scale + shift
+        self._shift = -mean_t / std_t
+        self.epoch = 0
+        self._views = range(self.views)
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    @property
+    def num_samples(self) -> int:
+        """Images seen per pass (after ``drop_last``)."""
+        return min(len(self) * self.batch_size, len(self.labels))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _draws(self, gen: torch.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Crop offsets (views x n x 2, in [0, 2*pad]) and flip flags (views x n), drawn on the CPU."""
+        offsets = torch.randint(0, 2 * self.pad + 1, (self.views, n, 2), generator=gen)
+        flips = torch.randint(0, 2, (self.views, n), generator=gen).bool()
+        if not self.flip:
+            flips.zero_()
+        return offsets.to(self.device), flips.to(self.device)
+
+    def augment(self, x: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+        """Crop (offsets b x 2, into the padded image) and flip (b) a uint8 batch in one gather."""
+        b, c, h, w = x.shape
+        p = self.pad
+        rows = torch.arange(h, device=x.device).view(1, h) + (offsets[:, :1] - p)
+        cols = torch.arange(w, device=x.device).view(1, w)
+        cols = torch.where(flips.view(b, 1), w - 1 - cols, cols) + (offsets[:, 1:] - p)
+        rows, row_ok = _source_index(rows, h, self.padding_mode)
+        cols, col_ok = _source_index(cols, w, self.padding_mode)
+        index = (rows.view(b, h, 1) * w + cols.view(b, 1, w)).view(b, 1, h * w).expand(b, c, h * w)
+        out = x.reshape(b, c, h * w).gather(2, index).view(b, c, h, w)
+        if self.padding_mode == "zeros" and p > 0:
+            out = out * (row_ok.view(b, 1, h, 1) & col_ok.view(b, 1, 1, w))
+        return out
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.addcmul(self._shift, x.float(), self._scale).to(self.dtype)
+        return out.contiguous(memory_format=torch.channels_last) if self.channels_last else out
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor | list[torch.Tensor], torch.Tensor]]:
+        n = len(self.labels)
+        gen = epoch_generator(self.seed, self.epoch)
+        self.epoch += 1
+        order = torch.randperm(n, generator=gen).to(self.device) if self.shuffle else None
+        if self.train:
+            offsets, flips = self._draws(gen, n)
+        for i in range(len(self)):
+            lo, hi = i * self.batch_size, min((i + 1) * self.batch_size, n)
+            if order is None:
+                xb, yb = self.images[lo:hi], self.labels[lo:hi]
+            else:
+                idx = order[lo:hi]
+                xb, yb = self.images.index_select(0, idx), self.labels.index_select(0, idx)
+            if not self.train:
+                x = self.normalize(xb)
+                yield (x if self.views == 1 else [x] * self.views), yb
+                continue
+            xs = [self.normalize(self.augment(xb, offsets[v, lo:hi], flips[v, lo:hi])) for v in self._views]
+            yield (xs[0] if self.views == 1 else xs), yb

@@ -1,0 +1,1 @@
+"""The generic engine: one training loop for every method, checkpoints, evaluation, logging."""

@@ -1,0 +1,49 @@
+"""One evaluation pass that scores every head of a method (top-1/top-5) plus its oracle metrics."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from okd.methods.base import Method
+
+
+@torch.no_grad()
+def evaluate(method: Method, loader, max_batches: int | None = None) -> dict[str, float]:
+    """Return ``{'<head>/top1': %, '<head>/top5': %, '<oracle>/top1': %}`` over the loader's split.
+
+    Counts are accumulated on the device and read once at the end (no per-batch host sync).
+    """
+    was_training = method.training
+    method.eval()
+    correct1: dict[str, Tensor] = {}
+    correct5: dict[str, Tensor] = {}
+    oracle = method.oracle_groups()
+    oracle_correct: dict[str, Tensor] = {}
+    total = 0
+    for b, (images, labels) in enumerate(loader):
+        if max_batches is not None and b >= max_batches:
+            break
+        outputs = method.eval_outputs(images)
+        hit1: dict[str, Tensor] = {}
+        for head, logits in outputs.items():
+            k = min(5, logits.shape[1])
+            top = logits.topk(k, dim=1).indices
+            match = top.eq(labels.view(-1, 1))
+            hit1[head] = match[:, 0]
+            correct1[head] = correct1.get(head, 0) + match[:, 0].sum()
+            correct5[head] = correct5.get(head, 0) + match.any(dim=1).sum()
+        for name, heads in oracle.items():
+            any_hit = torch.stack([hit1[h] for h in heads]).any(dim=0)
+            oracle_correct[name] = oracle_correct.get(name, 0) + any_hit.sum()
+        total += labels.shape[0]
+    method.train(was_training)
+    if total == 0:
+        return {}
+    result: dict[str, float] = {}
+    for head in correct1:
+        result[f"{head}/top1"] = 100.0 * float(correct1[head]) / total
+        result[f"{head}/top5"] = 100.0 * float(correct5[head]) / total
+    for name, count in oracle_correct.items():
+        result[f"{name}/top1"] = 100.0 * float(count) / total
+    return result

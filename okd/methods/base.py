@@ -1,0 +1,111 @@
+"""The method contract: a method is an ``nn.Module`` that owns its cohort and knows how it is optimised.
+
+The generic trainer calls, per step, ``training_step`` and backpropagates the sum of the returned losses
+once; then it steps one optimizer per :class:`ParamGroup` (each with its own MultiStepLR schedule).
+Keys of the loss dict that start with ``stat/`` are logged but not summed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from torch import Tensor, nn
+
+from okd.config import OptimConfig
+from okd.registry import Registry
+
+
+@dataclass
+class ParamGroup:
+    """One optimizer's worth of parameters with its own settings."""
+
+    name: str
+    params: list[nn.Parameter]
+    optimizer: str = "sgd"  # "sgd" | "adam"
+    lr: float = 0.1
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    nesterov: bool = True
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+
+def sgd_group(name: str, params, optim: OptimConfig, weight_decay: float | None = None) -> ParamGroup:
+    """An SGD group with the run's lr/momentum/nesterov and, unless given, its weight decay."""
+    return ParamGroup(
+        name=name,
+        params=list(params),
+        optimizer="sgd",
+        lr=optim.lr,
+        weight_decay=optim.weight_decay if weight_decay is None else weight_decay,
+        momentum=optim.momentum,
+        nesterov=optim.nesterov,
+    )
+
+
+def adam_group(name: str, params, lr: float = 1e-3, weight_decay: float = 1e-4) -> ParamGroup:
+    """An Adam group (coupled L2 weight decay, as ``torch.optim.Adam``)."""
+    return ParamGroup(name=name, params=list(params), optimizer="adam", lr=lr, weight_decay=weight_decay)
+
+
+@dataclass
+class NoParams:
+    """A method without knobs."""
+
+
+@dataclass
+class MethodContext:
+    """What a method needs to build itself."""
+
+    model: str
+    num_classes: int
+    optim: OptimConfig
+    params: Any
+    epochs: int
+    extra: dict = field(default_factory=dict)
+
+
+class Method(nn.Module):
+    """Base class of every method. Subclasses set ``Params`` (a dataclass of their knobs)."""
+
+    Params: ClassVar[type] = NoParams
+    #: how many independently augmented views of each training image a step receives
+    views: ClassVar[int] = 1
+    #: the eval head that scores ``deployable()`` (used to select best.pt); None: the first head
+    deploy_head: ClassVar[str | None] = None
+
+    def __init__(self, ctx: MethodContext) -> None:
+        super().__init__()
+        self.ctx = ctx
+        self.hp = ctx.params
+
+    def param_groups(self) -> list[ParamGroup]:
+        raise NotImplementedError
+
+    def training_step(self, images: Tensor | list[Tensor], labels: Tensor, epoch: int) -> dict[str, Tensor]:
+        """One forward of the cohort; ``epoch`` is the 0-based epoch index. Returns named scalar losses."""
+        raise NotImplementedError
+
+    def eval_outputs(self, images: Tensor) -> dict[str, Tensor]:
+        """Logits (or log-probabilities) of every head worth reporting."""
+        raise NotImplementedError
+
+    def deployable(self) -> nn.Module:
+        """The single network a user keeps."""
+        raise NotImplementedError
+
+    def oracle_groups(self) -> dict[str, list[str]]:
+        """Metrics named ``<key>`` reporting "any of these heads is correct" (an oracle, not an ensemble)."""
+        return {}
+
+    def after_optimizer_step(self) -> None:
+        """Called after every optimizer step (e.g. to update an EMA copy)."""
+
+
+METHODS: Registry[type[Method]] = Registry("method")
+
+
+def register_method(name: str, description: str, paper: str):
+    """Register a finished method class under ``name``."""
+    return METHODS.register(name, description=description, paper=paper)

@@ -1,0 +1,112 @@
+"""Shared plumbing of the multi-branch methods (ONE, CL-ILR, individual branches, OKDDip, FFL).
+
+Not a method itself: it owns one :class:`~okd.models.multibranch.MultiBranchNet`, its optimizer group, the
+usual evaluation heads and the deployable network (the trunk plus one branch, as a plain backbone).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from okd.errors import ConfigError
+from okd.methods.base import Method, MethodContext, ParamGroup, sgd_group
+from okd.models.multibranch import MultiBranchNet
+from okd.nn.losses import logit_mean, softmax_ensemble
+
+
+@dataclass
+class BranchParams:
+    """Knobs every branch method shares."""
+
+    num_branches: int = 4
+    #: dropout of branch classifiers that have one (VGG-16: 0.5 in the ONE/OKDDip files); null keeps the backbone's
+    dropout: float | None = 0.5
+    #: OKDDip-repo DenseNet bug: every branch holds the same last dense block (off: own weights per branch)
+    share_branch_block: bool = False
+    #: which branch ``deploy.pt`` holds (with the trunk)
+    deploy_branch: int = 0
+
+    def validate(self) -> None:
+        check_int("num_branches", self.num_branches, 1)
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"method.dropout must be in [0, 1) or null, got {self.dropout}")
+        if not 0 <= self.deploy_branch < self.num_branches:
+            raise ConfigError(
+                f"method.deploy_branch={self.deploy_branch} is not a branch; choose 0..{self.num_branches - 1}"
+            )
+
+
+def check_int(key: str, value: int, low: int) -> None:
+    if value < low:
+        raise ConfigError(f"method.{key} must be >= {low}, got {value}")
+
+
+def check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"method.{key}={value!r} is not valid; choose one of: {', '.join(choices)}")
+
+
+def check_distillation(temperature: float, kl_weight: float, rampup_length: int = 0, target_eps: float = 0.0) -> None:
+    """The KL knobs most methods share: T > 0, weight >= 0, ramp-up length >= 0, target epsilon >= 0."""
+    if temperature <= 0:
+        raise ConfigError(f"method.temperature must be positive, got {temperature}")
+    if kl_weight < 0:
+        raise ConfigError(f"method.kl_weight must be >= 0, got {kl_weight}")
+    if rampup_length < 0:
+        raise ConfigError(f"method.rampup_length must be >= 0 (0 disables the ramp-up), got {rampup_length}")
+    if target_eps < 0:
+        raise ConfigError(f"method.target_eps must be >= 0, got {target_eps}")
+
+
+def ensemble_heads(logits: list[Tensor], prefix: str = "") -> dict[str, Tensor]:
+    """``<prefix>mean_logits`` (mean of logits, the OKDDip repo's "ensemble") and ``<prefix>ensemble``
+    (mean of softmax, a true ensemble)."""
+    return {f"{prefix}mean_logits": logit_mean(logits), f"{prefix}ensemble": softmax_ensemble(logits)}
+
+
+def scalar(value: float, like: Tensor) -> Tensor:
+    """A logged constant (``stat/...``) on the device of ``like``."""
+    return torch.tensor(float(value), device=like.device)
+
+
+class BranchMethod(Method):
+    """A method over one multi-branch network; subclasses write ``training_step``."""
+
+    head_prefix = "branch"
+
+    def __init__(self, ctx: MethodContext) -> None:
+        super().__init__(ctx)
+        hp: BranchParams = ctx.params
+        self.net = MultiBranchNet(
+            ctx.model,
+            ctx.num_classes,
+            hp.num_branches,
+            dropout=hp.dropout,
+            share_branch_block=hp.share_branch_block,
+        )
+        self.deploy_head = self.branch_name(hp.deploy_branch)
+
+    def branch_name(self, i: int) -> str:
+        return f"{self.head_prefix}{i}"
+
+    def param_groups(self) -> list[ParamGroup]:
+        return [sgd_group("net", self.parameters(), self.ctx.optim)]
+
+    def branch_heads(self, logits: list[Tensor]) -> dict[str, Tensor]:
+        """Each branch, the mean of logits and the softmax ensemble."""
+        heads = {self.branch_name(i): z for i, z in enumerate(logits)}
+        heads.update(ensemble_heads(logits))
+        return heads
+
+    def eval_outputs(self, images: Tensor) -> dict[str, Tensor]:
+        return self.branch_heads(self.net(images))
+
+    def oracle_groups(self) -> dict[str, list[str]]:
+        return {"oracle_any_branch": [self.branch_name(i) for i in range(self.net.num_branches)]}
+
+    def deployable(self) -> nn.Module:
+        """The trunk plus the deployed branch, as the plain backbone (``deploy.pt`` loads into ``create_model``)."""
+        return self.net.single_branch(self.hp.deploy_branch)

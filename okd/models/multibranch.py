@@ -1,0 +1,253 @@
+"""Multi-branch networks: a shared trunk and m branches, built from the registered backbones.
+
+The split points follow ``methods.md`` §3 (ONE, CL-ILR, OKDDip, FFL); no model code is copied: the trunk is
+taken from instance 0 of ``create_model(backbone)`` and branch i from instance i.
+
+| family | trunk | each branch (own weights) |
+|---|---|---|
+| CIFAR ResNets (basic, ``resnet110_bottleneck``, ``wrn20_8``) | conv1, bn1, relu, layer1, layer2 | layer3, fc |
+| DenseNet (``densenet40_12_bc``; non-BC works too) | conv1, dense1, trans1, dense2, trans2 | dense3, final bn + ReLU, fc |
+| VGG-16 | conv layers 1-10 (``trunk_features``, 512x2x2) | conv layers 11-13 + pool, 3-layer classifier |
+| WRN-16-2 / WRN-40-2 (not in the spec; by analogy) | conv1, layer1, layer2 | layer3, final bn + ReLU, fc |
+
+Every branch ends with global average pooling of its final map and its classifier. ``share_branch_block``
+reproduces the OKDDip repo's DenseNet bug (all branches hold the same dense-block object, only the final BN
+and the FC are per branch); ``dropout`` sets the dropout of branch classifiers that have one (VGG: 0.5 in the
+ONE/OKDDip files, 0 in the single model).
+
+State-dict keys keep the backbone's module names (``shared.layer1...``, ``branches.0.layer3...``), and
+:meth:`MultiBranchNet.single_branch` returns the trunk plus one branch as an instance of the backbone's own
+class, so a ``deploy.pt`` of a branch method loads into ``create_model(backbone)`` unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from okd.errors import ConfigError
+from okd.models.densenet import CifarDenseNet
+from okd.models.registry import create_model
+from okd.models.resnet_cifar import CifarResNet
+from okd.models.vgg import VGG16
+from okd.models.wide_resnet import WideResNet
+
+Parts = nn.ModuleDict
+
+
+@dataclass(frozen=True)
+class BranchSplit:
+    """Where a backbone family is cut: module names of the trunk and of each branch, and how to run them."""
+
+    trunk: tuple[str, ...]
+    branch: tuple[str, ...]
+    head: str  # the classifier module (input: the pooled, flattened final map)
+    block: str  # the branch's main block (the one ``share_branch_block`` shares)
+    run_trunk: Callable[[Parts, Tensor], Tensor]
+    run_branch: Callable[[Parts, Tensor], Tensor]  # trunk output -> the branch's final map
+    trunk_channels: Callable[[nn.Module], int]
+
+
+def _resnet_trunk(m: Parts, x: Tensor) -> Tensor:
+    return m["layer2"](m["layer1"](m["relu"](m["bn1"](m["conv1"](x)))))
+
+
+def _densenet_trunk(m: Parts, x: Tensor) -> Tensor:
+    return m["trans2"](m["dense2"](m["trans1"](m["dense1"](m["conv1"](x)))))
+
+
+def _wrn_trunk(m: Parts, x: Tensor) -> Tensor:
+    return m["layer2"](m["layer1"](m["conv1"](x)))
+
+
+def _vgg_trunk(m: Parts, x: Tensor) -> Tensor:
+    return m["trunk_features"](x)
+
+
+def _resnet_branch(m: Parts, h: Tensor) -> Tensor:
+    return m["layer3"](h)
+
+
+def _bn_relu_branch(block: str, norm: str) -> Callable[[Parts, Tensor], Tensor]:
+    return functools.partial(_run_bn_relu_branch, block, norm)
+
+
+def _run_bn_relu_branch(block: str, norm: str, m: Parts, h: Tensor) -> Tensor:
+    return m["relu"](m[norm](m[block](h)))
+
+
+def _vgg_branch(m: Parts, h: Tensor) -> Tensor:
+    return m["branch_features"](h)
+
+
+def _stage2_channels(net: nn.Module) -> int:
+    return net.tap_channels[1]
+
+
+def _densenet_trunk_channels(net: nn.Module) -> int:
+    return net.trans2[2].out_channels
+
+
+def _vgg_trunk_channels(net: nn.Module) -> int:
+    return 512
+
+
+SPLITS: dict[type, BranchSplit] = {
+    CifarResNet: BranchSplit(
+        trunk=("conv1", "bn1", "relu", "layer1", "layer2"),
+        branch=("layer3", "fc"),
+        head="fc",
+        block="layer3",
+        run_trunk=_resnet_trunk,
+        run_branch=_resnet_branch,
+        trunk_channels=_stage2_channels,
+    ),
+    CifarDenseNet: BranchSplit(
+        trunk=("conv1", "dense1", "trans1", "dense2", "trans2"),
+        branch=("dense3", "bn", "relu", "fc"),
+        head="fc",
+        block="dense3",
+        run_trunk=_densenet_trunk,
+        run_branch=_bn_relu_branch("dense3", "bn"),
+        trunk_channels=_densenet_trunk_channels,
+    ),
+    VGG16: BranchSplit(
+        trunk=("trunk_features",),
+        branch=("branch_features", "classifier"),
+        head="classifier",
+        block="branch_features",
+        run_trunk=_vgg_trunk,
+        run_branch=_vgg_branch,
+        trunk_channels=_vgg_trunk_channels,
+    ),
+    WideResNet: BranchSplit(
+        trunk=("conv1", "layer1", "layer2"),
+        branch=("layer3", "bn1", "relu", "fc"),
+        head="fc",
+        block="layer3",
+        run_trunk=_wrn_trunk,
+        run_branch=_bn_relu_branch("layer3", "bn1"),
+        trunk_channels=_stage2_channels,
+    ),
+}
+
+
+def split_for(model: nn.Module, name: str = "") -> BranchSplit:
+    """The :class:`BranchSplit` of a backbone instance; ``ConfigError`` for families without one."""
+    for cls, split in SPLITS.items():
+        if isinstance(model, cls):
+            return split
+    families = ", ".join(c.__name__ for c in SPLITS)
+    raise ConfigError(
+        f"model {name or type(model).__name__!r} has no multi-branch split; branch methods support the "
+        f"families {families} (e.g. resnet32, resnet110_bottleneck, wrn20_8, vgg16, densenet40_12_bc)"
+    )
+
+
+def pool(fmap: Tensor) -> Tensor:
+    """Global average pooling, flattened: B x C x H x W -> B x C."""
+    return F.adaptive_avg_pool2d(fmap, 1).flatten(1)
+
+
+@dataclass
+class BranchOutputs:
+    """One forward of a :class:`MultiBranchNet`: trunk output and, per branch, final map, feature, logits."""
+
+    trunk: Tensor
+    maps: list[Tensor]
+    features: list[Tensor]
+    logits: list[Tensor]
+
+
+class MultiBranchNet(nn.Module):
+    """A shared trunk and ``num_branches`` branches of ``backbone_name`` (split of ``methods.md`` §3)."""
+
+    def __init__(
+        self,
+        backbone_name: str,
+        num_classes: int,
+        num_branches: int,
+        *,
+        dropout: float | None = None,
+        share_branch_block: bool = False,
+    ) -> None:
+        super().__init__()
+        if num_branches < 1:
+            raise ConfigError(f"a multi-branch network needs at least 1 branch, got {num_branches}")
+        self.backbone_name = backbone_name
+        self.num_classes = num_classes
+        self.num_branches = num_branches
+        nets = [create_model(backbone_name, num_classes) for _ in range(num_branches)]
+        self.split = split_for(nets[0], backbone_name)
+        self.share_branch_block = share_branch_block
+        self.shared = nn.ModuleDict({n: getattr(nets[0], n) for n in self.split.trunk})
+        branches = []
+        for net in nets:
+            parts = {n: getattr(net, n) for n in self.split.branch}
+            if share_branch_block:
+                parts[self.split.block] = getattr(nets[0], self.split.block)
+            branches.append(nn.ModuleDict(parts))
+        self.branches = nn.ModuleList(branches)
+        if dropout is not None:
+            for branch in self.branches:
+                for m in branch[self.split.head].modules():
+                    if isinstance(m, nn.Dropout):
+                        m.p = float(dropout)
+        self.trunk_channels = int(self.split.trunk_channels(nets[0]))
+        self.feature_dim = int(nets[0].feature_dim)  # = channels of each branch's final map
+        self._singles: dict[int, nn.Module] = {}  # plain dict: not registered, no duplicate state
+
+    def trunk(self, x: Tensor) -> Tensor:
+        """The shared trunk's output (e.g. B x 32 x 16 x 16 for ResNet-32)."""
+        return self.split.run_trunk(self.shared, x)
+
+    def branch_map(self, h: Tensor, i: int) -> Tensor:
+        """Branch ``i``'s final feature map (the map that feeds global pooling)."""
+        return self.split.run_branch(self.branches[i], h)
+
+    def branch_features(self, h: Tensor, i: int) -> Tensor:
+        """Branch ``i``'s pooled penultimate feature, B x d."""
+        return pool(self.branch_map(h, i))
+
+    def branch_logits(self, feat: Tensor, i: int) -> Tensor:
+        """Branch ``i``'s classifier on its pooled feature."""
+        return self.branches[i][self.split.head](feat)
+
+    def forward_branches(self, x: Tensor, trunk_hook: Callable[[Tensor], Tensor] | None = None) -> BranchOutputs:
+        """Trunk once, then every branch. ``trunk_hook`` (e.g. CL-ILR's gradient rescaling) wraps the trunk output."""
+        h = self.trunk(x)
+        hb = trunk_hook(h) if trunk_hook is not None else h
+        maps = [self.branch_map(hb, i) for i in range(self.num_branches)]
+        feats = [pool(m) for m in maps]
+        logits = [self.branch_logits(f, i) for i, f in enumerate(feats)]
+        return BranchOutputs(trunk=h, maps=maps, features=feats, logits=logits)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """Logits of every branch."""
+        return self.forward_branches(x).logits
+
+    def single_branch(self, i: int) -> nn.Module:
+        """The trunk plus branch ``i`` as one network of the backbone's own class (shares these weights).
+
+        Built once per branch without consuming the global RNG; its ``state_dict`` has the backbone's keys.
+        """
+        if not 0 <= i < self.num_branches:
+            raise ConfigError(f"branch {i} does not exist; this network has {self.num_branches} branches")
+        if i not in self._singles:
+            with torch.random.fork_rng(devices=[]), torch.device("meta"):
+                net = create_model(self.backbone_name, self.num_classes)
+            for n in self.split.trunk:
+                setattr(net, n, self.shared[n])
+            for n in self.split.branch:
+                setattr(net, n, self.branches[i][n])
+            stray = [n for n, _ in net.named_parameters() if _.device.type == "meta"]
+            stray += [n for n, _ in net.named_buffers() if _.device.type == "meta"]
+            if stray:  # a backbone module outside the split: the split table is out of date
+                raise RuntimeError(f"{self.backbone_name}: modules outside the branch split: {stray[:3]}")
+            self._singles[i] = net
+        return self._singles[i]

@@ -1,0 +1,92 @@
+"""Zagoruyko-Komodakis pre-activation Wide ResNets as in FFSD (``models.md`` §4): ``wrn16_2``, ``wrn40_2``.
+
+Conv biases on; the stride sits on the *second* conv of a block; the final BN uses momentum 0.9 (a porting
+quirk of the reference code, kept because the published numbers come from it). Taps (FFSD): the raw
+residual sums after group 1 and group 2, and the final BN->ReLU output after group 3.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from okd.models._init import bn_one_zero_, conv_he_fan_out_
+from okd.models.registry import register_model
+
+
+class WideBasic(nn.Module):
+    """BN-ReLU-conv3x3-Dropout-BN-ReLU-conv3x3(stride) + shortcut (identity or biased 1x1 conv)."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1, bias=True)
+        self.dropout = nn.Dropout(p=dropout)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, stride=stride, padding=1, bias=True)
+        needs_proj = stride != 1 or cin != cout
+        self.shortcut = nn.Conv2d(cin, cout, 1, stride=stride, bias=True) if needs_proj else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.dropout(self.conv1(nn.functional.relu(self.bn1(x))))
+        out = self.conv2(nn.functional.relu(self.bn2(out)))
+        return out + self.shortcut(x)
+
+
+class WideResNet(nn.Module):
+    """WRN-depth-k: conv3x3(3->16, bias), groups of (depth-4)/6 blocks at 16k/32k/64k, BN-ReLU, GAP, Linear.
+
+    Init: conv weights N(0, sqrt(2/(k^2 C_out))), conv biases and Linear PyTorch default, BN 1/0.
+    """
+
+    def __init__(self, depth: int, widen: int, num_classes: int = 100, dropout: float = 0.0) -> None:
+        super().__init__()
+        if (depth - 4) % 6:
+            raise ValueError(f"WRN depth must be 6n+4, got {depth}")
+        n = (depth - 4) // 6
+        widths = (16 * widen, 32 * widen, 64 * widen)
+        self.num_classes = num_classes
+        self.feature_dim = widths[2]
+        self.tap_channels = widths
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=True)
+        cin = 16
+        groups = []
+        for width, stride in zip(widths, (1, 2, 2), strict=True):
+            blocks = [WideBasic(cin, width, stride, dropout)]
+            blocks += [WideBasic(width, width, 1, dropout) for _ in range(n - 1)]
+            groups.append(nn.Sequential(*blocks))
+            cin = width
+        self.layer1, self.layer2, self.layer3 = groups
+        self.bn1 = nn.BatchNorm2d(widths[2], momentum=0.9)
+        self.relu = nn.ReLU(inplace=True)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(widths[2], num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                conv_he_fan_out_(m)
+            elif isinstance(m, nn.BatchNorm2d):
+                bn_one_zero_(m)
+
+    def head(self, feat: Tensor) -> Tensor:
+        """Global average pool + fc of the deepest tap (the final BN->ReLU map)."""
+        return self.fc(self.avgpool(feat).flatten(1))
+
+    def forward_taps(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        t1 = self.layer1(self.conv1(x))
+        t2 = self.layer2(t1)
+        t3 = self.relu(self.bn1(self.layer3(t2)))
+        return self.head(t3), [t1, t2, t3]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.relu(self.bn1(self.layer3(self.layer2(self.layer1(self.conv1(x)))))))
+
+
+@register_model("wrn16_2", family="wide_resnet")
+def wrn16_2(num_classes: int = 100, dropout: float = 0.0) -> WideResNet:
+    """WRN-16-2 (FFSD ``wideresnet1602``)."""
+    return WideResNet(16, 2, num_classes, dropout)
+
+
+@register_model("wrn40_2", family="wide_resnet")
+def wrn40_2(num_classes: int = 100, dropout: float = 0.0) -> WideResNet:
+    """WRN-40-2 (FFSD ``wideresnet4002``)."""
+    return WideResNet(40, 2, num_classes, dropout)

@@ -1,0 +1,67 @@
+"""Config loading, overrides and validation errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from okd.config import load_config
+from okd.errors import ConfigError
+
+BASE = "configs/cifar10/baseline_resnet20.yaml"
+
+
+def test_yaml_and_overrides_are_typed():
+    cfg = load_config(BASE, ["train.epochs=5", "seed=3", "data.root=/x", "optim.milestones=[2,4]"])
+    assert cfg.run.train.epochs == 5 and cfg.run.seed == 3 and cfg.run.data.root == "/x"
+    assert cfg.run.optim.milestones == [2, 4]
+    assert cfg.run.optim.weight_decay == pytest.approx(1e-4)
+    assert cfg.method_name == "baseline"
+    assert "method" in cfg.to_dict() and cfg.to_dict()["method"]["name"] == "baseline"
+
+
+def test_unknown_key_names_the_valid_keys():
+    with pytest.raises(ConfigError) as err:
+        load_config(BASE, ["train.epoch=5"])
+    assert "epoch" in str(err.value) and "epochs" in str(err.value) and "max_steps_per_epoch" in str(err.value)
+
+
+def test_wrong_type_fails():
+    with pytest.raises(ConfigError, match="epochs"):
+        load_config(BASE, ["train.epochs=many"])
+
+
+@pytest.mark.parametrize(
+    "override, text",
+    [
+        ("train.epochs=-1", "train.epochs must be positive"),
+        ("data.batch_size=0", "data.batch_size must be positive"),
+        ("data.dataset=mnist", "cifar10, cifar100"),
+        ("data.padding_mode=edge", "reflect, zeros"),
+        ("method.name=nope", "unknown method 'nope'"),
+        ("data.mean=[0.5]", "3 values"),
+        ("train.device=tpu", "train.device"),
+    ],
+)
+def test_bad_values_fail_before_training(override, text):
+    with pytest.raises(ConfigError, match=text):
+        load_config(BASE, [override])
+
+
+def test_bad_override_syntax_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(BASE, ["train.epochs"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_every_shipped_config_validates():
+    from pathlib import Path
+
+    configs = sorted(Path("configs").rglob("*.yaml"))
+    assert configs
+    for path in configs:
+        load_config(path)

@@ -1,0 +1,466 @@
+"""CIFAR reader/downloader, the device-resident loader and build_loaders."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import pickle
+import tarfile
+from pathlib import Path
+from urllib.error import URLError
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from okd.config import DataConfig
+from okd.data import DATASET_STATS, DeviceLoader, build_loaders, load_cifar
+from okd.data import cifar as cifar_mod
+from okd.data.cifar import CIFAR10_CLASSES, SPECS, download_cifar
+from okd.errors import DataError
+
+# --------------------------------------------------------------------------- files in the official layout
+
+
+def _dump(path: Path, obj: dict, *, bytes_keys: bool, protocol: int) -> None:
+    def conv(v):
+        if bytes_keys and isinstance(v, str):
+            return v.encode("latin1")
+        if bytes_keys and isinstance(v, list) and v and isinstance(v[0], str):
+            return [s.encode("latin1") for s in v]
+        return v
+
+    obj = {(k.encode("latin1") if bytes_keys else k): conv(v) for k, v in obj.items()}
+    path.write_bytes(pickle.dumps(obj, protocol=protocol))
+
+
+def write_cifar10(root: Path, per_batch=4, n_test=6, *, bytes_keys=False, protocol=2, meta=True):
+    """CIFAR-10 files like the official ones (data N x 3072 uint8, 'labels' lists); returns the arrays."""
+    rng = np.random.default_rng(0)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    out = {}
+    train_files = [f"data_batch_{i}" for i in range(1, 6)]
+    for split, files, n in (("train", train_files, per_batch), ("test", ["test_batch"], n_test)):
+        imgs, labs = [], []
+        for name in files:
+            data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+            labels = rng.integers(0, 10, n).tolist()
+            batch = {"batch_label": name, "data": data, "labels": labels, "filenames": ["x.png"] * n}
+            _dump(folder / name, batch, bytes_keys=bytes_keys, protocol=protocol)
+            imgs.append(data.reshape(n, 3, 32, 32))
+            labs += labels
+        out[split] = (np.concatenate(imgs), np.array(labs))
+    if meta:
+        _dump(folder / "batches.meta", {"label_names": CIFAR10_CLASSES, "num_vis": 3072},
+              bytes_keys=bytes_keys, protocol=protocol)
+    return out
+
+
+FINE = [f"fine{i}" for i in range(100)]
+COARSE = [f"coarse{i}" for i in range(20)]
+
+
+def write_cifar100(root: Path, n_train=12, n_test=5, *, bytes_keys=False, protocol=2, meta=True):
+    rng = np.random.default_rng(1)
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    out = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        fine = rng.integers(0, 100, n).tolist()
+        fine[0] = 99
+        coarse = rng.integers(0, 20, n).tolist()
+        batch = {"filenames": ["x.png"] * n, "batch_label": split, "fine_labels": fine,
+                 "coarse_labels": coarse, "data": data}
+        _dump(folder / split, batch, bytes_keys=bytes_keys, protocol=protocol)
+        out[split] = (data.reshape(n, 3, 32, 32), np.array(fine), np.array(coarse))
+    if meta:
+        _dump(folder / "meta", {"fine_label_names": FINE, "coarse_label_names": COARSE},
+              bytes_keys=bytes_keys, protocol=protocol)
+    return out
+
+
+# --------------------------------------------------------------------------- reader
+
+
+@pytest.mark.parametrize("bytes_keys,protocol", [(False, 2), (True, 2), (False, 4), (True, 5)])
+def test_read_cifar10(tmp_path, bytes_keys, protocol):
+    ref = write_cifar10(tmp_path, bytes_keys=bytes_keys, protocol=protocol)
+    for train, split in ((True, "train"), (False, "test")):
+        s = load_cifar(tmp_path, "cifar10", train=train)
+        assert s.images.dtype == np.uint8 and s.images.shape == ref[split][0].shape
+        assert s.labels.dtype == np.int64
+        np.testing.assert_array_equal(s.images, ref[split][0])
+        np.testing.assert_array_equal(s.labels, ref[split][1])
+        assert s.classes == CIFAR10_CLASSES and s.coarse_labels is None and len(s) == len(ref[split][1])
+    # data.root may also name the dataset folder itself
+    assert len(load_cifar(tmp_path / "cifar-10-batches-py", "cifar10", train=False)) == 6
+
+
+@pytest.mark.parametrize("bytes_keys,protocol", [(False, 2), (True, 2), (True, 5)])
+def test_read_cifar100(tmp_path, bytes_keys, protocol):
+    ref = write_cifar100(tmp_path, bytes_keys=bytes_keys, protocol=protocol)
+    for train, split in ((True, "train"), (False, "test")):
+        s = load_cifar(tmp_path, "cifar100", train=train)
+        np.testing.assert_array_equal(s.images, ref[split][0])
+        np.testing.assert_array_equal(s.labels, ref[split][1])
+        np.testing.assert_array_equal(s.coarse_labels, ref[split][2])
+        assert s.labels.dtype == np.int64 and s.coarse_labels.dtype == np.int64
+        assert s.classes == FINE and s.coarse_classes == COARSE
+
+
+def test_cifar10_meta_optional_cifar100_meta_required(tmp_path):
+    write_cifar10(tmp_path / "a", meta=False)
+    assert load_cifar(tmp_path / "a", "cifar10", train=False).classes == CIFAR10_CLASSES
+    write_cifar100(tmp_path / "b", meta=False)
+    with pytest.raises(DataError, match=r"meta is missing"):
+        load_cifar(tmp_path / "b", "cifar100", train=True)
+
+
+# --------------------------------------------------------------------------- reader errors
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(DataError) as e:
+        load_cifar(tmp_path / "nowhere", "cifar100", train=True)
+    msg = str(e.value)
+    url = SPECS["cifar100"].url
+    for part in ("cifar-100-python", "train, test, meta", url, "data.download=true", "data.root"):
+        assert part in msg
+    assert "\n" not in msg
+
+
+def test_missing_batch_file(tmp_path):
+    write_cifar10(tmp_path)
+    (tmp_path / "cifar-10-batches-py" / "data_batch_3").unlink()
+    with pytest.raises(DataError, match=r"data_batch_3 is missing.*data_batch_1, data_batch_2"):
+        load_cifar(tmp_path, "cifar10", train=True)
+    assert len(load_cifar(tmp_path, "cifar10", train=False)) == 6
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+def test_corrupt_pickle(tmp_path, damage):
+    write_cifar10(tmp_path)
+    path = tmp_path / "cifar-10-batches-py" / "data_batch_2"
+    raw = path.read_bytes()
+    bad = {"truncate": raw[: len(raw) // 2], "garbage": b"\x89PNG not a pickle" * 10, "empty": b""}
+    path.write_bytes(bad[damage])
+    with pytest.raises(DataError, match=r"data_batch_2 is truncated or corrupt.*data.download=true") as e:
+        load_cifar(tmp_path, "cifar10", train=True)
+    assert "\n" not in str(e.value)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_pickle_with_foreign_objects_is_refused(tmp_path, capsys):
+    write_cifar10(tmp_path)
+    path = tmp_path / "cifar-10-batches-py" / "test_batch"
+    path.write_bytes(pickle.dumps({"data": _Evil(), "labels": []}))
+    with pytest.raises(DataError, match=r"test_batch is truncated or corrupt"):
+        load_cifar(tmp_path, "cifar10", train=False)
+    assert "pwned" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "data,labels,pattern",
+    [
+        (np.zeros((4, 3000), np.uint8), [0, 1, 2, 3], r"'data' of shape \(4, 3000\).*uint8 N x 3072"),
+        (np.zeros((4, 3072), np.float32), [0, 1, 2, 3], r"dtype float32"),
+        (np.zeros((4, 3072), np.uint8), [0, 1, 2], r"'labels' of shape \(3,\).*expected 4 integers"),
+        (np.zeros((4, 3072), np.uint8), [0, 1, 2, 10], r"values in \[0, 10\], outside \[0, 9\]"),
+        (np.zeros((4, 3072), np.uint8), [0, -1, 2, 3], r"outside \[0, 9\]"),
+    ],
+)
+def test_malformed_batch(tmp_path, data, labels, pattern):
+    write_cifar10(tmp_path)
+    path = tmp_path / "cifar-10-batches-py" / "test_batch"
+    _dump(path, {"data": data, "labels": labels}, bytes_keys=False, protocol=2)
+    with pytest.raises(DataError, match=pattern) as e:
+        load_cifar(tmp_path, "cifar10", train=False)
+    assert "test_batch" in str(e.value)
+
+
+def test_missing_key_and_unknown_dataset(tmp_path):
+    write_cifar100(tmp_path)
+    _dump(tmp_path / "cifar-100-python" / "test", {"data": np.zeros((2, 3072), np.uint8), "labels": [0, 1]},
+          bytes_keys=True, protocol=2)
+    with pytest.raises(DataError, match=r"no 'fine_labels' entry"):
+        load_cifar(tmp_path, "cifar100", train=False)
+    with pytest.raises(DataError, match=r"unknown dataset 'svhn'; choose one of: cifar10, cifar100"):
+        load_cifar(tmp_path, "svhn", train=False)
+
+
+# --------------------------------------------------------------------------- downloader
+
+
+def _archive(tmp_path: Path) -> tuple[Path, str]:
+    src = tmp_path / "src"
+    write_cifar10(src)
+    path = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(src / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    return path, hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def test_download_verifies_and_extracts(tmp_path, monkeypatch):
+    archive, md5 = _archive(tmp_path)
+    spec = dataclasses.replace(SPECS["cifar10"], url=archive.as_uri(), md5=md5)
+    monkeypatch.setitem(SPECS, "cifar10", spec)
+    root = tmp_path / "root"
+    s = load_cifar(root, "cifar10", train=True, download=True)
+    assert s.images.shape == (20, 3, 32, 32)
+    assert sorted(p.name for p in root.iterdir()) == ["cifar-10-batches-py"]  # no temp files left
+    assert download_cifar(root, "cifar10") == root / "cifar-10-batches-py"  # present: no second download
+
+
+def test_download_bad_checksum(tmp_path, monkeypatch):
+    archive, _ = _archive(tmp_path)
+    spec = dataclasses.replace(SPECS["cifar10"], url=archive.as_uri(), md5="0" * 32)
+    monkeypatch.setitem(SPECS, "cifar10", spec)
+    root = tmp_path / "root"
+    with pytest.raises(DataError, match=r"MD5 [0-9a-f]{32}, expected 0{32}.*batches-py/ holds data_batch_1"):
+        load_cifar(root, "cifar10", train=True, download=True)
+    assert list(root.iterdir()) == []
+
+
+def test_download_without_network(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(cifar_mod.urllib.request, "urlopen", offline)
+    root = tmp_path / "root"
+    with pytest.raises(DataError) as e:
+        load_cifar(root, "cifar100", train=True, download=True)
+    msg = str(e.value)
+    url = SPECS["cifar100"].url
+    for part in (url, "name resolution", "cifar-100-python/ holds train, test, meta", "data.root"):
+        assert part in msg
+    assert list(root.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- device loader
+
+RAW = dict(mean=(0.0, 0.0, 0.0), std=(1 / 255, 1 / 255, 1 / 255))  # normalised x == raw pixel value
+
+
+def coord_images(n: int, h: int = 32, w: int = 32) -> torch.Tensor:
+    """Channel 0 = 100 + row, channel 1 = 100 + column, channel 2 = image index (mod 256)."""
+    img = torch.empty(n, 3, h, w, dtype=torch.uint8)
+    img[:, 0] = (100 + torch.arange(h)).view(h, 1)
+    img[:, 1] = (100 + torch.arange(w)).view(1, w)
+    img[:, 2] = (torch.arange(n) % 256).view(n, 1, 1)
+    return img
+
+
+def recover(x: torch.Tensor, pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Crop offsets (dy, dx in [0, 2*pad], crop-then-flip convention) and flips of a batch of coord images."""
+    x = x.round().long()
+    w = x.shape[-1]
+    dy = x[:, 0, pad, pad] - 100
+    flipped = x[:, 1, pad, pad + 1] < x[:, 1, pad, pad]
+    dx = torch.where(flipped, x[:, 1, pad, w - 1 - pad], x[:, 1, pad, pad]) - 100
+    return dy, dx, flipped
+
+
+def reference_crop(img: torch.Tensor, dy: int, dx: int, flipped: bool, pad: int, mode: str) -> torch.Tensor:
+    """torchvision's RandomCrop(padding=pad, padding_mode) then HorizontalFlip, for given draws."""
+    f = img.float()[None]
+    f = F.pad(f, (pad,) * 4, mode="reflect") if mode == "reflect" else F.pad(f, (pad,) * 4, value=0.0)
+    out = f[0, :, dy : dy + img.shape[1], dx : dx + img.shape[2]]
+    return out.flip(-1) if flipped else out
+
+
+def test_crop_offsets_uniform_and_flip_rate():
+    n, pad = 4000, 4
+    loader = DeviceLoader(coord_images(n), torch.zeros(n, dtype=torch.long), 1000, train=True, pad=pad,
+                          padding_mode="zeros", seed=1, **RAW)
+    dys, dxs, flips = [], [], []
+    for epoch in range(5):
+        loader.set_epoch(epoch)
+        for x, _ in loader:
+            dy, dx, fl = recover(x, pad)
+            dys.append(dy), dxs.append(dx), flips.append(fl)
+    dy, dx, fl = torch.cat(dys), torch.cat(dxs), torch.cat(flips)
+    draws = len(dy)
+    assert dy.min() == 0 and dy.max() == 2 * pad and dx.min() == 0 and dx.max() == 2 * pad
+    counts = torch.bincount(dy * (2 * pad + 1) + dx, minlength=(2 * pad + 1) ** 2).double()
+    expected = draws / (2 * pad + 1) ** 2
+    chi2 = ((counts - expected) ** 2 / expected).sum().item()
+    assert (counts > 0).all()
+    assert chi2 < 80 + 5 * (2 * 80) ** 0.5, chi2  # 80 dof: mean 80, sd 12.6
+    rate = fl.double().mean().item()
+    assert abs(rate - 0.5) < 4 * (0.25 / draws) ** 0.5, rate
+    # flips independent of the offsets: about half of each column offset is flipped
+    for v in range(2 * pad + 1):
+        assert abs(fl[dx == v].double().mean().item() - 0.5) < 0.05
+
+
+@pytest.mark.parametrize("mode", ["reflect", "zeros"])
+def test_crop_matches_reference_and_borders(mode):
+    n, pad = 512, 4
+    torch.manual_seed(0)
+    imgs = coord_images(n)
+    imgs[:, 2] = torch.randint(0, 256, (n, 32, 32), dtype=torch.uint8)  # arbitrary content in channel 2
+    loader = DeviceLoader(imgs, torch.arange(n), 128, train=True, pad=pad, padding_mode=mode, seed=3, **RAW)
+    seen_top = False
+    for x, y in loader:
+        dy, dx, fl = recover(x, pad)
+        for k in range(len(y)):
+            ref = reference_crop(imgs[y[k]], int(dy[k]), int(dx[k]), bool(fl[k]), pad, mode)
+            torch.testing.assert_close(x[k], ref, atol=1e-3, rtol=0)
+            if dy[k] == 0:  # top 4 output rows come from the padding
+                seen_top = True
+                top = x[k, 0, :pad].round()
+                if mode == "zeros":
+                    assert (top == 0).all()
+                else:  # reflect: output row i is source row pad - i
+                    assert (top[:, pad + 1] == 100 + torch.arange(pad, 0, -1)).all()
+    assert seen_top
+
+
+def test_zero_padding_is_zero_in_pixel_space():
+    img = torch.full((64, 3, 8, 8), 200, dtype=torch.uint8)
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    loader = DeviceLoader(img, torch.zeros(64, dtype=torch.long), 64, mean=mean, std=std, train=True, pad=2,
+                          padding_mode="zeros", seed=0)
+    x, _ = next(iter(loader))
+    values = {round(v, 4) for v in x[:, 0].flatten().tolist()}
+    assert values <= {round((0 - 0.5) / 0.2, 4), round((200 / 255 - 0.5) / 0.2, 4)}
+    assert len(values) == 2
+
+
+def test_test_loader_normalises_in_order():
+    g = torch.Generator().manual_seed(0)
+    imgs = torch.randint(0, 256, (50, 3, 32, 32), generator=g, dtype=torch.uint8)
+    imgs[:, 0] //= 2  # channels with different statistics
+    f = imgs.double() / 255
+    mean, std = f.mean((0, 2, 3)).tolist(), f.std((0, 2, 3), unbiased=False).tolist()
+    loader = DeviceLoader(imgs, torch.arange(50), 16, mean=mean, std=std, train=False)
+    assert len(loader) == 4
+    batches = list(loader)
+    x = torch.cat([b[0] for b in batches])
+    assert torch.equal(torch.cat([b[1] for b in batches]), torch.arange(50))
+    assert x.dtype == torch.float32 and x.shape == (50, 3, 32, 32)
+    m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+    torch.testing.assert_close(x, ((f - m) / s).float(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x.mean((0, 2, 3)), torch.zeros(3), atol=1e-4, rtol=0)
+    torch.testing.assert_close(x.std((0, 2, 3), unbiased=False), torch.ones(3), atol=1e-4, rtol=0)
+
+
+def _batches(loader, epoch):
+    loader.set_epoch(epoch)
+    return [(x.clone(), y.clone()) for x, y in loader]
+
+
+def test_same_seed_and_epoch_give_identical_batches():
+    imgs, labels = coord_images(100), torch.arange(100)
+    make = lambda seed: DeviceLoader(imgs, labels, 32, train=True, seed=seed, **RAW)  # noqa: E731
+    a, b = make(7), make(7)
+    ref = _batches(a, 3)
+    for other in (_batches(b, 3), _batches(a, 3)):  # a fresh loader resumed at epoch 3, and a repeat
+        assert len(other) == len(ref) == 4
+        for (x1, y1), (x2, y2) in zip(ref, other, strict=True):
+            assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert not torch.equal(ref[0][1], _batches(a, 4)[0][1])  # another epoch: another order
+    assert not torch.equal(ref[0][1], _batches(make(8), 3)[0][1])  # another seed too
+    # without set_epoch each pass advances the epoch
+    a.set_epoch(5)
+    first, second = next(iter(a))[1], next(iter(a))[1]
+    assert torch.equal(first, _batches(b, 5)[0][1]) and torch.equal(second, _batches(b, 6)[0][1])
+    # every image once per epoch
+    assert torch.equal(torch.cat([y for _, y in ref]).sort().values, labels)
+
+
+def test_drop_last_and_len():
+    imgs, labels = coord_images(10), torch.arange(10)
+    keep = DeviceLoader(imgs, labels, 4, train=True, **RAW)
+    drop = DeviceLoader(imgs, labels, 4, train=True, drop_last=True, **RAW)
+    assert len(keep) == 3 and [len(y) for _, y in keep] == [4, 4, 2]
+    assert len(drop) == 2 and [len(y) for _, y in drop] == [4, 4] and drop.num_samples == 8
+    test = DeviceLoader(imgs, labels, 4, train=False, drop_last=True, **RAW)
+    assert len(test) == 2
+
+
+def test_views_are_independent_draws_of_the_same_images():
+    n, pad = 64, 4
+    loader = DeviceLoader(coord_images(n), torch.arange(n), 64, train=True, views=3, pad=pad, seed=2, **RAW)
+    xs, y = next(iter(loader))
+    assert isinstance(xs, list) and len(xs) == 3
+    draws = []
+    for x in xs:
+        assert x.shape == (n, 3, 32, 32)
+        assert torch.equal(x[:, 2, pad, pad].round().long(), y)  # same image in every view
+        draws.append(torch.stack(recover(x, pad)[:2], 1))
+    assert not torch.equal(draws[0], draws[1]) and not torch.equal(draws[1], draws[2])
+    assert (draws[0] != draws[1]).any(1).float().mean() > 0.8
+    single = DeviceLoader(coord_images(n), torch.arange(n), 64, train=True, seed=2, **RAW)
+    assert torch.is_tensor(next(iter(single))[0])
+
+
+def test_no_flip_no_pad_options_and_channels_last():
+    imgs = coord_images(32)
+    loader = DeviceLoader(imgs, torch.arange(32), 32, train=True, pad=0, flip=False, channels_last=True,
+                          **RAW)
+    x, y = next(iter(loader))
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(x, imgs[y].float())
+    with pytest.raises(ValueError, match="padding_mode"):
+        DeviceLoader(imgs, torch.arange(32), 8, train=True, padding_mode="edge", **RAW)
+
+
+# --------------------------------------------------------------------------- build_loaders
+
+
+def test_build_loaders_from_config(tmp_path):
+    ref = write_cifar10(tmp_path, per_batch=8, n_test=20)
+    cfg = DataConfig(dataset="cifar10", root=str(tmp_path), download=False, padding_mode="zeros",
+                     batch_size=8, test_batch_size=5, limit_train=30, limit_test=13)
+    train, test, k, names = build_loaders(cfg, seed=4, device="cpu", views=2)
+    assert k == 10 and names == CIFAR10_CLASSES
+    assert len(train.labels) == 30 and len(train) == 4 and train.padding_mode == "zeros" and train.views == 2
+    assert len(test.labels) == 13 and len(test) == 3 and not test.train and test.views == 1
+    x = torch.cat([b[0] for b in test])
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in DATASET_STATS["cifar10"])
+    expected = (torch.from_numpy(ref["test"][0][:13]).float() / 255 - mean) / std
+    torch.testing.assert_close(x, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat([b[1] for b in test]), torch.from_numpy(ref["test"][1][:13]))
+    xs, y = next(iter(train))
+    assert len(xs) == 2 and xs[0].shape == (8, 3, 32, 32)
+
+    cfg = dataclasses.replace(cfg, mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25], limit_train=None)
+    train, test, _, _ = build_loaders(cfg, seed=0, device="cpu")
+    assert len(train.labels) == 40
+    torch.testing.assert_close(train._shift.flatten(), torch.full((3,), -2.0))
+    cfg = dataclasses.replace(cfg, drop_last=True, limit_train=5)
+    with pytest.raises(DataError, match="fewer than one batch"):
+        build_loaders(cfg, seed=0, device="cpu")
+
+
+def test_build_loaders_missing_data(tmp_path):
+    cfg = DataConfig(dataset="cifar100", root=str(tmp_path / "data"), download=False)
+    with pytest.raises(DataError, match=r"cifar-100-python.*data.download=true"):
+        build_loaders(cfg, seed=0, device="cpu")
+
+
+# --------------------------------------------------------------------------- real data (../shared/data)
+
+
+def test_real_cifar10_subset(cifar10_root):
+    s = load_cifar(cifar10_root, "cifar10", train=True)
+    assert s.images.shape == (2000, 3, 32, 32) and s.classes == CIFAR10_CLASSES
+    assert (np.bincount(s.labels, minlength=10) == 200).all()
+    cfg = DataConfig(dataset="cifar10", root=str(cifar10_root), download=False)
+    train, test, k, names = build_loaders(cfg, seed=0, device="cpu")
+    assert k == 10 and len(train.labels) == 2000 and len(test.labels) == 500
+    assert (torch.bincount(test.labels, minlength=10) == 50).all()
+    x = torch.cat([b[0] for b in test])
+    assert x.mean((0, 2, 3)).abs().max() < 0.1
+    assert (x.std((0, 2, 3)) - 1).abs().max() < 0.1
+    xb, yb = next(iter(train))
+    assert xb.shape == (128, 3, 32, 32) and yb.dtype == torch.int64
+

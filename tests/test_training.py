@@ -1,0 +1,152 @@
+"""End to end on a real CIFAR-10 subset: run folder, okd test, exact resume (also after kill -9), bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from okd.cli import main
+from okd.config import load_config
+from okd.engine.checkpoint import load_checkpoint
+from okd.engine.run_log import read_metrics_csv
+from okd.engine.scoring import score_checkpoint
+from okd.engine.trainer import config_from_run, train
+
+CONFIG = "configs/cifar10/baseline_resnet20.yaml"
+
+
+def quick(root: Path, out: Path, name: str, epochs: int = 3, **extra: str) -> list[str]:
+    overrides = {
+        "data.root": str(root),
+        "data.download": "false",
+        "data.limit_train": "384",
+        "data.limit_test": "200",
+        "data.batch_size": "32",
+        "data.test_batch_size": "100",
+        "optim.milestones": "[2]",
+        "train.epochs": str(epochs),
+        "train.deterministic": "true",
+        "train.progress": "log",
+        "output_dir": str(out),
+        "name": name,
+        "seed": "7",
+    }
+    overrides.update(extra)
+    return [f"{k}={v}" for k, v in overrides.items()]
+
+
+def comparable(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if not k.startswith("time/")} for row in history]
+
+
+@pytest.fixture(scope="module")
+def reference_run(cifar10_root, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs")
+    return train(load_config(CONFIG, quick(cifar10_root, out, "reference")))
+
+
+def test_run_folder_has_every_file(reference_run):
+    for name in ("config.yaml", "metrics.csv", "last.pt", "best.pt", "deploy.pt"):
+        assert (reference_run / name).is_file(), name
+    rows = read_metrics_csv(reference_run / "metrics.csv")
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    for key in ("train/net/ce", "train/loss", "test/net/top1", "test/net/top5", "lr/net", "time/epoch_s",
+                "time/images_per_s"):
+        assert key in rows[0], key
+    assert rows[0]["lr/net"] == pytest.approx(0.1) and rows[-1]["lr/net"] == pytest.approx(0.01)
+    best = load_checkpoint(reference_run / "best.pt")
+    assert best["selected_on"] == "test" and "optimistic" in best["note"]
+    deploy = load_checkpoint(reference_run / "deploy.pt")
+    from okd.models import create_model
+
+    create_model(deploy["model"], deploy["num_classes"]).load_state_dict(deploy["state_dict"])
+
+
+def test_okd_test_reproduces_logged_accuracy(reference_run, capsys):
+    metrics, _ = score_checkpoint(reference_run)
+    last = read_metrics_csv(reference_run / "metrics.csv")[-1]
+    assert metrics["net/top1"] == last["test/net/top1"]
+    assert metrics["net/top5"] == last["test/net/top5"]
+    assert main(["test", str(reference_run)]) == 0
+    assert f"{last['test/net/top1']:.2f}" in capsys.readouterr().out
+
+
+def test_resume_is_bitwise_exact(reference_run, cifar10_root, tmp_path):
+    first = train(load_config(CONFIG, quick(cifar10_root, tmp_path, "split", epochs=2)))
+    resumed = train(config_from_run(first, ["train.epochs=3"]), run_dir=first, resume=True)
+    _assert_same_run(reference_run, resumed)
+
+
+def _assert_same_run(a: Path, b: Path) -> None:
+    sa, sb = load_checkpoint(a / "last.pt"), load_checkpoint(b / "last.pt")
+    assert sa["epoch"] == sb["epoch"]
+    for key, value in sa["method"].items():
+        assert torch.equal(value, sb["method"][key]), key
+    assert comparable(read_metrics_csv(a / "metrics.csv")) == comparable(read_metrics_csv(b / "metrics.csv"))
+
+
+def test_kill_9_mid_epoch_then_resume_matches(reference_run, cifar10_root, tmp_path):
+    cmd = [sys.executable, "-m", "okd", "train", CONFIG, *quick(cifar10_root, tmp_path, "killed")]
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            if (run / "metrics.csv").exists() and len(read_metrics_csv(run / "metrics.csv")) >= 2:
+                break
+            time.sleep(0.05)
+        time.sleep(0.5)  # into epoch 3
+        assert proc.poll() is None, "the run finished before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert load_checkpoint(run / "last.pt")["epoch"] == 2
+    assert main(["train", "--resume", str(run)]) == 0
+    _assert_same_run(reference_run, run)
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_bad_inputs_fail_cleanly_without_damage(reference_run, cifar10_root, tmp_path, capsys):
+    before = _digest(reference_run)
+    # resume with a config of another model
+    assert main(["train", "configs/cifar10/baseline_wrn16_2.yaml", "--resume", str(reference_run)]) == 2
+    assert "cannot resume" in capsys.readouterr().err
+    # starting a new run over an existing one
+    args = ["train", CONFIG, *quick(cifar10_root, reference_run.parent, "reference")]
+    assert main(args) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert _digest(reference_run) == before
+    # missing data folder, config typo, negative epochs
+    assert main(["train", CONFIG, *quick(tmp_path / "nowhere", tmp_path, "a")]) == 2
+    assert "nowhere" in capsys.readouterr().err
+    assert main(["train", CONFIG, "train.epochz=3"]) == 2
+    assert "epochs" in capsys.readouterr().err
+    assert main(["train", CONFIG, "train.epochs=-2"]) == 2
+    assert "positive" in capsys.readouterr().err
+    # corrupt pickle
+    broken = tmp_path / "broken"
+    shutil.copytree(cifar10_root, broken)
+    batch = broken / "cifar-10-batches-py" / "data_batch_1"
+    batch.write_bytes(batch.read_bytes()[:1000])
+    assert main(["train", CONFIG, *quick(broken, tmp_path, "b")]) == 2
+    assert "data_batch_1" in capsys.readouterr().err
+    # corrupt checkpoint
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "last.pt").write_bytes(b"not a checkpoint")
+    assert main(["test", str(corrupt)]) == 2
+    assert "cannot be read" in capsys.readouterr().err
