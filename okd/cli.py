@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import textwrap
 
@@ -42,7 +43,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise OKDError("okd train needs a config file (e.g. configs/cifar100/ffsd_resnet32.yaml) or --resume RUN")
     cfg = load_config(config_path, overrides)
     run_dir = train(cfg)
-    print(f"run folder: {run_dir}")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"run folder: {run_dir}")
     return 0
 
 

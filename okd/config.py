@@ -20,7 +20,7 @@ from okd.errors import ConfigError
 
 @dataclass
 class DataConfig:
-    dataset: str = "cifar100"  # cifar10 | cifar100
+    dataset: str = "cifar100"  # cifar10 | cifar100 | imagenet | tinyimagenet
     root: str = "data"
     download: bool = True
     pad: int = 4
@@ -33,6 +33,9 @@ class DataConfig:
     drop_last: bool = False
     limit_train: int | None = None  # first N training images (quick runs and tests)
     limit_test: int | None = None
+    workers: int = 8  # DataLoader workers (ImageNet-style folders only; CIFAR lives on the device)
+    pin_memory: bool = True
+    skip_unreadable: bool = False  # folders: skip (and report) unreadable images instead of failing
 
 
 @dataclass
@@ -48,6 +51,10 @@ class OptimConfig:
     weight_decay: float = 5e-4
     milestones: list[int] = field(default_factory=lambda: [150, 225])
     gamma: float = 0.1
+    schedule: str = "multistep"  # multistep | ffsd_imagenet_code | ffsd_imagenet_paper
+    warmup_epochs: int = 0
+    lr_scaling: str = "none"  # none | linear: every group's lr x data.batch_size / reference_batch
+    reference_batch: int = 128
 
 
 @dataclass
@@ -57,6 +64,15 @@ class TrainConfig:
     deterministic: bool = False
     progress: str = "auto"  # auto | bar | log | none
     max_steps_per_epoch: int | None = None
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; losses in float32; fp16 uses a GradScaler)
+    channels_last: bool = False
+    compile: bool = False
+    compile_mode: str = "default"  # default | reduce-overhead | max-autotune
+    tf32: bool = True
+    cudnn_benchmark: bool = True
+    sync_bn: bool = False  # distributed: SyncBatchNorm (CUDA only)
+    find_unused_parameters: bool = False  # distributed: for ablations that leave modules unused
+    allow_world_size_change: bool = False  # distributed: permit resuming with another process count
 
 
 @dataclass
@@ -88,9 +104,13 @@ class Config:
 
 
 _CHOICES = {
-    ("data", "dataset"): ("cifar10", "cifar100"),
+    ("data", "dataset"): ("cifar10", "cifar100", "imagenet", "tinyimagenet"),
     ("data", "padding_mode"): ("reflect", "zeros"),
     ("train", "progress"): ("auto", "bar", "log", "none"),
+    ("train", "precision"): ("fp32", "bf16", "fp16"),
+    ("optim", "schedule"): ("multistep", "ffsd_imagenet_code", "ffsd_imagenet_paper"),
+    ("optim", "lr_scaling"): ("none", "linear"),
+    ("train", "compile_mode"): ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
 }
 
 

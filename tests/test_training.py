@@ -59,8 +59,15 @@ def test_run_folder_has_every_file(reference_run):
         assert (reference_run / name).is_file(), name
     rows = read_metrics_csv(reference_run / "metrics.csv")
     assert [r["epoch"] for r in rows] == [1, 2, 3]
-    for key in ("train/net/ce", "train/loss", "test/net/top1", "test/net/top5", "lr/net", "time/epoch_s",
-                "time/images_per_s"):
+    for key in (
+        "train/net/ce",
+        "train/loss",
+        "test/net/top1",
+        "test/net/top5",
+        "lr/net",
+        "time/epoch_s",
+        "time/images_per_s",
+    ):
         assert key in rows[0], key
     assert rows[0]["lr/net"] == pytest.approx(0.1) and rows[-1]["lr/net"] == pytest.approx(0.01)
     best = load_checkpoint(reference_run / "best.pt")

@@ -7,18 +7,22 @@ import torch
 from okd.config import DataConfig
 from okd.data.cifar import DATASET_STATS, get_spec, load_cifar
 from okd.data.device_loader import DeviceLoader
+from okd.data.folder import FOLDER_DATASETS, FolderLoader, build_folder_loaders
 from okd.errors import DataError
 
 
 def build_loaders(
     data_cfg: DataConfig, seed: int, device: torch.device | str | None, views: int = 1
-) -> tuple[DeviceLoader, DeviceLoader, int, list[str]]:
+) -> tuple[DeviceLoader | FolderLoader, DeviceLoader | FolderLoader, int, list[str]]:
     """Load (or download) the dataset and return ``(train_loader, test_loader, num_classes, class_names)``.
 
     ``limit_train``/``limit_test`` keep the first N images; mean/std default to the dataset's standard
     statistics; ``padding_mode='zeros'`` pads with raw pixel value 0 (before normalisation), as
-    torchvision's ``RandomCrop(32, padding=4)`` does.
+    torchvision's ``RandomCrop(32, padding=4)`` does. ``imagenet``/``tinyimagenet`` are image folders read by
+    :func:`okd.data.folder.build_folder_loaders` (DataLoader workers, sharded under torch.distributed).
     """
+    if data_cfg.dataset in FOLDER_DATASETS:
+        return build_folder_loaders(data_cfg, seed, device, views)
     spec = get_spec(data_cfg.dataset)
     default_mean, default_std = DATASET_STATS[spec.name]
     mean = list(data_cfg.mean) if data_cfg.mean is not None else list(default_mean)

@@ -90,6 +90,17 @@ class DeviceLoader:
         self._shift = -mean_t / std_t
         self.epoch = 0
         self._views = range(self.views)
+        self.rank, self.world_size = 0, 1
+
+    def shard(self, rank: int, world_size: int) -> None:
+        """Distributed use: yield only this rank's part (positions rank::world_size) of every global batch.
+
+        Shuffling and augmentation draws are made for the whole global batch first, so the union of the
+        ranks' shards is exactly the single-process batch, and every test sample is seen exactly once.
+        """
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world of size {world_size}")
+        self.rank, self.world_size = int(rank), int(world_size)
 
     def __len__(self) -> int:
         n = len(self.labels)
@@ -139,14 +150,15 @@ class DeviceLoader:
             offsets, flips = self._draws(gen, n)
         for i in range(len(self)):
             lo, hi = i * self.batch_size, min((i + 1) * self.batch_size, n)
+            mine = slice(lo + self.rank, hi, self.world_size)
             if order is None:
-                xb, yb = self.images[lo:hi], self.labels[lo:hi]
+                xb, yb = self.images[mine], self.labels[mine]
             else:
-                idx = order[lo:hi]
+                idx = order[mine]
                 xb, yb = self.images.index_select(0, idx), self.labels.index_select(0, idx)
             if not self.train:
                 x = self.normalize(xb)
                 yield (x if self.views == 1 else [x] * self.views), yb
                 continue
-            xs = [self.normalize(self.augment(xb, offsets[v, lo:hi], flips[v, lo:hi])) for v in self._views]
+            xs = [self.normalize(self.augment(xb, offsets[v, mine], flips[v, mine])) for v in self._views]
             yield (xs[0] if self.views == 1 else xs), yb

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from okd.config import Config
-from okd.errors import ConfigError
+from okd.engine.schedules import build_scheduler
+from okd.errors import CheckpointError, ConfigError
 from okd.methods import METHODS, Method, MethodContext, ParamGroup
 
 
@@ -58,19 +61,74 @@ def build_optimizer(group: ParamGroup) -> torch.optim.Optimizer:
     raise ValueError(f"unknown optimizer {group.optimizer!r} in group {group.name!r}")
 
 
-def build_optimization(
-    method: Method, cfg: Config
-) -> tuple[list[str], list[torch.optim.Optimizer], list[torch.optim.lr_scheduler.LRScheduler]]:
-    """One optimizer per parameter group, each with MultiStepLR stepped once per epoch."""
+@dataclass
+class OptimizationPlan:
+    """The optimizers of a method (one per parameter group) and their learning-rate schedules."""
+
+    names: list[str]
+    optimizers: list[torch.optim.Optimizer]
+    schedulers: list[torch.optim.lr_scheduler.LRScheduler]
+    per_step: list[bool]
+    lr_factor: float = 1.0
+
+    @property
+    def step_schedulers(self) -> list:
+        """Schedulers the step runner advances after every optimizer step (per-iteration schedules)."""
+        return [s for s, each_step in zip(self.schedulers, self.per_step, strict=True) if each_step]
+
+    def end_of_epoch(self) -> None:
+        for sched, each_step in zip(self.schedulers, self.per_step, strict=True):
+            if not each_step:
+                sched.step()
+
+    def learning_rates(self) -> dict[str, float]:
+        return {f"lr/{n}": o.param_groups[0]["lr"] for n, o in zip(self.names, self.optimizers, strict=True)}
+
+    def state_dict(self) -> dict:
+        return {
+            "optimizers": [o.state_dict() for o in self.optimizers],
+            "schedulers": [s.state_dict() for s in self.schedulers],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["optimizers"]) != len(self.optimizers):
+            raise CheckpointError(
+                f"the checkpoint has {len(state['optimizers'])} optimizers but the method builds "
+                f"{len(self.optimizers)}; it was written by another method or method configuration"
+            )
+        for opt, s in zip(self.optimizers, state["optimizers"], strict=True):
+            opt.load_state_dict(s)
+        for sched, s in zip(self.schedulers, state["schedulers"], strict=True):
+            sched.load_state_dict(s)
+
+
+def lr_scale(cfg: Config) -> float:
+    """Linear lr scaling with the global batch, when ``optim.lr_scaling=linear``."""
+    o = cfg.run.optim
+    return cfg.run.data.batch_size / o.reference_batch if o.lr_scaling == "linear" else 1.0
+
+
+def build_optimization(method: Method, cfg: Config, steps_per_epoch: int = 1) -> OptimizationPlan:
+    """One optimizer per parameter group, each with its own schedule (``optim.schedule`` for SGD groups;
+    Adam groups, such as FFSD's SD modules, keep the per-epoch MultiStepLR as in the official code)."""
     groups = [g for g in method.param_groups() if g.params]
     _check_groups(method, groups)
+    factor = lr_scale(cfg)
+    for g in groups:
+        g.lr *= factor
     optimizers = [build_optimizer(g) for g in groups]
-    milestones = list(cfg.run.optim.milestones)
-    schedulers = [
-        torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=cfg.run.optim.gamma)
-        for opt in optimizers
+    built = [
+        build_scheduler(
+            opt,
+            cfg.run.optim,
+            steps_per_epoch,
+            schedule=cfg.run.optim.schedule if g.optimizer == "sgd" else "multistep",
+        )
+        for g, opt in zip(groups, optimizers, strict=True)
     ]
-    return [g.name for g in groups], optimizers, schedulers
+    return OptimizationPlan(
+        [g.name for g in groups], optimizers, [b[0] for b in built], [b[1] for b in built], lr_factor=factor
+    )
 
 
 def count_trainable(module: nn.Module) -> int:

@@ -5,14 +5,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from okd.engine.distributed import DistContext, all_reduce_sum
 from okd.methods.base import Method
 
 
 @torch.no_grad()
-def evaluate(method: Method, loader, max_batches: int | None = None) -> dict[str, float]:
+def evaluate(
+    method: Method, loader, max_batches: int | None = None, dist: DistContext | None = None
+) -> dict[str, float]:
     """Return ``{'<head>/top1': %, '<head>/top5': %, '<oracle>/top1': %}`` over the loader's split.
 
-    Counts are accumulated on the device and read once at the end (no per-batch host sync).
+    Counts are accumulated on the device and read once at the end (no per-batch host sync); under
+    DDP every rank scores its shard and the counts are summed across ranks.
     """
     was_training = method.training
     method.eval()
@@ -38,12 +42,21 @@ def evaluate(method: Method, loader, max_batches: int | None = None) -> dict[str
             oracle_correct[name] = oracle_correct.get(name, 0) + any_hit.sum()
         total += labels.shape[0]
     method.train(was_training)
+    heads, oracles = list(correct1), list(oracle_correct)
+    device = next(method.parameters()).device
+    counts = [correct1[h] for h in heads] + [correct5[h] for h in heads] + [oracle_correct[o] for o in oracles]
+    packed = torch.tensor([float(total)], device=device)
+    if counts:
+        packed = torch.cat([torch.stack(counts).to(device=device, dtype=torch.float64), packed.double()])
+    packed = all_reduce_sum(packed.double(), dist or DistContext()).tolist()
+    total = packed[-1]
     if total == 0:
         return {}
     result: dict[str, float] = {}
-    for head in correct1:
-        result[f"{head}/top1"] = 100.0 * float(correct1[head]) / total
-        result[f"{head}/top5"] = 100.0 * float(correct5[head]) / total
-    for name, count in oracle_correct.items():
-        result[f"{name}/top1"] = 100.0 * float(count) / total
+    n = len(heads)
+    for i, head in enumerate(heads):
+        result[f"{head}/top1"] = 100.0 * packed[i] / total
+        result[f"{head}/top5"] = 100.0 * packed[n + i] / total
+    for j, name in enumerate(oracles):
+        result[f"{name}/top1"] = 100.0 * packed[2 * n + j] / total
     return result

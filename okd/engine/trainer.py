@@ -14,9 +14,20 @@ from okd.config import Config, build_config
 from okd.data import build_loaders
 from okd.engine.builder import build_method, build_optimization, resolve_device
 from okd.engine.checkpoint import atomic_save, atomic_write_text, load_checkpoint, load_state_checked
+from okd.engine.distributed import (
+    DistContext,
+    all_gather_objects,
+    all_reduce_sum,
+    barrier,
+    check_global_batch,
+    init_distributed,
+    rank_device,
+    shutdown,
+)
 from okd.engine.evaluate import evaluate
 from okd.engine.run_log import epoch_line, log, setup_logging, write_metrics_csv
 from okd.engine.seeding import restore_rng_state, rng_state, seed_everything, set_deterministic
+from okd.engine.step import StepRunner, autocast, configure_backends, prepare_method
 from okd.errors import CheckpointError, ConfigError
 
 CHECKPOINT_FORMAT = "okd-run-v1"
@@ -81,46 +92,80 @@ class _GracefulStop:
 
 
 def train(cfg: Config, run_dir: str | Path | None = None, resume: bool = False) -> Path:
-    """Train ``cfg`` into ``run_dir`` (default ``output_dir/name``); with ``resume``, continue its last.pt."""
-    setup_logging()
-    run_dir = Path(run_dir) if run_dir is not None else run_dir_for(cfg)
-    ckpt = None
-    if resume:
-        ckpt = _load_run_checkpoint(run_dir)
-        if _identity(ckpt["config"]) != _identity(cfg.to_dict()):
-            saved = "/".join(_identity(ckpt["config"]))
-            asked = "/".join(_identity(cfg.to_dict()))
-            raise CheckpointError(
-                f"cannot resume {str(run_dir)!r}: it was trained as method/model/dataset {saved}, "
-                f"but the config asks for {asked}. Resume without a config, or start a new run."
-            )
-    elif (run_dir / "last.pt").exists():
-        raise ConfigError(
-            f"run folder {str(run_dir)!r} already holds a run; continue it with `okd train --resume {run_dir}` "
-            "or choose another name (name=...)"
-        )
+    """Train ``cfg`` into ``run_dir`` (default ``output_dir/name``); with ``resume``, continue its last.pt.
 
+    Under ``torchrun`` every process calls this; the cohort is wrapped in DistributedDataParallel and only
+    rank 0 writes the run folder.
+    """
+    setup_logging()
     r = cfg.run
+    dist = init_distributed(r.train.device)
+    try:
+        return _train(cfg, Path(run_dir) if run_dir is not None else run_dir_for(cfg), resume, dist)
+    finally:
+        shutdown(dist)
+
+
+def _check_start(cfg: Config, run_dir: Path, resume: bool, dist: DistContext) -> dict | None:
+    if not resume:
+        if (run_dir / "last.pt").exists():
+            raise ConfigError(
+                f"run folder {str(run_dir)!r} already holds a run; continue it with `okd train --resume {run_dir}` "
+                "or choose another name (name=...)"
+            )
+        return None
+    ckpt = _load_run_checkpoint(run_dir)
+    if _identity(ckpt["config"]) != _identity(cfg.to_dict()):
+        saved, asked = "/".join(_identity(ckpt["config"])), "/".join(_identity(cfg.to_dict()))
+        raise CheckpointError(
+            f"cannot resume {str(run_dir)!r}: it was trained as method/model/dataset {saved}, "
+            f"but the config asks for {asked}. Resume without a config, or start a new run."
+        )
+    saved_world = ckpt.get("world_size", 1)
+    if saved_world != dist.world_size and not cfg.run.train.allow_world_size_change:
+        raise CheckpointError(
+            f"{run_dir} was trained with {saved_world} process(es) and is resumed with {dist.world_size}; "
+            "the per-rank random streams would differ. Resume with the same process count, or pass "
+            "train.allow_world_size_change=true to accept a run that is no longer bitwise reproducible."
+        )
+    return ckpt
+
+
+def _train(cfg: Config, run_dir: Path, resume: bool, dist: DistContext) -> Path:
+    r = cfg.run
+    ckpt = _check_start(cfg, run_dir, resume, dist)
     set_deterministic(r.train.deterministic)
-    seed_everything(r.seed)
-    device = resolve_device(r.train.device)
-    method_cls_views = _method_views(cfg)
-    train_loader, test_loader, num_classes, _ = build_loaders(r.data, r.seed, device, views=method_cls_views)
+    seed_everything(r.seed)  # identical initial weights on every rank
+    device = rank_device(dist, resolve_device(r.train.device))
+    check_global_batch(r.data.batch_size, dist)
+    train_loader, test_loader, num_classes, _ = build_loaders(r.data, r.seed, device, views=_method_views(cfg))
+    for loader in (train_loader, test_loader):
+        loader.channels_last = r.train.channels_last
+        if dist.enabled:
+            loader.shard(dist.rank, dist.world_size)
+    configure_backends(r.train, device)
     method = build_method(cfg, num_classes).to(device)
-    group_names, optimizers, schedulers = build_optimization(method, cfg)
+    plan = build_optimization(method, cfg, steps_per_epoch=_steps_per_epoch(train_loader, r.train))
+    runner = StepRunner(method, plan.optimizers, r.train, device, schedulers=plan.step_schedulers)
 
     start_epoch, history, best = 0, [], {"top1": -1.0, "epoch": 0}
     if ckpt is not None:
         load_state_checked(method, ckpt["method"], f"{run_dir / 'last.pt'}")
-        for opt, state in zip(optimizers, ckpt["optimizers"], strict=True):
-            opt.load_state_dict(state)
-        for sched, state in zip(schedulers, ckpt["schedulers"], strict=True):
-            sched.load_state_dict(state)
+        plan.load_state_dict(ckpt)
+        runner.load_state_dict(ckpt.get("runner", {}))
         start_epoch, history, best = ckpt["epoch"], ckpt["history"], ckpt["best"]
-        restore_rng_state(ckpt["rng"])
+        rngs = ckpt["rng_per_rank"]
+        restore_rng_state(rngs[dist.rank] if dist.rank < len(rngs) else rngs[0])
         log.info(f"resuming {run_dir} after epoch {start_epoch}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(cfg.to_yaml(), run_dir / "config.yaml")
+    elif dist.enabled:
+        torch.manual_seed(r.seed + 1000003 * dist.rank)  # per-rank streams (dropout etc.)
+    prepare_method(method, r.train)
+    if dist.enabled:
+        runner.wrap_distributed(dist, r.train)
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(cfg.to_yaml(), run_dir / "config.yaml")
+        _log_start(cfg, run_dir, dist, plan, device)
     if start_epoch >= r.train.epochs:
         log.info(f"{run_dir}: all {r.train.epochs} epochs already trained")
         return run_dir
@@ -129,29 +174,44 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: bool = False) 
     with _GracefulStop():
         try:
             for epoch in range(start_epoch, r.train.epochs):
-                row = _train_epoch(
-                    method, train_loader, optimizers, epoch, r.train.max_steps_per_epoch, r.train.progress
-                )
-                for sched in schedulers:
-                    sched.step()
-                metrics = evaluate(method, test_loader)
+                row = _train_epoch(runner, train_loader, epoch, r.train, dist)
+                plan.end_of_epoch()
+                with autocast(r.train, device):
+                    metrics = evaluate(method, test_loader, dist=dist)
                 deploy_head = deploy_head or next(iter(metrics)).split("/")[0]
                 row.update({f"test/{k}": v for k, v in metrics.items()})
-                for name, opt in zip(group_names, optimizers, strict=True):
-                    row[f"lr/{name}"] = opt.param_groups[0]["lr"]
+                row.update(plan.learning_rates())
                 history.append(row)
                 score = metrics.get(f"{deploy_head}/top1", -1.0)
                 improved = score > best["top1"]
                 if improved:
                     best = {"top1": score, "epoch": epoch + 1, "head": deploy_head}
-                write_metrics_csv(history, run_dir / "metrics.csv")
-                _save_run(run_dir, cfg, method, optimizers, schedulers, epoch + 1, history, best, improved)
-                _report_epoch(row, method, r.train.progress)
+                rngs = all_gather_objects(rng_state(), dist)
+                if dist.is_main:
+                    write_metrics_csv(history, run_dir / "metrics.csv")
+                    _save_run(run_dir, cfg, runner, plan, epoch + 1, history, best, improved, rngs)
+                    _report_epoch(row, r.train.progress)
+                barrier(dist)
         except KeyboardInterrupt:
             done = history[-1]["epoch"] if history else start_epoch
             log.info(f"stopped after epoch {int(done)}; continue with: okd train --resume {run_dir}")
             raise
     return run_dir
+
+
+def _steps_per_epoch(loader, train_cfg) -> int:
+    n = len(loader)
+    return n if train_cfg.max_steps_per_epoch is None else min(n, train_cfg.max_steps_per_epoch)
+
+
+def _log_start(cfg: Config, run_dir: Path, dist: DistContext, plan, device: torch.device) -> None:
+    r = cfg.run
+    per_rank = r.data.batch_size // dist.world_size
+    log.info(
+        f"{run_dir}: {cfg.method_name} / {r.model.name} / {r.data.dataset} on {device}"
+        f" x{dist.world_size}; global batch {r.data.batch_size} ({per_rank} per process); "
+        f"lr scaling {r.optim.lr_scaling} (x{plan.lr_factor:g}); {r.train.precision}"
+    )
 
 
 def _method_views(cfg: Config) -> int:
@@ -164,13 +224,14 @@ def _interactive(progress: str) -> bool:
     return progress == "bar" or (progress == "auto" and sys.stderr.isatty())
 
 
-def _train_epoch(method, loader, optimizers, epoch: int, max_steps: int | None, progress: str) -> dict[str, float]:
-    method.train()
+def _train_epoch(runner: StepRunner, loader, epoch: int, train_cfg, dist: DistContext) -> dict[str, float]:
+    runner.method.train()
     loader.set_epoch(epoch)
     sums: dict[str, Tensor] = {}
     images_seen = 0
+    max_steps = train_cfg.max_steps_per_epoch
     batches = loader
-    if _interactive(progress):
+    if _interactive(train_cfg.progress) and dist.is_main:
         from tqdm import tqdm
 
         total = len(loader) if max_steps is None else min(len(loader), max_steps)
@@ -179,27 +240,26 @@ def _train_epoch(method, loader, optimizers, epoch: int, max_steps: int | None, 
     for step, (images, labels) in enumerate(batches):
         if max_steps is not None and step >= max_steps:
             break
-        losses = method.training_step(images, labels, epoch)
-        total = sum(v for k, v in losses.items() if not k.startswith("stat/"))
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
-        total.backward()
-        for opt in optimizers:
-            opt.step()
-        method.after_optimizer_step()
+        losses, total = runner.step(images, labels, epoch)
         n = labels.shape[0]
         images_seen += n
         for key, value in losses.items():
-            sums[key] = sums.get(key, 0.0) + value.detach() * n
-        sums["loss"] = sums.get("loss", 0.0) + total.detach() * n
+            sums[key] = sums.get(key, 0.0) + value.detach().float() * n
+        sums["loss"] = sums.get("loss", 0.0) + total.detach().float() * n
     if images_seen == 0:
         raise ConfigError("the training split yielded no batch; lower data.batch_size or set data.drop_last=false")
-    _sync(labels.device)
+    keys = list(sums)
+    packed = torch.stack([torch.as_tensor(sums[k]) for k in keys] + [torch.tensor(float(images_seen))]).to(
+        runner.device, torch.float64
+    )
+    packed = all_reduce_sum(packed, dist).tolist()
+    _sync(runner.device)
     seconds = time.perf_counter() - start
+    seen = packed[-1]
     row: dict[str, float] = {"epoch": epoch + 1}
-    row.update({f"train/{k}": float(v) / images_seen for k, v in sums.items()})
+    row.update({f"train/{k}": packed[i] / seen for i, k in enumerate(keys)})
     row["time/epoch_s"] = seconds
-    row["time/images_per_s"] = images_seen / max(seconds, 1e-9)
+    row["time/images_per_s"] = seen / max(seconds, 1e-9)
     return row
 
 
@@ -208,15 +268,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _save_run(run_dir, cfg, method, optimizers, schedulers, epoch, history, best, improved) -> None:
+def _save_run(run_dir, cfg, runner: StepRunner, plan, epoch, history, best, improved, rngs) -> None:
+    method = runner.method
     state = {
         "format": CHECKPOINT_FORMAT,
         "config": cfg.to_dict(),
         "epoch": epoch,
         "method": method.state_dict(),
-        "optimizers": [o.state_dict() for o in optimizers],
-        "schedulers": [s.state_dict() for s in schedulers],
-        "rng": rng_state(),
+        **plan.state_dict(),
+        "runner": runner.state_dict(),
+        "rng_per_rank": rngs,
+        "world_size": len(rngs),
         "history": history,
         "best": best,
     }
@@ -240,7 +302,7 @@ def _save_run(run_dir, cfg, method, optimizers, schedulers, epoch, history, best
     )
 
 
-def _report_epoch(row: dict, method, progress: str) -> None:
+def _report_epoch(row: dict, progress: str) -> None:
     if progress == "none":
         return
     heads = sorted({k.split("/")[1] for k in row if k.startswith("test/") and k.endswith("/top1")})

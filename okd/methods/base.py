@@ -80,6 +80,10 @@ class Method(nn.Module):
         self.ctx = ctx
         self.hp = ctx.params
 
+    def forward(self, images: Tensor | list[Tensor], labels: Tensor, epoch: int) -> dict[str, Tensor]:
+        """``training_step`` (so that a DistributedDataParallel wrapper sees the whole cohort's forward)."""
+        return self.training_step(images, labels, epoch)
+
     def param_groups(self) -> list[ParamGroup]:
         raise NotImplementedError
 

@@ -26,16 +26,17 @@ class BranchParams:
     dropout: float | None = 0.5
     #: OKDDip-repo DenseNet bug: every branch holds the same last dense block (off: own weights per branch)
     share_branch_block: bool = False
-    #: which branch ``deploy.pt`` holds (with the trunk)
+    #: which branch ``deploy.pt`` holds (with the trunk); negative counts from the last
     deploy_branch: int = 0
 
     def validate(self) -> None:
         check_int("num_branches", self.num_branches, 1)
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"method.dropout must be in [0, 1) or null, got {self.dropout}")
-        if not 0 <= self.deploy_branch < self.num_branches:
+        if not -self.num_branches <= self.deploy_branch < self.num_branches:
             raise ConfigError(
                 f"method.deploy_branch={self.deploy_branch} is not a branch; choose 0..{self.num_branches - 1}"
+                " (or a negative index from the last)"
             )
 
 
@@ -87,7 +88,8 @@ class BranchMethod(Method):
             dropout=hp.dropout,
             share_branch_block=hp.share_branch_block,
         )
-        self.deploy_head = self.branch_name(hp.deploy_branch)
+        self.deploy_index = hp.deploy_branch % hp.num_branches
+        self.deploy_head = self.branch_name(self.deploy_index)
 
     def branch_name(self, i: int) -> str:
         return f"{self.head_prefix}{i}"
@@ -109,4 +111,4 @@ class BranchMethod(Method):
 
     def deployable(self) -> nn.Module:
         """The trunk plus the deployed branch, as the plain backbone (``deploy.pt`` loads into ``create_model``)."""
-        return self.net.single_branch(self.hp.deploy_branch)
+        return self.net.single_branch(self.deploy_index)

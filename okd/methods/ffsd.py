@@ -34,6 +34,13 @@ Ablations (``Params``): ``self_distillation`` both|students|leader|none drops ``
 removes F and the decoder: drops ``fusion/*``, ``leader/fused_att``, ``leader/decoder`` and ``leader/sd``
 (G_L has no input without Φ, so it needs ``self_distillation`` students|none), and ``leader/kl`` then
 distils from the students' mean logits z_ens instead of z_F.
+
+Evaluation heads: ``leader`` (deployed), ``student{i}``, ``fusion``, ``students_mean_logits``, ``ensemble`` (mean
+of softmax), plus the oracle ``oracle_any_student_correct``, which is what the official code logs as
+"Ensemble" (§1.8); its "Average" is the mean of the ``student{i}`` accuracies. Epochs: the configs train 299
+epochs like the official ``range(1, 300)`` loop; ``train.epochs=300`` is the paper's count.
+Not reproduced: the official trainer's one train-mode forward of student 0 on random noise at construction
+(it only nudges that student's BN running statistics once).
 """
 
 from __future__ import annotations
@@ -278,9 +285,7 @@ class FFSD(Method):
         losses["leader/kl"] = kl_div_t(z_leader, leader_target, temp, detach_target=True)
         if fused is not None:
             fused_d = fused.detach()
-            losses["leader/fused_att"] = lam_fus * normalized_l2(
-                attention_map(leader_taps[-1]), attention_map(fused_d)
-            )
+            losses["leader/fused_att"] = lam_fus * normalized_l2(attention_map(leader_taps[-1]), attention_map(fused_d))
             # att(U) is the channel mean over all M·C channels: the mean of the students' attention maps
             att_u = attention_map(fusion_in)
             losses["leader/decoder"] = lam_fus * normalized_l2(attention_map(decoded), att_u)
@@ -300,7 +305,7 @@ class FFSD(Method):
             losses["sdL/feature"] = lam_sd * feat
             losses["sdL/attention"] = lam_sd * att
 
-        losses["stat/warmup"] = torch.tensor(warm, device=z_leader.device)
+        losses["stat/warmup"] = z_leader.new_full((), warm, dtype=torch.float32)
         return losses
 
     # ------------------------------------------------------------------------------------------ evaluation

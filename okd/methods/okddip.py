@@ -47,12 +47,10 @@ class OKDDipParams(BranchParams):
     detach_peer_targets: bool = False
     detach_leader_target: bool = False
     target_eps: float = 1e-7
-    #: the leader (last branch) is deployed by default
+    #: the leader (the last branch) is deployed by default
     deploy_branch: int = -1
 
     def validate(self) -> None:
-        if self.deploy_branch == -1:
-            self.deploy_branch = self.num_branches - 1
         super().validate()
         check_int("num_branches", self.num_branches, 3 if not self.self_attention else 2)
         check_int("proj_ratio", self.proj_ratio, 1)
@@ -102,13 +100,10 @@ class OKDDip(BranchMethod):
     Params = OKDDipParams
 
     def __init__(self, ctx: MethodContext) -> None:
-        if ctx.params.deploy_branch == -1:
-            ctx.params.validate()
         super().__init__(ctx)
         d = self.net.feature_dim
         self.attention = PeerAttention(d, d // self.hp.proj_ratio, self.hp.self_attention)
         self.num_peers = self.net.num_branches - 1
-        self.deploy_head = self.branch_name(self.hp.deploy_branch)
 
     def branch_name(self, i: int) -> str:
         return "leader" if i == self.net.num_branches - 1 else f"peer{i}"

@@ -6,7 +6,7 @@ taken from instance 0 of ``create_model(backbone)`` and branch i from instance i
 | family | trunk | each branch (own weights) |
 |---|---|---|
 | CIFAR ResNets (basic, ``resnet110_bottleneck``, ``wrn20_8``) | conv1, bn1, relu, layer1, layer2 | layer3, fc |
-| DenseNet (``densenet40_12_bc``; non-BC works too) | conv1, dense1, trans1, dense2, trans2 | dense3, final bn + ReLU, fc |
+| DenseNet (``densenet40_12_bc``; also non-BC) | conv1, dense1, trans1, dense2, trans2 | dense3, final bn + ReLU, fc |
 | VGG-16 | conv layers 1-10 (``trunk_features``, 512x2x2) | conv layers 11-13 + pool, 3-layer classifier |
 | WRN-16-2 / WRN-40-2 (not in the spec; by analogy) | conv1, layer1, layer2 | layer3, final bn + ReLU, fc |
 
@@ -245,8 +245,8 @@ class MultiBranchNet(nn.Module):
                 setattr(net, n, self.shared[n])
             for n in self.split.branch:
                 setattr(net, n, self.branches[i][n])
-            stray = [n for n, _ in net.named_parameters() if _.device.type == "meta"]
-            stray += [n for n, _ in net.named_buffers() if _.device.type == "meta"]
+            own = {id(t) for t in (*self.parameters(), *self.buffers())}
+            stray = [n for n, t in (*net.named_parameters(), *net.named_buffers()) if id(t) not in own]
             if stray:  # a backbone module outside the split: the split table is out of date
                 raise RuntimeError(f"{self.backbone_name}: modules outside the branch split: {stray[:3]}")
             self._singles[i] = net

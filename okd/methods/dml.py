@@ -1,0 +1,103 @@
+"""DML: Deep Mutual Learning (Zhang et al., CVPR 2018), ``methods.md`` §2.
+
+``num_nets`` independent networks; net i minimises
+
+    L_i = CE(z_i, y) + kl_weight * (1/(M-1)) sum_{j != i} KL_T(z_j -> z_i)        (target='pairwise')
+    L_i = CE(z_i, y) + kl_weight * KL_T(mean_{j != i} z_j -> z_i)                 (target='mean_of_others')
+
+with T^2 scaling inside KL_T. Default: the canonical form (detached peer targets, one optimizer group per
+net, every net's loss from one shared forward; with detached targets one backward of the summed loss equals
+per-net steps). The OKDDip-repo variant is ``num_nets=4 detach_targets=false target=mean_of_others
+target_eps=1e-7`` (T = 3 is the default here too); it used one joint backward, which is what the trainer does.
+
+Not provided: the DML paper's *alternating* updates (net 1 steps, predictions are recomputed, then net 2
+steps). The method contract backpropagates one summed loss per step and then steps every optimizer, so a
+second forward after a first optimizer step cannot be expressed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from okd.errors import ConfigError
+from okd.methods.base import Method, MethodContext, ParamGroup, register_method, sgd_group
+from okd.methods.branch_base import check_choice, check_distillation, check_int, ensemble_heads
+from okd.models import create_model
+from okd.nn.losses import cross_entropy, kl_div_t, logit_mean
+
+
+@dataclass
+class DMLParams:
+    num_nets: int = 2
+    temperature: float = 3.0
+    kl_weight: float = 1.0
+    #: true: peers' predictions are fixed targets (canonical); false: the OKDDip repo's graph-keeping targets
+    detach_targets: bool = True
+    #: pairwise (mean of the KLs to each peer) | mean_of_others (KL to the mean of the peers' logits)
+    target: str = "pairwise"
+    scale_t2: bool = True
+    target_eps: float = 0.0
+    #: which net ``deploy.pt`` holds
+    deploy_net: int = 0
+
+    def validate(self) -> None:
+        check_int("num_nets", self.num_nets, 2)
+        check_choice("target", self.target, ("pairwise", "mean_of_others"))
+        check_distillation(self.temperature, self.kl_weight, 0, self.target_eps)
+        if not 0 <= self.deploy_net < self.num_nets:
+            raise ConfigError(f"method.deploy_net={self.deploy_net} is not a net; choose 0..{self.num_nets - 1}")
+
+
+def dml_kl(logits: list[Tensor], i: int, hp: DMLParams) -> Tensor:
+    """Net i's mutual-learning term (unweighted), per ``hp.target``."""
+    T, eps, detach = hp.temperature, hp.target_eps, hp.detach_targets
+    others = [z for j, z in enumerate(logits) if j != i]
+    if hp.target == "mean_of_others":
+        return kl_div_t(logits[i], logit_mean(others), T, detach_target=detach, scale_t2=hp.scale_t2, target_eps=eps)
+    terms = [kl_div_t(logits[i], z, T, detach_target=detach, scale_t2=hp.scale_t2, target_eps=eps) for z in others]
+    return sum(terms) / len(terms)
+
+
+def dml_losses(logits: list[Tensor], labels: Tensor, hp: DMLParams, prefix: str = "net") -> dict[str, Tensor]:
+    """Every net's CE and weighted mutual-learning KL, named ``<prefix><i>/ce`` and ``<prefix><i>/kl``."""
+    losses: dict[str, Tensor] = {}
+    for i, z in enumerate(logits):
+        losses[f"{prefix}{i}/ce"] = cross_entropy(z, labels)
+        losses[f"{prefix}{i}/kl"] = hp.kl_weight * dml_kl(logits, i, hp)
+    return losses
+
+
+@register_method(
+    "dml",
+    description="DML: independent networks learn from each other's predictions (KL at T, detached by default)",
+    paper="Zhang, Xiang, Hospedales, Lu. Deep Mutual Learning. CVPR 2018",
+)
+class DML(Method):
+    Params = DMLParams
+
+    def __init__(self, ctx: MethodContext) -> None:
+        super().__init__(ctx)
+        self.nets = nn.ModuleList(create_model(ctx.model, ctx.num_classes) for _ in range(self.hp.num_nets))
+        self.deploy_head = f"net{self.hp.deploy_net}"
+
+    def param_groups(self) -> list[ParamGroup]:
+        return [sgd_group(f"net{i}", net.parameters(), self.ctx.optim) for i, net in enumerate(self.nets)]
+
+    def training_step(self, images: Tensor, labels: Tensor, epoch: int) -> dict[str, Tensor]:
+        return dml_losses([net(images) for net in self.nets], labels, self.hp)
+
+    def net_heads(self, logits: list[Tensor]) -> dict[str, Tensor]:
+        heads = {f"net{i}": z for i, z in enumerate(logits)}
+        heads.update(ensemble_heads(logits))
+        return heads
+
+    def eval_outputs(self, images: Tensor) -> dict[str, Tensor]:
+        return self.net_heads([net(images) for net in self.nets])
+
+    def oracle_groups(self) -> dict[str, list[str]]:
+        return {"oracle_any_net": [f"net{i}" for i in range(len(self.nets))]}
+
+    def deployable(self) -> nn.Module:
+        return self.nets[self.hp.deploy_net]

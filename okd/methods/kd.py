@@ -1,0 +1,160 @@
+"""Classic KD (Hinton et al., 2015), ``methods.md`` §6: a frozen, pre-trained teacher in eval mode.
+
+    form='hinton' (default):  L = (1 - alpha) * CE(z_s, y) + alpha * KL_T(z_t -> z_s)      alpha = 0.9
+    form='okddip' (the repo): L = CE(z_s, y) + alpha * KL_T(z_t -> z_s)                    alpha = 1
+
+KL_T includes T^2; T = 3 (the repo's default). ``alpha: null`` picks the form's default above (0.9 for the
+Hinton form is this library's choice; the spec leaves it open). The teacher is ``create_model(teacher_model)``
+loaded from ``teacher_checkpoint``: an okd ``deploy.pt`` or a plain state_dict file (optionally under a
+``state_dict``/``model``/``net`` key, ``module.`` prefixes stripped). Its outputs are computed under no-grad,
+it never leaves eval mode and is in no optimizer group; a checkpoint that does not fit ``teacher_model``
+raises :class:`~okd.errors.CheckpointError`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from okd.errors import CheckpointError, ConfigError
+from okd.methods.base import Method, MethodContext, ParamGroup, register_method, sgd_group
+from okd.methods.branch_base import check_choice, check_distillation
+from okd.models import create_model
+from okd.nn.losses import cross_entropy, kl_div_t
+
+FORM_ALPHA = {"hinton": 0.9, "okddip": 1.0}
+
+
+@dataclass
+class KDParams:
+    #: a registered model name (e.g. resnet110_bottleneck, the OKDDip README's teacher for ResNet-32)
+    teacher_model: str = ""
+    #: path of the teacher's okd deploy.pt or state_dict file
+    teacher_checkpoint: str = ""
+    #: hinton: (1-alpha) CE + alpha KL | okddip: CE + alpha KL
+    form: str = "hinton"
+    #: null: 0.9 (hinton) or 1.0 (okddip)
+    alpha: float | None = None
+    temperature: float = 3.0
+    target_eps: float = 0.0
+
+    def validate(self) -> None:
+        from okd.models.registry import MODELS
+
+        if not self.teacher_model:
+            raise ConfigError("method.teacher_model is required for kd (a model name, e.g. resnet110_bottleneck)")
+        MODELS.get(self.teacher_model)  # ConfigError listing the models
+        if not self.teacher_checkpoint:
+            raise ConfigError(
+                "method.teacher_checkpoint is required for kd: the teacher's deploy.pt (from `okd train` of "
+                "the teacher) or a state_dict file"
+            )
+        check_choice("form", self.form, tuple(FORM_ALPHA))
+        check_distillation(self.temperature, 0.0, 0, self.target_eps)
+        if self.alpha is not None and not 0.0 <= self.alpha <= (1.0 if self.form == "hinton" else float("inf")):
+            bound = "[0, 1]" if self.form == "hinton" else ">= 0"
+            raise ConfigError(f"method.alpha must be {bound} for form={self.form}, got {self.alpha}")
+
+    @property
+    def effective_alpha(self) -> float:
+        return FORM_ALPHA[self.form] if self.alpha is None else float(self.alpha)
+
+
+def _extract_state_dict(obj: object, path: str) -> dict[str, Tensor]:
+    if isinstance(obj, dict) and obj.get("format", "").startswith("okd-run"):
+        raise CheckpointError(
+            f"{path} is an okd run checkpoint (last.pt/best.pt); give the run's deploy.pt as the teacher"
+        )
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model", "net"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} holds no state_dict (a mapping of parameter names to tensors)")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def load_teacher(model: str, num_classes: int, checkpoint: str) -> nn.Module:
+    """``create_model(model, num_classes)`` with the checkpoint's weights, frozen and in eval mode."""
+    path = Path(checkpoint).expanduser()
+    if not path.is_file():
+        raise CheckpointError(
+            f"teacher checkpoint {str(path)!r} (method.teacher_checkpoint) does not exist; train the teacher "
+            f"first (okd train with model.name={model}; its run folder holds deploy.pt) or point to a state_dict"
+        )
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(
+            f"teacher checkpoint {str(path)!r} cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
+        ) from None
+    saved_model = obj.get("model") if isinstance(obj, dict) and isinstance(obj.get("model"), str) else None
+    if saved_model is not None and saved_model != model:
+        raise CheckpointError(
+            f"teacher checkpoint {str(path)!r} holds a {saved_model}, but method.teacher_model={model}"
+        )
+    state = _extract_state_dict(obj, str(path))
+    teacher = create_model(model, num_classes)
+    own = teacher.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
+    if missing or unexpected or shapes:
+        detail = "; ".join(
+            f"{what}: {items[:3]}" for what, items in
+            (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)) if items
+        )  # fmt: skip
+        raise CheckpointError(
+            f"teacher checkpoint {str(path)!r} does not match method.teacher_model={model} with "
+            f"{num_classes} classes ({detail}); check the teacher's model name and dataset"
+        )
+    teacher.load_state_dict(state)
+    teacher.requires_grad_(False)
+    return teacher.eval()
+
+
+@register_method(
+    "kd",
+    description="classic KD: a student learns from a frozen pre-trained teacher (Hinton form; OKDDip-repo form)",
+    paper="Hinton, Vinyals, Dean. Distilling the Knowledge in a Neural Network. arXiv 1503.02531",
+)
+class KD(Method):
+    Params = KDParams
+    deploy_head = "student"
+
+    def __init__(self, ctx: MethodContext) -> None:
+        super().__init__(ctx)
+        self.student = create_model(ctx.model, ctx.num_classes)
+        self.teacher = load_teacher(self.hp.teacher_model, ctx.num_classes, self.hp.teacher_checkpoint)
+
+    def train(self, mode: bool = True) -> KD:
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def param_groups(self) -> list[ParamGroup]:
+        return [sgd_group("student", self.student.parameters(), self.ctx.optim)]
+
+    def training_step(self, images: Tensor, labels: Tensor, epoch: int) -> dict[str, Tensor]:
+        hp: KDParams = self.hp
+        with torch.no_grad():
+            z_t = self.teacher(images)
+        z_s = self.student(images)
+        alpha = hp.effective_alpha
+        ce_weight = 1.0 - alpha if hp.form == "hinton" else 1.0
+        kl = kl_div_t(z_s, z_t, hp.temperature, detach_target=True, target_eps=hp.target_eps)
+        return {"student/ce": ce_weight * cross_entropy(z_s, labels), "student/kl": alpha * kl}
+
+    def eval_outputs(self, images: Tensor) -> dict[str, Tensor]:
+        return {"student": self.student(images), "teacher": self.teacher(images)}
+
+    def deployable(self) -> nn.Module:
+        return self.student

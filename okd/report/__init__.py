@@ -1,0 +1,1 @@
+"""Reports on run folders: tables against the published figures, seed sweeps, plots, attention maps, export."""

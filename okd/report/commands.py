@@ -1,0 +1,148 @@
+"""The report subcommands of the ``okd`` CLI: report, sweep, plot, attention, export, predict.
+
+``register_cli(subparsers)`` adds them to the parser of ``okd.cli``; each handler returns an exit code and
+raises :class:`~okd.errors.OKDError` for the CLI to print.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from okd.errors import ConfigError
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from okd.report.tables import report
+
+    print(report(args.run_dirs, markdown=args.markdown, csv_path=args.csv))
+    for label, path in (("Markdown", args.markdown), ("CSV", args.csv)):
+        if path:
+            print(f"{label} written to {path}")
+    return 0
+
+
+def _split_seeds(items: list[str]) -> tuple[list[int], list[str]]:
+    """``--seeds 1 2 3 key=value``: argparse hands the overrides to --seeds; take them back."""
+    seeds, rest = [], []
+    for item in items:
+        if not rest and item.lstrip("-").isdigit():
+            seeds.append(int(item))
+        else:
+            rest.append(item)
+    bad = [r for r in rest if "=" not in r]
+    if bad:
+        raise ConfigError(f"--seeds takes integers; {bad} are neither seeds nor key=value overrides")
+    return seeds, rest
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from okd.report.sweep import run_sweep, sweep_commands
+
+    seeds, extra = _split_seeds(args.seeds)
+    overrides = [*args.overrides, *extra]
+    if args.print:
+        print("\n".join(sweep_commands(args.config, seeds, overrides)))
+        return 0
+    runs = run_sweep(args.config, seeds, overrides)
+    print("run folders:\n  " + "\n  ".join(map(str, runs)))
+    print(f"summary: okd report {' '.join(map(str, runs))}")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from okd.report.plots import plot_curves
+
+    print(f"wrote {plot_curves(args.run_dir, args.out)}")
+    return 0
+
+
+def cmd_attention(args: argparse.Namespace) -> int:
+    from okd.report.attention import draw_attention
+
+    res = draw_attention(
+        args.run_dir,
+        args.out,
+        num_images=args.images,
+        first_image=args.first,
+        which=args.checkpoint,
+        similarity_images=args.similarity_images,
+        overrides=args.overrides,
+    )
+    print(f"wrote {res.figure} ({', '.join(res.names)})")
+    if res.similarity_figure is not None:
+        print(f"wrote {res.similarity_figure} and {res.similarity_csv}\n")
+        print(res.table())
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from okd.report.export import TOLERANCE, export
+
+    res = export(args.run_dir, args.format, args.out, which=args.checkpoint, overrides=args.overrides)
+    print(f"wrote {res.path} ({res.format})")
+    if res.max_abs_diff is None:
+        print(f"round trip: {res.checked_with}")
+    else:
+        print(
+            f"round trip ({res.checked_with}): max |logit diff| {res.max_abs_diff:.3g} "
+            f"(tolerance {TOLERANCE[res.format]:g})"
+        )
+    if res.training_diff is not None:
+        print(f"same logits as the method's deployed head in training: max |diff| {res.training_diff:.3g}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from okd.report.export import predict
+
+    results = predict(args.model, args.images, top=args.top)
+    for image, top in zip(args.images, results, strict=True):
+        print(image)
+        for rank, (name, p) in enumerate(top, start=1):
+            print(f"  {rank}. {name:<20} {100 * p:6.2f}%")
+    return 0
+
+
+def register_cli(subparsers) -> None:
+    """Add the report subcommands to ``subparsers`` (from ``ArgumentParser.add_subparsers``)."""
+    p = subparsers.add_parser("report", help="mean ± std over seeds of every head, next to the published figures")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders (or folders of runs)")
+    p.add_argument("--markdown", metavar="OUT.md", help="also write the Markdown here")
+    p.add_argument("--csv", metavar="OUT.csv", help="also write the table as CSV here")
+    p.set_defaults(func=cmd_report)
+
+    p = subparsers.add_parser("sweep", help="run a config under several seeds (or print the commands)")
+    p.add_argument("config", help="YAML config")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides applied to every run")
+    p.add_argument("--seeds", nargs="+", required=True, metavar="SEED", help="seeds, e.g. --seeds 1 2 3")
+    p.add_argument("--print", action="store_true", help="print one `okd train` command per seed instead")
+    p.set_defaults(func=cmd_sweep)
+
+    p = subparsers.add_parser("plot", help="training curves of every head and loss term (needs okd[plot])")
+    p.add_argument("run_dir")
+    p.add_argument("--out", help="PNG path (default RUN_DIR/curves.png)")
+    p.set_defaults(func=cmd_plot)
+
+    p = subparsers.add_parser("attention", help="attention maps of each network on test images (needs okd[plot])")
+    p.add_argument("run_dir")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.root=/elsewhere")
+    p.add_argument("--images", type=int, default=6, help="test images to draw (default 6)")
+    p.add_argument("--first", type=int, default=0, help="index of the first test image (default 0)")
+    p.add_argument("--similarity-images", type=int, default=500, help="test images for the similarity table")
+    p.add_argument("--checkpoint", choices=("last", "best"), default="last")
+    p.add_argument("--out", help="PNG path (default RUN_DIR/attention.png)")
+    p.set_defaults(func=cmd_attention)
+
+    p = subparsers.add_parser("export", help="write the deployable network alone, with a round-trip check")
+    p.add_argument("run_dir", help="run folder, deploy.pt or run checkpoint")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (rebuilding from a checkpoint)")
+    p.add_argument("--format", required=True, choices=("state_dict", "torchscript", "onnx"))
+    p.add_argument("--out", help="output file (default RUN_DIR/export/<model>_<format>)")
+    p.add_argument("--checkpoint", choices=("last", "best"), default="last")
+    p.set_defaults(func=cmd_export)
+
+    p = subparsers.add_parser("predict", help="top-5 classes of image files")
+    p.add_argument("model", help="run folder, deploy.pt, exported state_dict, TorchScript or ONNX file")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--top", type=int, default=5)
+    p.set_defaults(func=cmd_predict)

@@ -1,0 +1,363 @@
+"""``okd export`` and ``okd predict``: the deployable network alone, and top-5 classes for image files.
+
+``okd export RUN_DIR --format state_dict|torchscript|onnx`` writes the network a method deploys (FFSD's leader
+without its decoder, ONE's branch as a plain backbone, ...), read from ``deploy.pt`` (or rebuilt from
+``last.pt``/``best.pt``), and checks the round trip: the written file, loaded back, gives the same logits on a
+fixed batch (state_dict and TorchScript to 1e-5; ONNX with onnxruntime, when installed, to 1e-4). When the
+run's ``last.pt`` is there, the network is also checked against the method's own deployed head, i.e. the
+logits the run was scored with. The network takes normalised 32x32 images; the input mean/std, the class
+names and the backbone travel with the file (state_dict: keys of the dict; TorchScript: the extra file
+``okd.json``; ONNX: metadata ``okd``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from okd.engine.checkpoint import atomic_save, load_checkpoint
+from okd.errors import CheckpointError, OKDError
+from okd.models import create_model
+from okd.report.runs import class_names, load_run_method, normalization, read_run_config, require
+
+FORMATS = ("state_dict", "torchscript", "onnx")
+SUFFIX = {"state_dict": "_state_dict.pt", "torchscript": "_torchscript.pt", "onnx": ".onnx"}
+TOLERANCE = {"state_dict": 1e-5, "torchscript": 1e-5, "onnx": 1e-4}
+DEPLOY_FORMAT = "okd-deploy-v1"
+
+
+@dataclass
+class Deployable:
+    """The deployable network of a run (eval mode, CPU) and what a user needs to feed it."""
+
+    net: nn.Module
+    model: str
+    num_classes: int
+    method: str | None = None
+    epoch: int | None = None
+    dataset: str | None = None
+    classes: list[str] = field(default_factory=list)
+    mean: list[float] = field(default_factory=list)
+    std: list[float] = field(default_factory=list)
+    source: str = ""
+    #: the method's deployed head as scored in training (when its checkpoint was at hand)
+    training_head: Callable[[Tensor], Tensor] | None = None
+
+    def metadata(self) -> dict:
+        return {
+            "model": self.model,
+            "num_classes": self.num_classes,
+            "method": self.method,
+            "epoch": self.epoch,
+            "dataset": self.dataset,
+            "classes": self.classes,
+            "mean": self.mean,
+            "std": self.std,
+            "input": "float32 N x 3 x 32 x 32, (RGB/255 - mean) / std",
+        }
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    format: str
+    max_abs_diff: float | None  # exported vs PyTorch logits; None: not checked (onnxruntime missing)
+    training_diff: float | None  # deployable vs the method's deployed head; None: no run checkpoint
+    checked_with: str
+
+
+def _finish(net: nn.Module, cfg_dict: dict | None, dataset: str | None = None, **kw) -> Deployable:
+    """A :class:`Deployable` with the preprocessing and class names of the run config (when known)."""
+    data = (cfg_dict or {}).get("data") or {}
+    dataset = data.get("dataset") or dataset
+    mean, std = normalization(data, dataset)
+    classes = class_names(dataset, data.get("root"), kw["num_classes"])
+    return Deployable(net=net.eval().cpu(), dataset=dataset, classes=classes, mean=mean, std=std, **kw)
+
+
+def _training_head(run_dir: Path, which: str, overrides) -> Callable[[Tensor], Tensor] | None:
+    try:
+        method, _, _ = load_run_method(run_dir, which, overrides)
+    except OKDError:
+        return None
+    head = getattr(method, "deploy_head", None) or next(iter(method.eval_outputs(torch.zeros(1, 3, 32, 32))))
+    return lambda x: method.eval_outputs(x)[head]
+
+
+def _from_deploy_file(path: Path, cfg: dict | None) -> Deployable:
+    ckpt = load_checkpoint(path)
+    if ckpt.get("format") != DEPLOY_FORMAT:
+        raise CheckpointError(f"{path} is not a deploy.pt (format {ckpt.get('format')!r})")
+    net = create_model(ckpt["model"], int(ckpt["num_classes"]))
+    net.load_state_dict(ckpt["state_dict"])
+    dep = _finish(
+        net,
+        cfg,
+        model=ckpt["model"],
+        num_classes=int(ckpt["num_classes"]),
+        method=ckpt.get("method"),
+        epoch=ckpt.get("epoch"),
+        dataset=ckpt.get("dataset"),
+        source=str(path),
+    )
+    dep.classes = list(ckpt.get("classes") or dep.classes)
+    dep.mean, dep.std = list(ckpt.get("mean") or dep.mean), list(ckpt.get("std") or dep.std)
+    return dep
+
+
+def load_deployable(path: str | Path, which: str = "last", overrides: list[str] = (), check: bool = True) -> Deployable:
+    """The deployable network of a run folder (``deploy.pt`` for ``last``; ``best.pt`` rebuilt), a deploy.pt or
+    exported state_dict file, or a run checkpoint file. With ``check``, keeps the method's deployed head to
+    compare with."""
+    path = Path(path)
+    if path.is_dir():
+        cfg = read_run_config(path) if (path / "config.yaml").is_file() else None
+        if which == "last" and (path / "deploy.pt").is_file():
+            dep = _from_deploy_file(path / "deploy.pt", cfg)
+        else:
+            method, c, ckpt_path = load_run_method(path, which, overrides)
+            dep = _finish(
+                method.deployable(),
+                c.to_dict(),
+                model=c.run.model.name,
+                num_classes=int(method.ctx.num_classes),
+                method=c.method_name,
+                epoch=load_checkpoint(ckpt_path).get("epoch"),
+                source=str(ckpt_path),
+            )
+        if check and (path / f"{which}.pt").is_file():
+            dep.training_head = _training_head(path, which, overrides)
+        return dep
+    if not path.is_file():
+        raise CheckpointError(f"{str(path)!r} does not exist; give a run folder, a deploy.pt or an exported file")
+    ckpt = load_checkpoint(path)
+    cfg = read_run_config(path.parent) if (path.parent / "config.yaml").is_file() else None
+    if ckpt.get("format") == DEPLOY_FORMAT:
+        return _from_deploy_file(path, cfg)
+    if "config" in ckpt and "method" in ckpt:
+        method, c, _ = load_run_method(path, overrides=overrides)
+        dep = _finish(
+            method.deployable(),
+            c.to_dict(),
+            model=c.run.model.name,
+            num_classes=int(method.ctx.num_classes),
+            method=c.method_name,
+            epoch=ckpt.get("epoch"),
+            source=str(path),
+        )
+        if check:
+            head = method.deploy_head
+            dep.training_head = (lambda x: method.eval_outputs(x)[head]) if head else None
+        return dep
+    raise CheckpointError(f"{path} is neither a deploy.pt nor an okd run checkpoint")
+
+
+def sample_inputs(n: int = 8, seed: int = 0) -> Tensor:
+    """A fixed batch of normalised-scale inputs for the round-trip checks."""
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def _max_diff(a, b) -> float:
+    return float(np.max(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64))))
+
+
+def _close(a, b, tol: float) -> bool:
+    return bool(np.allclose(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64), rtol=tol, atol=tol))
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence the ONNX exporter's warnings and progress logs."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        try:
+            with contextlib.redirect_stdout(None):
+                yield
+        finally:
+            for lg, level in zip(loggers, levels, strict=True):
+                lg.setLevel(level)
+
+
+def _export_onnx(net: nn.Module, x: Tensor, out: Path, meta: dict) -> None:
+    require("onnx", "onnx")
+    kwargs = {"input_names": ["images"], "output_names": ["logits"]}
+    try:
+        import onnxscript  # noqa: F401  (the torch.export-based exporter, the default since torch 2.9)
+
+        dynamo = True
+    except ImportError:
+        dynamo = False
+    with _quiet():
+        if dynamo:
+            batch = torch.export.Dim("batch", min=1)
+            torch.onnx.export(net, (x,), str(out), dynamo=True, dynamic_shapes=({0: batch},), **kwargs)
+        else:
+            axes = {"images": {0: "batch"}, "logits": {0: "batch"}}
+            torch.onnx.export(net, (x,), str(out), dynamo=False, dynamic_axes=axes, **kwargs)
+    import onnx
+
+    model = onnx.load(str(out))
+    model.metadata_props.add(key="okd", value=json.dumps(meta))
+    onnx.save(model, str(out))
+
+
+def onnx_logits(path: str | Path, x: Tensor) -> np.ndarray | None:
+    """Logits of an ONNX file under onnxruntime, or None when onnxruntime is not installed."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return session.run(None, {name: x.numpy()})[0]
+
+
+def export(
+    path: str | Path, fmt: str, out: str | Path | None = None, which: str = "last", overrides: list[str] = ()
+) -> ExportResult:
+    """Write the deployable network of ``path`` as ``fmt`` and check the round trip (raises on a mismatch)."""
+    if fmt not in FORMATS:
+        raise OKDError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+    dep = load_deployable(path, which, overrides)
+    path = Path(path)
+    if out is None:
+        folder = path if path.is_dir() else path.parent
+        out = folder / "export" / f"{dep.model}{SUFFIX[fmt]}"
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    x = sample_inputs()
+    with torch.no_grad():
+        ref = dep.net(x)
+        training_diff = None
+        if dep.training_head is not None:
+            head = dep.training_head(x)
+            training_diff = _max_diff(head, ref)
+            if not _close(head, ref, 1e-5):
+                raise CheckpointError(
+                    f"the deployable network of {path} disagrees with the method's deployed head "
+                    f"(max |diff| {training_diff:.3g}); deploy.pt and the checkpoint do not match"
+                )
+    meta = dep.metadata()
+    checked = "PyTorch"
+    if fmt == "state_dict":
+        state = {k: v.detach().cpu() for k, v in dep.net.state_dict().items()}
+        atomic_save({"format": DEPLOY_FORMAT, **meta, "state_dict": state}, out)
+        with torch.no_grad():
+            got = _from_deploy_file(out, None).net(x)
+    elif fmt == "torchscript":
+        try:
+            scripted = torch.jit.script(dep.net)
+        except Exception:  # a network TorchScript cannot compile: trace it (fixed control flow)
+            scripted = torch.jit.trace(dep.net, x)
+        torch.jit.save(scripted, str(out), _extra_files={"okd.json": json.dumps(meta)})
+        with torch.no_grad():
+            got = torch.jit.load(str(out), map_location="cpu")(x)
+    else:
+        _export_onnx(dep.net, x, out, meta)
+        got = onnx_logits(out, x)
+        checked = "onnxruntime"
+        if got is None:
+            import onnx
+
+            onnx.checker.check_model(str(out))
+            return ExportResult(out, fmt, None, training_diff, "onnx.checker only (onnxruntime not installed)")
+    diff = _max_diff(got, ref)
+    if not _close(got, ref, TOLERANCE[fmt]):
+        raise OKDError(f"{out}: the exported network's logits differ from PyTorch's by up to {diff:.3g}")
+    return ExportResult(out, fmt, diff, training_diff, checked)
+
+
+# ------------------------------------------------------------------------------------------------- predict
+@dataclass
+class Predictor:
+    """A loaded model: ``logits(x)`` on normalised N x 3 x 32 x 32 inputs, and its preprocessing."""
+
+    logits: Callable[[Tensor], np.ndarray]
+    classes: list[str]
+    mean: list[float]
+    std: list[float]
+    size: int = 32
+
+
+def load_predictor(path: str | Path) -> Predictor:
+    """A run folder, a deploy.pt / exported state_dict, an exported TorchScript file or an ONNX file."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".onnx":
+        ort = require("onnxruntime", "onnx")
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        meta = json.loads(session.get_modelmeta().custom_metadata_map.get("okd", "{}"))
+        name = session.get_inputs()[0].name
+        return _predictor(lambda x: session.run(None, {name: x.numpy()})[0], meta)
+    if path.is_file():
+        extra = {"okd.json": ""}
+        try:
+            module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+        except Exception:  # not TorchScript: a torch.save file
+            module = None
+        if module is not None:
+            meta = json.loads(extra["okd.json"] or "{}")
+            module.eval()
+            return _predictor(lambda x: module(x).detach().numpy(), meta)
+    dep = load_deployable(path, check=False)
+    return _predictor(lambda x: dep.net(x).detach().numpy(), dep.metadata())
+
+
+def _predictor(fn: Callable[[Tensor], np.ndarray], meta: dict) -> Predictor:
+    def logits(x: Tensor) -> np.ndarray:
+        with torch.no_grad():
+            return np.asarray(fn(x))
+
+    classes = list(meta.get("classes") or [])
+    mean, std = normalization(meta, meta.get("dataset"))
+    return Predictor(logits=logits, classes=classes, mean=mean, std=std)
+
+
+def load_images(paths: list[str | Path], size: int = 32) -> Tensor:
+    """Image files as uint8-scale float N x 3 x size x size (RGB, resized with bicubic filtering)."""
+    image_mod = require("PIL.Image", "images")
+    batch = []
+    for p in paths:
+        try:
+            with image_mod.open(p) as im:
+                im = im.convert("RGB")
+                if im.size != (size, size):
+                    im = im.resize((size, size), image_mod.Resampling.BICUBIC)
+                batch.append(np.asarray(im, dtype=np.float32).transpose(2, 0, 1))
+        except (OSError, image_mod.UnidentifiedImageError) as exc:
+            raise OKDError(f"cannot read image {str(p)!r}: {exc}") from None
+    return torch.from_numpy(np.stack(batch))
+
+
+def predict(model: str | Path, images: list[str | Path], top: int = 5) -> list[list[tuple[str, float]]]:
+    """Top-``top`` (class name, probability) for each image file."""
+    pred = load_predictor(model)
+    x = load_images(images, pred.size) / 255.0
+    x = (x - torch.tensor(pred.mean).view(1, 3, 1, 1)) / torch.tensor(pred.std).view(1, 3, 1, 1)
+    logits = torch.from_numpy(pred.logits(x.float())).double()
+    probs = torch.softmax(logits, dim=1)
+    classes = pred.classes if len(pred.classes) == probs.shape[1] else _defaults(probs.shape[1])
+    k = min(top, probs.shape[1])
+    values, indices = probs.topk(k, dim=1)
+    return [
+        [(classes[i], float(v)) for v, i in zip(vs, ix, strict=True)]
+        for vs, ix in zip(values, indices.tolist(), strict=True)
+    ]
+
+
+def _defaults(num_classes: int) -> list[str]:
+    from okd.report.runs import default_class_names
+
+    return default_class_names(num_classes)

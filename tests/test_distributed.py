@@ -1,0 +1,118 @@
+"""torchrun + DistributedDataParallel on the CPU (gloo): runs, resume, and gradient equivalence."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from okd.config import load_config
+from okd.data import build_loaders
+from okd.engine.builder import build_method, build_optimization
+from okd.engine.checkpoint import load_checkpoint
+from okd.engine.run_log import read_metrics_csv
+from okd.engine.seeding import seed_everything
+from okd.methods import METHODS
+
+METHOD_CONFIGS = {
+    "baseline": "configs/cifar10/baseline_resnet20.yaml",
+    "ffsd": "configs/cifar10/ffsd_resnet20.yaml",
+    "dml": "configs/cifar100/dml_resnet32.yaml",
+}
+
+
+def overrides(root: Path, out: Path, name: str, epochs: int, steps: int, extra: tuple[str, ...] = ()) -> list[str]:
+    return [
+        f"data.root={root}",
+        "data.dataset=cifar10",
+        "data.download=false",
+        "data.limit_train=128",
+        "data.limit_test=90",
+        "data.batch_size=16",
+        "data.test_batch_size=40",
+        "model.name=resnet20",
+        f"train.epochs={epochs}",
+        f"train.max_steps_per_epoch={steps}",
+        "train.deterministic=true",
+        "train.progress=log",
+        f"output_dir={out}",
+        f"name={name}",
+        "seed=5",
+        *extra,
+    ]
+
+
+def torchrun(config: str, args: list[str], nproc: int = 2, resume: Path | None = None) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone"]
+    cmd += ["-m", "okd", "train"]
+    cmd += ["--resume", str(resume), *args] if resume else [config, *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def available(names):
+    return [n for n in names if n in METHODS]
+
+
+@pytest.mark.parametrize("method", available(["baseline", "ffsd", "dml"]))
+def test_one_ddp_step_equals_the_mean_of_per_shard_gradients(method, cifar10_root, tmp_path):
+    """A 2-process step equals a single-process step on the same global batch whose gradient is the mean of
+    the two shards' gradients (BatchNorm statistics are per process on the CPU, as without SyncBatchNorm)."""
+    config = METHOD_CONFIGS[method]
+    args = overrides(cifar10_root, tmp_path, "ddp", epochs=1, steps=1)
+    torchrun(config, args)
+    ddp_state = load_checkpoint(tmp_path / "ddp" / "last.pt")
+    assert ddp_state["world_size"] == 2
+
+    cfg = load_config(config, args)
+    torch.use_deterministic_algorithms(True)
+    seed_everything(cfg.run.seed)
+    train_loader, _, num_classes, _ = build_loaders(cfg.run.data, cfg.run.seed, "cpu")
+    ref = build_method(cfg, num_classes)
+    plan = build_optimization(ref, cfg)
+    train_loader.set_epoch(0)
+    images, labels = next(iter(train_loader))
+    for opt in plan.optimizers:
+        opt.zero_grad(set_to_none=True)
+    for shard in (slice(0, None, 2), slice(1, None, 2)):
+        losses = ref.training_step(images[shard], labels[shard], 0)
+        (sum(v for k, v in losses.items() if not k.startswith("stat/")) / 2).backward()
+    for opt in plan.optimizers:
+        opt.step()
+    params = dict(ref.named_parameters())
+    for name, value in ddp_state["method"].items():
+        if name in params:
+            torch.testing.assert_close(value, params[name].detach(), rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("method", available(["ffsd", "dml"]))
+def test_ddp_run_writes_one_folder_and_resumes_exactly(method, cifar10_root, tmp_path):
+    config = METHOD_CONFIGS[method]
+    torchrun(config, overrides(cifar10_root, tmp_path, "full", epochs=2, steps=2))
+    torchrun(config, overrides(cifar10_root, tmp_path, "split", epochs=1, steps=2))
+    torchrun(config, ["train.epochs=2"], resume=tmp_path / "split")
+    full, split = tmp_path / "full", tmp_path / "split"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full", "split"]
+    a, b = load_checkpoint(full / "last.pt"), load_checkpoint(split / "last.pt")
+    for key, value in a["method"].items():
+        assert torch.equal(value, b["method"][key]), key
+    rows = read_metrics_csv(full / "metrics.csv")
+    strip = [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
+    assert strip == [{k: v for k, v in r.items() if not k.startswith("time/")} for r in read_metrics_csv(
+        split / "metrics.csv")]
+    # every test image scored exactly once: 90 images, accuracies are multiples of 100/90
+    for key, value in rows[-1].items():
+        if key.startswith("test/") and key.endswith("top1"):
+            assert abs(value * 90 / 100 - round(value * 90 / 100)) < 1e-6, key
+
+
+def test_resume_with_another_process_count_is_refused(cifar10_root, tmp_path):
+    from okd.cli import main
+
+    torchrun(METHOD_CONFIGS["baseline"], overrides(cifar10_root, tmp_path, "two", epochs=1, steps=1))
+    assert main(["train", "--resume", str(tmp_path / "two"), "train.epochs=2"]) == 2

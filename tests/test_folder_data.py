@@ -1,0 +1,312 @@
+"""ImageNet-style folders: layout parsing, transforms, determinism, sharding and error reporting."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from okd.config import DataConfig
+from okd.data import build_loaders
+from okd.data.folder import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    FolderDataset,
+    FolderLoader,
+    ResizeCenterCropTransform,
+    ShardSampler,
+    TinyTrainTransform,
+    _rrc_params,
+    balanced_prefix,
+    build_folder_loaders,
+    scan_imagenet,
+    scan_tinyimagenet,
+)
+from okd.errors import ConfigError, DataError
+
+pytest.importorskip("PIL")
+import folder_fixtures  # noqa: E402
+from folder_fixtures import IMAGENET_CLASSES, write_tinyimagenet_folder  # noqa: E402
+from PIL import Image  # noqa: E402
+
+imagenet_folder = folder_fixtures.imagenet_folder  # the shared fixture
+
+
+def cfg(root: Path, dataset: str = "imagenet", **kw) -> DataConfig:
+    base = {"batch_size": 4, "test_batch_size": 4, "workers": 0, "pin_memory": False}
+    base.update(kw)
+    return DataConfig(dataset=dataset, root=str(root), **base)
+
+
+def collect(loader) -> tuple[torch.Tensor, torch.Tensor]:
+    xs, ys = [], []
+    for x, y in loader:
+        xs.append(x)
+        ys.append(y)
+    return torch.cat(xs), torch.cat(ys)
+
+
+def copy_of(root: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "copy"
+    shutil.copytree(root, dst)
+    return dst
+
+
+# ---------------------------------------------------------------------------------------------- ImageNet
+def test_scan_imagenet_layout(imagenet_folder):
+    train, val = scan_imagenet(imagenet_folder)
+    assert train.classes == list(IMAGENET_CLASSES) == val.classes
+    assert len(train) == 12 and len(val) == 6
+    assert np.bincount(train.labels).tolist() == [4, 4, 4]
+    assert all(Path(train.path(i)).parent.name == IMAGENET_CLASSES[train.labels[i]] for i in range(12))
+
+
+def test_imagenet_loaders_shapes_labels_and_test_transform(imagenet_folder):
+    train, test, k, names = build_loaders(cfg(imagenet_folder), seed=0, device="cpu")
+    assert (k, names) == (3, list(IMAGENET_CLASSES))
+    assert len(train) == 3 and len(test) == 2 and train.num_samples == 12 and test.num_samples == 6
+    train.set_epoch(0)
+    x, y = next(iter(train))
+    assert x.shape == (4, 3, 224, 224) and x.dtype == torch.float32 and y.dtype == torch.int64
+    xt, yt = collect(test)
+    assert xt.shape == (6, 3, 224, 224) and yt.tolist() == [0, 0, 1, 1, 2, 2]  # in order, each once
+    # test transform = Resize(256) shorter side -> CenterCrop(224) -> normalise, computed independently
+    _, val = scan_imagenet(imagenet_folder)
+    img = Image.open(val.path(0)).convert("RGB")  # 50 x 40 (w x h)
+    ref = np.asarray(img.resize((320, 256), Image.BILINEAR), dtype=np.float32)[16:240, 48:272]
+    mean, std = np.array(IMAGENET_MEAN), np.array(IMAGENET_STD)
+    ref = torch.from_numpy(((ref / 255.0 - mean) / std).transpose(2, 0, 1)).float()
+    torch.testing.assert_close(xt[0], ref, atol=1e-5, rtol=0)
+
+
+def test_channels_last_and_views(imagenet_folder):
+    train, _, _, _ = build_loaders(cfg(imagenet_folder), seed=0, device="cpu", views=2)
+    train.channels_last = True
+    xs, y = next(iter(train))
+    assert isinstance(xs, list) and len(xs) == 2 and xs[0].shape == (4, 3, 224, 224)
+    assert xs[0].is_contiguous(memory_format=torch.channels_last)
+    assert not torch.equal(xs[0], xs[1])  # independent draws of the same images
+
+
+def _epoch_batches(root: Path, workers: int, seed: int, epochs=(0, 1)) -> list[list[torch.Tensor]]:
+    train, _, _, _ = build_loaders(cfg(root, workers=workers), seed=seed, device="cpu")
+    out = []
+    for e in epochs:
+        train.set_epoch(e)
+        out.append([t for x, y in train for t in (x, y)])
+    return out
+
+
+def test_determinism_across_worker_counts(imagenet_folder):
+    single = _epoch_batches(imagenet_folder, 0, seed=3)
+    multi = _epoch_batches(imagenet_folder, 2, seed=3)
+    for a, b in zip(single, multi, strict=True):
+        assert len(a) == len(b) and all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
+    assert not torch.equal(single[0][0], single[1][0])  # another epoch, other order and crops
+    other_seed = _epoch_batches(imagenet_folder, 0, seed=4, epochs=(0,))
+    assert not torch.equal(single[0][0], other_seed[0][0])
+
+
+def test_pass_advances_epoch_like_device_loader(imagenet_folder):
+    a, _, _, _ = build_loaders(cfg(imagenet_folder), seed=0, device="cpu")
+    b, _, _, _ = build_loaders(cfg(imagenet_folder), seed=0, device="cpu")
+    collect(a)  # pass 0, then pass 1
+    b.set_epoch(1)
+    assert torch.equal(collect(a)[0], collect(b)[0])
+
+
+def test_random_resized_crop_params_in_bounds():
+    rng = np.random.default_rng(0)
+    for w, h in [(50, 40), (500, 375), (3, 400), (400, 3)]:
+        for _ in range(50):
+            top, left, ch, cw = _rrc_params(w, h, rng)
+            assert 0 <= top and 0 <= left and 0 < ch and 0 < cw and top + ch <= h and left + cw <= w
+
+
+def test_limits_are_class_balanced(imagenet_folder):
+    assert balanced_prefix(np.array([0, 0, 0, 1, 1, 2]), 4).tolist() == [0, 1, 3, 5]
+    train, test, _, _ = build_loaders(cfg(imagenet_folder, limit_train=5, limit_test=3), seed=0, device="cpu")
+    assert train.num_samples == 5 and sorted(collect(train)[1].tolist()) == [0, 0, 1, 1, 2]
+    assert collect(test)[1].tolist() == [0, 1, 2]
+
+
+# ------------------------------------------------------------------------------------------ TinyImageNet
+def test_tinyimagenet_layout_parsing(tmp_path):
+    wnids = ("n02124075", "n01443537", "n04067472")
+    top = write_tinyimagenet_folder(tmp_path, wnids=wnids)
+    for root in (tmp_path, top):  # the folder itself or its parent
+        train, val = scan_tinyimagenet(root)
+        assert train.classes == sorted(wnids) and val.classes == sorted(wnids)
+        assert len(train) == 9 and np.bincount(train.labels).tolist() == [3, 3, 3]
+        assert all(Path(train.path(i)).parent.parent.name == train.classes[train.labels[i]] for i in range(9))
+    # val labels follow val_annotations.txt, files stay in val/images
+    lines = (top / "val" / "val_annotations.txt").read_text().splitlines()
+    expected = {f: sorted(wnids).index(w) for f, w, *_ in (ln.split("\t") for ln in lines)}
+    got = {Path(val.path(i)).name: int(val.labels[i]) for i in range(len(val))}
+    assert got == expected and all(Path(val.path(i)).parent == top / "val" / "images" for i in range(len(val)))
+
+
+def test_tinyimagenet_loaders(tmp_path):
+    write_tinyimagenet_folder(tmp_path)
+    train, test, k, names = build_loaders(
+        cfg(tmp_path, "tinyimagenet", padding_mode="zeros", batch_size=3, test_batch_size=6), seed=0, device="cpu"
+    )
+    assert k == 3 and names == sorted(names)
+    x, _ = next(iter(train))
+    assert x.shape == (3, 3, 64, 64)
+    xt, yt = collect(test)
+    assert xt.shape == (6, 3, 64, 64) and sorted(yt.tolist()) == [0, 0, 1, 1, 2, 2]
+    # test transform is the identity on 64x64 images (normalisation only)
+    _, val = scan_tinyimagenet(tmp_path)
+    raw = torch.from_numpy(np.asarray(Image.open(val.path(0)).convert("RGB"), dtype=np.float32).transpose(2, 0, 1))
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    torch.testing.assert_close(xt[0], (raw / 255 - mean) / std, atol=1e-5, rtol=0)
+
+
+def test_tiny_train_transform_is_a_padded_shifted_crop():
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    src = np.asarray(img)
+    padded = np.pad(src, ((4, 4), (4, 4), (0, 0)))
+    t = TinyTrainTransform(64, pad=4, padding_mode="zeros", flip=True)
+    for i in range(20):
+        out = t(img, np.random.default_rng(i))
+        assert out.shape == (64, 64, 3)
+        windows = [padded[a : a + 64, b : b + 64] for a in range(9) for b in range(9)]
+        assert any(np.array_equal(out, w) or np.array_equal(out, w[:, ::-1]) for w in windows)
+    assert np.array_equal(TinyTrainTransform(64, pad=0, flip=False)(img, np.random.default_rng(0)), src)
+    assert np.array_equal(ResizeCenterCropTransform(64, 64)(img), src)
+
+
+# -------------------------------------------------------------------------------------------- sharding
+@pytest.mark.parametrize("n", [0, 1, 5, 6, 7])
+def test_shard_sampler_covers_each_index_once(n):
+    for world in (1, 2, 3):
+        idx = [i for r in range(world) for i in ShardSampler(n, r, world)]
+        assert sorted(idx) == list(range(n))
+        assert sum(len(ShardSampler(n, r, world)) for r in range(world)) == n
+
+
+def _signatures(x: torch.Tensor, y: torch.Tensor) -> list[tuple]:
+    return sorted((int(label), round(float(img.double().sum()), 3)) for img, label in zip(x, y, strict=True))
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_sharded_evaluation_is_exact(imagenet_folder, world):
+    """Every validation image is evaluated exactly once across ranks (no padding, no drop)."""
+    _, ref_test, _, _ = build_folder_loaders(cfg(imagenet_folder, test_batch_size=3), 0, "cpu", rank=0, world_size=1)
+    ref = _signatures(*collect(ref_test))
+    parts, total = [], 0
+    for rank in range(world):
+        _, test, _, _ = build_folder_loaders(
+            cfg(imagenet_folder, batch_size=6, test_batch_size=3), 0, "cpu", rank=rank, world_size=world
+        )
+        x, y = collect(test)
+        total += len(y)
+        assert len(y) == test.num_samples and test.dataset_size == 6
+        parts += _signatures(x, y)
+    assert total == 6 and sorted(parts) == ref
+
+
+def test_sharded_training_batches_union_to_the_single_process_batch(imagenet_folder):
+    single, _, _, _ = build_folder_loaders(cfg(imagenet_folder, batch_size=4), 7, "cpu", rank=0, world_size=1)
+    ranks = [
+        build_folder_loaders(cfg(imagenet_folder, batch_size=4), 7, "cpu", rank=r, world_size=2)[0] for r in range(2)
+    ]
+    assert [len(r) for r in ranks] == [3, 3] and (ranks[0].batch_size, ranks[0].rank_batch_size) == (4, 2)
+    for loader in (single, *ranks):
+        loader.set_epoch(2)
+    for full, part0, part1 in zip(single, *ranks, strict=True):
+        assert _signatures(*full) == sorted(_signatures(*part0) + _signatures(*part1))
+
+
+def test_shard_after_build_as_the_trainer_does(imagenet_folder):
+    """``loader.shard(rank, world)`` on a loader built for one process equals building it for that rank."""
+    train, test, _, _ = build_folder_loaders(cfg(imagenet_folder, test_batch_size=5), 0, "cpu")
+    assert (train.rank, train.world_size, len(train), len(test)) == (0, 1, 3, 2)
+    train.shard(1, 2)
+    test.shard(1, 2)
+    train.shard(1, 2)  # idempotent
+    built, built_test, _, _ = build_folder_loaders(
+        cfg(imagenet_folder, test_batch_size=5), 0, "cpu", rank=1, world_size=2
+    )
+    assert (len(train), train.num_samples, test.rank_batch_size, len(test)) == (3, 6, 3, 1)
+    for a, b in ((train, built), (test, built_test)):
+        xa, ya = collect(a)
+        xb, yb = collect(b)
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    with pytest.raises(ConfigError, match="divisible by the 3 processes"):
+        train.shard(0, 3)
+    with pytest.raises(ConfigError, match="divisible by the 3 processes"):
+        build_folder_loaders(cfg(imagenet_folder, batch_size=4), 0, "cpu", rank=0, world_size=3)
+
+
+def test_drop_last_with_too_few_images(imagenet_folder):
+    with pytest.raises(DataError, match="fewer than one batch"):
+        build_loaders(cfg(imagenet_folder, batch_size=16, drop_last=True), seed=0, device="cpu")
+
+
+# ------------------------------------------------------------------------------------------------ errors
+def test_missing_and_malformed_folders(tmp_path, imagenet_folder):
+    with pytest.raises(DataError, match="must hold train/ and val/"):
+        build_loaders(cfg(tmp_path / "nowhere"), seed=0, device="cpu")
+    root = copy_of(imagenet_folder, tmp_path)
+    (root / "train" / "n99999999").mkdir()
+    with pytest.raises(DataError, match=r"1 of 4 class folders .* hold no image.*n99999999"):
+        scan_imagenet(root)
+    (root / "train" / "n99999999").rmdir()
+    shutil.rmtree(root / "val" / IMAGENET_CLASSES[2])
+    with pytest.raises(DataError, match=r"2 class folders, but train/ has 3 classes; missing: \[n01484850\]"):
+        scan_imagenet(root)
+    flat = tmp_path / "flat"
+    shutil.copytree(imagenet_folder / "train", flat / "train")
+    (flat / "val").mkdir()
+    shutil.copy(next((imagenet_folder / "val").rglob("*.JPEG")), flat / "val" / "ILSVRC2012_val_00000001.JPEG")
+    with pytest.raises(DataError, match="no class folders.*1 loose images"):
+        scan_imagenet(flat)
+
+
+def test_tinyimagenet_errors(tmp_path):
+    with pytest.raises(DataError, match="not a TinyImageNet-200 folder"):
+        scan_tinyimagenet(tmp_path)
+    top = write_tinyimagenet_folder(tmp_path)
+    ann = top / "val" / "val_annotations.txt"
+    good = ann.read_text()
+    ann.write_text(good + "val_99.JPEG\tn00000000\t0\t0\t1\t1\n")
+    with pytest.raises(DataError, match=r"val_annotations.txt:7: class 'n00000000' is not in wnids.txt"):
+        scan_tinyimagenet(tmp_path)
+    ann.write_text(good + "garbage\n")
+    with pytest.raises(DataError, match=r":7: expected"):
+        scan_tinyimagenet(tmp_path)
+    ann.write_text(good)
+    (top / "wnids.txt").write_text((top / "wnids.txt").read_text() + "n11111111\n")
+    with pytest.raises(DataError, match=r"but wnids.txt has 4 classes; missing: \[n11111111\]"):
+        scan_tinyimagenet(tmp_path)
+
+
+def test_unreadable_image_fails_with_its_path_or_is_skipped(tmp_path, imagenet_folder, caplog):
+    root = copy_of(imagenet_folder, tmp_path)
+    bad = root / "train" / IMAGENET_CLASSES[1] / "zz_broken.JPEG"
+    bad.write_bytes(b"this is not a jpeg")
+    train, _, _, _ = build_loaders(cfg(root), seed=0, device="cpu")
+    with pytest.raises(DataError, match=r"cannot read image .*zz_broken\.JPEG.*data\.skip_unreadable=true"):
+        collect(train)
+    for workers in (0, 2):
+        train, _, _, _ = build_loaders(cfg(root, skip_unreadable=True, workers=workers), seed=0, device="cpu")
+        with caplog.at_level(logging.WARNING, logger="okd"):
+            x, y = collect(train)
+        assert len(y) == 12 and train.skipped == 1 and x.shape[0] == 12
+        assert "skipped 1 unreadable image" in caplog.text and "zz_broken.JPEG" in caplog.text
+        caplog.clear()
+
+
+def test_folder_loader_needs_rank_and_world_together(imagenet_folder):
+    train, _ = scan_imagenet(imagenet_folder)
+    ds = FolderDataset(train, ResizeCenterCropTransform(8, 8), train=False)
+    with pytest.raises(ValueError, match="rank and world_size"):
+        FolderLoader(ds, 2, rank=0)
+    loader = FolderLoader(ds, 5)  # no process group: rank 0 of 1
+    assert (loader.rank, loader.world_size, len(loader)) == (0, 1, 3)

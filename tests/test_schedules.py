@@ -1,0 +1,128 @@
+"""Learning-rate schedules: exact values at chosen (epoch, step) points, stepping modes and exact resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from okd.config import OptimConfig
+from okd.engine.schedules import IterationLR, build_scheduler, ffsd_code_lr
+from okd.errors import ConfigError
+
+
+def optimizer(lr: float = 0.1, groups: int = 1) -> torch.optim.Optimizer:
+    params = [{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": lr * (i + 1)} for i in range(groups)]
+    return torch.optim.SGD(params, lr=lr, momentum=0.9)
+
+
+def lr_trace(sched, opt, steps: int) -> list[float]:
+    """The lr each optimizer step used, stepping the scheduler after every optimizer step."""
+    out = []
+    for _ in range(steps):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+def code_reference(base: float, epoch: int, step: int, n: int) -> float:
+    """``adjust_lr`` of SJLeo/FFSD DistributeImageNetTrainer.py, transcribed line by line."""
+    factor = epoch // 30
+    if epoch >= 80:
+        factor = factor + 1
+    lr = base * (0.1**factor)
+    if epoch < 5:
+        lr = lr * float(1 + step + epoch * n) / (5.0 * n)
+    return lr
+
+
+def test_ffsd_code_schedule_exact_values():
+    n = 7
+    opt = optimizer(0.1)
+    sched, per_step = build_scheduler(opt, OptimConfig(schedule="ffsd_imagenet_code"), n)
+    assert per_step and isinstance(sched, IterationLR)
+    trace = lr_trace(sched, opt, 89 * n)
+    at = {(e, s): trace[(e - 1) * n + s] for e in range(1, 90) for s in range(n)}  # e 1-based as the code
+    for (e, s), lr in at.items():
+        assert lr == code_reference(0.1, e, s, n)  # bitwise
+    assert at[1, 0] == pytest.approx(0.1 * 8 / 35)  # (1 + 0 + 7) / 35: warm-up starts near 0.2 * base
+    assert at[4, 6] == pytest.approx(0.1) and at[5, 0] == 0.1  # warm-up ends with epoch 4
+    assert at[29, 6] == 0.1 and at[30, 0] == pytest.approx(0.01)  # decays at the start of epoch 30
+    assert at[59, 6] == pytest.approx(0.01) and at[60, 0] == pytest.approx(0.001)
+    assert at[79, 6] == pytest.approx(0.001) and at[80, 0] == pytest.approx(0.0001) == at[89, 6]
+    assert ffsd_code_lr(0.8, 2, 3, 10) == 0.8 * 24 / 50
+
+
+def test_code_schedule_len_epoch_and_every_group():
+    # the official loader kept a partial last batch: N = len(dataset) // batch, one step more per epoch
+    opt = optimizer(0.1, groups=2)
+    sched, _ = build_scheduler(opt, OptimConfig(schedule="ffsd_imagenet_code"), 5, len_epoch=4)
+    lrs = []
+    for _ in range(10):
+        lrs.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        sched.step()
+    assert lrs[4][0] == code_reference(0.1, 1, 4, 4) and lrs[5][0] == code_reference(0.1, 2, 0, 4)
+    assert lrs[7][1] == code_reference(0.2, 2, 2, 4)  # each group scales its own base lr
+
+
+def test_paper_schedule_exact_values():
+    n = 4
+    cfg = OptimConfig(lr=0.8, schedule="ffsd_imagenet_paper", warmup_epochs=5, milestones=[30, 60], gamma=0.1)
+    opt = optimizer(0.8)
+    sched, per_step = build_scheduler(opt, cfg, n)
+    assert per_step
+    trace = lr_trace(sched, opt, 90 * n)
+    at = {(e, s): trace[e * n + s] for e in range(90) for s in range(n)}  # e 0-based, as milestones
+    assert at[0, 0] == pytest.approx(0.8 / 20) and at[2, 1] == pytest.approx(0.8 * 10 / 20)
+    assert at[4, 3] == pytest.approx(0.8) and at[5, 0] == pytest.approx(0.8)  # linear to base over 5 epochs
+    assert at[29, 3] == pytest.approx(0.8) and at[30, 0] == pytest.approx(0.08)
+    assert at[59, 3] == pytest.approx(0.08) and at[60, 0] == pytest.approx(0.008) == at[89, 3]
+    no_warmup, _ = build_scheduler(optimizer(0.8), OptimConfig(lr=0.8, schedule="ffsd_imagenet_paper"), n)
+    assert no_warmup.get_last_lr() == [0.8]
+
+
+def test_multistep_is_per_epoch():
+    opt = optimizer(0.1)
+    sched, per_step = build_scheduler(opt, OptimConfig(milestones=[2, 4], gamma=0.1), 100)
+    assert not per_step and isinstance(sched, torch.optim.lr_scheduler.MultiStepLR)
+    assert lr_trace(sched, opt, 5) == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001])
+    # a per-iteration config can keep per-epoch MultiStepLR for some groups (FFSD's Adam SD modules)
+    _, per_step = build_scheduler(optimizer(), OptimConfig(schedule="ffsd_imagenet_code"), 10, schedule="multistep")
+    assert not per_step
+
+
+@pytest.mark.parametrize("kind", ["ffsd_imagenet_code", "ffsd_imagenet_paper"])
+def test_resume_is_exact(kind):
+    cfg = OptimConfig(schedule=kind, warmup_epochs=3, milestones=[4, 6])
+    n, total, cut = 6, 60, 23
+    opt = optimizer(0.1)
+    sched, _ = build_scheduler(opt, cfg, n)
+    full = lr_trace(sched, opt, total)
+
+    opt = optimizer(0.1)
+    sched, _ = build_scheduler(opt, cfg, n)
+    head = lr_trace(sched, opt, cut)
+    state = {"opt": opt.state_dict(), "sched": sched.state_dict()}
+    restored = torch.load(_roundtrip(state), weights_only=True)  # numbers only: loads with weights_only
+    opt2 = optimizer(0.1)
+    sched2, _ = build_scheduler(opt2, cfg, n)
+    opt2.load_state_dict(restored["opt"])
+    sched2.load_state_dict(restored["sched"])
+    assert head + lr_trace(sched2, opt2, total - cut) == full
+
+
+def _roundtrip(obj):
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return buf
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        build_scheduler(optimizer(), OptimConfig(schedule="ffsd_imagenet_code"), 0)
+    with pytest.raises(ConfigError, match="optim.schedule='cosine'"):
+        build_scheduler(optimizer(), OptimConfig(), 10, schedule="cosine")
