@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import ctypes
 import dataclasses
 import datetime
 import gc
@@ -76,7 +77,7 @@ def hardware_line(device: torch.device) -> str:
                 flags = set(value.split())
     extras = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
     isa = torch.backends.cpu.get_cpu_capability() + "".join(f"+{f}" for f in extras)
-    return f"{model} ({os.cpu_count()} cpus, {torch.get_num_threads()} threads, {isa})"
+    return f"{model} ({os.cpu_count()} cpus, torch threads={torch.get_num_threads()}, {isa})"
 
 
 def git_commit() -> str:
@@ -102,7 +103,8 @@ def _sync(device: torch.device) -> None:
 
 class _PeakMemory:
     """Peak memory of one path: ``max_memory_allocated`` on a GPU; on the CPU the growth of the process's
-    peak RSS over its RSS at ``start`` (``/proc/self/clear_refs`` resets the peak; else ``ru_maxrss``)."""
+    peak RSS over its RSS at ``start`` (after ``malloc_trim``; ``/proc/self/clear_refs`` resets the peak; else
+    ``ru_maxrss``). GPU figures are exact; CPU figures are approximate (allocator caching)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -117,12 +119,19 @@ class _PeakMemory:
                     return int(line.split()[1])
         return None
 
+    @staticmethod
+    def _release_free_heap() -> None:
+        """Give freed heap pages back to the OS (glibc), so memory freed earlier is not reused unseen."""
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+
     def start(self) -> None:
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.device)
             return
+        self._release_free_heap()
         try:
             Path("/proc/self/clear_refs").write_text("5")
         except OSError:
@@ -151,11 +160,14 @@ class MacCount:
     no_grad: int
 
 
-def count_step_macs(method: nn.Module, images: Tensor | list[Tensor], labels: Tensor, epoch: int = 0) -> MacCount:
+def count_step_macs(
+    method: nn.Module, images: Tensor | list[Tensor], labels: Tensor, epoch: int = 0, backward: bool = False
+) -> MacCount:
     """MACs per image of Conv2d / ConvTranspose2d / Linear over one real ``training_step`` forward.
 
     Counted as ``okd.models.complexity`` defines them, with hooks on every such module of the method (all
-    networks and auxiliary modules). The step runs on ``method`` itself (its BN running statistics move).
+    networks and auxiliary modules). The step runs on ``method`` itself (its BN running statistics move); with
+    ``backward`` the summed loss is backpropagated too (initialises the backward kernels, no optimizer step).
     """
     from okd.models.complexity import _layer_macs
 
@@ -172,10 +184,12 @@ def count_step_macs(method: nn.Module, images: Tensor | list[Tensor], labels: Te
     handles = [m.register_forward_hook(hook) for m in method.modules() if isinstance(m, kinds)]
     try:
         method.train()
-        method.training_step(images, labels, epoch)
+        losses = method.training_step(images, labels, epoch)
     finally:
         for h in handles:
             h.remove()
+    if backward:
+        sum(v for k, v in losses.items() if not k.startswith("stat/")).backward()
     n = labels.shape[0]
     return MacCount(total // n, no_grad // n)
 
@@ -397,9 +411,16 @@ class _LivePath:
     peak_mem_mb: float = 0.0
     windows: list[tuple[float, int]] = field(default_factory=list)
     syncs: int | None = None
-    keep: list = field(default_factory=list)  # objects that must live as long as the path
+    backends: dict[str, bool] = field(default_factory=dict)  # CUDA backend flags set before each of its runs
+
+    def _set_backends(self, device: torch.device) -> None:
+        if device.type == "cuda" and self.backends:
+            torch.backends.cuda.matmul.allow_tf32 = self.backends["matmul_tf32"]
+            torch.backends.cudnn.allow_tf32 = self.backends["cudnn_tf32"]
+            torch.backends.cudnn.benchmark = self.backends["cudnn_benchmark"]
 
     def warm_up(self, steps: int, device: torch.device) -> None:
+        self._set_backends(device)
         for _ in range(steps):
             x, y = next(self.batches)
             self.step(x, y)
@@ -407,6 +428,7 @@ class _LivePath:
 
     def timed_window(self, steps: int, device: torch.device) -> None:
         """``steps`` steps, data loading included: CUDA events on a GPU, wall clock on the CPU."""
+        self._set_backends(device)
         images = 0
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -493,7 +515,10 @@ def _start_okd(cfg: Config, split: Split, device: torch.device, warmup: int) -> 
         sums["loss"] = sums.get("loss", 0.0) + total.detach() * n
 
     desc = "DeviceLoader, StepRunner (1 backward of the summed loss dict, every optimizer stepped)"
-    live = _LivePath("okd", _cycle_device(loader), step, t.precision, t.channels_last, t.compile, desc)
+    autotune = t.cudnn_benchmark and not t.deterministic
+    backends = {"matmul_tf32": t.tf32, "cudnn_tf32": t.tf32, "cudnn_benchmark": autotune}
+    live = _LivePath("okd", _cycle_device(loader), step, t.precision, t.channels_last, t.compile, desc,
+                     backends=backends)  # fmt: skip
     live.warm_up(warmup, device)
     live.peak_mem_mb = mem.peak_mb()
     return live
@@ -517,7 +542,9 @@ def _start_reference(cfg: Config, split: Split, device: torch.device, warmup: in
     def step(x, y) -> None:
         ref.step(x, y, 0)
 
-    live = _LivePath("reference", _cycle_reference(loader, device), step, "fp32", False, False, "")
+    # PyTorch's defaults (TF32 convolutions, fp32 matmuls) plus cudnn autotuning, as reference scripts set it
+    backends = {"matmul_tf32": False, "cudnn_tf32": True, "cudnn_benchmark": True}
+    live = _LivePath("reference", _cycle_reference(loader, device), step, "fp32", False, False, "", backends=backends)
     live.warm_up(max(warmup, 1), device)  # at least one step: it decides the per-component plan
     live.peak_mem_mb = mem.peak_mb()
     live.description = f"DataLoader(workers={workers}, per-sample torch transforms), fp32 eager, {ref.description}"
@@ -542,7 +569,7 @@ def cohort_macs(cfg: Config, split: Split, device: torch.device) -> MacCount:
     loader = okd_loader(split, dataclasses.replace(cfg, run=_fp32_run(cfg)), device, METHODS.get(cfg.method_name).views)
     x, y = next(iter(loader))
     method = build_method(cfg, _num_classes(cfg)).to(device)
-    macs = count_step_macs(method, x, y)
+    macs = count_step_macs(method, x, y, backward=True)  # the backward: one-time setup is not charged to a path
     del method, loader, x, y
     return macs
 
@@ -557,10 +584,11 @@ def _num_classes(cfg: Config) -> int:
 
 def default_workers(device: torch.device) -> int:
     """Reference DataLoader workers: the reference repos' 8 on a GPU machine (capped by the cores); on the CPU,
-    where workers compete with the training threads for the same cores, the measured-fastest 0."""
+    the cores the training threads leave free (workers on busy cores slow the step more than they help)."""
+    cores = os.cpu_count() or 1
     if device.type == "cuda":
-        return min(8, os.cpu_count() or 1)
-    return 0
+        return min(8, cores)
+    return max(0, min(8, cores - torch.get_num_threads()))
 
 
 def window_plan(steps: int, windows: int, paths: int) -> list[tuple[int, int]]:
@@ -762,7 +790,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise OKDError("okd bench needs a config file first, e.g. okd bench configs/cifar100/ffsd_resnet32.yaml")
     config_path, overrides = args.items[0], args.items[1:]
     cfg = load_config(config_path, overrides)
-    command = "okd bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 2 else None
+    command = command_line(args)
     report = bench(
         cfg, config_name=config_path, steps=args.steps, warmup=args.warmup, windows=args.windows,
         reference=args.reference, workers=args.workers, synthetic=args.synthetic, check_syncs=args.check_syncs,
@@ -772,6 +800,29 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.csv:
         print(f"appended {len(report.rows)} row(s) to {args.csv}")
     return 0
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The ``okd bench`` command that reproduces ``args`` (defaults spelled out)."""
+    parts = ["okd", "bench", *args.items, "--steps", str(args.steps), "--warmup", str(args.warmup),
+             "--windows", str(args.windows), "--reference" if args.reference else "--no-reference"]  # fmt: skip
+    for flag, value in (("--workers", args.workers), ("--threads", args.threads)):
+        if value is not None:
+            parts += [flag, str(value)]
+    parts += ["--synthetic"] * args.synthetic + ["--check-syncs"] * args.check_syncs + ["--csv", args.csv]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m okd.bench CONFIG [key=value ...] [options]`` (the same as ``okd bench``)."""
+    parser = argparse.ArgumentParser(prog="python -m okd.bench")
+    register_cli(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return args.func(args)
+    except OKDError as exc:
+        print(f"okd bench: error: {exc}", file=sys.stderr)
+        return 2
 
 
 def register_cli(subparsers) -> None:
@@ -788,9 +839,14 @@ def register_cli(subparsers) -> None:
     p.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,
                    help="also time the reference path (default on)")  # fmt: skip
     p.add_argument("--workers", type=int, default=None,
-                   help="reference DataLoader workers (default: 0 on the CPU, min(8, cores) on a GPU)")  # fmt: skip
+                   help="reference DataLoader workers (default: min(8, cores) on a GPU; on the CPU the cores "
+                        "left free by the torch threads)")  # fmt: skip
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--synthetic", action="store_true", help="synthetic uint8 data even if the dataset is present")
     p.add_argument("--check-syncs", action="store_true", help="GPU: count synchronising calls in one okd step")
     p.add_argument("--csv", default="results/bench.csv", help="append rows here ('' to skip)")
     p.set_defaults(func=cmd_bench)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

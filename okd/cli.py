@@ -18,6 +18,9 @@ Typical use:
   okd train --resume runs/<name>                                continue a stopped run exactly
   okd test runs/<name>                                          top-1/top-5 of every head on the test split
   okd models | okd methods                                      what can be trained
+  okd bench configs/cifar100/ffsd_resnet32.yaml                 speed, side by side with the reference recipe
+  okd sweep CONFIG --seeds 1 2 3 ; okd report runs/...          seeds, mean ± std next to published numbers
+  okd plot RUN | okd attention RUN | okd export RUN --format onnx | okd predict MODEL IMAGE...
 
 Config values are overridden with key=value (sections: data, model, method, optim, train; top level:
 name, output_dir, seed). An unknown key fails at once and lists the valid ones.
@@ -108,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("methods", help="list the registered methods")
     p.set_defaults(func=cmd_methods)
+
+    from okd import bench
+    from okd.report import commands as report_commands
+
+    bench.register_cli(sub)
+    report_commands.register_cli(sub)
     return parser
 
 

@@ -33,6 +33,7 @@ class DataConfig:
     drop_last: bool = False
     limit_train: int | None = None  # first N training images (quick runs and tests)
     limit_test: int | None = None
+    holdout: int = 0  # last N training images withheld from training, un-augmented (KDCL "general")
     workers: int = 8  # DataLoader workers (ImageNet-style folders only; CIFAR lives on the device)
     pin_memory: bool = True
     skip_unreadable: bool = False  # folders: skip (and report) unreadable images instead of failing
@@ -73,6 +74,7 @@ class TrainConfig:
     sync_bn: bool = False  # distributed: SyncBatchNorm (CUDA only)
     find_unused_parameters: bool = False  # distributed: for ablations that leave modules unused
     allow_world_size_change: bool = False  # distributed: permit resuming with another process count
+    tensorboard: bool = False  # also log every metric to <run>/tensorboard (the tensorboard extra)
 
 
 @dataclass
@@ -165,6 +167,8 @@ def _validate(run: RunConfig) -> None:
             raise ConfigError(f"data.{key} must be positive or null, got {v}")
     if run.train.max_steps_per_epoch is not None and run.train.max_steps_per_epoch <= 0:
         raise ConfigError("train.max_steps_per_epoch must be positive or null")
+    if run.data.holdout < 0:
+        raise ConfigError(f"data.holdout must be >= 0, got {run.data.holdout}")
     if run.data.pad < 0:
         raise ConfigError(f"data.pad must be >= 0, got {run.data.pad}")
     for key in ("mean", "std"):

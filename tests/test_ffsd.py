@@ -77,7 +77,7 @@ def keys_for(m: int = 2, sd: str = "both", fusion: bool = True, diversity: bool 
 def test_mutual_learning_kl_by_hand():
     # T = 2. Student 0 logits [0, 0] -> p = [1/2, 1/2]. Peer 1 logits [2 ln 3, 0] -> q = softmax([ln 3, 0]) =
     # [3/4, 1/4]; KL(q || p) = 3/4 ln(3/2) + 1/4 ln(1/2). Peer 2 equals student 0 -> KL 0.
-    # M = 3: (1/(M-1)) Σ_peers T² KL = 4 (3/4 ln 1.5 - 1/4 ln 2) / 2 = 0.1623...
+    # = 0.3041 - 0.1733 = 0.1308. M = 3: (1/(M-1)) Σ_peers T² KL = 4 · 0.1308 / 2 = 0.2616.
     z = [torch.zeros(1, 2), torch.tensor([[2 * math.log(3), 0.0]]), torch.zeros(1, 2)]
     z[0].requires_grad_(True)
     hand = 4 * (0.75 * math.log(1.5) - 0.25 * math.log(2)) / 2

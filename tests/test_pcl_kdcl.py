@@ -322,6 +322,9 @@ def test_kdcl_losses_match_the_equation():
         target, weights = kdcl_target(logits, y, hp)
         if rule == "naive":
             assert torch.allclose(target, sum(logits) / 3) and weights is None
+            hp.naive_target = "sum"  # the re-implementation's code
+            assert torch.allclose(kdcl_target(logits, y, hp)[0], sum(logits))
+            hp.naive_target = "mean"
         if rule == "linear":
             assert torch.allclose(target, sum(w * z for w, z in zip(weights.float(), logits, strict=True)), atol=1e-5)
         losses = kdcl_losses(logits, target, y, hp)
@@ -531,3 +534,31 @@ GOLDEN_KDCL_STEP = {
     "stat/weight0": 0.58705,
     "stat/weight1": 0.41295,
 }
+
+
+def test_kdcl_general_rule_fits_weights_on_the_holdout_split(cifar10_root, tmp_path):
+    from okd.config import load_config
+    from okd.engine.checkpoint import load_checkpoint
+    from okd.engine.trainer import train
+    from okd.errors import ConfigError
+
+    base = [
+        f"data.root={cifar10_root}",
+        "data.download=false",
+        "data.limit_train=160",
+        "data.limit_test=50",
+        "data.batch_size=32",
+        "train.epochs=1",
+        "train.max_steps_per_epoch=2",
+        "model.name=resnet20",
+        "method.models=[resnet20,resnet20]",
+        "method.ensemble=general",
+        f"output_dir={tmp_path}",
+        "train.progress=none",
+    ]
+    with pytest.raises(ConfigError, match="data.holdout"):
+        train(load_config("configs/cifar10/kdcl_resnet32_wrn16_2.yaml", [*base, "name=nohold"]))
+    run = train(load_config("configs/cifar10/kdcl_resnet32_wrn16_2.yaml", [*base, "name=hold", "data.holdout=64"]))
+    weights = load_checkpoint(run / "last.pt")["method"]["general_weights"]
+    assert weights.sum().item() == pytest.approx(1.0)
+    assert not torch.allclose(weights, torch.full_like(weights, 0.5))

@@ -13,6 +13,7 @@ from contextlib import redirect_stdout
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from okd.errors import OKDError
@@ -23,6 +24,15 @@ from okd.report.tables import build_report, to_csv, to_markdown
 SPEC = Path(__file__).resolve().parent.parent.parent / "shared" / "spec" / "reported-results.md"
 CONFIG = "configs/cifar10/baseline_resnet20.yaml"
 REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a small shared CPU box, 2 OpenMP threads made these tiny runs ~50x slower."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 
 
 def quick(root: Path) -> list[str]:
@@ -58,7 +68,7 @@ def trained(tmp_path_factory, cifar10_root: Path, config: str, name: str, extra:
     out = tmp_path_factory.getbasetemp() / "okd_runs"
     if not (out / name / "deploy.pt").is_file():
         method_class(yaml.safe_load((REPO / config).read_text())["method"]["name"])  # register it
-        overrides = [*quick(cifar10_root), f"output_dir={out}", f"name={name}", "seed=1", *extra]
+        overrides = [*quick(cifar10_root), "train.epochs=1", f"output_dir={out}", f"name={name}", "seed=1", *extra]
         train(load_config(REPO / config, overrides))
     return out / name
 
@@ -257,6 +267,34 @@ def test_attention_maps_and_similarity_math():
     flat = a.flatten(1)
     expected = torch.nn.functional.cosine_similarity(flat, (-a + 2).flatten(1)).mean().item()
     assert cos[0, 2] == pytest.approx(expected)
+
+
+def test_tap_networks_are_named_like_heads():
+    from torch import nn
+
+    from okd.models import create_model
+    from okd.report.runs import tap_networks
+
+    class Cohort(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.students = nn.ModuleList(create_model("resnet20", 10) for _ in range(2))
+            self.fusion = nn.Sequential(nn.Conv2d(128, 64, 1))
+            self.leader = create_model("resnet20", 10)
+
+        def deployable(self):
+            return self.leader
+
+    class NoTaps(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Linear(2, 2)
+
+        def deployable(self):
+            return create_model("resnet20", 10)
+
+    assert list(tap_networks(Cohort())) == ["student0", "student1", "leader"]
+    assert list(tap_networks(NoTaps())) == ["deployed"]
 
 
 def test_missing_matplotlib_names_the_extra(seed_runs, monkeypatch):

@@ -7,6 +7,7 @@ padding_mode=...)`` + ``RandomHorizontalFlip()`` + ``Normalize``; crop and flip 
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterator, Sequence
 
@@ -162,3 +163,14 @@ class DeviceLoader:
                 continue
             xs = [self.normalize(self.augment(xb, offsets[v, mine], flips[v, mine])) for v in self._views]
             yield (xs[0] if self.views == 1 else xs), yb
+
+
+def split_holdout(loader: DeviceLoader, n: int) -> tuple[DeviceLoader, DeviceLoader]:
+    """Withhold the last ``n`` images of a training loader as an un-augmented, unshuffled held-out loader."""
+    if not 0 < n < len(loader.labels):
+        raise ValueError(f"holdout of {n} images needs 0 < n < {len(loader.labels)} training images")
+    train, held = copy.copy(loader), copy.copy(loader)
+    train.images, train.labels = loader.images[:-n], loader.labels[:-n]
+    held.images, held.labels = loader.images[-n:], loader.labels[-n:]
+    held.train, held.shuffle, held.views, held._views, held.drop_last = False, False, 1, range(1), False
+    return train, held

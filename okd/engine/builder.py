@@ -29,6 +29,7 @@ def build_method(cfg: Config, num_classes: int) -> Method:
         optim=cfg.run.optim,
         params=cfg.method_params,
         epochs=cfg.run.train.epochs,
+        extra={"holdout": cfg.run.data.holdout},
     )
     return cls(ctx)
 

@@ -42,4 +42,5 @@ def score_checkpoint(path: str | Path, which: str = "last", overrides: list[str]
     method = build_method(cfg, num_classes).to(device)
     load_state_checked(method, ckpt["method"], str(ckpt_path))
     metrics = evaluate(method, test_loader)
+    metrics.update(method.derived_metrics(metrics))
     return metrics, {"path": str(ckpt_path), "epoch": ckpt.get("epoch"), "note": ckpt.get("note")}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 import time
@@ -12,6 +13,7 @@ from torch import Tensor
 
 from okd.config import Config, build_config
 from okd.data import build_loaders
+from okd.data.device_loader import split_holdout
 from okd.engine.builder import build_method, build_optimization, resolve_device
 from okd.engine.checkpoint import atomic_save, atomic_write_text, load_checkpoint, load_state_checked
 from okd.engine.distributed import (
@@ -28,6 +30,7 @@ from okd.engine.evaluate import evaluate
 from okd.engine.run_log import epoch_line, log, setup_logging, write_metrics_csv
 from okd.engine.seeding import restore_rng_state, rng_state, seed_everything, set_deterministic
 from okd.engine.step import StepRunner, autocast, configure_backends, prepare_method
+from okd.engine.tensorboard import TensorBoardLogger
 from okd.errors import CheckpointError, ConfigError
 
 CHECKPOINT_FORMAT = "okd-run-v1"
@@ -139,7 +142,12 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: DistContext) -> Path:
     device = rank_device(dist, resolve_device(r.train.device))
     check_global_batch(r.data.batch_size, dist)
     train_loader, test_loader, num_classes, _ = build_loaders(r.data, r.seed, device, views=_method_views(cfg))
-    for loader in (train_loader, test_loader):
+    holdout_loader = None
+    if r.data.holdout:
+        train_loader, holdout_loader = split_holdout(train_loader, r.data.holdout)
+    for loader in (train_loader, test_loader, holdout_loader):
+        if loader is None:
+            continue
         loader.channels_last = r.train.channels_last
         if dist.enabled:
             loader.shard(dist.rank, dist.world_size)
@@ -171,13 +179,18 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: DistContext) -> Path:
         return run_dir
 
     deploy_head = method.deploy_head
-    with _GracefulStop():
+    board = TensorBoardLogger(run_dir) if r.train.tensorboard and dist.is_main else None
+    with _GracefulStop(), board or contextlib.nullcontext():
         try:
             for epoch in range(start_epoch, r.train.epochs):
+                if holdout_loader is not None:
+                    with torch.no_grad(), autocast(r.train, device):
+                        method.fit_on_holdout(holdout_loader)
                 row = _train_epoch(runner, train_loader, epoch, r.train, dist)
                 plan.end_of_epoch()
                 with autocast(r.train, device):
                     metrics = evaluate(method, test_loader, dist=dist)
+                metrics.update(method.derived_metrics(metrics))
                 deploy_head = deploy_head or next(iter(metrics)).split("/")[0]
                 row.update({f"test/{k}": v for k, v in metrics.items()})
                 row.update(plan.learning_rates())
@@ -191,6 +204,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: DistContext) -> Path:
                     write_metrics_csv(history, run_dir / "metrics.csv")
                     _save_run(run_dir, cfg, runner, plan, epoch + 1, history, best, improved, rngs)
                     _report_epoch(row, r.train.progress)
+                    if board is not None:
+                        board.log_row(row, epoch + 1)
                 barrier(dist)
         except KeyboardInterrupt:
             done = history[-1]["epoch"] if history else start_epoch
@@ -217,7 +232,7 @@ def _log_start(cfg: Config, run_dir: Path, dist: DistContext, plan, device: torc
 def _method_views(cfg: Config) -> int:
     from okd.methods import METHODS
 
-    return METHODS.get(cfg.method_name).views
+    return METHODS.get(cfg.method_name).views_for(cfg.method_params)
 
 
 def _interactive(progress: str) -> bool:

@@ -1,6 +1,19 @@
 """Registered methods. Importing this package fills ``METHODS``."""
 
-from okd.methods import baseline  # noqa: F401
+from okd.methods import (  # noqa: F401  (each import registers its methods)
+    baseline,
+    cl_ilr,
+    dml,
+    ffl,
+    ffsd,
+    individual,
+    kd,
+    kdcl,
+    leader_sl,
+    okddip,
+    one,
+    pcl,
+)
 from okd.methods.base import METHODS, Method, MethodContext, ParamGroup, register_method
 
 __all__ = ["METHODS", "Method", "MethodContext", "ParamGroup", "register_method"]

@@ -106,6 +106,19 @@ class Method(nn.Module):
     def after_optimizer_step(self) -> None:
         """Called after every optimizer step (e.g. to update an EMA copy)."""
 
+    def fit_on_holdout(self, batches) -> None:
+        """Called before every training epoch with un-augmented held-out training batches when
+        ``data.holdout > 0`` (e.g. KDCL's "general" ensembling weights)."""
+
+    def derived_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Extra metrics computed from an evaluation's ``{'<head>/top1': ...}`` (e.g. a best-of-heads figure)."""
+        return {}
+
+    @classmethod
+    def views_for(cls, params) -> int:
+        """Augmented views per training image for these parameters (default: the class's ``views``)."""
+        return cls.views
+
 
 METHODS: Registry[type[Method]] = Registry("method")
 

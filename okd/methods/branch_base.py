@@ -68,6 +68,16 @@ def ensemble_heads(logits: list[Tensor], prefix: str = "") -> dict[str, Tensor]:
     return {f"{prefix}mean_logits": logit_mean(logits), f"{prefix}ensemble": softmax_ensemble(logits)}
 
 
+def average_accuracy(metrics: dict[str, float], heads: list[str], name: str) -> dict[str, float]:
+    """``<name>/top1|top5``: the mean of these heads' accuracies (the repos' "average"; not an ensemble)."""
+    out = {}
+    for k in ("top1", "top5"):
+        values = [metrics[f"{h}/{k}"] for h in heads if f"{h}/{k}" in metrics]
+        if values and len(values) == len(heads):
+            out[f"{name}/{k}"] = sum(values) / len(values)
+    return out
+
+
 def scalar(value: float, like: Tensor) -> Tensor:
     """A logged constant (``stat/...``) on the device of ``like``."""
     return torch.tensor(float(value), device=like.device)
@@ -108,6 +118,10 @@ class BranchMethod(Method):
 
     def oracle_groups(self) -> dict[str, list[str]]:
         return {"oracle_any_branch": [self.branch_name(i) for i in range(self.net.num_branches)]}
+
+    def derived_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        """``branch_avg``: the mean accuracy of the branches (the OKDDip repo's checkpoint criterion)."""
+        return average_accuracy(metrics, [self.branch_name(i) for i in range(self.net.num_branches)], "branch_avg")
 
     def deployable(self) -> nn.Module:
         """The trunk plus the deployed branch, as the plain backbone (``deploy.pt`` loads into ``create_model``)."""

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from okd.errors import ConfigError
 from okd.methods.base import Method, MethodContext, ParamGroup, register_method, sgd_group
-from okd.methods.branch_base import check_choice, check_distillation, check_int, ensemble_heads
+from okd.methods.branch_base import average_accuracy, check_choice, check_distillation, check_int, ensemble_heads
 from okd.models import create_model
 from okd.nn.losses import cross_entropy, kl_div_t, logit_mean
 
@@ -98,6 +98,10 @@ class DML(Method):
 
     def oracle_groups(self) -> dict[str, list[str]]:
         return {"oracle_any_net": [f"net{i}" for i in range(len(self.nets))]}
+
+    def derived_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        """``net_avg``: the mean accuracy of the nets (FFSD's "2-net average"; the OKDDip repo's criterion)."""
+        return average_accuracy(metrics, [f"net{i}" for i in range(len(self.nets))], "net_avg")
 
     def deployable(self) -> nn.Module:
         return self.nets[self.hp.deploy_net]

@@ -84,7 +84,8 @@ def load_teacher(model: str, num_classes: int, checkpoint: str) -> nn.Module:
     if not path.is_file():
         raise CheckpointError(
             f"teacher checkpoint {str(path)!r} (method.teacher_checkpoint) does not exist; train the teacher "
-            f"first (okd train with model.name={model}; its run folder holds deploy.pt) or point to a state_dict"
+            f"first (an `okd train` run of model.name={model} writes runs/<name>/deploy.pt) or set "
+            "method.teacher_checkpoint=PATH to a deploy.pt or state_dict file"
         )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)

@@ -9,7 +9,8 @@ ensembling rule and every student learns from it, detached:
 (the shaoeric re-implementation's form and defaults; the paper's lambda and T are unverified). Rules
 (the paper's four; their exact formulas are unverified, so each choice below is documented here):
 
-- ``naive``: z_t = mean_i z_i (the re-implementation).
+- ``naive``: z_t = mean_i z_i (the paper's rule as the spec states it). The re-implementation's code actually
+  sums the logits (``naive_target=sum``: a sharper target, m times the mean).
 - ``linear``: z_t = sum_i w_i z_i with w on the probability simplex (w >= 0, sum w = 1) minimising
   CE(sum_i w_i z_i, y) on the batch (T = 1). The simplex keeps the problem bounded (unconstrained weights
   can drive the CE to 0 by scaling). Solver (:func:`fit_linear_weights`): the problem is convex; float64,
@@ -23,11 +24,13 @@ ensembling rule and every student learns from it, detached:
   (recalled from the paper): w = C^-1 1 / (1^T C^-1 1), C_ij = E[(p_i - e_y) . (p_j - e_y)] over a held-out
   split of the training data (p = softmax at T = 1, students in eval mode, ``general_ridge`` x tr(C)/m added
   to the diagonal); weights may be negative. :meth:`KDCL.fit_on_holdout` estimates them into a buffer; the
-  trainer does not yet provide a held-out split or call that hook, so ``general`` is rejected until it does.
+  trainer calls it before every epoch on the ``data.holdout`` images withheld from training (required).
 
 Optimisation: one SGD group per student (the configs set the re-implementation's lr 0.05, momentum 0.9,
 wd 5e-4, no Nesterov, batch 64, 240 epochs, x0.1 at 150/180/210). The re-implementation steps the networks
-one after another from one forward; with detached targets one backward of the summed loss is the same.
+one after another from one forward; with detached targets one backward of the summed loss is the same. (Its
+code also zeroes the gradients only once per epoch, so they accumulate over the epoch's steps; that quirk is
+not reproduced: the trainer zeroes them every step.)
 Heads: ``student<i>``, ``mean_logits`` and ``ensemble`` (the naive teacher; the other rules need labels or a
 held-out fit). ``deploy.pt`` holds student ``deploy_student`` (default: the first whose architecture is
 ``model.name``, which is what ``deploy.pt`` records).
@@ -60,6 +63,8 @@ class KDCLParams:
     num_students: int | None = None
     #: naive | linear | min_logit | general
     ensemble: str = "naive"
+    #: the naive teacher: mean of the logits (the paper) | sum (what the re-implementation's code computes)
+    naive_target: str = "mean"
     temperature: float = 4.0
     #: L_i = (1 - alpha) CE + alpha T^2 KL
     alpha: float = 0.5
@@ -90,12 +95,7 @@ class KDCLParams:
             if name not in known:
                 raise ConfigError(f"method.models: unknown model {name!r}; choose from {', '.join(sorted(known))}")
         check_choice("ensemble", self.ensemble, RULES)
-        if self.ensemble == "general" and not hasattr(Method, "fit_on_holdout"):
-            raise ConfigError(
-                "method.ensemble=general needs a held-out split of the training data, which this version of the "
-                "trainer does not provide (it would call Method.fit_on_holdout each epoch); use naive, linear or "
-                "min_logit"
-            )
+        check_choice("naive_target", self.naive_target, ("mean", "sum"))
         if self.temperature <= 0:
             raise ConfigError(f"method.temperature must be positive, got {self.temperature}")
         if not 0.0 <= self.alpha <= 1.0:
@@ -195,7 +195,7 @@ def kdcl_target(
     (``general``: the held-out weights)."""
     logits = [z.detach() for z in logits]
     if hp.ensemble == "naive":
-        return logit_mean(logits), None
+        return (logit_mean(logits) if hp.naive_target == "mean" else torch.stack(logits).sum(dim=0)), None
     if hp.ensemble == "min_logit":
         return min_logit_target(logits, labels), None
     if hp.ensemble == "linear":
@@ -244,6 +244,11 @@ class KDCL(Method):
         self.deploy_index = self._deploy_index(hp, ctx.model)
         self.deploy_head = f"student{self.deploy_index}"
         self.register_buffer("general_weights", torch.full((m,), 1.0 / m, dtype=torch.float64))
+        if hp.ensemble == "general" and ctx.extra.get("holdout", 0) <= 0:
+            raise ConfigError(
+                "method.ensemble=general fits its weights on held-out training images: set data.holdout=N "
+                "(e.g. data.holdout=5000) to withhold the last N training images from training"
+            )
 
     def _deploy_index(self, hp: KDCLParams, model: str) -> int:
         if hp.deploy_student is None:

@@ -128,7 +128,6 @@ class ONESLParams(SLParams, ONEParams):
 )
 class DMLSL(DML):
     Params = DMLSLParams
-    deploy_head = "leader"
 
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)

@@ -25,6 +25,7 @@ from okd.methods.base import MethodContext, register_method
 from okd.methods.branch_base import (
     BranchMethod,
     BranchParams,
+    average_accuracy,
     check_distillation,
     check_int,
     ensemble_heads,
@@ -138,3 +139,7 @@ class OKDDip(BranchMethod):
 
     def oracle_groups(self) -> dict[str, list[str]]:
         return {"oracle_any_peer": [f"peer{a}" for a in range(self.num_peers)]}
+
+    def derived_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        """``peer_avg``: the mean accuracy of the peers (the leader is reported on its own)."""
+        return average_accuracy(metrics, [f"peer{a}" for a in range(self.num_peers)], "peer_avg")

@@ -22,6 +22,9 @@ and ``ema_mean_logits``/``ema_ensemble``. ``deploy.pt`` holds the mean-teacher t
 EMA branches on the test split each epoch (optimistic): :meth:`PCL.derived_metrics` gives it as
 ``ema_best_of_<m>``, and ``deploy_best_of_branches=true`` deploys and selects on it once the trainer calls
 that hook (rejected until then).
+
+Known difference: the reproduction's DenseNet-BC branches have no final BN (dense block -> ReLU -> pool -> fc,
+``models.md`` §6); :class:`~okd.models.multibranch.MultiBranchNet` keeps it (2 x 132 more parameters per branch).
 """
 
 from __future__ import annotations
@@ -68,12 +71,6 @@ class PCLParams:
         if not 0 <= self.deploy_branch < self.num_branches:
             raise ConfigError(
                 f"method.deploy_branch={self.deploy_branch} is not a branch; choose 0..{self.num_branches - 1}"
-            )
-        if self.deploy_best_of_branches and not hasattr(Method, "derived_metrics"):
-            raise ConfigError(
-                "method.deploy_best_of_branches needs the trainer to call Method.derived_metrics after each "
-                "evaluation, which this version of okd does not; the best-of-branches accuracy can still be "
-                "read off metrics.csv (max over test/ema_branch<i>/top1)"
             )
 
 

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from okd.data.cifar import load_cifar
+from okd.data.cifar import SPECS, load_cifar
+from okd.errors import OKDError
 from okd.nn.losses import attention_map
 from okd.report.runs import class_names, load_run_method, normalization, pyplot, tap_networks
 
@@ -107,6 +108,8 @@ def draw_attention(
     method, cfg, _ = load_run_method(run_dir, which, overrides)
     networks = tap_networks(method)
     data = cfg.run.data
+    if data.dataset not in SPECS:
+        raise OKDError(f"okd attention draws CIFAR test images; {data.dataset} runs are not supported yet")
     split = load_cifar(data.root, data.dataset, train=False, download=data.download)
     mean, std = normalization({"mean": data.mean, "std": data.std}, data.dataset)
     names = list(networks)
@@ -119,7 +122,8 @@ def draw_attention(
 
     plt = pyplot()
     ncols = len(names) + 1
-    fig, axes = plt.subplots(num_images, ncols, figsize=(1.9 * ncols, 1.95 * num_images + 0.6), squeeze=False)
+    width = max(4.8, 1.9 * ncols)
+    fig, axes = plt.subplots(num_images, ncols, figsize=(width, 2.3 * num_images + 0.7), squeeze=False)
     shown = {n: _display(maps[n], picked.shape[-2:]) for n in names}
     for r in range(num_images):
         img = picked[r].transpose(1, 2, 0)
@@ -137,14 +141,14 @@ def draw_attention(
         ax.set_yticks([])
     h, w = maps[names[0]].shape[-2:]
     fig.suptitle(
-        f"{run_dir.name}: attention of the deepest tap ({h}x{w}, upsampled); title = prediction "
-        "(green right, red wrong)",
+        f"{run_dir.name}: attention of the deepest tap ({h}x{w}, upsampled)\n"
+        "titles: prediction (green right, red wrong)",
         fontsize=9,
     )
-    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
     out = Path(out) if out else run_dir / "attention.png"
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
+    fig.savefig(out, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
     # similarity over more images, in batches
@@ -186,5 +190,5 @@ def _draw_similarity(plt, result: AttentionResult, title: str) -> None:
         fig.colorbar(im, ax=ax, fraction=0.046)
     fig.suptitle(f"{title}: attention-map similarity ({result.num_images} test images)", fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 0.93))
-    fig.savefig(result.similarity_figure, dpi=120)
+    fig.savefig(result.similarity_figure, dpi=120, bbox_inches="tight")
     plt.close(fig)

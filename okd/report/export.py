@@ -7,7 +7,8 @@ fixed batch (state_dict and TorchScript to 1e-5; ONNX with onnxruntime, when ins
 run's ``last.pt`` is there, the network is also checked against the method's own deployed head, i.e. the
 logits the run was scored with. The network takes normalised 32x32 images; the input mean/std, the class
 names and the backbone travel with the file (state_dict: keys of the dict; TorchScript: the extra file
-``okd.json``; ONNX: metadata ``okd``).
+``okd.json``; ONNX: metadata ``okd``). TorchScript is deprecated in recent PyTorch (still working in 2.13);
+ONNX is the format to prefer for serving.
 """
 
 from __future__ import annotations
@@ -27,7 +28,14 @@ from torch import Tensor, nn
 from okd.engine.checkpoint import atomic_save, load_checkpoint
 from okd.errors import CheckpointError, OKDError
 from okd.models import create_model
-from okd.report.runs import class_names, load_run_method, normalization, read_run_config, require
+from okd.report.runs import (
+    class_names,
+    input_geometry,
+    load_run_method,
+    normalization,
+    read_run_config,
+    require,
+)
 
 FORMATS = ("state_dict", "torchscript", "onnx")
 SUFFIX = {"state_dict": "_state_dict.pt", "torchscript": "_torchscript.pt", "onnx": ".onnx"}
@@ -49,6 +57,8 @@ class Deployable:
     mean: list[float] = field(default_factory=list)
     std: list[float] = field(default_factory=list)
     source: str = ""
+    size: int = 32  # input height = width
+    resize: int | None = None  # shorter side before the centre crop (None: plain resize to size x size)
     #: the method's deployed head as scored in training (when its checkpoint was at hand)
     training_head: Callable[[Tensor], Tensor] | None = None
 
@@ -62,7 +72,9 @@ class Deployable:
             "classes": self.classes,
             "mean": self.mean,
             "std": self.std,
-            "input": "float32 N x 3 x 32 x 32, (RGB/255 - mean) / std",
+            "size": self.size,
+            "resize": self.resize,
+            "input": f"float32 N x 3 x {self.size} x {self.size}, (RGB/255 - mean) / std",
         }
 
 
@@ -81,15 +93,19 @@ def _finish(net: nn.Module, cfg_dict: dict | None, dataset: str | None = None, *
     dataset = data.get("dataset") or dataset
     mean, std = normalization(data, dataset)
     classes = class_names(dataset, data.get("root"), kw["num_classes"])
-    return Deployable(net=net.eval().cpu(), dataset=dataset, classes=classes, mean=mean, std=std, **kw)
+    size, resize = input_geometry(dataset)
+    return Deployable(
+        net=net.eval().cpu(), dataset=dataset, classes=classes, mean=mean, std=std, size=size, resize=resize, **kw
+    )
 
 
 def _training_head(run_dir: Path, which: str, overrides) -> Callable[[Tensor], Tensor] | None:
     try:
-        method, _, _ = load_run_method(run_dir, which, overrides)
+        method, cfg, _ = load_run_method(run_dir, which, overrides)
     except OKDError:
         return None
-    head = getattr(method, "deploy_head", None) or next(iter(method.eval_outputs(torch.zeros(1, 3, 32, 32))))
+    size = input_geometry(cfg.run.data.dataset)[0]
+    head = getattr(method, "deploy_head", None) or next(iter(method.eval_outputs(torch.zeros(1, 3, size, size))))
     return lambda x: method.eval_outputs(x)[head]
 
 
@@ -111,6 +127,7 @@ def _from_deploy_file(path: Path, cfg: dict | None) -> Deployable:
     )
     dep.classes = list(ckpt.get("classes") or dep.classes)
     dep.mean, dep.std = list(ckpt.get("mean") or dep.mean), list(ckpt.get("std") or dep.std)
+    dep.size, dep.resize = int(ckpt.get("size") or dep.size), ckpt.get("resize", dep.resize)
     return dep
 
 
@@ -161,9 +178,9 @@ def load_deployable(path: str | Path, which: str = "last", overrides: list[str] 
     raise CheckpointError(f"{path} is neither a deploy.pt nor an okd run checkpoint")
 
 
-def sample_inputs(n: int = 8, seed: int = 0) -> Tensor:
+def sample_inputs(n: int = 8, seed: int = 0, size: int = 32) -> Tensor:
     """A fixed batch of normalised-scale inputs for the round-trip checks."""
-    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
 def _max_diff(a, b) -> float:
@@ -172,6 +189,14 @@ def _max_diff(a, b) -> float:
 
 def _close(a, b, tol: float) -> bool:
     return bool(np.allclose(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64), rtol=tol, atol=tol))
+
+
+@contextlib.contextmanager
+def _no_jit_deprecation():
+    """TorchScript still works in torch 2.13 but warns on every save/load; say it once, in the docs."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*torch\.jit.*")
+        yield
 
 
 @contextlib.contextmanager
@@ -238,7 +263,7 @@ def export(
         out = folder / "export" / f"{dep.model}{SUFFIX[fmt]}"
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    x = sample_inputs()
+    x = sample_inputs(size=dep.size)
     with torch.no_grad():
         ref = dep.net(x)
         training_diff = None
@@ -258,13 +283,14 @@ def export(
         with torch.no_grad():
             got = _from_deploy_file(out, None).net(x)
     elif fmt == "torchscript":
-        try:
-            scripted = torch.jit.script(dep.net)
-        except Exception:  # a network TorchScript cannot compile: trace it (fixed control flow)
-            scripted = torch.jit.trace(dep.net, x)
-        torch.jit.save(scripted, str(out), _extra_files={"okd.json": json.dumps(meta)})
-        with torch.no_grad():
-            got = torch.jit.load(str(out), map_location="cpu")(x)
+        with _no_jit_deprecation():
+            try:
+                scripted = torch.jit.script(dep.net)
+            except Exception:  # a network TorchScript cannot compile: trace it (fixed control flow)
+                scripted = torch.jit.trace(dep.net, x)
+            torch.jit.save(scripted, str(out), _extra_files={"okd.json": json.dumps(meta)})
+            with torch.no_grad():
+                got = torch.jit.load(str(out), map_location="cpu")(x)
     else:
         _export_onnx(dep.net, x, out, meta)
         got = onnx_logits(out, x)
@@ -290,6 +316,7 @@ class Predictor:
     mean: list[float]
     std: list[float]
     size: int = 32
+    resize: int | None = None
 
 
 def load_predictor(path: str | Path) -> Predictor:
@@ -304,7 +331,8 @@ def load_predictor(path: str | Path) -> Predictor:
     if path.is_file():
         extra = {"okd.json": ""}
         try:
-            module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+            with _no_jit_deprecation():
+                module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
         except Exception:  # not TorchScript: a torch.save file
             module = None
         if module is not None:
@@ -322,18 +350,26 @@ def _predictor(fn: Callable[[Tensor], np.ndarray], meta: dict) -> Predictor:
 
     classes = list(meta.get("classes") or [])
     mean, std = normalization(meta, meta.get("dataset"))
-    return Predictor(logits=logits, classes=classes, mean=mean, std=std)
+    size, resize = input_geometry(meta.get("dataset"))
+    return Predictor(logits, classes, mean, std, int(meta.get("size") or size), meta.get("resize", resize))
 
 
-def load_images(paths: list[str | Path], size: int = 32) -> Tensor:
-    """Image files as uint8-scale float N x 3 x size x size (RGB, resized with bicubic filtering)."""
+def load_images(paths: list[str | Path], size: int = 32, resize: int | None = None) -> Tensor:
+    """Image files as uint8-scale float N x 3 x size x size, RGB: resized to size x size (bicubic), or with
+    ``resize``, shorter side to ``resize`` then the centre ``size`` x ``size`` crop (ImageNet's test recipe)."""
     image_mod = require("PIL.Image", "images")
     batch = []
     for p in paths:
         try:
             with image_mod.open(p) as im:
                 im = im.convert("RGB")
-                if im.size != (size, size):
+                if resize is not None:
+                    w, h = im.size
+                    scale = resize / min(w, h)
+                    im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), image_mod.BILINEAR)
+                    left, top = (im.size[0] - size) // 2, (im.size[1] - size) // 2
+                    im = im.crop((left, top, left + size, top + size))
+                elif im.size != (size, size):
                     im = im.resize((size, size), image_mod.Resampling.BICUBIC)
                 batch.append(np.asarray(im, dtype=np.float32).transpose(2, 0, 1))
         except (OSError, image_mod.UnidentifiedImageError) as exc:
@@ -344,7 +380,7 @@ def load_images(paths: list[str | Path], size: int = 32) -> Tensor:
 def predict(model: str | Path, images: list[str | Path], top: int = 5) -> list[list[tuple[str, float]]]:
     """Top-``top`` (class name, probability) for each image file."""
     pred = load_predictor(model)
-    x = load_images(images, pred.size) / 255.0
+    x = load_images(images, pred.size, pred.resize) / 255.0
     x = (x - torch.tensor(pred.mean).view(1, 3, 1, 1)) / torch.tensor(pred.std).view(1, 3, 1, 1)
     logits = torch.from_numpy(pred.logits(x.float())).double()
     probs = torch.softmax(logits, dim=1)

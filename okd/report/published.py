@@ -7,7 +7,8 @@ holding several numbers, e.g. the three FFSD README runs, became one row each). 
   (``value``/``std`` are strings, so trailing zeros survive; ``std`` is empty where none is printed);
 - ``kind``: ``top1`` (top-1 %), ``gain`` (percentage points) or ``cosine`` (FFSD Table IV similarity);
 - ``okd_method``, ``okd_model``: the okd method and backbone the row is about, empty where okd has none or
-  the source's network is not an okd backbone (ImageNet, TinyImageNet, CMFF's own variants, FFSD's VGG-16);
+  the source's network is not (or not known to be) an okd backbone (CMFF's TinyImageNet ResNets and its own
+  variants, FFSD's unreleased VGG-16);
 - ``okd_params``: ``key=value;...`` method parameters that select the paper's variant (``*``: any value);
 - ``head``: the okd eval head the number corresponds to: a head name, ``@deploy`` (the run's deployed head),
   or ``avg(<prefix>*)`` (the per-epoch mean top-1 of the heads ``<prefix>0``, ``<prefix>1``, ...).
@@ -51,6 +52,7 @@ VARIANT_KEYS: dict[str, tuple[str, ...]] = {
     "ffsd": ("num_students", "diversity", "self_distillation", "feature_fusion"),
     "dml": ("num_nets",),
     "dml_sl": ("num_nets",),
+    "kdcl": ("models",),  # the published KDCL rows are homogeneous cohorts
 }
 
 #: preferred source when several rows match (lower first), then the spec's order

@@ -112,7 +112,6 @@ def load_run_method(path: str | Path, which: str = "last", overrides: list[str] 
     from omegaconf import OmegaConf
 
     from okd.config import build_config, parse_overrides
-    from okd.data.cifar import get_spec
     from okd.engine.builder import build_method
     from okd.engine.checkpoint import load_checkpoint, load_state_checked
     from okd.engine.scoring import resolve_checkpoint
@@ -123,7 +122,7 @@ def load_run_method(path: str | Path, which: str = "last", overrides: list[str] 
         raise CheckpointError(f"{ckpt_path} is not a run checkpoint (no config/method state); use last.pt or best.pt")
     method_class(ckpt["config"].get("method", {}).get("name", "baseline"))
     cfg = build_config(OmegaConf.merge(OmegaConf.create(ckpt["config"]), parse_overrides(list(overrides))))
-    method = build_method(cfg, get_spec(cfg.run.data.dataset).num_classes)
+    method = build_method(cfg, num_classes_of(cfg.run.data.dataset, Path(ckpt_path).parent))
     load_state_checked(method, ckpt["method"], str(ckpt_path))
     return method.eval(), cfg, ckpt_path
 
@@ -168,17 +167,20 @@ def tap_networks(method: nn.Module) -> dict[str, nn.Module]:
         return dict(custom())
     found: dict[str, nn.Module] = {}
 
+    def add(name: str, prefix: str, net: nn.Module) -> None:
+        found[name if name not in found else f"{prefix.replace('.', '_')}{name}"] = net  # PCL: ema_branch0
+
     def visit(module: nn.Module, prefix: str) -> None:
         for name, child in module.named_children():
             if _has_taps(child):
-                found[name if name not in found else f"{prefix}{name}"] = child
+                add(name, prefix, child)
             elif callable(getattr(child, "single_branch", None)) and hasattr(child, "num_branches"):
                 head = getattr(method, "head_prefix", "branch")
                 for i in range(int(child.num_branches)):
-                    found[f"{head}{i}"] = child.single_branch(i)
+                    add(f"{head}{i}", prefix, child.single_branch(i))
             elif isinstance(child, nn.ModuleList) and len(child) and all(_has_taps(c) for c in child):
                 for i, c in enumerate(child):
-                    found[f"{_singular(name)}{i}"] = c
+                    add(f"{_singular(name)}{i}", prefix, c)
             else:
                 visit(child, f"{prefix}{name}.")
 
@@ -186,6 +188,34 @@ def tap_networks(method: nn.Module) -> dict[str, nn.Module]:
     if not found:
         found["deployed"] = method.deployable()
     return found
+
+
+# ------------------------------------------------------------------------------------------- dataset facts
+#: ImageNet-style folders (``okd.data.folder``): classes when the run folder cannot tell, input size and the
+#: shorter side images are resized to before the centre crop (ImageNet's test recipe: 256 then 224)
+FOLDER_DATASETS = {"imagenet": (1000, 224, 256), "tinyimagenet": (200, 64, 64)}
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def num_classes_of(dataset: str, run_dir: Path | None = None) -> int:
+    """Classes of ``dataset``: CIFAR's spec, else the run's deploy.pt, else the folder dataset's standard count."""
+    from okd.data.cifar import SPECS
+
+    if dataset in SPECS:
+        return SPECS[dataset].num_classes
+    deploy = run_dir / "deploy.pt" if run_dir is not None else None
+    if deploy is not None and deploy.is_file():
+        return int(torch.load(deploy, map_location="cpu", weights_only=False)["num_classes"])
+    if dataset in FOLDER_DATASETS:
+        return FOLDER_DATASETS[dataset][0]
+    raise CheckpointError(f"cannot tell how many classes dataset {dataset!r} has")
+
+
+def input_geometry(dataset: str | None) -> tuple[int, int | None]:
+    """``(size, shorter side before the centre crop)``; CIFAR: (32, None), i.e. a plain resize to 32x32."""
+    if dataset in FOLDER_DATASETS:
+        return FOLDER_DATASETS[dataset][1], FOLDER_DATASETS[dataset][2]
+    return 32, None
 
 
 # ------------------------------------------------------------------------------------------------ class names
@@ -200,8 +230,9 @@ def default_class_names(num_classes: int) -> list[str]:
 
 
 def class_names(dataset: str | None, root: str | None, num_classes: int) -> list[str]:
-    """Class names from the dataset's own files when they are at ``root``, else the CIFAR-10/100 defaults."""
-    if dataset and root:
+    """Class names from the dataset's own files when they are at ``root``, else the CIFAR-10/100 defaults
+    (folder datasets: class indices)."""
+    if dataset and root and dataset not in FOLDER_DATASETS:
         from okd.data.cifar import load_cifar
 
         try:
@@ -218,5 +249,8 @@ def normalization(cfg_data: dict | None, dataset: str | None) -> tuple[list[floa
     from okd.data.cifar import DATASET_STATS
 
     cfg_data = cfg_data or {}
-    mean, std = DATASET_STATS.get(dataset or "", DATASET_STATS["cifar100"])
+    if dataset in FOLDER_DATASETS:
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+    else:
+        mean, std = DATASET_STATS.get(dataset or "", DATASET_STATS["cifar100"])
     return list(cfg_data.get("mean") or mean), list(cfg_data.get("std") or std)
