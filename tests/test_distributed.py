@@ -103,8 +103,9 @@ def test_ddp_run_writes_one_folder_and_resumes_exactly(method, cifar10_root, tmp
         assert torch.equal(value, b["method"][key]), key
     rows = read_metrics_csv(full / "metrics.csv")
     strip = [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
-    assert strip == [{k: v for k, v in r.items() if not k.startswith("time/")} for r in read_metrics_csv(
-        split / "metrics.csv")]
+    assert strip == [
+        {k: v for k, v in r.items() if not k.startswith("time/")} for r in read_metrics_csv(split / "metrics.csv")
+    ]
     # every test image scored exactly once: 90 images, accuracies are multiples of 100/90
     for key, value in rows[-1].items():
         if key.startswith("test/") and key.endswith("top1"):
@@ -116,3 +117,54 @@ def test_resume_with_another_process_count_is_refused(cifar10_root, tmp_path):
 
     torchrun(METHOD_CONFIGS["baseline"], overrides(cifar10_root, tmp_path, "two", epochs=1, steps=1))
     assert main(["train", "--resume", str(tmp_path / "two"), "train.epochs=2"]) == 2
+
+
+def test_imagenet_ffsd_under_torchrun_writes_one_run_folder(tmp_path):
+    """The scale-out acceptance command on a tiny ImageNet-style folder of JPEGs written here."""
+    pytest.importorskip("PIL")
+    import folder_fixtures
+
+    root = folder_fixtures.write_imagenet_folder(tmp_path / "imagenet")
+    args = [
+        f"data.root={root}",
+        "data.batch_size=4",
+        "data.test_batch_size=4",
+        "data.workers=0",
+        "train.epochs=1",
+        "train.progress=log",
+        f"output_dir={tmp_path / 'runs'}",
+        "name=r18",
+    ]
+    torchrun("configs/imagenet/ffsd_resnet18.yaml", args)
+    run = tmp_path / "runs" / "r18"
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["r18"]
+    row = read_metrics_csv(run / "metrics.csv")[-1]
+    assert {"test/leader/top1", "test/leader/top5", "lr/leader", "lr/sd1"} <= set(row)
+    assert load_checkpoint(run / "last.pt")["world_size"] == 2
+
+
+def test_tinyimagenet_dml_resumes_exactly_under_two_processes(tmp_path):
+    pytest.importorskip("PIL")
+    import folder_fixtures
+
+    root = folder_fixtures.write_tinyimagenet_folder(tmp_path / "data", train_per_class=4)
+    base = [
+        f"data.root={root}",
+        "data.dataset=tinyimagenet",
+        "data.batch_size=4",
+        "data.test_batch_size=4",
+        "data.workers=0",
+        "model.name=resnet18",
+        "train.deterministic=true",
+        "train.progress=log",
+        f"output_dir={tmp_path / 'runs'}",
+        "seed=3",
+    ]
+    config = "configs/cifar100/dml_resnet32.yaml"
+    torchrun(config, [*base, "train.epochs=2", "name=full"])
+    torchrun(config, [*base, "train.epochs=1", "name=split"])
+    torchrun(config, ["train.epochs=2"], resume=tmp_path / "runs" / "split")
+    a = load_checkpoint(tmp_path / "runs" / "full" / "last.pt")
+    b = load_checkpoint(tmp_path / "runs" / "split" / "last.pt")
+    for key, value in a["method"].items():
+        assert torch.equal(value, b["method"][key]), key

@@ -104,7 +104,8 @@ def _assert_same_run(a: Path, b: Path) -> None:
 def test_kill_9_mid_epoch_then_resume_matches(reference_run, cifar10_root, tmp_path):
     cmd = [sys.executable, "-m", "okd", "train", CONFIG, *quick(cifar10_root, tmp_path, "killed")]
     run = tmp_path / "killed"
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # bitwise needs the same thread count
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:
         deadline = time.time() + 240
         while time.time() < deadline and proc.poll() is None:

@@ -1,0 +1,591 @@
+"""CMFF: self-supervised learning and cross-modal feature fusion (official code Coralmss/CMFF; ``methods.md`` §10).
+
+The released code is internally inconsistent (§10, "Inconsistencies"); this file builds the design §10 specifies
+from the README's example (``train_vgg.py`` with ``CrossVGG16``) and carries the same recipe to the CIFAR and
+ImageNet/TinyImageNet ResNets. Every choice §10 leaves open is listed under "Decisions" below.
+
+**Graph.** Two networks of the same backbone, net 1 and net 2, built as two plain registered backbones:
+
+- **Stem**, shared (``share_stem``, default true): one stem computed once and fed to both nets.
+  ``cmff_vgg16``: conv3x3(3->64)-BN-ReLU-conv3x3(64->64)-BN-ReLU-maxpool (-> 64x16x16); CIFAR ResNets:
+  conv3x3(3->16)-BN-ReLU; ImageNet ResNets: conv7x7/2-BN-ReLU-maxpool (or the CIFAR stem of ``*_cifar_stem``).
+- **Stages**, per net: ``cmff_vgg16`` has 4 stages of 3 x [conv3x3(bias)-BN-ReLU] + maxpool with 128, 256, 512,
+  512 channels (so stage 1 has 3 convs: 14 convs per net, not VGG-16's 13, ``models.md`` §0); a CIFAR ResNet
+  has its ``layer1..3``, an ImageNet ResNet its ``layer1..4``.
+- **Classifier**: ``cmff_vgg16``: flatten 512x1x1 -> Linear 512-512-K (ReLU, Dropout(``dropout``) after the
+  first two); ResNets: global average pool -> Linear(C -> K). ``shared_classifier`` (default: true for the VGG,
+  as released; false for the ResNets, as the released ``cross_resnet`` with its ``fc1``/``fc2``) makes net 2
+  use net 1's classifier.
+- **Cross-stage knowledge projections**, per net: for every stage s before a (a = ``aux_stage``, default 2),
+  P^i_{s->a} = ReLU(BN(Conv(k = stride = f_{s,a}, no bias)(h^i_s))) with f_{s,a} the spatial downscale from
+  stage s to stage a (C_s -> C_a channels); h^i_s is net i's output of stage s. The **fused knowledge** at stage a is
+  kappa^i = h^i_a + sum_{s < a} P^i_{s->a}(h^i_s). It feeds only the auxiliary heads, never the next stage.
+- **Self-supervised rotation** (training only; ``self_supervision``, default true): the batch x (B images) is
+  expanded to 4B images x~_{4b+r} = rot90(x_b, r) (r = 0..3 quarter turns counter-clockwise in the H-W plane,
+  ``torch.rot90(x, r, (2, 3))``), interleaved per sample, with joint labels y~_{4b+r} = 4 y_b + r. Both nets
+  (all stages, all BN layers) run on the 4B images; the main classifiers, the cross-attention and the fusion
+  module see only the unrotated quarter (rows 0, 4, 8, ...).
+- **Auxiliary head 1** (net 1): g_1 = MLP(flatten(kappa^1)) with widths D -> D/2 -> D/4 -> 4K (ReLU and
+  Dropout(``dropout``) between; D = C_a H_a W_a = 512*2*2 = 2048 for the VGG, so 2048-1024-512-4K as released);
+  ``rot_hidden`` overrides the hidden widths.
+- **Auxiliary head 2** (net 2): a projection u = Linear(P -> P)(ReLU(Linear(D -> P)(flatten(kappa^2)))) with
+  P = ``proj_dim`` (default D: 2048-2048-2048 for the VGG, as released).
+- **Cross-attention** (``okd.nn.cross_attention.CrossAttentionFusion``) between the two nets' final features
+  f_i (the classifier inputs: 512-d for the VGG, the pooled C-d vector for the ResNets), 4 heads, both
+  directions, pre-LayerNorm, residuals with learnable scalars (init 1), GELU MLP (x``attn_mlp_ratio`` = 2),
+  dropout 0.1 -> (f'_1, f'_2).
+- **Fusion module**: FFL's ``FusionModule`` (``okd.nn.fusion``; depthwise 3x3 -> BN -> ReLU -> 1x1 2C -> C -> BN
+  -> ReLU -> GAP -> Linear(C -> K)) on concat(f'_1, f'_2) as 2C x 1 x 1 maps -> z_f. Its input is **not**
+  detached (``detach_fusion_input`` = false), so CE(z_f) and the KL terms into z_f train both nets and the stem.
+
+**Loss** (0-based epoch e; KL_T(t -> s) of ``methods.md`` §0 with T = ``temperature`` = 3, the target
+**detached** and 1e-7 (``target_eps``) added to it, as the released ``KLLoss``):
+
+    L = CE(z_1, y) + CE(z_2, y) + CE(z_f, y)
+        + kl_weight * w(e; 80) * [ KL_T(z_2 -> z_1) + KL_T(z_1 -> z_2) + KL_T(z_f -> z_1)
+                                   + KL_T(z_f -> z_2) + KL_T(z_1 -> z_f) + KL_T(z_2 -> z_f) ]
+        + rot_weight * CE(g_1, y~) + sim_weight * L_sim,           rot_weight = 1, sim_weight = 5,
+
+    L_sim = (1 / 3B) sum_b sum_{r=1..3} -log softmax_j( cos(u_{4b+r}, u_{4j}) / tau )_{j = b},   tau = 1,
+
+i.e. every rotated view (r = 1, 2, 3) is a query, the B unrotated views are the candidates, and the target is
+the query's own source image; the unrotated views are not queries (as released). tau = ``sim_temperature``
+(the release has none, i.e. 1). w(e; L) = exp(-5 (1 - clip(e, 0, L)/L)^2), L = ``rampup_length`` = 80.
+Loss-dict keys: ``net1/ce``, ``net2/ce``, ``fusion/ce``, ``net1/kl_net2`` (= w KL_T(z_2 -> z_1)),
+``net1/kl_fusion``, ``net2/kl_net1``, ``net2/kl_fusion``, ``fusion/kl_net1``, ``fusion/kl_net2``,
+``net1/rot_ce`` (weighted), ``net2/sim_ce`` (weighted); ``stat/kl_weight``.
+
+**Gradient paths** (by construction; tested): CE_rot reaches head 1, net 1's stages up to a, its projections
+and the stem, nothing of net 2; L_sim the same for net 2 and head 2; CE(z_f) reaches the fusion module, the
+cross-attention, every stage of both nets and the stem (not the classifiers); a KL term reaches only its
+student's path.
+
+**Optimisation.** Group ``net`` (everything but the fusion module: stem, nets, projections, auxiliary heads,
+cross-attention; it sits inside the released model): SGD Nesterov with the run's lr, momentum and weight decay
+(the configs: 0.1, 0.9, 2e-4). Group ``fusion``: SGD with weight decay ``fusion_weight_decay`` = 1e-5. The
+release comments out the fusion scheduler's step, so its lr stays at 0.1; ``freeze_fusion_lr`` (default true)
+asks for that by setting ``schedule = "constant"`` on the group, which the trainer's builder must honour (a
+``ParamGroup.schedule`` field; until then the builder ignores it and the fusion lr follows the run's schedule).
+
+**Heads** (evaluation, no rotation): ``net1``, ``net2``, ``fusion`` (z_f; needs both nets), ``mean_logits``
+(mean of z_1, z_2), ``ensemble`` (mean softmax of z_1, z_2); ``oracle_any_net``; derived ``net_avg`` (the
+release's "accSummary" checkpoint criterion). ``deploy.pt`` holds net ``deploy_net`` (default 1) as the plain
+registered backbone ``cfg.model.name``: for ``cmff_vgg16`` that is :class:`CMFFVGG16` (registered here: state
+keys ``stem.*``, ``stages.{0..3}.*``, ``classifier.*``), for the ResNets the stock ``resnet32``/``resnet18``...
+(keys ``conv1``, ``bn1``, ``layer*``, ``fc``), with the shared stem (and classifier) included.
+
+**Decisions** where §10 or the release is ambiguous (the knob that changes each, if any):
+
+1. The cross-attention's token layout (``attn_layout``): ``"chunks"`` (default, as released: the projected
+   512-d vector is cut into 4 chunks of 128 that act as 4 tokens of a single attention, a 4x4 map per sample) or
+   ``"single"`` (each net's feature is one token of a textbook 4-head attention, which then reduces to the
+   partner's value projection). Who queries (``attn_query_from``): ``"other"`` (default, as released: net i's
+   update uses the partner's queries over its own keys/values) or ``"own"`` (textbook: net i queries the
+   partner's keys/values).
+2. The similarity loss: rotated views are the queries and unrotated views the candidates (as released);
+   ``sim_temperature`` = 1 (released: none). Cosine similarities are computed as normalised dot products (eps
+   1e-8 on each norm) instead of the release's broadcast ``F.cosine_similarity`` over a 3B x D x B tensor: the
+   same values, without the memory.
+3. The stem runs once per step (the release runs the same shared stem twice, which updates its BN running
+   statistics twice per step; the forward values are identical).
+4. Modules the release builds but never uses are not built: the projections into stage 1 and into the last
+   stage (they only feed unused "fused knowledge"), ``net2_2_classifier``, two SE layers and two
+   Linear(1024 -> 512) inside the cross-attention, and the model's ``LN3``/``LN4``. At K = 100 the VGG build
+   therefore has 48,855,868 parameters (plus the fusion module's 587,876) against ``models.md`` §11's
+   67,750,604 (the released model without its fusion module); the difference, 18,894,736, is exactly those
+   modules: 263,168 + 14,686,208 (projections), 2,828,176, 65,536, 1,049,600 and 2,048 (``tests/test_cmff.py``
+   checks the sum).
+5. Init: the plain backbones keep their own init (``cmff_vgg16``: the VGG init of ``models.md`` §7, as the
+   release's loop); the CMFF extras (projections, auxiliary heads, cross-attention) get conv He fan_out, BN 1/0,
+   Linear N(0, ``linear_init_std`` = 0.01) with bias 0 (the VGG release's loop; its ResNet file leaves the heads
+   at PyTorch's default and the attention at N(0, 0.001)). The fusion module is FFL's (``okd.nn.fusion``).
+6. The ResNet variant is an **interpretation** (the released ``cross_resnet`` cannot run, ``methods.md`` §10):
+   the stem is shared (``share_stem``; the release gives each net its own stem: ``share_stem=false``), each net
+   its own ``fc`` (``shared_classifier``), projections between the 3 (or 4) stages, fused knowledge at stage 2
+   (as every released script: the last stage of a CIFAR ResNet, 64x8x8 = 4096 for ResNet-32, giving heads
+   4096-2048-1024-4K and 4096-4096-4096), and the cross-attention and fusion module on the pooled C-d features
+   (64 for ResNet-32) instead of the release's 4096-d flattened map (which feeds a fusion module built for 256
+   channels and fails). ``aux_pool`` average-pools the fused knowledge to ``aux_pool`` x ``aux_pool`` first
+   (for large maps, e.g. TinyImageNet's CIFAR-stem ResNet-18).
+7. The auxiliary heads' input width needs the input resolution: ``image_size`` (default: 32, or 64 for the
+   ImageNet ResNet family, i.e. TinyImageNet); a batch of another size fails with a clear error.
+8. The release's loop runs epochs 0..N inclusive (N + 1 epochs); the configs use N (400 or 300).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from okd.errors import ConfigError
+from okd.methods.base import Method, MethodContext, ParamGroup, register_method, sgd_group
+from okd.methods.branch_base import average_accuracy, check_choice, check_distillation, check_int, ensemble_heads, scalar
+from okd.models._init import bn_one_zero_
+from okd.models.registry import MODELS, create_model, register_model
+from okd.models.resnet_cifar import CifarResNet
+from okd.models.resnet_imagenet import ImageNetResNet
+from okd.models.vgg import init_vgg, make_vgg_classifier, make_vgg_stages
+from okd.nn.cross_attention import LAYOUTS, QUERY_FROM, CrossAttentionFusion
+from okd.nn.fusion import FusionModule
+from okd.nn.losses import cross_entropy, kl_div_t, rampup_0based
+
+# ------------------------------------------------------------------------------------------ the VGG backbone
+
+CMFF_VGG_STEM = ((64, 64),)
+CMFF_VGG_PLAN = ((128, 128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
+
+
+class CMFFVGG16(nn.Module):
+    """One network of CMFF's CrossVGG16 as a plain backbone (``methods.md`` §10).
+
+    ``stem``: conv3x3(3->64, bias)-BN-ReLU-conv3x3(64->64)-BN-ReLU-maxpool (64x16x16); ``stages``: 4 x [3 x
+    conv3x3(bias)-BN-ReLU, maxpool] with 128/256/512/512 channels (-> 512x1x1); ``classifier``: Linear 512-512-K
+    (ReLU, Dropout(p) after the first two). Init as the release (= ``models.md`` §7): conv kaiming fan_out with
+    bias 0, BN 1/0, Linear N(0, 0.01) with bias 0. Taps: outputs of stages 2, 3, 4 (256x4x4, 512x2x2, 512x1x1).
+    """
+
+    def __init__(self, num_classes: int = 100, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.feature_dim = 512
+        self.tap_channels = (256, 512, 512)
+        self.stem = make_vgg_stages(CMFF_VGG_STEM, 3)[0]
+        self.stages = make_vgg_stages(CMFF_VGG_PLAN, 64)
+        self.classifier = make_vgg_classifier(num_classes, dropout)
+        init_vgg(self)
+
+    def head(self, feat: Tensor) -> Tensor:
+        return self.classifier(feat.flatten(1))
+
+    def forward_taps(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        h = self.stages[0](self.stem(x))
+        taps = []
+        for stage in self.stages[1:]:
+            h = stage(h)
+            taps.append(h)
+        return self.head(h), taps
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.stages(self.stem(x)))
+
+
+@register_model("cmff_vgg16", family="cmff_vgg")
+def cmff_vgg16(num_classes: int = 100, dropout: float = 0.0) -> CMFFVGG16:
+    """One CMFF CrossVGG16 network (shared-stem layout, 14 convs): what ``cmff`` deploys for the VGG."""
+    return CMFFVGG16(num_classes, dropout)
+
+
+# --------------------------------------------------------------------------------- backbone-specific access
+
+#: parameterised modules of the stem and of the classifier, per backbone kind (attribute names)
+STEM_MODULES = {"vgg": ("stem",), "resnet_cifar": ("conv1", "bn1"), "resnet_imagenet": ("conv1", "bn1")}
+HEAD_MODULES = {"vgg": ("classifier",), "resnet_cifar": ("fc",), "resnet_imagenet": ("fc",)}
+SUPPORTED = "cmff_vgg16, the CIFAR ResNets (resnet20/32/56/110, ...) and the ImageNet ResNets (resnet18, ...)"
+
+
+def backbone_kind(net: nn.Module) -> str:
+    if isinstance(net, CMFFVGG16):
+        return "vgg"
+    if isinstance(net, CifarResNet):
+        return "resnet_cifar"
+    if isinstance(net, ImageNetResNet):
+        return "resnet_imagenet"
+    raise ConfigError(f"cmff supports {SUPPORTED}; got a {type(net).__name__}")
+
+
+def run_stem(net: nn.Module, kind: str, x: Tensor) -> Tensor:
+    if kind == "vgg":
+        return net.stem(x)
+    x = net.relu(net.bn1(net.conv1(x)))
+    return net.maxpool(x) if kind == "resnet_imagenet" else x
+
+
+def stage_list(net: nn.Module, kind: str) -> list[nn.Module]:
+    if kind == "vgg":
+        return list(net.stages)
+    names = ("layer1", "layer2", "layer3") + (("layer4",) if kind == "resnet_imagenet" else ())
+    return [getattr(net, n) for n in names]
+
+
+def final_feature(final: Tensor, kind: str) -> Tensor:
+    """The classifier input: the flattened 512x1x1 map (VGG) or the globally pooled map (ResNets)."""
+    return final.flatten(1) if kind == "vgg" else F.adaptive_avg_pool2d(final, 1).flatten(1)
+
+
+def classify(net: nn.Module, kind: str, feat: Tensor) -> Tensor:
+    return net.classifier(feat) if kind == "vgg" else net.fc(feat)
+
+
+# ----------------------------------------------------------------------------------------- losses, pieces
+
+
+def rotate_batch(images: Tensor) -> Tensor:
+    """B x C x H x W -> 4B images, row 4b + r = rot90(images[b], r) in the (H, W) plane (interleaved per sample)."""
+    return torch.stack([torch.rot90(images, r, (2, 3)) for r in range(4)], dim=1).flatten(0, 1)
+
+
+def joint_labels(labels: Tensor) -> Tensor:
+    """y (B) -> 4B joint labels, row 4b + r = 4 y_b + r."""
+    return torch.stack([labels * 4 + r for r in range(4)], dim=1).flatten()
+
+
+def similarity_ce(rep: Tensor, temperature: float = 1.0) -> Tensor:
+    """L_sim on 4B projections laid out as :func:`rotate_batch`: each rotated row 4b + r (r = 1..3) scores
+    cos(u_{4b+r}, u_{4j}) / tau against every unrotated row 4j; CE with target j = b, mean over the 3B queries."""
+    rep = rep.float()
+    b = rep.shape[0] // 4
+    if rep.shape[0] != 4 * b or b == 0:
+        raise ValueError(f"similarity_ce needs 4B rows (rotate_batch layout), got {rep.shape[0]}")
+    groups = F.normalize(rep.reshape(b, 4, -1), dim=2, eps=1e-8)
+    anchors, queries = groups[:, 0], groups[:, 1:].reshape(3 * b, -1)
+    sim = queries @ anchors.t()  # 3B x B
+    target = torch.arange(b, device=rep.device).repeat_interleave(3)
+    return F.cross_entropy(sim / temperature, target)
+
+
+# ------------------------------------------------------------------------------------------------- params
+
+
+@dataclass
+class CMFFParams:
+    temperature: float = 3.0
+    kl_weight: float = 1.0
+    rampup_length: int = 80
+    #: added to every KL target probability (the release's KLLoss: 1e-7)
+    target_eps: float = 1e-7
+    #: the rotation expansion and both auxiliary heads (false: neither, and no projections are built)
+    self_supervision: bool = True
+    rot_weight: float = 1.0
+    sim_weight: float = 5.0
+    sim_temperature: float = 1.0
+    #: the stage whose fused knowledge feeds the auxiliary heads (0-based; every released script: 2)
+    aux_stage: int = 2
+    #: average-pool the fused knowledge to this size before flattening (null: flatten as released)
+    aux_pool: int | None = None
+    #: hidden widths of auxiliary head 1 (null: D/2, D/4 with D its input width; VGG: 1024, 512)
+    rot_hidden: list[int] | None = None
+    #: width of auxiliary head 2's projection (null: its input width D; VGG: 2048)
+    proj_dim: int | None = None
+    #: training resolution (sizes the auxiliary heads); null: 32, or 64 for the ImageNet ResNets (TinyImageNet)
+    image_size: int | None = None
+    #: one stem for both nets (the released VGG); false: one stem per net (the released ResNet)
+    share_stem: bool = True
+    #: net 2 uses net 1's classifier; null: as released (true for cmff_vgg16, false for the ResNets)
+    shared_classifier: bool | None = None
+    #: dropout of the VGG classifier and of auxiliary head 1 (released: 0)
+    dropout: float = 0.0
+    attn_heads: int = 4
+    #: "chunks" (released: the d-vector is cut into attn_heads tokens) | "single" (one token per net)
+    attn_layout: str = "chunks"
+    #: "other" (released: net i's update queries come from the partner) | "own" (textbook cross-attention)
+    attn_query_from: str = "other"
+    attn_mlp_ratio: int = 2
+    attn_dropout: float = 0.1
+    #: std of the N(0, std) init of every Linear of the CMFF extras (released VGG: 0.01)
+    linear_init_std: float = 0.01
+    #: true stops the fusion losses at the fusion module (FFSD-style); CMFF: false
+    detach_fusion_input: bool = False
+    fusion_weight_decay: float = 1e-5
+    #: keep the fusion module's lr constant (the release comments out its scheduler step)
+    freeze_fusion_lr: bool = True
+    #: which net deploy.pt holds (1 or 2)
+    deploy_net: int = 1
+
+    def validate(self) -> None:
+        check_distillation(self.temperature, self.kl_weight, self.rampup_length, self.target_eps)
+        for key in ("rot_weight", "sim_weight", "fusion_weight_decay", "linear_init_std"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"method.{key} must be >= 0, got {getattr(self, key)}")
+        if self.sim_temperature <= 0:
+            raise ConfigError(f"method.sim_temperature must be positive, got {self.sim_temperature}")
+        check_int("aux_stage", self.aux_stage, 0)
+        check_int("attn_heads", self.attn_heads, 1)
+        check_int("attn_mlp_ratio", self.attn_mlp_ratio, 1)
+        for key in ("aux_pool", "proj_dim", "image_size"):
+            if getattr(self, key) is not None:
+                check_int(key, getattr(self, key), 1)
+        if self.rot_hidden is not None and any(w < 1 for w in self.rot_hidden):
+            raise ConfigError(f"method.rot_hidden widths must be >= 1, got {self.rot_hidden}")
+        check_choice("attn_layout", self.attn_layout, LAYOUTS)
+        check_choice("attn_query_from", self.attn_query_from, QUERY_FROM)
+        for key in ("dropout", "attn_dropout"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ConfigError(f"method.{key} must be in [0, 1), got {getattr(self, key)}")
+        if self.deploy_net not in (1, 2):
+            raise ConfigError(f"method.deploy_net must be 1 or 2, got {self.deploy_net}")
+
+
+# -------------------------------------------------------------------------------------------- the network
+
+
+@dataclass
+class CMFFOutputs:
+    logits: list[Tensor]  # z_1, z_2 (main path: the unrotated images)
+    features: list[Tensor]  # f_1, f_2 (classifier inputs)
+    fused: Tensor  # z_f
+    rot_logits: Tensor | None = None  # g_1 on all 4B images
+    proj: Tensor | None = None  # u on all 4B images
+
+
+def _projection(cin: int, cout: int, factor: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, factor, stride=factor, padding=0, bias=False), nn.BatchNorm2d(cout), nn.ReLU()
+    )
+
+
+def _mlp(widths: list[int], dropout: float) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i in range(len(widths) - 1):
+        layers.append(nn.Linear(widths[i], widths[i + 1]))
+        if i < len(widths) - 2:
+            layers += [nn.ReLU(), nn.Dropout(dropout)]
+    return nn.Sequential(*layers)
+
+
+class CMFFNet(nn.Module):
+    """The two nets, the cross-stage projections, the auxiliary heads and the cross-attention (not the fusion
+    module, which has its own optimizer group)."""
+
+    def __init__(self, model: str, num_classes: int, hp: CMFFParams) -> None:
+        super().__init__()
+        family = MODELS.info(model).get("family")
+        if model == "vgg16":
+            raise ConfigError(
+                "cmff's CrossVGG16 is model.name=cmff_vgg16 (a shared 2-conv stem and 4 stages of 3 convs per net, "
+                "methods.md §10), not the OKDDip/PCL vgg16"
+            )
+        if family not in ("cmff_vgg", "resnet_cifar", "resnet_imagenet"):
+            raise ConfigError(f"cmff supports {SUPPORTED}; got model.name={model!r}")
+        kwargs = {"dropout": hp.dropout} if family == "cmff_vgg" else {}
+        self.model, self.model_kwargs, self.num_classes = model, kwargs, num_classes
+        self.nets = nn.ModuleList(create_model(model, num_classes, **kwargs) for _ in range(2))
+        self.kind = kind = backbone_kind(self.nets[0])
+        self.share_stem = hp.share_stem
+        self.shared_classifier = kind == "vgg" if hp.shared_classifier is None else hp.shared_classifier
+        for name in (STEM_MODULES[kind] if self.share_stem else ()) + (
+            HEAD_MODULES[kind] if self.shared_classifier else ()
+        ):
+            setattr(self.nets[1], name, None)  # net 2 uses net 1's
+        self.feature_dim = self.nets[0].feature_dim
+        self.image_size = hp.image_size or (64 if kind == "resnet_imagenet" else 32)
+        shapes = self._stage_shapes(self.image_size)
+        self.num_stages = len(shapes)
+        self.self_supervision = hp.self_supervision
+        self.aux_stage = hp.aux_stage
+        self.aux_pool = hp.aux_pool
+        if hp.self_supervision:
+            a = hp.aux_stage
+            if a >= self.num_stages:
+                raise ConfigError(f"method.aux_stage={a} but {model} has stages 0..{self.num_stages - 1}")
+            self.projections = nn.ModuleList()
+            for _ in range(2):
+                per_net = nn.ModuleDict()
+                for s in range(a):
+                    (cs, hs, ws), (ct, ht, wt) = shapes[s], shapes[a]
+                    if hs % ht or ws % wt or hs // ht != ws // wt:
+                        raise ConfigError(f"stage {s} ({hs}x{ws}) does not downscale evenly to stage {a} ({ht}x{wt})")
+                    per_net[f"{s}to{a}"] = _projection(cs, ct, hs // ht)
+                self.projections.append(per_net)
+            c, h, w = shapes[a]
+            self.aux_in = c * (hp.aux_pool**2 if hp.aux_pool else h * w)
+            hidden = list(hp.rot_hidden) if hp.rot_hidden is not None else [self.aux_in // 2, self.aux_in // 4]
+            self.rot_head = _mlp([self.aux_in, *hidden, 4 * num_classes], hp.dropout)
+            p = hp.proj_dim or self.aux_in
+            self.proj_head = _mlp([self.aux_in, p, p], 0.0)
+        self.cross_attention = CrossAttentionFusion(
+            self.feature_dim,
+            hp.attn_heads,
+            layout=hp.attn_layout,
+            query_from=hp.attn_query_from,
+            mlp_ratio=hp.attn_mlp_ratio,
+            attn_dropout=hp.attn_dropout,
+            resid_dropout=hp.attn_dropout,
+            linear_std=hp.linear_init_std,
+        )
+        for name in ("projections", "rot_head", "proj_head"):
+            if hasattr(self, name):
+                init_extras(getattr(self, name), hp.linear_init_std)
+
+    @torch.no_grad()
+    def _stage_shapes(self, size: int) -> list[tuple[int, int, int]]:
+        net, was_training = self.nets[0], self.nets[0].training
+        net.eval()
+        h = run_stem(net, self.kind, torch.zeros(1, 3, size, size))
+        shapes = []
+        for stage in stage_list(net, self.kind):
+            h = stage(h)
+            shapes.append(tuple(h.shape[1:]))
+        net.train(was_training)
+        return shapes
+
+    def stem_owner(self, i: int) -> nn.Module:
+        return self.nets[0] if self.share_stem else self.nets[i]
+
+    def head_owner(self, i: int) -> nn.Module:
+        return self.nets[0] if self.shared_classifier else self.nets[i]
+
+    def _aux_input(self, kappa: Tensor) -> Tensor:
+        if self.aux_pool:
+            kappa = F.adaptive_avg_pool2d(kappa, self.aux_pool)
+        flat = kappa.flatten(1)
+        if flat.shape[1] != self.aux_in:
+            raise ValueError(
+                f"the auxiliary heads were sized for {self.image_size}x{self.image_size} inputs ({self.aux_in} "
+                f"features) but got {flat.shape[1]}; set method.image_size to the training resolution"
+            )
+        return flat
+
+    def forward_nets(self, x: Tensor, aux: bool) -> tuple[list[Tensor], list[Tensor | None]]:
+        """Both nets on x: (final maps, fused knowledge kappa^i at ``aux_stage`` or None)."""
+        finals, fused = [], []
+        shared = run_stem(self.nets[0], self.kind, x) if self.share_stem else None
+        for i in range(2):
+            h = shared if shared is not None else run_stem(self.stem_owner(i), self.kind, x)
+            incoming: list[Tensor] = []
+            kappa = None
+            for s, stage in enumerate(stage_list(self.nets[i], self.kind)):
+                h = stage(h)
+                if aux and s < self.aux_stage:
+                    incoming.append(self.projections[i][f"{s}to{self.aux_stage}"](h))
+                elif aux and s == self.aux_stage:
+                    kappa = h
+                    for k in incoming:  # left to right, as the release
+                        kappa = kappa + k
+            finals.append(h)
+            fused.append(kappa)
+        return finals, fused
+
+    def heads(self, finals: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        feats = [final_feature(f, self.kind) for f in finals]
+        return [classify(self.head_owner(i), self.kind, f) for i, f in enumerate(feats)], feats
+
+    def single_net(self, index: int) -> nn.Module:
+        """Net ``index`` (0 or 1) as the plain registered backbone, shared stem / classifier included."""
+        if index == 0:
+            return self.nets[0]
+        net = create_model(self.model, self.num_classes, **self.model_kwargs)
+        state = dict(self.nets[1].state_dict())
+        for name in (STEM_MODULES[self.kind] if self.share_stem else ()) + (
+            HEAD_MODULES[self.kind] if self.shared_classifier else ()
+        ):
+            state.update({f"{name}.{k}": v for k, v in getattr(self.nets[0], name).state_dict().items()})
+        net.load_state_dict(state)
+        return net.to(next(self.parameters()).device)
+
+
+def init_extras(module: nn.Module, linear_std: float) -> None:
+    """Conv He fan_out (relu), BN 1/0, Linear N(0, linear_std) with bias 0 (the release's CrossVGG loop)."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            bn_one_zero_(m)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0.0, linear_std)
+            nn.init.zeros_(m.bias)
+
+
+# ---------------------------------------------------------------------------------------------- the loss
+
+
+def cmff_losses(
+    out: CMFFOutputs, labels: Tensor, hp: CMFFParams, epoch: int
+) -> dict[str, Tensor]:
+    """The named terms of L (weights applied); ``out.rot_logits``/``out.proj`` None: no self-supervised terms."""
+    z1, z2 = out.logits
+    zf = out.fused
+    w = hp.kl_weight * rampup_0based(epoch, hp.rampup_length)
+    T, eps = hp.temperature, hp.target_eps
+
+    def kl(student: Tensor, target: Tensor) -> Tensor:
+        return w * kl_div_t(student, target, T, detach_target=True, target_eps=eps)
+
+    losses = {
+        "net1/ce": cross_entropy(z1, labels),
+        "net2/ce": cross_entropy(z2, labels),
+        "fusion/ce": cross_entropy(zf, labels),
+        "net1/kl_net2": kl(z1, z2),
+        "net2/kl_net1": kl(z2, z1),
+        "net1/kl_fusion": kl(z1, zf),
+        "net2/kl_fusion": kl(z2, zf),
+        "fusion/kl_net1": kl(zf, z1),
+        "fusion/kl_net2": kl(zf, z2),
+    }
+    if out.rot_logits is not None:
+        losses["net1/rot_ce"] = hp.rot_weight * cross_entropy(out.rot_logits, joint_labels(labels))
+    if out.proj is not None:
+        losses["net2/sim_ce"] = hp.sim_weight * similarity_ce(out.proj, hp.sim_temperature)
+    losses["stat/kl_weight"] = scalar(w, z1)
+    return losses
+
+
+# --------------------------------------------------------------------------------------------- the method
+
+
+@register_method(
+    "cmff",
+    description="CMFF: two nets (shared stem) with rotation self-supervision, cross-stage knowledge and a "
+    "cross-attention fusion classifier teach each other",
+    paper="Self-Supervised Learning and Cross-Modal Feature Fusion for Online Knowledge Distillation "
+    "(CMFF README (Coralmss/CMFF); methods.md §10)",
+)
+class CMFF(Method):
+    Params = CMFFParams
+
+    def __init__(self, ctx: MethodContext) -> None:
+        super().__init__(ctx)
+        hp: CMFFParams = ctx.params
+        self.net = CMFFNet(ctx.model, ctx.num_classes, hp)
+        self.fusion = FusionModule(self.net.feature_dim, ctx.num_classes, 2)
+        self.deploy_head = f"net{hp.deploy_net}"
+
+    def param_groups(self) -> list[ParamGroup]:
+        fusion = sgd_group("fusion", self.fusion.parameters(), self.ctx.optim, weight_decay=self.hp.fusion_weight_decay)
+        if self.hp.freeze_fusion_lr:
+            fusion.schedule = "constant"  # honoured by a builder that knows ParamGroup.schedule
+        return [sgd_group("net", self.net.parameters(), self.ctx.optim), fusion]
+
+    def fuse(self, feats: list[Tensor]) -> Tensor:
+        """z_f = FusionModule(concat(cross_attention(f_1, f_2)) as 2C x 1 x 1 maps)."""
+        a1, a2 = self.net.cross_attention(feats[0], feats[1])
+        u = torch.cat([a1, a2], dim=1)[:, :, None, None]
+        return self.fusion(u.detach() if self.hp.detach_fusion_input else u)[0]
+
+    def forward_cmff(self, images: Tensor, labels_expanded: bool) -> CMFFOutputs:
+        """Training forward: with self-supervision, ``images`` are already the 4B rotated batch."""
+        net = self.net
+        finals, fused = net.forward_nets(images, aux=labels_expanded)
+        if labels_expanded:
+            finals = [f[0::4] for f in finals]
+        logits, feats = net.heads(finals)
+        out = CMFFOutputs(logits, feats, self.fuse(feats))
+        if labels_expanded:
+            out.rot_logits = net.rot_head(net._aux_input(fused[0]))
+            out.proj = net.proj_head(net._aux_input(fused[1]))
+        return out
+
+    def training_step(self, images: Tensor, labels: Tensor, epoch: int) -> dict[str, Tensor]:
+        ssl = self.hp.self_supervision
+        out = self.forward_cmff(rotate_batch(images) if ssl else images, labels_expanded=ssl)
+        return cmff_losses(out, labels, self.hp, epoch)
+
+    def eval_outputs(self, images: Tensor) -> dict[str, Tensor]:
+        finals, _ = self.net.forward_nets(images, aux=False)
+        logits, feats = self.net.heads(finals)
+        heads = {"net1": logits[0], "net2": logits[1], "fusion": self.fuse(feats)}
+        heads.update(ensemble_heads(logits))
+        return heads
+
+    def oracle_groups(self) -> dict[str, list[str]]:
+        return {"oracle_any_net": ["net1", "net2"]}
+
+    def derived_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        """``net_avg``: the mean accuracy of the two nets (the release's "accSummary" checkpoint criterion)."""
+        return average_accuracy(metrics, ["net1", "net2"], "net_avg")
+
+    def deployable(self) -> nn.Module:
+        """Net ``deploy_net`` as the plain backbone ``cfg.model.name`` (stem and shared classifier included)."""
+        return self.net.single_net(self.hp.deploy_net - 1)
