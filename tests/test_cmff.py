@@ -20,9 +20,9 @@ from okd.errors import ConfigError
 from okd.methods.base import MethodContext, ParamGroup
 from okd.methods.cmff import (
     CMFF,
+    CMFFVGG16,
     CMFFOutputs,
     CMFFParams,
-    CMFFVGG16,
     cmff_losses,
     joint_labels,
     rotate_batch,
@@ -107,7 +107,9 @@ def test_similarity_ce_matches_the_released_broadcast_form():
     b, d = 3, 5
     rep = torch.randn(4 * b, d, generator=torch.Generator().manual_seed(0))
     nor, aug = rep[0::4], rep[torch.arange(4 * b) % 4 != 0]
-    simi = F.cosine_similarity(aug.unsqueeze(2).expand(-1, -1, b), nor.unsqueeze(2).expand(-1, -1, 3 * b).transpose(0, 2))
+    simi = F.cosine_similarity(
+        aug.unsqueeze(2).expand(-1, -1, b), nor.unsqueeze(2).expand(-1, -1, 3 * b).transpose(0, 2)
+    )
     target = torch.arange(b).unsqueeze(1).expand(-1, 3).reshape(-1)
     assert similarity_ce(rep).item() == pytest.approx(F.cross_entropy(simi, target).item(), rel=1e-6)
 
@@ -316,6 +318,7 @@ def test_cross_attention_defaults_match_the_release_layout():
 
 def unused_release_modules(num_classes: int = 100) -> int:
     """Modules the released CrossVGG16 builds but never uses (see cmff.py, decision 4), rebuilt here."""
+
     def proj(cin, cout, f):
         return nn.Sequential(nn.Conv2d(cin, cout, f, f, bias=False), nn.BatchNorm2d(cout))
 
@@ -375,7 +378,9 @@ def test_deployable_nets_are_plain_backbones():
         m2 = make(deploy_net=2, **SMALL)
         m2.load_state_dict(m.state_dict())
         m2.eval()
+        rng = torch.get_rng_state()
         net2 = m2.deployable()
+        assert torch.equal(torch.get_rng_state(), rng)  # deploy.pt is written every epoch: resume stays exact
         create_model("resnet20", K).load_state_dict(net2.state_dict())
         torch.testing.assert_close(net2.eval()(x), heads["net2"])
     assert m2.deploy_head == "net2"
@@ -408,7 +413,9 @@ def test_param_groups_and_frozen_fusion_lr():
     assert getattr(make(freeze_fusion_lr=False, **SMALL).param_groups()[1], "schedule", None) is None
     if "schedule" not in ParamGroup.__dataclass_fields__:
         pytest.skip("the builder does not honour ParamGroup.schedule yet (see cmff.py: freeze_fusion_lr)")
-    cfg = load_config(None, ["method.name=cmff", "model.name=resnet20", "optim.milestones=[1,2]", "method.image_size=16"])
+    cfg = load_config(
+        None, ["method.name=cmff", "model.name=resnet20", "optim.milestones=[1,2]", "method.image_size=16"]
+    )
     plan = build_optimization(build_method(cfg, K), cfg)
     for _ in range(3):
         for opt in plan.optimizers:

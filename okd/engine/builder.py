@@ -123,7 +123,7 @@ def build_optimization(method: Method, cfg: Config, steps_per_epoch: int = 1) ->
             opt,
             cfg.run.optim,
             steps_per_epoch,
-            schedule=cfg.run.optim.schedule if g.optimizer == "sgd" else "multistep",
+            schedule=g.schedule or (cfg.run.optim.schedule if g.optimizer == "sgd" else "multistep"),
         )
         for g, opt in zip(groups, optimizers, strict=True)
     ]

@@ -116,6 +116,8 @@ def build_scheduler(
     loader that kept the last partial batch, i.e. ``steps_per_epoch - 1`` when the split is not divisible.
     """
     kind = schedule if schedule is not None else optim_cfg.schedule
+    if kind == "constant":  # never decays (a per-epoch MultiStepLR without milestones: plain-number state)
+        return MultiStepLR(optimizer, milestones=[], gamma=optim_cfg.gamma), False
     if kind == "multistep":
         return MultiStepLR(optimizer, milestones=list(optim_cfg.milestones), gamma=optim_cfg.gamma), False
     if kind in ("ffsd_imagenet_code", "ffsd_imagenet_paper"):

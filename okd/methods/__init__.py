@@ -3,6 +3,7 @@
 from okd.methods import (  # noqa: F401  (each import registers its methods)
     baseline,
     cl_ilr,
+    cmff,
     dml,
     ffl,
     ffsd,

@@ -29,6 +29,9 @@ class ParamGroup:
     nesterov: bool = True
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
+    #: this group's lr schedule: None follows optim.schedule (SGD groups) or "multistep" (Adam groups);
+    #: "constant" keeps the group's lr fixed (e.g. CMFF's fusion module)
+    schedule: str | None = None
 
 
 def sgd_group(name: str, params, optim: OptimConfig, weight_decay: float | None = None) -> ParamGroup:

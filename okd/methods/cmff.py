@@ -122,61 +122,22 @@ from torch import Tensor, nn
 
 from okd.errors import ConfigError
 from okd.methods.base import Method, MethodContext, ParamGroup, register_method, sgd_group
-from okd.methods.branch_base import average_accuracy, check_choice, check_distillation, check_int, ensemble_heads, scalar
+from okd.methods.branch_base import (
+    average_accuracy,
+    check_choice,
+    check_distillation,
+    check_int,
+    ensemble_heads,
+    scalar,
+)
 from okd.models._init import bn_one_zero_
-from okd.models.registry import MODELS, create_model, register_model
+from okd.models.cmff_vgg import CMFFVGG16
+from okd.models.registry import MODELS, create_model
 from okd.models.resnet_cifar import CifarResNet
 from okd.models.resnet_imagenet import ImageNetResNet
-from okd.models.vgg import init_vgg, make_vgg_classifier, make_vgg_stages
 from okd.nn.cross_attention import LAYOUTS, QUERY_FROM, CrossAttentionFusion
 from okd.nn.fusion import FusionModule
 from okd.nn.losses import cross_entropy, kl_div_t, rampup_0based
-
-# ------------------------------------------------------------------------------------------ the VGG backbone
-
-CMFF_VGG_STEM = ((64, 64),)
-CMFF_VGG_PLAN = ((128, 128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
-
-
-class CMFFVGG16(nn.Module):
-    """One network of CMFF's CrossVGG16 as a plain backbone (``methods.md`` §10).
-
-    ``stem``: conv3x3(3->64, bias)-BN-ReLU-conv3x3(64->64)-BN-ReLU-maxpool (64x16x16); ``stages``: 4 x [3 x
-    conv3x3(bias)-BN-ReLU, maxpool] with 128/256/512/512 channels (-> 512x1x1); ``classifier``: Linear 512-512-K
-    (ReLU, Dropout(p) after the first two). Init as the release (= ``models.md`` §7): conv kaiming fan_out with
-    bias 0, BN 1/0, Linear N(0, 0.01) with bias 0. Taps: outputs of stages 2, 3, 4 (256x4x4, 512x2x2, 512x1x1).
-    """
-
-    def __init__(self, num_classes: int = 100, dropout: float = 0.0) -> None:
-        super().__init__()
-        self.num_classes = num_classes
-        self.feature_dim = 512
-        self.tap_channels = (256, 512, 512)
-        self.stem = make_vgg_stages(CMFF_VGG_STEM, 3)[0]
-        self.stages = make_vgg_stages(CMFF_VGG_PLAN, 64)
-        self.classifier = make_vgg_classifier(num_classes, dropout)
-        init_vgg(self)
-
-    def head(self, feat: Tensor) -> Tensor:
-        return self.classifier(feat.flatten(1))
-
-    def forward_taps(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
-        h = self.stages[0](self.stem(x))
-        taps = []
-        for stage in self.stages[1:]:
-            h = stage(h)
-            taps.append(h)
-        return self.head(h), taps
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.stages(self.stem(x)))
-
-
-@register_model("cmff_vgg16", family="cmff_vgg")
-def cmff_vgg16(num_classes: int = 100, dropout: float = 0.0) -> CMFFVGG16:
-    """One CMFF CrossVGG16 network (shared-stem layout, 14 convs): what ``cmff`` deploys for the VGG."""
-    return CMFFVGG16(num_classes, dropout)
-
 
 # --------------------------------------------------------------------------------- backbone-specific access
 
@@ -466,7 +427,8 @@ class CMFFNet(nn.Module):
         """Net ``index`` (0 or 1) as the plain registered backbone, shared stem / classifier included."""
         if index == 0:
             return self.nets[0]
-        net = create_model(self.model, self.num_classes, **self.model_kwargs)
+        with torch.random.fork_rng(devices=[]):  # the trainer calls this every epoch: leave the RNG alone
+            net = create_model(self.model, self.num_classes, **self.model_kwargs)
         state = dict(self.nets[1].state_dict())
         for name in (STEM_MODULES[self.kind] if self.share_stem else ()) + (
             HEAD_MODULES[self.kind] if self.shared_classifier else ()
@@ -491,9 +453,7 @@ def init_extras(module: nn.Module, linear_std: float) -> None:
 # ---------------------------------------------------------------------------------------------- the loss
 
 
-def cmff_losses(
-    out: CMFFOutputs, labels: Tensor, hp: CMFFParams, epoch: int
-) -> dict[str, Tensor]:
+def cmff_losses(out: CMFFOutputs, labels: Tensor, hp: CMFFParams, epoch: int) -> dict[str, Tensor]:
     """The named terms of L (weights applied); ``out.rot_logits``/``out.proj`` None: no self-supervised terms."""
     z1, z2 = out.logits
     zf = out.fused

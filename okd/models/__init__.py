@@ -1,6 +1,14 @@
 """Backbones: importing this package fills the model registry."""
 
-from okd.models import densenet, googlenet, resnet_cifar, resnet_imagenet, vgg, wide_resnet  # noqa: F401  (fill the registry)
+from okd.models import (  # noqa: F401  (each import fills the registry)
+    cmff_vgg,
+    densenet,
+    googlenet,
+    resnet_cifar,
+    resnet_imagenet,
+    vgg,
+    wide_resnet,
+)
 from okd.models.complexity import count_macs, count_parameters
 from okd.models.registry import create_model, list_models, register_model
 

@@ -83,8 +83,7 @@ class CrossAttentionFusion(nn.Module):
         self.out = nn.ModuleList(nn.Linear(dim, dim) for _ in range(2))
         self.ln_mlp = nn.ModuleList(nn.LayerNorm(dim) for _ in range(2))
         self.mlp = nn.ModuleList(
-            nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
-            for _ in range(2)
+            nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim)) for _ in range(2)
         )
         # per network: [input residual, attention, post-attention residual, MLP]
         self.coef = nn.ModuleList(nn.ModuleList(LearnableCoefficient() for _ in range(4)) for _ in range(2))
@@ -131,4 +130,3 @@ class CrossAttentionFusion(nn.Module):
             y = c[0](xs[i]) + c[1](o)
             outs.append(c[2](y) + c[3](self.resid_drop(self.mlp[i](self.ln_mlp[i](y)))))
         return outs[0], outs[1]
-
