@@ -17,7 +17,7 @@ THREADS=${THREADS:-1}          # 1: on a shared 2-core host, spinning OpenMP thr
 REPEATS=${REPEATS:-1}
 ONLY=${ONLY:-"baseline ffsd"}
 VARIANTS=${VARIANTS:-"fp32 cl bf16 bf16_cl"}
-if [[ "${COMPILE:-0}" == 1 ]]; then VARIANTS="$VARIANTS bf16_cl_compile"; fi
+if [[ "${COMPILE:-0}" == 1 && " $VARIANTS " != *" bf16_cl_compile "* ]]; then VARIANTS="$VARIANTS bf16_cl_compile"; fi
 BENCH=${BENCH:-"python -m okd.bench"}  # or "okd bench" once the CLI has it
 DATA=()
 if [[ -n "${DATA_ROOT:-}" ]]; then DATA=("data.root=$DATA_ROOT"); fi

@@ -27,14 +27,6 @@ CONFIG = "configs/cifar100/baseline_resnet20.yaml"
 TINY = ["train.device=cpu", "data.batch_size=4", "data.root=/nonexistent"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_bench_runs_both_paths_and_appends_csv(tmp_path):
     out = tmp_path / "results" / "bench.csv"
     cfg = load_config(CONFIG, TINY)

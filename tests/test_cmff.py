@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import helpers
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,7 +16,6 @@ from torch import Tensor, nn
 from okd.config import OptimConfig, load_config
 from okd.engine.builder import build_method, build_optimization
 from okd.engine.checkpoint import load_checkpoint
-from okd.engine.trainer import config_from_run, train
 from okd.errors import ConfigError
 from okd.methods.base import MethodContext, ParamGroup
 from okd.methods.cmff import (
@@ -49,15 +49,7 @@ def batch(n: int = 4, size: int = 16, seed: int = 1) -> tuple[Tensor, Tensor]:
     return torch.randn(n, 3, size, size, generator=g), torch.tensor([0, 3, 7, 3, 1, 9, 2, 5][:n])
 
 
-def ref_kl(student: Tensor, target: Tensor, T: float, eps: float = 0.0) -> Tensor:
-    """T^2 (1/B) sum_b sum_k q (log q - log p), q = softmax(t/T) + eps, written out by hand."""
-    q = torch.exp(target / T) / torch.exp(target / T).sum(1, keepdim=True) + eps
-    log_p = student / T - torch.logsumexp(student / T, dim=1, keepdim=True)
-    return T * T * (q * (q.log() - log_p)).sum() / student.shape[0]
-
-
-def ref_ce(z: Tensor, y: Tensor) -> Tensor:
-    return -(z - torch.logsumexp(z, 1, keepdim=True)).gather(1, y[:, None]).mean()
+ref_kl, ref_ce = helpers.ref_kl, helpers.ref_ce
 
 
 def summed(losses: dict[str, Tensor]) -> Tensor:
@@ -462,54 +454,36 @@ def test_configs_load_and_build(path):
 
 
 def quick(root: Path, out: Path, name: str, epochs: int) -> list[str]:
-    return [
-        f"data.root={root}",
-        "data.download=false",
-        "data.dataset=cifar10",
-        "data.limit_train=64",
-        "data.limit_test=32",
-        "data.batch_size=16",
-        "data.test_batch_size=32",
-        "train.max_steps_per_epoch=2",
-        f"train.epochs={epochs}",
-        "train.deterministic=true",
-        "train.progress=none",
-        "train.device=cpu",
-        "optim.milestones=[1]",
-        f"output_dir={out}",
-        f"name={name}",
-        "seed=3",
-        "method.name=cmff",
-        "model.name=resnet20",
-        "method.rot_hidden=[32]",
-        "method.proj_dim=32",
-    ]
-
-
-def assert_same(a, b, where: str = "") -> None:
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            assert_same(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, list | tuple):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
+    return helpers.quick_overrides(
+        root,
+        out,
+        name,
+        epochs,
+        {
+            "data.dataset": "cifar10",
+            "data.limit_train": 64,
+            "data.limit_test": 32,
+            "data.batch_size": 16,
+            "data.test_batch_size": 32,
+            "train.max_steps_per_epoch": 2,
+            "train.device": "cpu",
+            "optim.milestones": "[1]",
+            "seed": 3,
+            "method.name": "cmff",
+            "model.name": "resnet20",
+            "method.rot_hidden": "[32]",
+            "method.proj_dim": 32,
+        },
+    )
 
 
 @pytest.mark.slow
 def test_trains_end_to_end_and_resumes_exactly(cifar10_root, tmp_path):
-    full = train(load_config(None, quick(cifar10_root, tmp_path, "full", 2)))
-    part = train(load_config(None, quick(cifar10_root, tmp_path, "part", 1)))
-    resumed = train(config_from_run(part, ["train.epochs=2"]), run_dir=part, resume=True)
+    full, resumed = helpers.train_and_resume(None, lambda name, epochs: quick(cifar10_root, tmp_path, name, epochs))
     a, b = load_checkpoint(full / "last.pt"), load_checkpoint(resumed / "last.pt")
     assert a["epoch"] == b["epoch"] == 2
     for key in ("method", "optimizers", "schedulers"):
-        assert_same(a[key], b[key], key)
+        helpers.assert_same(a[key], b[key], key)
     row = a["history"][-1]
     for key in (
         "train/net1/rot_ce",

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import helpers
 import pytest
 import torch
 
@@ -26,24 +27,18 @@ METHOD_CONFIGS = {
 
 
 def overrides(root: Path, out: Path, name: str, epochs: int, steps: int, extra: tuple[str, ...] = ()) -> list[str]:
-    return [
-        f"data.root={root}",
-        "data.dataset=cifar10",
-        "data.download=false",
-        "data.limit_train=128",
-        "data.limit_test=90",
-        "data.batch_size=16",
-        "data.test_batch_size=40",
-        "model.name=resnet20",
-        f"train.epochs={epochs}",
-        f"train.max_steps_per_epoch={steps}",
-        "train.deterministic=true",
-        "train.progress=log",
-        f"output_dir={out}",
-        f"name={name}",
-        "seed=5",
-        *extra,
-    ]
+    settings = {
+        "data.dataset": "cifar10",
+        "data.limit_train": 128,
+        "data.limit_test": 90,
+        "data.batch_size": 16,
+        "data.test_batch_size": 40,
+        "model.name": "resnet20",
+        "train.max_steps_per_epoch": steps,
+        "train.progress": "log",
+        "seed": 5,
+    }
+    return [*helpers.quick_overrides(root, out, name, epochs, settings), *extra]
 
 
 def torchrun(config: str, args: list[str], nproc: int = 2, resume: Path | None = None) -> None:
@@ -98,14 +93,8 @@ def test_ddp_run_writes_one_folder_and_resumes_exactly(method, cifar10_root, tmp
     torchrun(config, ["train.epochs=2"], resume=tmp_path / "split")
     full, split = tmp_path / "full", tmp_path / "split"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["full", "split"]
-    a, b = load_checkpoint(full / "last.pt"), load_checkpoint(split / "last.pt")
-    for key, value in a["method"].items():
-        assert torch.equal(value, b["method"][key]), key
+    helpers.assert_same_runs(full, split)
     rows = read_metrics_csv(full / "metrics.csv")
-    strip = [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
-    assert strip == [
-        {k: v for k, v in r.items() if not k.startswith("time/")} for r in read_metrics_csv(split / "metrics.csv")
-    ]
     # every test image scored exactly once: 90 images, accuracies are multiples of 100/90
     for key, value in rows[-1].items():
         if key.startswith("test/") and key.endswith("top1"):
@@ -164,7 +153,4 @@ def test_tinyimagenet_dml_resumes_exactly_under_two_processes(tmp_path):
     torchrun(config, [*base, "train.epochs=2", "name=full"])
     torchrun(config, [*base, "train.epochs=1", "name=split"])
     torchrun(config, ["train.epochs=2"], resume=tmp_path / "runs" / "split")
-    a = load_checkpoint(tmp_path / "runs" / "full" / "last.pt")
-    b = load_checkpoint(tmp_path / "runs" / "split" / "last.pt")
-    for key, value in a["method"].items():
-        assert torch.equal(value, b["method"][key]), key
+    helpers.assert_same_runs(tmp_path / "runs" / "full", tmp_path / "runs" / "split", metrics=False)

@@ -2,76 +2,25 @@
 
 from __future__ import annotations
 
-import argparse
-import io
 import json
 import re
-from contextlib import redirect_stdout
 from pathlib import Path
 
+import helpers
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from okd.errors import CheckpointError, OKDError
 from okd.models import create_model
-from okd.report.commands import register_cli
 from okd.report.export import export, load_deployable, predict, sample_inputs
 
-REPO = Path(__file__).resolve().parent.parent
 FFSD = "configs/cifar10/ffsd_resnet20.yaml"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a small shared CPU box, 2 OpenMP threads made these tiny runs ~50x slower."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-def cli(*argv) -> str:
-    parser = argparse.ArgumentParser(prog="okd")
-    register_cli(parser.add_subparsers(dest="command"))
-    args = parser.parse_args([str(a) for a in argv])
-    buf = io.StringIO()
-    with redirect_stdout(buf):
-        assert args.func(args) == 0
-    return buf.getvalue()
-
-
-def trained(tmp_path_factory, cifar10_root: Path, config: str, name: str) -> Path:
-    """A short real run, trained once per session (test_report.py uses the same folder)."""
-    from okd.config import load_config
-    from okd.engine.trainer import train
-    from okd.report.runs import method_class
-
-    out = tmp_path_factory.getbasetemp() / "okd_runs"
-    if not (out / name / "deploy.pt").is_file():
-        method_class(yaml.safe_load((REPO / config).read_text())["method"]["name"])  # register it
-        overrides = [
-            f"data.root={cifar10_root}",
-            "data.download=false",
-            "data.limit_train=64",
-            "data.limit_test=64",
-            "data.batch_size=16",
-            "data.test_batch_size=64",
-            "train.max_steps_per_epoch=1",
-            "train.progress=none",
-            "train.epochs=1",
-            f"output_dir={out}",
-            f"name={name}",
-            "seed=1",
-        ]
-        train(load_config(REPO / config, overrides))
-    return out / name
 
 
 @pytest.fixture(scope="module")
 def ffsd_run(tmp_path_factory, cifar10_root) -> Path:
-    return trained(tmp_path_factory, cifar10_root, FFSD, "ffsd")
+    return helpers.trained(tmp_path_factory, cifar10_root, FFSD, "ffsd")
 
 
 def _leader_logits(run: Path, x: torch.Tensor) -> torch.Tensor:
@@ -95,7 +44,7 @@ def test_deployable_is_the_leader_alone(ffsd_run):
 
 def test_state_dict_round_trip(ffsd_run, tmp_path):
     out = tmp_path / "leader.pt"
-    text = cli("export", ffsd_run, "--format", "state_dict", "--out", out)
+    text = helpers.cli("export", ffsd_run, "--format", "state_dict", "--out", out)
     assert f"wrote {out} (state_dict)" in text and "same logits as the method's deployed head" in text
     saved = torch.load(out, map_location="cpu", weights_only=True)
     net = create_model(saved["model"], saved["num_classes"]).eval()
@@ -127,7 +76,7 @@ def test_torchscript_round_trip(ffsd_run, torchscript_file):
 def test_onnx_matches_pytorch_in_onnxruntime(ffsd_run, tmp_path):
     pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
-    text = cli("export", ffsd_run, "--format", "onnx", "--out", tmp_path / "leader.onnx")
+    text = helpers.cli("export", ffsd_run, "--format", "onnx", "--out", tmp_path / "leader.onnx")
     assert "round trip (onnxruntime)" in text
     session = ort.InferenceSession(str(tmp_path / "leader.onnx"), providers=["CPUExecutionProvider"])
     for n in (1, 6):  # the batch dimension is dynamic
@@ -157,7 +106,7 @@ def test_predict_top5_on_png_files(ffsd_run, torchscript_file, cifar10_root, tmp
         path = tmp_path / f"img{i}.png"
         Image.fromarray(split.images[i].transpose(1, 2, 0)).resize(size).save(path)
         files.append(path)
-    text = cli("predict", ffsd_run, *files)
+    text = helpers.cli("predict", ffsd_run, *files)
     lines = text.strip().splitlines()
     assert lines[0] == str(files[0]) and lines[6] == str(files[1]) and len(lines) == 12
     for line in lines[1:6] + lines[7:12]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import math
 
+import helpers
 import pytest
 import torch
 import torch.nn.functional as F
@@ -513,28 +514,20 @@ def test_deployable_is_the_plain_leader_backbone():
 
 # ------------------------------------------------------------------------------------------------ end to end
 def test_end_to_end_every_head_and_loss_logged_and_resume_exact(cifar10_root, tmp_path):
-    from okd.config import load_config
     from okd.engine.checkpoint import load_checkpoint
     from okd.engine.run_log import read_metrics_csv
-    from okd.engine.trainer import config_from_run, train
 
     def overrides(name, epochs):
-        return [
-            f"data.root={cifar10_root}",
-            "data.download=false",
-            "data.limit_train=96",
-            "data.limit_test=100",
-            "data.batch_size=16",
-            "data.test_batch_size=100",
-            "train.max_steps_per_epoch=3",
-            f"train.epochs={epochs}",
-            "train.deterministic=true",
-            "train.progress=none",
-            f"output_dir={tmp_path}",
-            f"name={name}",
-        ]
+        settings = {
+            "data.limit_train": 96,
+            "data.limit_test": 100,
+            "data.batch_size": 16,
+            "data.test_batch_size": 100,
+            "train.max_steps_per_epoch": 3,
+        }
+        return helpers.quick_overrides(cifar10_root, tmp_path, name, epochs, settings)
 
-    run = train(load_config("configs/cifar10/ffsd_resnet20.yaml", overrides("full", 2)))
+    run, resumed = helpers.train_and_resume("configs/cifar10/ffsd_resnet20.yaml", overrides)
     rows = read_metrics_csv(run / "metrics.csv")
     assert [r["epoch"] for r in rows] == [1, 2]
     for key in keys_for() | {"loss"}:
@@ -547,13 +540,4 @@ def test_end_to_end_every_head_and_loss_logged_and_resume_exact(cifar10_root, tm
     assert rows[0]["train/stat/warmup"] == pytest.approx(math.exp(-5 * 0.64), rel=1e-5)
     deploy = load_checkpoint(run / "deploy.pt")
     create_model(deploy["model"], deploy["num_classes"]).load_state_dict(deploy["state_dict"])
-
-    first = train(load_config("configs/cifar10/ffsd_resnet20.yaml", overrides("split", 1)))
-    resumed = train(config_from_run(first, ["train.epochs=2"]), run_dir=first, resume=True)
-    a, b = load_checkpoint(run / "last.pt"), load_checkpoint(resumed / "last.pt")
-    for key, value in a["method"].items():
-        assert torch.equal(value, b["method"][key]), key
-    resumed_rows = read_metrics_csv(resumed / "metrics.csv")
-    strip = [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
-    again = [{k: v for k, v in r.items() if not k.startswith("time/")} for r in resumed_rows]
-    assert strip == again
+    helpers.assert_same_runs(run, resumed)

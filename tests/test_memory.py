@@ -131,15 +131,6 @@ def assert_flat(probe: Probe) -> None:
     assert len(set(probe.state_ptrs[after])) == 1, "method/optimizer state storages change after warm-up"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core host, spinning OpenMP threads make steps 10-100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(params=["baseline", "ffsd"])
 def method(request) -> str:
     if request.param == "ffsd":

@@ -31,15 +31,6 @@ CIFAR = sorted(SPEC)
 ALL = list_models()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small batch-2 convs are fastest single-threaded; OpenMP spin-waits badly on a busy 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _input(name: str, batch: int = 2) -> torch.Tensor:
     size = MODELS.info(name).get("input_size", (3, 32, 32))
     return torch.randn(batch, *size, generator=torch.Generator().manual_seed(0))

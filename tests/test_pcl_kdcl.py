@@ -7,6 +7,7 @@ import itertools
 import math
 from pathlib import Path
 
+import helpers
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,7 +17,7 @@ import okd.methods.pcl  # noqa: F401  (registers "pcl")
 from okd.config import OptimConfig, load_config
 from okd.engine.builder import build_optimization
 from okd.engine.checkpoint import load_checkpoint
-from okd.engine.trainer import config_from_run, train
+from okd.engine.trainer import train
 from okd.errors import ConfigError
 from okd.methods.base import Method, MethodContext
 from okd.methods.kdcl import (
@@ -403,40 +404,18 @@ def test_kdcl_params_validation():
 
 
 def quick(root: Path, out: Path, name: str, method: list[str], epochs: int) -> list[str]:
-    return [
-        f"data.root={root}",
-        "data.download=false",
-        "data.dataset=cifar10",
-        "data.limit_train=128",
-        "data.limit_test=64",
-        "data.batch_size=32",
-        "data.test_batch_size=64",
-        "train.max_steps_per_epoch=2",
-        f"train.epochs={epochs}",
-        "train.deterministic=true",
-        "train.progress=none",
-        "train.device=cpu",
-        "optim.milestones=[1]",
-        f"output_dir={out}",
-        f"name={name}",
-        "seed=3",
-        *method,
-    ]
-
-
-def assert_same(a, b, where: str = "") -> None:
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            assert_same(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, list | tuple):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
+    settings = {
+        "data.dataset": "cifar10",
+        "data.limit_train": 128,
+        "data.limit_test": 64,
+        "data.batch_size": 32,
+        "data.test_batch_size": 64,
+        "train.max_steps_per_epoch": 2,
+        "train.device": "cpu",
+        "optim.milestones": "[1]",
+        "seed": 3,
+    }
+    return [*helpers.quick_overrides(root, out, name, epochs, settings), *method]
 
 
 METHOD_RUNS = {
@@ -447,13 +426,13 @@ METHOD_RUNS = {
 
 @pytest.mark.parametrize("name", sorted(METHOD_RUNS))
 def test_trains_end_to_end_and_resumes_exactly(name, cifar10_root, tmp_path):
-    full = train(load_config(None, quick(cifar10_root, tmp_path, "full", METHOD_RUNS[name], 2)))
-    part = train(load_config(None, quick(cifar10_root, tmp_path, "part", METHOD_RUNS[name], 1)))
-    resumed = train(config_from_run(part, ["train.epochs=2"]), run_dir=part, resume=True)
+    full, resumed = helpers.train_and_resume(
+        None, lambda run, epochs: quick(cifar10_root, tmp_path, run, METHOD_RUNS[name], epochs)
+    )
     a, b = load_checkpoint(full / "last.pt"), load_checkpoint(resumed / "last.pt")
     assert a["epoch"] == b["epoch"] == 2
     for key in ("method", "optimizers", "schedulers"):
-        assert_same(a[key], b[key], key)
+        helpers.assert_same(a[key], b[key], key)
     row = a["history"][-1]
     if name == "pcl":
         assert int(a["method"]["ema_step"]) == 4  # 2 epochs x 2 steps
@@ -539,7 +518,6 @@ GOLDEN_KDCL_STEP = {
 def test_kdcl_general_rule_fits_weights_on_the_holdout_split(cifar10_root, tmp_path):
     from okd.config import load_config
     from okd.engine.checkpoint import load_checkpoint
-    from okd.engine.trainer import train
     from okd.errors import ConfigError
 
     base = [

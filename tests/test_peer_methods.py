@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import helpers
 import pytest
 import torch
 import torch.nn.functional as F
@@ -41,15 +42,7 @@ def batch(n: int = 4, seed: int = 1, size: int = 16) -> tuple[Tensor, Tensor]:
     return torch.randn(n, 3, size, size, generator=g), torch.randint(0, K, (n,), generator=g)
 
 
-def ref_kl(student: Tensor, target: Tensor, T: float, eps: float = 0.0) -> Tensor:
-    """T^2 (1/B) sum_b sum_k q (log q - log p), q = softmax(t/T) (+eps), written out by hand."""
-    q = torch.exp(target / T) / torch.exp(target / T).sum(1, keepdim=True) + eps
-    log_p = student / T - torch.logsumexp(student / T, dim=1, keepdim=True)
-    return T * T * (q * (q.log() - log_p)).sum() / student.shape[0]
-
-
-def ref_ce(z: Tensor, y: Tensor) -> Tensor:
-    return -(z - torch.logsumexp(z, 1, keepdim=True)).gather(1, y[:, None]).mean()
+ref_kl, ref_ce = helpers.ref_kl, helpers.ref_ce
 
 
 def summed(losses: dict[str, Tensor], pick=lambda k: True) -> Tensor:
@@ -640,26 +633,19 @@ def test_rampup_reference():
 
 # ---------------------------------------------------------------------------- end to end through the trainer
 def e2e_overrides(root: Path, out: Path, name: str, method: str, teacher: Path, epochs: int) -> list[str]:
-    overrides = {
+    settings = {
         "data.dataset": "cifar10",
-        "data.root": str(root),
-        "data.download": "false",
-        "data.limit_train": "32",
-        "data.limit_test": "20",
-        "data.batch_size": "8",
-        "data.test_batch_size": "20",
+        "data.limit_train": 32,
+        "data.limit_test": 20,
+        "data.batch_size": 8,
+        "data.test_batch_size": 20,
         "model.name": "resnet20",
-        "train.epochs": str(epochs),
-        "train.max_steps_per_epoch": "2",
-        "train.deterministic": "true",
-        "train.progress": "none",
-        "output_dir": str(out),
-        "name": name,
-        "seed": "3",
+        "train.max_steps_per_epoch": 2,
+        "seed": 3,
     }
     if method == "kd":
-        overrides.update({"method.teacher_model": "resnet20", "method.teacher_checkpoint": str(teacher)})
-    return [f"{k}={v}" for k, v in overrides.items()]
+        settings.update({"method.teacher_model": "resnet20", "method.teacher_checkpoint": teacher})
+    return helpers.quick_overrides(root, out, name, epochs, settings)
 
 
 @pytest.mark.slow
@@ -691,14 +677,7 @@ def test_trains_evaluates_every_head_and_resumes_exactly(name, cifar10_root, tea
 
     split = train(cfg("split", 1))
     split = train(cfg("split", 2), run_dir=split, resume=True)
-    a, b = load_checkpoint(straight / "last.pt"), load_checkpoint(split / "last.pt")
-    for key, value in a["method"].items():
-        assert torch.equal(value, b["method"][key]), key
-
-    def same(r: list[dict]) -> list[dict]:
-        return [{k: v for k, v in row.items() if not k.startswith("time/")} for row in r]
-
-    assert same(rows) == same(read_metrics_csv(split / "metrics.csv"))
+    helpers.assert_same_runs(straight, split)
 
 
 def test_average_accuracy_metrics():

@@ -2,37 +2,26 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import math
 import re
 import statistics
 import sys
-from contextlib import redirect_stdout
 from pathlib import Path
 
+import helpers
 import pytest
 import torch
 import yaml
 
 from okd.errors import OKDError
-from okd.report.commands import register_cli
 from okd.report.published import find_published, load_published
 from okd.report.tables import build_report, to_csv, to_markdown
 
 SPEC = Path(__file__).resolve().parent.parent.parent / "shared" / "spec" / "reported-results.md"
 CONFIG = "configs/cifar10/baseline_resnet20.yaml"
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a small shared CPU box, 2 OpenMP threads made these tiny runs ~50x slower."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def quick(root: Path) -> list[str]:
@@ -47,30 +36,6 @@ def quick(root: Path) -> list[str]:
         "train.max_steps_per_epoch=1",
         "train.progress=none",
     ]
-
-
-def cli(*argv: str) -> str:
-    parser = argparse.ArgumentParser(prog="okd")
-    register_cli(parser.add_subparsers(dest="command"))
-    args = parser.parse_args([str(a) for a in argv])
-    buf = io.StringIO()
-    with redirect_stdout(buf):
-        assert args.func(args) == 0
-    return buf.getvalue()
-
-
-def trained(tmp_path_factory, cifar10_root: Path, config: str, name: str, extra: list[str] = ()) -> Path:
-    """A short real run, trained once per session (shared by the test files through the base temp dir)."""
-    from okd.config import load_config
-    from okd.engine.trainer import train
-    from okd.report.runs import method_class
-
-    out = tmp_path_factory.getbasetemp() / "okd_runs"
-    if not (out / name / "deploy.pt").is_file():
-        method_class(yaml.safe_load((REPO / config).read_text())["method"]["name"])  # register it
-        overrides = [*quick(cifar10_root), "train.epochs=1", f"output_dir={out}", f"name={name}", "seed=1", *extra]
-        train(load_config(REPO / config, overrides))
-    return out / name
 
 
 # --------------------------------------------------------------------------------------------- published data
@@ -197,7 +162,7 @@ def seed_runs(tmp_path_factory, cifar10_root) -> list[Path]:
 
 
 def test_sweep_prints_commands(cifar10_root):
-    text = cli("sweep", REPO / CONFIG, "--seeds", "4", "5", "train.epochs=3", "--print")
+    text = helpers.cli("sweep", REPO / CONFIG, "--seeds", "4", "5", "train.epochs=3", "--print")
     lines = text.strip().splitlines()
     assert len(lines) == 2
     assert lines[0].endswith("train.epochs=3 seed=4 name=cifar10_baseline_resnet20_s4")
@@ -207,7 +172,7 @@ def test_sweep_prints_commands(cifar10_root):
 def test_report_three_seeds(seed_runs, tmp_path):
     assert [p.name for p in seed_runs] == ["base_s1", "base_s2", "base_s3"]
     md_path, csv_path = tmp_path / "r.md", tmp_path / "r.csv"
-    text = cli("report", *seed_runs, "--markdown", md_path, "--csv", csv_path)
+    text = helpers.cli("report", *seed_runs, "--markdown", md_path, "--csv", csv_path)
     assert md_path.read_text() in text
     from okd.engine.run_log import read_metrics_csv
 
@@ -229,7 +194,7 @@ def test_plot_curves(seed_runs, tmp_path):
     from PIL import Image
 
     out = tmp_path / "curves.png"
-    assert f"wrote {out}" in cli("plot", seed_runs[0], "--out", out)
+    assert f"wrote {out}" in helpers.cli("plot", seed_runs[0], "--out", out)
     with Image.open(out) as im:
         assert im.format == "PNG" and im.size[0] > 500
 
@@ -238,9 +203,9 @@ def test_attention_ffsd_students_and_leader(tmp_path_factory, cifar10_root, tmp_
     pytest.importorskip("matplotlib")
     from PIL import Image
 
-    run = trained(tmp_path_factory, cifar10_root, "configs/cifar10/ffsd_resnet20.yaml", "ffsd")
+    run = helpers.trained(tmp_path_factory, cifar10_root, "configs/cifar10/ffsd_resnet20.yaml", "ffsd")
     out = tmp_path / "att.png"
-    text = cli("attention", run, "--images", "4", "--out", out, "--similarity-images", "48")
+    text = helpers.cli("attention", run, "--images", "4", "--out", out, "--similarity-images", "48")
     assert "(student0, student1, leader)" in text
     assert "| student0 | student1 |" in text
     with Image.open(out) as im:
@@ -256,7 +221,6 @@ def test_attention_ffsd_students_and_leader(tmp_path_factory, cifar10_root, tmp_
 
 
 def test_attention_maps_and_similarity_math():
-    import torch
 
     from okd.report.attention import similarity
 

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import helpers
 import pytest
 import torch
 
@@ -25,27 +26,16 @@ CONFIG = "configs/cifar10/baseline_resnet20.yaml"
 
 
 def quick(root: Path, out: Path, name: str, epochs: int = 3, **extra: str) -> list[str]:
-    overrides = {
-        "data.root": str(root),
-        "data.download": "false",
-        "data.limit_train": "384",
-        "data.limit_test": "200",
-        "data.batch_size": "32",
-        "data.test_batch_size": "100",
+    settings = {
+        "data.limit_train": 384,
+        "data.limit_test": 200,
+        "data.batch_size": 32,
+        "data.test_batch_size": 100,
         "optim.milestones": "[2]",
-        "train.epochs": str(epochs),
-        "train.deterministic": "true",
         "train.progress": "log",
-        "output_dir": str(out),
-        "name": name,
-        "seed": "7",
+        "seed": 7,
     }
-    overrides.update(extra)
-    return [f"{k}={v}" for k, v in overrides.items()]
-
-
-def comparable(history: list[dict]) -> list[dict]:
-    return [{k: v for k, v in row.items() if not k.startswith("time/")} for row in history]
+    return helpers.quick_overrides(root, out, name, epochs, settings | extra)
 
 
 @pytest.fixture(scope="module")
@@ -90,15 +80,7 @@ def test_okd_test_reproduces_logged_accuracy(reference_run, capsys):
 def test_resume_is_bitwise_exact(reference_run, cifar10_root, tmp_path):
     first = train(load_config(CONFIG, quick(cifar10_root, tmp_path, "split", epochs=2)))
     resumed = train(config_from_run(first, ["train.epochs=3"]), run_dir=first, resume=True)
-    _assert_same_run(reference_run, resumed)
-
-
-def _assert_same_run(a: Path, b: Path) -> None:
-    sa, sb = load_checkpoint(a / "last.pt"), load_checkpoint(b / "last.pt")
-    assert sa["epoch"] == sb["epoch"]
-    for key, value in sa["method"].items():
-        assert torch.equal(value, sb["method"][key]), key
-    assert comparable(read_metrics_csv(a / "metrics.csv")) == comparable(read_metrics_csv(b / "metrics.csv"))
+    helpers.assert_same_runs(reference_run, resumed)
 
 
 def test_kill_9_mid_epoch_then_resume_matches(reference_run, cifar10_root, tmp_path):
@@ -121,7 +103,7 @@ def test_kill_9_mid_epoch_then_resume_matches(reference_run, cifar10_root, tmp_p
             proc.kill()
     assert load_checkpoint(run / "last.pt")["epoch"] == 2
     assert main(["train", "--resume", str(run)]) == 0
-    _assert_same_run(reference_run, run)
+    helpers.assert_same_runs(reference_run, run)
 
 
 def _digest(folder: Path) -> dict[str, str]:

@@ -31,8 +31,7 @@ class BranchParams:
 
     def validate(self) -> None:
         check_int("num_branches", self.num_branches, 1)
-        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"method.dropout must be in [0, 1) or null, got {self.dropout}")
+        check_dropout(self.dropout)
         if not -self.num_branches <= self.deploy_branch < self.num_branches:
             raise ConfigError(
                 f"method.deploy_branch={self.deploy_branch} is not a branch; choose 0..{self.num_branches - 1}"
@@ -43,6 +42,12 @@ class BranchParams:
 def check_int(key: str, value: int, low: int) -> None:
     if value < low:
         raise ConfigError(f"method.{key} must be >= {low}, got {value}")
+
+
+def check_dropout(dropout: float | None) -> None:
+    """``method.dropout`` (of branch classifiers that have one): in [0, 1), or null to keep the backbone's."""
+    if dropout is not None and not 0.0 <= dropout < 1.0:
+        raise ConfigError(f"method.dropout must be in [0, 1) or null, got {dropout}")
 
 
 def check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:

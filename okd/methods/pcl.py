@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from okd.errors import ConfigError
 from okd.methods.base import Method, MethodContext, ParamGroup, register_method, sgd_group
-from okd.methods.branch_base import check_distillation, check_int, ensemble_heads, scalar
+from okd.methods.branch_base import check_distillation, check_dropout, check_int, ensemble_heads, scalar
 from okd.models.multibranch import MultiBranchNet
 from okd.nn.losses import cross_entropy, kl_div_t, rampup_0based
 
@@ -64,8 +64,7 @@ class PCLParams:
     def validate(self) -> None:
         check_int("num_branches", self.num_branches, 2)
         check_distillation(self.temperature, self.kl_weight, self.rampup_length)
-        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"method.dropout must be in [0, 1) or null, got {self.dropout}")
+        check_dropout(self.dropout)
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"method.ema_decay must be in [0, 1), got {self.ema_decay}")
         if not 0 <= self.deploy_branch < self.num_branches:

@@ -21,10 +21,18 @@ def bn_one_zero_(bn: nn.modules.batchnorm._BatchNorm) -> None:
     nn.init.zeros_(bn.bias)
 
 
-def init_he_fan_out(model: nn.Module, zero_conv_bias: bool = False) -> None:
-    """He fan_out on every Conv2d, BN 1/0; Linear layers keep PyTorch's default."""
+def init_he_fan_out(
+    model: nn.Module,
+    zero_conv_bias: bool = False,
+    bn_types: tuple[type[nn.Module], ...] = (nn.BatchNorm2d, nn.BatchNorm1d),
+) -> None:
+    """He fan_out on every Conv2d, BN 1/0 on every module of ``bn_types``; Linear layers keep PyTorch's default.
+
+    The CIFAR GoogLeNet, WRN and DenseNet-40 pass ``bn_types=(nn.BatchNorm2d,)``: their reference
+    code touches 2-d BN only.
+    """
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             conv_he_fan_out_(m, zero_bias=zero_conv_bias)
-        elif isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d):
+        elif isinstance(m, bn_types):
             bn_one_zero_(m)

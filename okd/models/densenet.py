@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from okd.models._init import bn_one_zero_, conv_he_fan_out_
+from okd.models._init import bn_one_zero_, init_he_fan_out
 from okd.models.registry import register_model
 
 
@@ -104,11 +104,7 @@ class CifarDenseNet(nn.Module):
 def densenet40_12(num_classes: int = 100) -> CifarDenseNet:
     """FFSD DenseNet-40-12 (non-BC). Init: conv N(0, sqrt(2/(k^2 C_out))), BN 1/0, Linear default."""
     model = CifarDenseNet(40, 12, num_classes, bottleneck=False, compression=1.0)
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            conv_he_fan_out_(m)
-        elif isinstance(m, nn.BatchNorm2d):
-            bn_one_zero_(m)
+    init_he_fan_out(model, bn_types=(nn.BatchNorm2d,))
     return model
 
 

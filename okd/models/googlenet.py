@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from okd.models._init import bn_one_zero_, conv_he_fan_out_
+from okd.models._init import init_he_fan_out
 from okd.models.registry import register_model
 
 
@@ -56,11 +56,7 @@ class GoogLeNet(nn.Module):
         self.feature_dim = 1024
         self.tap_channels = (480, 832, 1024)
         self.fc = nn.Linear(1024, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                conv_he_fan_out_(m)
-            elif isinstance(m, nn.BatchNorm2d):
-                bn_one_zero_(m)
+        init_he_fan_out(self, bn_types=(nn.BatchNorm2d,))
 
     def head(self, feat: Tensor) -> Tensor:
         """Global average pool + fc of the deepest tap (inception b5's output)."""

@@ -22,7 +22,6 @@ class, so a ``deploy.pt`` of a branch method loads into ``create_model(backbone)
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -42,47 +41,24 @@ Parts = nn.ModuleDict
 
 @dataclass(frozen=True)
 class BranchSplit:
-    """Where a backbone family is cut: module names of the trunk and of each branch, and how to run them."""
+    """Where a backbone family is cut: module names of the trunk and of each branch, in the order they run."""
 
-    trunk: tuple[str, ...]
-    branch: tuple[str, ...]
+    trunk: tuple[str, ...]  # run in this order on the input
+    branch: tuple[str, ...]  # all but ``head`` run in this order on the trunk output; ``head`` runs last
     head: str  # the classifier module (input: the pooled, flattened final map)
     block: str  # the branch's main block (the one ``share_branch_block`` shares)
-    run_trunk: Callable[[Parts, Tensor], Tensor]
-    run_branch: Callable[[Parts, Tensor], Tensor]  # trunk output -> the branch's final map
     trunk_channels: Callable[[nn.Module], int]
 
-
-def _resnet_trunk(m: Parts, x: Tensor) -> Tensor:
-    return m["layer2"](m["layer1"](m["relu"](m["bn1"](m["conv1"](x)))))
-
-
-def _densenet_trunk(m: Parts, x: Tensor) -> Tensor:
-    return m["trans2"](m["dense2"](m["trans1"](m["dense1"](m["conv1"](x)))))
+    @property
+    def branch_body(self) -> tuple[str, ...]:
+        """The branch modules that produce its final map (every branch module but the classifier)."""
+        return tuple(n for n in self.branch if n != self.head)
 
 
-def _wrn_trunk(m: Parts, x: Tensor) -> Tensor:
-    return m["layer2"](m["layer1"](m["conv1"](x)))
-
-
-def _vgg_trunk(m: Parts, x: Tensor) -> Tensor:
-    return m["trunk_features"](x)
-
-
-def _resnet_branch(m: Parts, h: Tensor) -> Tensor:
-    return m["layer3"](h)
-
-
-def _bn_relu_branch(block: str, norm: str) -> Callable[[Parts, Tensor], Tensor]:
-    return functools.partial(_run_bn_relu_branch, block, norm)
-
-
-def _run_bn_relu_branch(block: str, norm: str, m: Parts, h: Tensor) -> Tensor:
-    return m["relu"](m[norm](m[block](h)))
-
-
-def _vgg_branch(m: Parts, h: Tensor) -> Tensor:
-    return m["branch_features"](h)
+def _run_in_order(parts: Parts, names: tuple[str, ...], x: Tensor) -> Tensor:
+    for n in names:
+        x = parts[n](x)
+    return x
 
 
 def _stage2_channels(net: nn.Module) -> int:
@@ -103,8 +79,6 @@ SPLITS: dict[type, BranchSplit] = {
         branch=("layer3", "fc"),
         head="fc",
         block="layer3",
-        run_trunk=_resnet_trunk,
-        run_branch=_resnet_branch,
         trunk_channels=_stage2_channels,
     ),
     CifarDenseNet: BranchSplit(
@@ -112,8 +86,6 @@ SPLITS: dict[type, BranchSplit] = {
         branch=("dense3", "bn", "relu", "fc"),
         head="fc",
         block="dense3",
-        run_trunk=_densenet_trunk,
-        run_branch=_bn_relu_branch("dense3", "bn"),
         trunk_channels=_densenet_trunk_channels,
     ),
     VGG16: BranchSplit(
@@ -121,8 +93,6 @@ SPLITS: dict[type, BranchSplit] = {
         branch=("branch_features", "classifier"),
         head="classifier",
         block="branch_features",
-        run_trunk=_vgg_trunk,
-        run_branch=_vgg_branch,
         trunk_channels=_vgg_trunk_channels,
     ),
     WideResNet: BranchSplit(
@@ -130,8 +100,6 @@ SPLITS: dict[type, BranchSplit] = {
         branch=("layer3", "bn1", "relu", "fc"),
         head="fc",
         block="layer3",
-        run_trunk=_wrn_trunk,
-        run_branch=_bn_relu_branch("layer3", "bn1"),
         trunk_channels=_stage2_channels,
     ),
 }
@@ -204,11 +172,11 @@ class MultiBranchNet(nn.Module):
 
     def trunk(self, x: Tensor) -> Tensor:
         """The shared trunk's output (e.g. B x 32 x 16 x 16 for ResNet-32)."""
-        return self.split.run_trunk(self.shared, x)
+        return _run_in_order(self.shared, self.split.trunk, x)
 
     def branch_map(self, h: Tensor, i: int) -> Tensor:
         """Branch ``i``'s final feature map (the map that feeds global pooling)."""
-        return self.split.run_branch(self.branches[i], h)
+        return _run_in_order(self.branches[i], self.split.branch_body, h)
 
     def branch_features(self, h: Tensor, i: int) -> Tensor:
         """Branch ``i``'s pooled penultimate feature, B x d."""

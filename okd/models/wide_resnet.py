@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from okd.models._init import bn_one_zero_, conv_he_fan_out_
+from okd.models._init import init_he_fan_out
 from okd.models.registry import register_model
 
 
@@ -60,11 +60,7 @@ class WideResNet(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(widths[2], num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                conv_he_fan_out_(m)
-            elif isinstance(m, nn.BatchNorm2d):
-                bn_one_zero_(m)
+        init_he_fan_out(self, bn_types=(nn.BatchNorm2d,))
 
     def head(self, feat: Tensor) -> Tensor:
         """Global average pool + fc of the deepest tap (the final BN->ReLU map)."""

@@ -14,34 +14,46 @@ from torch import Tensor, nn
 from okd.models._init import init_he_fan_out
 
 
-class FusionModule(nn.Module):
+class _DepthwisePointwise(nn.Module):
+    """Depthwise 3x3 ``in_channels`` + BN + ReLU, then 1x1 ``in_channels`` -> ``out_channels`` + BN + ReLU.
+
+    The two stages both blocks below share (module names ``conv1 bn1 relu1 conv2 bn2 relu2``).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, in_channels, 3, stride=1, padding=1, groups=in_channels, bias=False)
+        self.bn1 = nn.BatchNorm2d(in_channels)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(in_channels, out_channels, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.relu2 = nn.ReLU(inplace=True)
+
+    def _stages(self, x: Tensor) -> Tensor:
+        x = self.relu1(self.bn1(self.conv1(x)))
+        return self.relu2(self.bn2(self.conv2(x)))
+
+
+class FusionModule(_DepthwisePointwise):
     """Fusion module F over ``num_inputs`` maps of ``channels`` channels each (concatenated along C).
 
     Init: convs N(0, sqrt(2 / (k·k·C_out))), BN 1/0, Linear at the PyTorch default.
     """
 
     def __init__(self, channels: int, num_classes: int, num_inputs: int = 2) -> None:
-        super().__init__()
-        width = channels * num_inputs
+        super().__init__(channels * num_inputs, channels)
         self.channels = channels
         self.num_inputs = num_inputs
-        self.conv1 = nn.Conv2d(width, width, 3, stride=1, padding=1, groups=width, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.relu1 = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(width, channels, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(channels)
-        self.relu2 = nn.ReLU(inplace=True)
         self.fc = nn.Linear(channels, num_classes)
         init_he_fan_out(self)
 
     def forward(self, u: Tensor) -> tuple[Tensor, Tensor]:
         """``u``: B x (M·C) x H x W. Returns ``(logits B x K, fused map Φ B x C x H x W)``."""
-        x = self.relu1(self.bn1(self.conv1(u)))
-        phi = self.relu2(self.bn2(self.conv2(x)))
+        phi = self._stages(u)
         return self.fc(phi.mean(dim=(2, 3))), phi
 
 
-class TransFusionDecoder(nn.Module):
+class TransFusionDecoder(_DepthwisePointwise):
     """FFSD's leader decoder: C -> C depthwise 3x3 + BN + ReLU, 1x1 C -> M·C + BN + ReLU.
 
     Init as the CIFAR backbones' loop that creates it in the official code: convs N(0, sqrt(2/(k²·C_out))),
@@ -49,17 +61,9 @@ class TransFusionDecoder(nn.Module):
     """
 
     def __init__(self, channels: int, num_outputs: int = 2) -> None:
-        super().__init__()
-        width = channels * num_outputs
-        self.conv1 = nn.Conv2d(channels, channels, 3, stride=1, padding=1, groups=channels, bias=False)
-        self.bn1 = nn.BatchNorm2d(channels)
-        self.relu1 = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(channels, width, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(width)
-        self.relu2 = nn.ReLU(inplace=True)
+        super().__init__(channels, channels * num_outputs)
         init_he_fan_out(self)
 
     def forward(self, x: Tensor) -> Tensor:
         """``x``: B x C x H x W (the leader's deepest tap). Returns d_L: B x (M·C) x H x W."""
-        x = self.relu1(self.bn1(self.conv1(x)))
-        return self.relu2(self.bn2(self.conv2(x)))
+        return self._stages(x)

@@ -131,6 +131,19 @@ def _from_deploy_file(path: Path, cfg: dict | None) -> Deployable:
     return dep
 
 
+def _from_run_method(method, cfg, epoch: int | None, source: str) -> Deployable:
+    """The deployable network of a method rebuilt by ``load_run_method`` from the checkpoint ``source``."""
+    return _finish(
+        method.deployable(),
+        cfg.to_dict(),
+        model=cfg.run.model.name,
+        num_classes=int(method.ctx.num_classes),
+        method=cfg.method_name,
+        epoch=epoch,
+        source=source,
+    )
+
+
 def load_deployable(path: str | Path, which: str = "last", overrides: list[str] = (), check: bool = True) -> Deployable:
     """The deployable network of a run folder (``deploy.pt`` for ``last``; ``best.pt`` rebuilt), a deploy.pt or
     exported state_dict file, or a run checkpoint file. With ``check``, keeps the method's deployed head to
@@ -142,15 +155,7 @@ def load_deployable(path: str | Path, which: str = "last", overrides: list[str] 
             dep = _from_deploy_file(path / "deploy.pt", cfg)
         else:
             method, c, ckpt_path = load_run_method(path, which, overrides)
-            dep = _finish(
-                method.deployable(),
-                c.to_dict(),
-                model=c.run.model.name,
-                num_classes=int(method.ctx.num_classes),
-                method=c.method_name,
-                epoch=load_checkpoint(ckpt_path).get("epoch"),
-                source=str(ckpt_path),
-            )
+            dep = _from_run_method(method, c, load_checkpoint(ckpt_path).get("epoch"), str(ckpt_path))
         if check and (path / f"{which}.pt").is_file():
             dep.training_head = _training_head(path, which, overrides)
         return dep
@@ -162,15 +167,7 @@ def load_deployable(path: str | Path, which: str = "last", overrides: list[str] 
         return _from_deploy_file(path, cfg)
     if "config" in ckpt and "method" in ckpt:
         method, c, _ = load_run_method(path, overrides=overrides)
-        dep = _finish(
-            method.deployable(),
-            c.to_dict(),
-            model=c.run.model.name,
-            num_classes=int(method.ctx.num_classes),
-            method=c.method_name,
-            epoch=ckpt.get("epoch"),
-            source=str(path),
-        )
+        dep = _from_run_method(method, c, ckpt.get("epoch"), str(path))
         if check:
             head = method.deploy_head
             dep.training_head = (lambda x: method.eval_outputs(x)[head]) if head else None

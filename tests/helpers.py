@@ -1,0 +1,141 @@
+"""Helpers shared by the test files (``import helpers``: pytest puts ``tests/`` on ``sys.path``).
+
+- independent loss references written out by hand (``ref_kl``, ``ref_ce``);
+- short deterministic runs on the ``cifar10_root`` fixture (``quick_overrides``, ``train_and_resume``) and bitwise
+  comparisons of two runs (``assert_same``, ``assert_same_runs``);
+- the report commands (``cli``) and the short runs that test_export.py and test_report.py share (``trained``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+from collections.abc import Callable
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import torch
+import yaml
+from torch import Tensor
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# ------------------------------------------------------------------------------------------- loss references
+def ref_kl(student: Tensor, target: Tensor, T: float, eps: float = 0.0) -> Tensor:
+    """T^2 (1/B) sum_b sum_k q (log q - log p), q = softmax(t/T) (+eps), written out by hand."""
+    q = torch.exp(target / T) / torch.exp(target / T).sum(1, keepdim=True) + eps
+    log_p = student / T - torch.logsumexp(student / T, dim=1, keepdim=True)
+    return T * T * (q * (q.log() - log_p)).sum() / student.shape[0]
+
+
+def ref_ce(z: Tensor, y: Tensor) -> Tensor:
+    return -(z - torch.logsumexp(z, 1, keepdim=True)).gather(1, y[:, None]).mean()
+
+
+# ------------------------------------------------------------------------------------------------ short runs
+def quick_overrides(root: Path, out: Path, name: str, epochs: int, settings: dict[str, object] = {}) -> list[str]:  # noqa: B006
+    """``key=value`` overrides of a short deterministic run on the CIFAR-10 folder ``root`` (no download, no
+    progress bar), written to ``out/name``; ``settings`` adds or replaces keys (limits, batch sizes, seed, method)."""
+    overrides: dict[str, object] = {
+        "data.root": root,
+        "data.download": "false",
+        "train.epochs": epochs,
+        "train.deterministic": "true",
+        "train.progress": "none",
+        "output_dir": out,
+        "name": name,
+    }
+    overrides.update(settings)
+    return [f"{k}={v}" for k, v in overrides.items()]
+
+
+def train_and_resume(config: str | Path | None, overrides: Callable[[str, int], list[str]], epochs: int = 2):
+    """Train ``epochs`` epochs straight (run ``full``) and ``epochs - 1`` then resumed to ``epochs`` (run ``split``).
+
+    ``overrides(name, epochs)`` gives the overrides of each run. Returns both run folders."""
+    from okd.config import load_config
+    from okd.engine.trainer import config_from_run, train
+
+    full = train(load_config(config, overrides("full", epochs)))
+    split = train(load_config(config, overrides("split", epochs - 1)))
+    resumed = train(config_from_run(split, [f"train.epochs={epochs}"]), run_dir=split, resume=True)
+    return full, resumed
+
+
+def comparable(history: list[dict]) -> list[dict]:
+    """Metric rows without the timings (the only values two identical runs may differ in)."""
+    return [{k: v for k, v in row.items() if not k.startswith("time/")} for row in history]
+
+
+def assert_same(a, b, where: str = "") -> None:
+    """Bitwise equality of two nested checkpoint values (tensors, dicts, lists, tuples, plain values)."""
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def assert_same_runs(a: Path, b: Path, metrics: bool = True) -> tuple[dict, dict]:
+    """Two run folders ended at the same epoch with bitwise-equal method state (every tensor of ``a``'s) and,
+    with ``metrics``, the same metric rows but for timings. Returns both ``last.pt`` checkpoints."""
+    from okd.engine.checkpoint import load_checkpoint
+    from okd.engine.run_log import read_metrics_csv
+
+    sa, sb = load_checkpoint(a / "last.pt"), load_checkpoint(b / "last.pt")
+    assert sa["epoch"] == sb["epoch"]
+    for key, value in sa["method"].items():
+        assert torch.equal(value, sb["method"][key]), key
+    if metrics:
+        assert comparable(read_metrics_csv(a / "metrics.csv")) == comparable(read_metrics_csv(b / "metrics.csv"))
+    return sa, sb
+
+
+# ---------------------------------------------------------------------------------------- report and export
+def cli(*argv) -> str:
+    """Run an ``okd`` report subcommand in-process; asserts exit status 0 and returns its stdout."""
+    from okd.report.commands import register_cli
+
+    parser = argparse.ArgumentParser(prog="okd")
+    register_cli(parser.add_subparsers(dest="command"))
+    args = parser.parse_args([str(a) for a in argv])
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        assert args.func(args) == 0
+    return buf.getvalue()
+
+
+def trained(tmp_path_factory, cifar10_root: Path, config: str, name: str, extra: list[str] = ()) -> Path:
+    """A short real run, trained once per session (shared by the test files through the base temp dir)."""
+    from okd.config import load_config
+    from okd.engine.trainer import train
+    from okd.report.runs import method_class
+
+    out = tmp_path_factory.getbasetemp() / "okd_runs"
+    if not (out / name / "deploy.pt").is_file():
+        method_class(yaml.safe_load((REPO / config).read_text())["method"]["name"])  # register it
+        overrides = [
+            f"data.root={cifar10_root}",
+            "data.download=false",
+            "data.limit_train=64",
+            "data.limit_test=64",
+            "data.batch_size=16",
+            "data.test_batch_size=64",
+            "train.max_steps_per_epoch=1",
+            "train.progress=none",
+            "train.epochs=1",
+            f"output_dir={out}",
+            f"name={name}",
+            "seed=1",
+            *extra,
+        ]
+        train(load_config(REPO / config, overrides))
+    return out / name
