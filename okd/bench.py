@@ -1,6 +1,6 @@
 """``okd bench``: time a config's training step, side by side with the standard-recipe reference path.
 
-Two paths run in the same process, one after the other, on the same device and data:
+Two paths run in the same process, on the same device and data:
 
 - **okd**: the library's step (``okd.engine.step.StepRunner``) on the device-resident loader, with the config's
   precision / channels_last / compile switches, one backward of the summed loss dict, every optimizer stepped,
@@ -11,10 +11,11 @@ Two paths run in the same process, one after the other, on the same device and d
   (FFSD: students one by one, fusion, leader, SD modules; ``methods.md`` §1.5), with a ``.item()`` per
   component as the reference code's loss meters do.
 
-Each path runs ``warmup`` untimed steps (compile warm-up included there), then ``steps`` timed steps split into
-``windows`` windows; the reported images/s is the median over windows. Timing: CUDA events on a GPU, wall clock
-on the CPU; data loading is inside the timed region for both paths. FLOPs convention: the MACs of every
-Conv2d / ConvTranspose2d / Linear call of one real ``training_step`` forward (all networks and auxiliary
+Each path is built and runs ``warmup`` untimed steps (compile warm-up included there; its peak memory is measured
+here), one path after the other; then ``steps`` timed steps per path, split into ``windows`` windows that alternate
+between the paths (ABBA), and the reported images/s is each path's median over its windows. Timing: CUDA events
+on a GPU, wall clock on the CPU; data loading is inside the timed region for both paths. FLOPs convention: the MACs
+of every Conv2d / ConvTranspose2d / Linear call of one real ``training_step`` forward (all networks and auxiliary
 modules, forward-only target passes included), per image; FLOPs = 2 x MACs x 3 (forward + backward).
 """
 
@@ -562,11 +563,12 @@ def build_optimizers(method: nn.Module, cfg: Config) -> tuple[list[str], list[to
 
 
 def cohort_macs(cfg: Config, split: Split, device: torch.device) -> MacCount:
-    """:func:`count_step_macs` of the config's method on one batch of ``split`` (fp32, eager)."""
+    """:func:`count_step_macs` of the config's method on one batch of ``split`` (fp32, eager, contiguous)."""
     from okd.engine.builder import build_method
     from okd.methods import METHODS
 
-    loader = okd_loader(split, dataclasses.replace(cfg, run=_fp32_run(cfg)), device, METHODS.get(cfg.method_name).views)
+    views = METHODS.get(cfg.method_name).views
+    loader = okd_loader(split, dataclasses.replace(cfg, run=_contiguous_run(cfg)), device, views)
     x, y = next(iter(loader))
     method = build_method(cfg, _num_classes(cfg)).to(device)
     macs = count_step_macs(method, x, y, backward=True)  # the backward: one-time setup is not charged to a path
@@ -574,7 +576,7 @@ def cohort_macs(cfg: Config, split: Split, device: torch.device) -> MacCount:
     return macs
 
 
-def _fp32_run(cfg: Config):
+def _contiguous_run(cfg: Config):
     return dataclasses.replace(cfg.run, train=dataclasses.replace(cfg.run.train, channels_last=False))
 
 
@@ -813,25 +815,24 @@ def command_line(args: argparse.Namespace) -> str:
     return " ".join(shlex.quote(p) for p in parts)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m okd.bench CONFIG [key=value ...] [options]`` (the same as ``okd bench``)."""
-    parser = argparse.ArgumentParser(prog="python -m okd.bench")
-    register_cli(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
+def main(argv: list[str] | None = None, prog: str = "python -m okd.bench") -> int:
+    """``python -m okd.bench CONFIG [key=value ...] [options]``, the same as ``okd bench``.
+
+    Also the lazy way to wire the CLI without importing torch at start-up: a ``bench`` subparser that takes
+    ``argparse.REMAINDER`` and calls ``okd.bench.main(rest, prog="okd bench")``.
+    """
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        return args.func(args)
+        return cmd_bench(args)
     except OKDError as exc:
         print(f"okd bench: error: {exc}", file=sys.stderr)
         return 2
 
 
-def register_cli(subparsers) -> None:
-    """Add ``okd bench`` to the CLI's subparsers."""
-    p = subparsers.add_parser(
-        "bench",
-        help="time a config's training step against the standard-recipe reference path",
-        description=__doc__.split("\n\n")[0],
-    )
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``okd bench``."""
     p.add_argument("items", nargs="+", metavar="CONFIG [key=value ...]", help="YAML config then overrides")
     p.add_argument("--steps", type=int, default=20, help="timed steps per path (default 20)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first, compile included (default 5)")
@@ -845,6 +846,16 @@ def register_cli(subparsers) -> None:
     p.add_argument("--synthetic", action="store_true", help="synthetic uint8 data even if the dataset is present")
     p.add_argument("--check-syncs", action="store_true", help="GPU: count synchronising calls in one okd step")
     p.add_argument("--csv", default="results/bench.csv", help="append rows here ('' to skip)")
+
+
+def register_cli(subparsers) -> None:
+    """Add ``okd bench`` to the CLI's subparsers (``args.func(args)`` runs it)."""
+    p = subparsers.add_parser(
+        "bench",
+        help="time a config's training step against the standard-recipe reference path",
+        description=__doc__.split("\n\n")[0],
+    )
+    add_arguments(p)
     p.set_defaults(func=cmd_bench)
 
 

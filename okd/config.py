@@ -66,7 +66,7 @@ class TrainConfig:
     progress: str = "auto"  # auto | bar | log | none
     max_steps_per_epoch: int | None = None
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; losses in float32; fp16 uses a GradScaler)
-    channels_last: bool = False
+    channels_last: bool = True  # measured 1.25x on CPU (fp32) and part of the 1.75-2.15x with bf16; see benchmarks
     compile: bool = False
     compile_mode: str = "default"  # default | reduce-overhead | max-autotune
     tf32: bool = True

@@ -85,7 +85,7 @@ def average_accuracy(metrics: dict[str, float], heads: list[str], name: str) -> 
 
 def scalar(value: float, like: Tensor) -> Tensor:
     """A logged constant (``stat/...``) on the device of ``like``."""
-    return torch.tensor(float(value), device=like.device)
+    return like.new_full((), float(value), dtype=torch.float32)  # no host-to-device copy
 
 
 class BranchMethod(Method):

@@ -149,8 +149,8 @@ def fit_linear_weights(logits: list[Tensor], labels: Tensor, iters: int = 20, ri
     m, b, k = z.shape
     onehot = F.one_hot(labels, k).to(z.dtype)
     w = torch.full((m,), 1.0 / m, dtype=z.dtype, device=z.device)
-    steps = torch.tensor([1.0, 0.5, 0.25], dtype=z.dtype, device=z.device).view(-1, 1)
-    gsteps = torch.tensor([1.0, 4.0, 16.0], dtype=z.dtype, device=z.device).view(-1, 1)
+    powers = torch.arange(3, dtype=z.dtype, device=z.device).view(-1, 1)
+    steps, gsteps = 0.5**powers, 4.0**powers  # [1, 1/2, 1/4] and [1, 4, 16], made on the device
     for _ in range(iters):
         p = torch.softmax(torch.einsum("m,mbk->bk", w, z), dim=1)
         g = torch.einsum("bk,mbk->m", p - onehot, z) / b

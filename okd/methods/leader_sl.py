@@ -94,7 +94,7 @@ class LeaderStrategy(nn.Module):
         }
         if self.decoder is not None:
             losses["leader/decoder"] = lam * normalized_l2(attention_map(self.decoder(a_l)), attention_map(u))
-        losses["stat/fusion_weight"] = torch.tensor(lam, device=z_l.device)
+        losses["stat/fusion_weight"] = z_l.new_full((), float(lam), dtype=torch.float32)
         return losses
 
     def heads(self, images: Tensor, peer_maps: list[Tensor]) -> dict[str, Tensor]:
