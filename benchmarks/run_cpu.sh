@@ -23,9 +23,9 @@ DATA=()
 if [[ -n "${DATA_ROOT:-}" ]]; then DATA=("data.root=$DATA_ROOT"); fi
 
 declare -A FLAGS=(
-  [fp32]=""
+  [fp32]="train.channels_last=false"
   [cl]="train.channels_last=true"
-  [bf16]="train.precision=bf16"
+  [bf16]="train.precision=bf16 train.channels_last=false"
   [bf16_cl]="train.precision=bf16 train.channels_last=true"
   [bf16_cl_compile]="train.precision=bf16 train.channels_last=true train.compile=true"
 )
