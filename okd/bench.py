@@ -308,13 +308,13 @@ def _cycle_reference(loader, device: torch.device) -> Iterator:
 
 
 # ----------------------------------------------------------------------------------------- the reference step
-def _graph_nodes(loss: Tensor) -> dict[int, object]:
-    """The autograd nodes (``AccumulateGrad`` of parameters included) reachable from ``loss``, by id.
+def graph_nodes(*tensors: Tensor) -> dict[int, object]:
+    """The autograd nodes (``AccumulateGrad`` of parameters included) reachable from the tensors, by id.
 
     The node objects are returned with their ids: holding them keeps the ids unique across several walks.
     """
     seen: dict[int, object] = {}
-    stack = [loss.grad_fn]
+    stack = [t.grad_fn for t in tensors]
     while stack:
         node = stack.pop()
         if node is None or id(node) in seen:
@@ -351,7 +351,7 @@ class ReferenceStep:
             why = "one optimizer" if len(self.opts) == 1 else f"loss prefixes {unknown} name no param group"
             self.plan, self.description = [single], f"1 backward + {len(all_opts)} optimizer step(s) ({why})"
             return
-        reach = [_graph_nodes(sum(losses[k] for k in ks)) for ks in comps.values()]
+        reach = [graph_nodes(sum(losses[k] for k in ks)) for ks in comps.values()]
         shared = any(reach[i].keys() & reach[j].keys() for i in range(len(reach)) for j in range(i + 1, len(reach)))
         if shared:
             self.plan, self.description = [single], "1 backward + all optimizer steps (components share a graph)"

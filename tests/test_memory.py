@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 
+from okd.bench import graph_nodes
 from okd.config import load_config
 from okd.engine import step as step_module
 from okd.engine.trainer import train
@@ -49,15 +50,7 @@ def live_tensors() -> list[torch.Tensor]:
 
 def graph_nodes_alive(tensors: list[torch.Tensor]) -> int:
     """Autograd nodes reachable from the ``grad_fn`` of the given (live) tensors."""
-    stack = [t.grad_fn for t in tensors if t.grad_fn is not None]
-    seen: dict[int, object] = {}
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen[id(node)] = node
-        stack.extend(n for n, _ in node.next_functions)
-    return len(seen)
+    return len(graph_nodes(*(t for t in tensors if t.grad_fn is not None)))
 
 
 class Probe:
