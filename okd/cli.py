@@ -70,12 +70,14 @@ def cmd_test(args: argparse.Namespace) -> int:
 
 def cmd_models(args: argparse.Namespace) -> int:
     from okd.models import count_macs, count_parameters, create_model, list_models
+    from okd.models.registry import MODELS
 
-    print(f"{'model':<22} {'params (K=' + str(args.num_classes) + ')':>16} {'MACs (32x32)':>14}")
+    print(f"{'model':<22} {'params (K=' + str(args.num_classes) + ')':>16} {'MACs per image':>16}  input")
     for name in list_models():
         net = create_model(name, args.num_classes)
-        macs = count_macs(net, (1, 3, 32, 32))
-        print(f"{name:<22} {count_parameters(net):>16,} {macs / 1e6:>12.2f} M")
+        side = 224 if MODELS.info(name).get("stem") == "imagenet" else 32  # each model's native resolution
+        macs = count_macs(net, (1, 3, side, side))
+        print(f"{name:<22} {count_parameters(net):>16,} {macs / 1e6:>14.2f} M  {side}x{side}")
     return 0
 
 
