@@ -64,6 +64,12 @@ class StepRunner:
         """Wrap the whole cohort in one DistributedDataParallel so all gradients share buckets."""
         from torch.nn.parallel import DistributedDataParallel
 
+        if self.method.manual_optimization:
+            raise ConfigError(
+                "this method configuration steps its optimizers one by one within a step (e.g. DML's "
+                "method.alternate_updates=true), which DistributedDataParallel cannot synchronise; run it in "
+                "one process or switch that option off"
+            )
         if cfg.sync_bn:
             if self.device.type != "cuda":
                 raise ConfigError("train.sync_bn=true needs CUDA devices (SyncBatchNorm has no CPU kernel)")
@@ -74,21 +80,35 @@ class StepRunner:
             find_unused_parameters=cfg.find_unused_parameters,
         )
 
-    def step(self, images: Tensor | list[Tensor], labels: Tensor, epoch: int) -> tuple[dict[str, Tensor], Tensor]:
-        with autocast(self.cfg, self.device):
-            losses = self.model(images, labels, epoch)
-        total = sum(v for k, v in losses.items() if not k.startswith("stat/"))
-        for opt in self.optimizers:
+    def zero_grad(self, index: int | None = None) -> None:
+        for opt in self.optimizers if index is None else [self.optimizers[index]]:
             opt.zero_grad(set_to_none=True)
-        if self.scaler is None:
-            total.backward()
-            for opt in self.optimizers:
+
+    def backward(self, loss: Tensor) -> None:
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+
+    def step_optimizer(self, index: int | None = None) -> None:
+        """Step one optimizer (or all); with fp16 through the grad scaler, updated after each call."""
+        for opt in self.optimizers if index is None else [self.optimizers[index]]:
+            if self.scaler is None:
                 opt.step()
-        else:
-            self.scaler.scale(total).backward()
-            for opt in self.optimizers:
+            else:
                 self.scaler.step(opt)
+        if self.scaler is not None:
             self.scaler.update()
+
+    def step(self, images: Tensor | list[Tensor], labels: Tensor, epoch: int) -> tuple[dict[str, Tensor], Tensor]:
+        if self.method.manual_optimization:
+            with autocast(self.cfg, self.device):
+                losses = self.method.manual_step(images, labels, epoch, self)
+            total = sum(v for k, v in losses.items() if not k.startswith("stat/"))
+        else:
+            with autocast(self.cfg, self.device):
+                losses = self.model(images, labels, epoch)
+            total = sum(v for k, v in losses.items() if not k.startswith("stat/"))
+            self.zero_grad()
+            self.backward(total)
+            self.step_optimizer()
         for sched in self.schedulers:
             sched.step()
         self.method.after_optimizer_step()

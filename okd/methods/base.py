@@ -106,6 +106,17 @@ class Method(nn.Module):
         """Metrics named ``<key>`` reporting "any of these heads is correct" (an oracle, not an ensemble)."""
         return {}
 
+    @property
+    def manual_optimization(self) -> bool:
+        """True when the method interleaves forwards and optimizer steps itself (see ``manual_step``)."""
+        return False
+
+    def manual_step(self, images: Tensor | list[Tensor], labels: Tensor, epoch: int, runner) -> dict[str, Tensor]:
+        """One step for methods whose reference algorithm steps some optimizers before later forwards (DML's
+        alternating updates). Use ``runner.zero_grad(i)``, ``runner.backward(loss)`` and ``runner.step(i)``
+        (optimizer ``i`` = the i-th ParamGroup); return detached losses for logging."""
+        raise NotImplementedError
+
     def after_optimizer_step(self) -> None:
         """Called after every optimizer step (e.g. to update an EMA copy)."""
 

@@ -10,15 +10,18 @@ net, every net's loss from one shared forward; with detached targets one backwar
 per-net steps). The OKDDip-repo variant is ``num_nets=4 detach_targets=false target=mean_of_others
 target_eps=1e-7`` (T = 3 is the default here too); it used one joint backward, which is what the trainer does.
 
-Not provided: the DML paper's *alternating* updates (net 1 steps, predictions are recomputed, then net 2
-steps). The method contract backpropagates one summed loss per step and then steps every optimizer, so a
-second forward after a first optimizer step cannot be expressed.
+``alternate_updates=true`` is the DML paper's algorithm: within a step, net 0 computes its loss against the
+peers' current predictions and steps; then the peers' predictions are recomputed (no grad) and net 1 steps,
+and so on (the method drives its optimizers through ``manual_step``; single process only). The peers'
+recomputed forwards run in train mode, as in the paper's loop, so their BatchNorm running statistics see
+each batch once per net.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from okd.errors import ConfigError
@@ -41,11 +44,18 @@ class DMLParams:
     target_eps: float = 0.0
     #: which net ``deploy.pt`` holds
     deploy_net: int = 0
+    #: the DML paper's alternating updates: net i steps before net i+1 recomputes its targets
+    alternate_updates: bool = False
 
     def validate(self) -> None:
         check_int("num_nets", self.num_nets, 2)
         check_choice("target", self.target, ("pairwise", "mean_of_others"))
         check_distillation(self.temperature, self.kl_weight, 0, self.target_eps)
+        if self.alternate_updates and not self.detach_targets:
+            raise ConfigError(
+                "method.alternate_updates=true recomputes the peers' predictions as fixed targets; "
+                "it needs method.detach_targets=true"
+            )
         if not 0 <= self.deploy_net < self.num_nets:
             raise ConfigError(f"method.deploy_net={self.deploy_net} is not a net; choose 0..{self.num_nets - 1}")
 
@@ -87,6 +97,25 @@ class DML(Method):
 
     def training_step(self, images: Tensor, labels: Tensor, epoch: int) -> dict[str, Tensor]:
         return dml_losses([net(images) for net in self.nets], labels, self.hp)
+
+    @property
+    def manual_optimization(self) -> bool:
+        return self.hp.alternate_updates
+
+    def manual_step(self, images: Tensor, labels: Tensor, epoch: int, runner) -> dict[str, Tensor]:
+        """Alternating updates: net i's loss uses the peers' predictions after nets 0..i-1 have stepped."""
+        losses: dict[str, Tensor] = {}
+        for i, net in enumerate(self.nets):
+            with torch.no_grad():
+                logits = [None if j == i else peer(images) for j, peer in enumerate(self.nets)]
+            logits[i] = net(images)
+            ce = cross_entropy(logits[i], labels)
+            kl = self.hp.kl_weight * dml_kl(logits, i, self.hp)
+            runner.zero_grad(i)
+            runner.backward(ce + kl)
+            runner.step_optimizer(i)
+            losses[f"net{i}/ce"], losses[f"net{i}/kl"] = ce.detach(), kl.detach()
+        return losses
 
     def net_heads(self, logits: list[Tensor]) -> dict[str, Tensor]:
         heads = {f"net{i}": z for i, z in enumerate(logits)}

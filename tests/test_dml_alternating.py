@@ -1,0 +1,92 @@
+"""DML's alternating updates (the DML paper's algorithm) through the manual-step contract."""
+
+from __future__ import annotations
+
+import copy
+
+import helpers
+import pytest
+import torch
+import torch.nn.functional as F
+
+from okd.config import OptimConfig, TrainConfig, load_config
+from okd.engine.builder import build_optimization
+from okd.engine.distributed import DistContext
+from okd.engine.step import StepRunner
+from okd.errors import ConfigError
+from okd.methods.base import MethodContext
+from okd.methods.dml import DML, DMLParams
+
+CONFIG = "configs/cifar100/dml_resnet32.yaml"
+
+
+def make_dml(**params) -> DML:
+    torch.manual_seed(0)
+    hp = DMLParams(alternate_updates=True, **params)
+    hp.validate()
+    return DML(MethodContext(model="resnet20", num_classes=10, optim=OptimConfig(), params=hp, epochs=1))
+
+
+def reference_alternating(nets, images, labels, T: float, recompute: bool) -> None:
+    """Plain-PyTorch DML steps: net i against the peers' predictions, recomputed after each step (or not)."""
+    opts = [torch.optim.SGD(n.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4) for n in nets]
+    with torch.no_grad():
+        frozen = [n(images) for n in nets] if not recompute else None
+    for i, (net, opt) in enumerate(zip(nets, opts, strict=True)):
+        with torch.no_grad():
+            peers = (
+                [n(images) for j, n in enumerate(nets) if j != i]
+                if recompute
+                else [z for j, z in enumerate(frozen) if j != i]
+            )
+        z = net(images)
+        kl = sum(helpers.ref_kl(z, p, T) for p in peers) / len(peers)
+        opt.zero_grad()
+        (F.cross_entropy(z, labels) + kl).backward()
+        opt.step()
+
+
+def test_each_net_steps_against_the_peers_current_predictions():
+    method = make_dml(temperature=3.0)
+    reference = copy.deepcopy(list(method.nets))
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 3, 5, 9])
+    cfg = load_config(CONFIG, ["model.name=resnet20", "data.dataset=cifar10", "method.alternate_updates=true"])
+    plan = build_optimization(method, cfg)
+    runner = StepRunner(method, plan.optimizers, TrainConfig(channels_last=False), torch.device("cpu"))
+    losses, total = runner.step(images, labels, 0)
+    assert set(losses) == {"net0/ce", "net0/kl", "net1/ce", "net1/kl"}
+    assert all(not v.requires_grad for v in losses.values())
+
+    stale = copy.deepcopy(reference)
+    reference_alternating(reference, images, labels, 3.0, recompute=True)
+    reference_alternating(stale, images, labels, 3.0, recompute=False)
+    for got, want in zip(method.nets, reference, strict=True):
+        for (name, p), q in zip(got.state_dict().items(), want.state_dict().values(), strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    # net 1 really used net 0's updated predictions: without recomputation its weights differ
+    assert not torch.allclose(method.nets[1].fc.weight, stale[1].fc.weight, atol=1e-7)
+
+
+def test_alternating_updates_need_detached_targets_and_one_process():
+    with pytest.raises(ConfigError, match="detach_targets"):
+        DMLParams(alternate_updates=True, detach_targets=False).validate()
+    method = make_dml()
+    runner = StepRunner(method, [], TrainConfig(), torch.device("cpu"))
+    with pytest.raises(ConfigError, match="one process"):
+        runner.wrap_distributed(DistContext(rank=0, world_size=2), TrainConfig())
+
+
+def test_alternating_dml_trains_and_resumes_exactly(cifar10_root, tmp_path):
+    settings = {
+        "model.name": "resnet20",
+        "data.dataset": "cifar10",
+        "method.alternate_updates": "true",
+        "data.limit_train": 96,
+        "data.limit_test": 50,
+        "data.batch_size": 32,
+        "train.max_steps_per_epoch": 2,
+    }
+    full, resumed = helpers.train_and_resume(
+        CONFIG, lambda name, epochs: helpers.quick_overrides(cifar10_root, tmp_path, name, epochs, settings)
+    )
+    helpers.assert_same_runs(full, resumed)
