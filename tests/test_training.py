@@ -140,3 +140,17 @@ def test_bad_inputs_fail_cleanly_without_damage(reference_run, cifar10_root, tmp
     (corrupt / "last.pt").write_bytes(b"not a checkpoint")
     assert main(["test", str(corrupt)]) == 2
     assert "cannot be read" in capsys.readouterr().err
+
+
+def test_tensorboard_logging_writes_every_epoch(cifar10_root, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    overrides = quick(
+        cifar10_root, tmp_path, "board", epochs=2, **{"train.tensorboard": "true", "train.max_steps_per_epoch": "2"}
+    )
+    run = train(load_config(CONFIG, overrides))
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("test/net/top1")] == [1, 2]
+    assert "train/net/ce" in events.Tags()["scalars"]

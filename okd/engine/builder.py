@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from okd.config import Config
 from okd.engine.schedules import build_scheduler
@@ -137,7 +136,3 @@ def build_optimization(method: Method, cfg: Config, steps_per_epoch: int = 1) ->
     return OptimizationPlan(
         [g.name for g in groups], optimizers, [b[0] for b in built], [b[1] for b in built], lr_factor=factor
     )
-
-
-def count_trainable(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
