@@ -192,9 +192,15 @@ def parse_overrides(overrides: list[str]) -> DictConfig:
 def load_raw(path: str | Path | None) -> DictConfig:
     if path is None:
         return OmegaConf.create({})
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist; see configs/ for examples")
+    from okd.configs import resolve_config
+
+    found = resolve_config(path)
+    if found is None:
+        raise ConfigError(
+            f"config file {str(path)!r} does not exist, and no packaged config has that name; "
+            "`okd configs` lists the packaged ones (e.g. cifar100/ffsd_resnet32)"
+        )
+    path = found
     try:
         raw = OmegaConf.load(path)
     except Exception as exc:  # yaml errors come in many types
