@@ -323,7 +323,7 @@ def test_kdcl_losses_match_the_equation():
         target, weights = kdcl_target(logits, y, hp)
         if rule == "naive":
             assert torch.allclose(target, sum(logits) / 3) and weights is None
-            hp.naive_target = "sum"  # the re-implementation's code
+            hp.naive_target = "sum"  # an older revision of the re-implementation (not the spec's commit)
             assert torch.allclose(kdcl_target(logits, y, hp)[0], sum(logits))
             hp.naive_target = "mean"
         if rule == "linear":

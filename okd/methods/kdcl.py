@@ -9,8 +9,10 @@ ensembling rule and every student learns from it, detached:
 (the shaoeric re-implementation's form and defaults; the paper's lambda and T are unverified). Rules
 (the paper's four; their exact formulas are unverified, so each choice below is documented here):
 
-- ``naive``: z_t = mean_i z_i (the paper's rule as the spec states it). The re-implementation's code actually
-  sums the logits (``naive_target=sum``: a sharper target, m times the mean).
+- ``naive``: z_t = mean_i z_i (the paper's rule as the spec states it, and what the re-implementation's code
+  computes at the commit the spec names). ``naive_target=sum`` sums the logits instead (a sharper target, m
+  times the mean), as only an older revision of the re-implementation did; it does not reproduce the spec's
+  commit.
 - ``linear``: z_t = sum_i w_i z_i with w on the probability simplex (w >= 0, sum w = 1) minimising
   CE(sum_i w_i z_i, y) on the batch (T = 1). The simplex keeps the problem bounded (unconstrained weights
   can drive the CE to 0 by scaling). Solver (:func:`fit_linear_weights`): the problem is convex; float64,
@@ -28,9 +30,8 @@ ensembling rule and every student learns from it, detached:
 
 Optimisation: one SGD group per student (the configs set the re-implementation's lr 0.05, momentum 0.9,
 wd 5e-4, no Nesterov, batch 64, 240 epochs, x0.1 at 150/180/210). The re-implementation steps the networks
-one after another from one forward; with detached targets one backward of the summed loss is the same. (Its
-code also zeroes the gradients only once per epoch, so they accumulate over the epoch's steps; that quirk is
-not reproduced: the trainer zeroes them every step.)
+one after another from one forward; with detached targets one backward of the summed loss is the same. It
+zeroes the gradients every step, as the trainer does.
 Heads: ``student<i>``, ``mean_logits`` and ``ensemble`` (the naive teacher; the other rules need labels or a
 held-out fit). ``deploy.pt`` holds student ``deploy_student`` (default: the first whose architecture is
 ``model.name``, which is what ``deploy.pt`` records).
@@ -63,7 +64,7 @@ class KDCLParams:
     num_students: int | None = None
     #: naive | linear | min_logit | general
     ensemble: str = "naive"
-    #: the naive teacher: mean of the logits (the paper) | sum (what the re-implementation's code computes)
+    #: the naive teacher: mean of the logits (the paper and the re-implementation) | sum (an older revision of it)
     naive_target: str = "mean"
     temperature: float = 4.0
     #: L_i = (1 - alpha) CE + alpha T^2 KL
