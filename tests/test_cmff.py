@@ -340,6 +340,15 @@ def test_vgg_parameter_counts_against_the_spec():
     assert isinstance(single, CMFFVGG16) and sum(isinstance(x, nn.Conv2d) for x in single.modules()) == 14
 
 
+@pytest.mark.parametrize("name", ["cifar100/cmff_resnet32", "cifar10/cmff_resnet32", "tinyimagenet/cmff_resnet18"])
+def test_resnet_configs_build_the_release_rotation_head(name):
+    cfg = load_config(name)
+    assert list(cfg.method_params.rot_hidden) == [2048, 1024, 512]
+    m = build_method(cfg, 100)
+    widths = [layer.out_features for layer in m.net.rot_head.modules() if isinstance(layer, nn.Linear)]
+    assert m.net.rot_head[0].in_features == 4096 and widths == [2048, 1024, 512, 400]  # 4096-2048-1024-512-4K
+
+
 def test_vgg_training_step_and_heads():
     m = make("cmff_vgg16").train()
     x, y = batch(size=32)

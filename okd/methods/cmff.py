@@ -102,11 +102,13 @@ keys ``stem.*``, ``stages.{0..3}.*``, ``classifier.*``), for the ResNets the sto
 6. The ResNet variant is an **interpretation** (the released ``cross_resnet`` cannot run, ``methods.md`` §10):
    the stem is shared (``share_stem``; the release gives each net its own stem: ``share_stem=false``), each net
    its own ``fc`` (``shared_classifier``), projections between the 3 (or 4) stages, fused knowledge at stage 2
-   (as every released script: the last stage of a CIFAR ResNet, 64x8x8 = 4096 for ResNet-32, giving heads
-   4096-2048-1024-4K and 4096-4096-4096), and the cross-attention and fusion module on the pooled C-d features
-   (64 for ResNet-32) instead of the release's 4096-d flattened map (which feeds a fusion module built for 256
-   channels and fails). ``aux_pool`` average-pools the fused knowledge to ``aux_pool`` x ``aux_pool`` first
-   (for large maps, e.g. TinyImageNet's CIFAR-stem ResNet-18).
+   (as every released script: the last stage of a CIFAR ResNet, 64x8x8 = 4096 for ResNet-32; the release's
+   ResNet heads are 4096-2048-1024-512-4K and 4096-4096-4096: the ResNet configs set
+   ``rot_hidden=[2048, 1024, 512]``, whose null default D/2, D/4 gives 4096-2048-1024-4K), and the
+   cross-attention and fusion module on the pooled C-d features (64 for ResNet-32) instead of the release's
+   4096-d flattened map (which feeds a fusion module built for 256 channels and fails). ``aux_pool``
+   average-pools the fused knowledge to ``aux_pool`` x ``aux_pool`` first (for large maps, e.g. TinyImageNet's
+   CIFAR-stem ResNet-18).
 7. The auxiliary heads' input width needs the input resolution: ``image_size`` (default: 32, or 64 for the
    ImageNet ResNet family, i.e. TinyImageNet); a batch of another size fails with a clear error.
 8. The release's loop runs epochs 0..N inclusive (N + 1 epochs); the configs use N (400 or 300).
@@ -226,7 +228,8 @@ class CMFFParams:
     aux_stage: int = 2
     #: average-pool the fused knowledge to this size before flattening (null: flatten as released)
     aux_pool: int | None = None
-    #: hidden widths of auxiliary head 1 (null: D/2, D/4 with D its input width; VGG: 1024, 512)
+    #: hidden widths of auxiliary head 1 (null: D/2, D/4 with D its input width: the VGG release's 1024, 512; the
+    #: release's ResNet head has three, 2048, 1024, 512, which the ResNet configs set)
     rot_hidden: list[int] | None = None
     #: width of auxiliary head 2's projection (null: its input width D; VGG: 2048)
     proj_dim: int | None = None
