@@ -3,8 +3,10 @@
     form='hinton' (default):  L = (1 - alpha) * CE(z_s, y) + alpha * KL_T(z_t -> z_s)      alpha = 0.9
     form='okddip' (the repo): L = CE(z_s, y) + alpha * KL_T(z_t -> z_s)                    alpha = 1
 
-KL_T includes T^2; T = 3 (the repo's default). ``alpha: null`` picks the form's default above (0.9 for the
-Hinton form is this library's choice; the spec leaves it open). The teacher is ``create_model(teacher_model)``
+KL_T includes T^2; T = 3 (the repo's default). The repo also adds 1e-7 to the teacher's probabilities inside
+KL_T: its full form is ``form=okddip target_eps=1e-7`` (``target_eps`` defaults to 0, the Hinton form).
+``alpha: null`` picks the form's default above (0.9 for the Hinton form is this library's choice; the spec
+leaves it open). The teacher is ``create_model(teacher_model)``
 loaded from ``teacher_checkpoint``: an okd ``deploy.pt`` or a plain state_dict file (optionally under a
 ``state_dict``/``model``/``net`` key, ``module.`` prefixes stripped). Its outputs are computed under no-grad,
 it never leaves eval mode and is in no optimizer group; a checkpoint that does not fit ``teacher_model``
@@ -39,6 +41,7 @@ class KDParams:
     #: null: 0.9 (hinton) or 1.0 (okddip)
     alpha: float | None = None
     temperature: float = 3.0
+    #: added to the teacher's probabilities inside KL_T (the OKDDip repo: 1e-7)
     target_eps: float = 0.0
 
     def validate(self) -> None:
