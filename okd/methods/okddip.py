@@ -11,7 +11,9 @@ mean of the peers' logits, zbar. With T = 3:
 The official code detaches nothing: W_q and W_k learn only through the KL targets, and the leader's KL also
 trains the peers. Both are the defaults; ``detach_leader_target`` and ``detach_peer_targets`` (which freezes
 W_q/W_k) are options, and ``self_attention=false`` drops alpha_aa. The repo steps its scheduler at the start
-of each epoch (decays one epoch early): use ``optim.milestones=[149,224]`` to reproduce that.
+of each epoch. Under the PyTorch 1.0.1 it pins, that decays at 0-based epochs 150 and 225, as okd's default
+milestones (which the configs follow); only on PyTorch >= 1.1 does the same loop decay one epoch early (149,
+224), which ``optim.milestones=[149,224]`` reproduces.
 """
 
 from __future__ import annotations
