@@ -82,10 +82,12 @@ def test_published_variants_do_not_mix():
 
 
 # --------------------------------------------------------------------------------------- hand-made arithmetic
-def _fake_run(folder: Path, seed: int, epochs: list[dict[str, float]], method: str = "ffsd") -> Path:
+def _fake_run(
+    folder: Path, seed: int, epochs: list[dict[str, float]], method: str = "ffsd", data: dict | None = None
+) -> Path:
     folder.mkdir(parents=True)
-    cfg = {"name": folder.name, "seed": seed, "data": {"dataset": "cifar100"}, "model": {"name": "resnet32"}}
-    cfg |= {"train": {"epochs": len(epochs)}, "method": {"name": method}}
+    cfg = {"name": folder.name, "seed": seed, "data": {"dataset": "cifar100", **(data or {})}}
+    cfg |= {"model": {"name": "resnet32"}, "train": {"epochs": len(epochs)}, "method": {"name": method}}
     (folder / "config.yaml").write_text(yaml.safe_dump(cfg))
     columns = list(epochs[0])
     with open(folder / "metrics.csv", "w", newline="") as f:
@@ -150,6 +152,35 @@ def test_report_keeps_variants_and_epochs_apart(tmp_path):
     _fake_run(tmp_path / "b", 2, row * 2, method="baseline")
     groups = build_report([tmp_path / "a", tmp_path / "b"])
     assert [len(g.runs) for g in groups] == [1, 1]
+
+
+def test_report_warns_when_runs_are_not_comparable(tmp_path):
+    row = {"test/leader/top1": 60.0, "test/student0/top1": 59.0, "test/student1/top1": 58.0}
+    short = _fake_run(tmp_path / "short", 1, [row], data={"limit_train": 256, "limit_test": 100})
+    torch.save({"format": "okd-deploy-v1", "num_classes": 10, "state_dict": {}}, short / "deploy.pt")
+    (g,) = build_report([short])
+    assert g.caveats == [
+        "trained on a subset of the training images (data.limit_train=256)",
+        "scored on a subset of the test images (data.limit_test=100)",
+        "1 epoch(s) trained; the recipe (cifar100/ffsd_resnet32) trains 299",
+        "the runs classify 10 classes; cifar100, as published, has 100",
+    ]
+    assert f"**Not comparable with the published figures:** {'; '.join(g.caveats)}." in to_markdown([g])
+    table = list(csv.DictReader(io.StringIO(to_csv([g]))))
+    assert {r["not_comparable"] for r in table} == {"; ".join(g.caveats)}
+    full = _fake_run(tmp_path / "full", 1, [row] * 299)  # the recipe's length, all the data
+    torch.save({"format": "okd-deploy-v1", "num_classes": 100, "state_dict": {}}, full / "deploy.pt")
+    (g,) = build_report([full])
+    assert g.caveats == [] and "Not comparable" not in to_markdown([g])
+
+
+def test_report_names_each_other_source_once(tmp_path):
+    run = _fake_run(tmp_path / "base", 1, [{"test/net/top1": 69.0}], method="baseline")
+    (g,) = build_report([run])
+    (net,) = g.rows
+    assert net.published.value == "69.96" and [o.value for o in net.others].count("70.02") == 2  # CMFF's 2 rows
+    md = to_markdown([g])
+    assert md.count("70.02 (CMFF README)") == 1 and "; also 69.96 (FFSD paper, Table II); 70.02 (CMFF README) |" in md
 
 
 # ------------------------------------------------------------------------------------ real runs: sweep+report

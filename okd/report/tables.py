@@ -20,6 +20,7 @@ from pathlib import Path
 
 from okd.engine.run_log import read_metrics_csv
 from okd.errors import CheckpointError
+from okd.report.comparability import caveats
 from okd.report.published import PublishedRow, find_published
 from okd.report.runs import deploy_head_of, expand_run_dirs, method_defaults, read_run_config
 
@@ -94,6 +95,8 @@ class Group:
     runs: list[RunResult]
     rows: list[HeadRow]
     notes: list[str]
+    #: why the runs are not comparable with the published figures shown (empty: they are, or none is shown)
+    caveats: list[str] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------------------------------------- reading
@@ -248,7 +251,11 @@ def aggregate(runs: list[RunResult]) -> list[Group]:
                     others=published[1:],
                 )
             )
-        groups.append(Group(dataset, model, method, variant, str(epochs), members, rows, _group_notes(members)))
+        shown = [p for r in rows for p in ([r.published] if r.published else []) + r.others]
+        notes = _group_notes(members)
+        groups.append(
+            Group(dataset, model, method, variant, str(epochs), members, rows, notes, caveats(members, shown))
+        )
     return sorted(groups, key=lambda g: (g.dataset, g.model, g.method, g.variant, g.epochs))
 
 
@@ -273,6 +280,19 @@ def _signed(x: float | None) -> str:
     return "—" if x is None else f"{x:+.2f}"
 
 
+def _other_sources(row: HeadRow) -> list[str]:
+    """The other published figures of a head, ``value (source)``, each once (a source printing the same value
+    in several rows, e.g. CMFF's two baseline students, is named once) and not repeating the headline one."""
+    seen = {f"{row.published.text()} ({row.published.where})"} if row.published else set()
+    out = []
+    for o in row.others:
+        text = f"{o.text()} ({o.where})"
+        if text not in seen:
+            seen.add(text)
+            out.append(text)
+    return out
+
+
 def to_markdown(groups: list[Group]) -> str:
     """The report as Markdown: one table per group of runs."""
     lines = ["# okd report", "", PREAMBLE, ""]
@@ -280,6 +300,8 @@ def to_markdown(groups: list[Group]) -> str:
         title = f"{g.dataset} · {g.model} · {g.method}" + (f" ({g.variant})" if g.variant else "")
         seeds = ", ".join(str(r.seed) for r in g.runs)
         lines += [f"## {title}", "", f"{len(g.runs)} run(s), seeds {seeds}; {g.epochs} epochs.", ""]
+        if g.caveats:
+            lines += [f"**Not comparable with the published figures:** {'; '.join(g.caveats)}.", ""]
         lines.append(
             "| head | top-1 final | top-1 best (selected on test) | top-5 final | top-5 best (selected on test) "
             "| published top-1 | Δ final | Δ best | published in |"
@@ -289,8 +311,8 @@ def to_markdown(groups: list[Group]) -> str:
             name = f"**{r.head}** (deployed)" if r.deployed else r.head
             pub = r.published.text() if r.published else "—"
             where = f"{r.published.where} ({r.published.metric})" if r.published else ""
-            if r.others:
-                where += "; also " + "; ".join(f"{o.text()} ({o.where})" for o in r.others)
+            if others := _other_sources(r):
+                where += "; also " + "; ".join(others)
             lines.append(
                 f"| {name} | {_pm(r.stats.get('final/top1'), r.n)} | {_pm(r.stats.get('best/top1'), r.n)} "
                 f"| {_pm(r.stats.get('final/top5'), r.n)} | {_pm(r.stats.get('best/top5'), r.n)} "
@@ -309,7 +331,7 @@ CSV_COLUMNS = (
     "final_top1_mean final_top1_std best_top1_mean best_top1_std "
     "final_top5_mean final_top5_std best_top5_mean best_top5_std "
     "published_top1 published_std published_source published_metric published_spec_row "
-    "diff_final_top1 diff_best_top1 other_published notes"
+    "diff_final_top1 diff_best_top1 other_published notes not_comparable"
 ).split()
 
 
@@ -338,6 +360,7 @@ def to_csv(groups: list[Group]) -> str:
                 "diff_best_top1": _num(r.diff("best")),
                 "other_published": "; ".join(f"{o.text()} ({o.where}, row {o.spec_row})" for o in r.others),
                 "notes": "; ".join(g.notes),
+                "not_comparable": "; ".join(g.caveats),
             }
             for which in ("final", "best"):
                 for m in METRICS:
