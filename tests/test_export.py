@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 import torch
 
+from okd.data.cifar import DATASET_STATS
 from okd.errors import CheckpointError, OKDError
 from okd.models import create_model
-from okd.report.export import export, load_deployable, predict, sample_inputs
+from okd.report.export import export, load_deployable, sample_inputs
+from okd.report.predict import load_predictor, predict
 
 FFSD = "configs/cifar10/ffsd_resnet20.yaml"
 
@@ -76,14 +78,26 @@ def test_torchscript_round_trip(ffsd_run, torchscript_file):
 def test_onnx_matches_pytorch_in_onnxruntime(ffsd_run, tmp_path):
     pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
+    (tmp_path / "leader.onnx.data").write_bytes(b"stale")  # an earlier export's weights file goes too
     text = helpers.cli("export", ffsd_run, "--format", "onnx", "--out", tmp_path / "leader.onnx")
     assert "round trip (onnxruntime)" in text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["leader.onnx"]  # self-contained: no leader.onnx.data
     session = ort.InferenceSession(str(tmp_path / "leader.onnx"), providers=["CPUExecutionProvider"])
     for n in (1, 6):  # the batch dimension is dynamic
         x = sample_inputs(n, seed=11)
         got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
         np.testing.assert_allclose(got, _leader_logits(ffsd_run, x).numpy(), rtol=1e-4, atol=1e-4)
     assert "resnet20" in session.get_modelmeta().custom_metadata_map["okd"]
+
+
+def test_onnx_past_the_inline_limit_keeps_its_weights_beside_it(ffsd_run, tmp_path, monkeypatch):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    import okd.report.export as export_module
+
+    monkeypatch.setattr(export_module, "ONNX_INLINE_LIMIT", 0)  # as if the weights passed protobuf's limit
+    res = export(ffsd_run, "onnx", tmp_path / "big.onnx")
+    assert res.max_abs_diff <= 1e-4 and (tmp_path / "big.onnx.data").stat().st_size > 0
 
 
 def test_default_output_path_and_bad_format(ffsd_run):
@@ -107,7 +121,14 @@ def test_predict_top5_on_png_files(ffsd_run, torchscript_file, cifar10_root, tmp
         Image.fromarray(split.images[i].transpose(1, 2, 0)).resize(size).save(path)
         files.append(path)
     text = helpers.cli("predict", ffsd_run, *files)
-    lines = text.strip().splitlines()
+    about, lines = text.strip().splitlines()[:2], text.strip().splitlines()[2:]
+    assert about[0].startswith("model: resnet20 (10 classes, cifar10), head leader of ffsd, epoch ")
+    assert about[0].endswith(f"; okd file {ffsd_run / 'deploy.pt'}")
+    mean, std = (", ".join(f"{v:.4g}" for v in values) for values in (DATASET_STATS["cifar10"]))
+    assert about[1] == (
+        "preprocessing: RGB, resize to 32x32 (bicubic; kept when already that size), /255, "
+        f"normalised with mean ({mean}) std ({std})"
+    )
     assert lines[0] == str(files[0]) and lines[6] == str(files[1]) and len(lines) == 12
     for line in lines[1:6] + lines[7:12]:
         assert re.fullmatch(r"  [1-5]\. \S+\s+\d+\.\d\d%", line), line
@@ -119,6 +140,14 @@ def test_predict_top5_on_png_files(ffsd_run, torchscript_file, cifar10_root, tmp
         for a, b in zip(other, from_run, strict=True):
             np.testing.assert_allclose([p for _, p in a], [p for _, p in b], atol=1e-6)
     assert all(0.0 < sum(p for _, p in r) <= 1.0 + 1e-9 for r in from_run)
+    scripted = load_predictor(torchscript_file)  # the exported file records the head and preprocessing too
+    assert (scripted.kind, scripted.model, scripted.head, scripted.method) == (
+        "TorchScript",
+        "resnet20",
+        "leader",
+        "ffsd",
+    )
+    assert scripted.describe()[1] == about[1]
 
 
 def test_predict_rejects_a_non_image(ffsd_run, tmp_path):

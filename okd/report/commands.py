@@ -93,9 +93,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from okd.report.export import predict
+    from okd.report.predict import load_predictor, predict_with
 
-    results = predict(args.model, args.images, top=args.top)
+    pred = load_predictor(args.model)
+    print("\n".join(pred.describe()))
+    results = predict_with(pred, args.images, top=args.top)
     for image, top in zip(args.images, results, strict=True):
         print(image)
         for rank, (name, p) in enumerate(top, start=1):

@@ -1,4 +1,4 @@
-"""``okd export`` and ``okd predict``: the deployable network alone, and top-5 classes for image files.
+"""``okd export``: the deployable network alone, in a file a user can serve (``okd predict`` reads it back).
 
 ``okd export RUN_DIR --format state_dict|torchscript|onnx`` writes the network a method deploys (FFSD's leader
 without its decoder, ONE's branch as a plain backbone, ...), read from ``deploy.pt`` (or rebuilt from
@@ -30,8 +30,10 @@ from okd.errors import CheckpointError, OKDError
 from okd.models import create_model
 from okd.report.runs import (
     class_names,
+    deploy_head_of,
     input_geometry,
     load_run_method,
+    method_class,
     normalization,
     read_run_config,
     require,
@@ -40,6 +42,7 @@ from okd.report.runs import (
 FORMATS = ("state_dict", "torchscript", "onnx")
 SUFFIX = {"state_dict": "_state_dict.pt", "torchscript": "_torchscript.pt", "onnx": ".onnx"}
 TOLERANCE = {"state_dict": 1e-5, "torchscript": 1e-5, "onnx": 1e-4}
+ONNX_INLINE_LIMIT = 1 << 30  # weight bytes an ONNX file holds inline (protobuf caps a file at 2 GiB)
 DEPLOY_FORMAT = "okd-deploy-v1"
 
 
@@ -53,6 +56,7 @@ class Deployable:
     method: str | None = None
     epoch: int | None = None
     dataset: str | None = None
+    head: str | None = None  # the method's eval head this network is (FFSD: leader); None when unknown
     classes: list[str] = field(default_factory=list)
     mean: list[float] = field(default_factory=list)
     std: list[float] = field(default_factory=list)
@@ -69,6 +73,7 @@ class Deployable:
             "method": self.method,
             "epoch": self.epoch,
             "dataset": self.dataset,
+            "head": self.head,
             "classes": self.classes,
             "mean": self.mean,
             "std": self.std,
@@ -128,6 +133,9 @@ def _from_deploy_file(path: Path, cfg: dict | None) -> Deployable:
     dep.classes = list(ckpt.get("classes") or dep.classes)
     dep.mean, dep.std = list(ckpt.get("mean") or dep.mean), list(ckpt.get("std") or dep.std)
     dep.size, dep.resize = int(ckpt.get("size") or dep.size), ckpt.get("resize", dep.resize)
+    dep.head = ckpt.get("head") or (deploy_head_of(path.parent, cfg) if cfg is not None else None)
+    if dep.head is None and dep.method:
+        dep.head = getattr(method_class(dep.method), "deploy_head", None)  # a head its params do not change
     return dep
 
 
@@ -140,6 +148,7 @@ def _from_run_method(method, cfg, epoch: int | None, source: str) -> Deployable:
         num_classes=int(method.ctx.num_classes),
         method=cfg.method_name,
         epoch=epoch,
+        head=method.deploy_head,
         source=source,
     )
 
@@ -222,10 +231,15 @@ def _export_onnx(net: nn.Module, x: Tensor, out: Path, meta: dict) -> None:
         dynamo = True
     except ImportError:
         dynamo = False
+    # one self-contained file (no "<out>.data" beside it) unless the weights pass protobuf's 2 GiB limit
+    external = sum(t.numel() * t.element_size() for t in net.state_dict().values()) > ONNX_INLINE_LIMIT
+    data = out.with_name(out.name + ".data")
     with _quiet():
         if dynamo:
             batch = torch.export.Dim("batch", min=1)
-            torch.onnx.export(net, (x,), str(out), dynamo=True, dynamic_shapes=({0: batch},), **kwargs)
+            torch.onnx.export(
+                net, (x,), str(out), dynamo=True, dynamic_shapes=({0: batch},), external_data=external, **kwargs
+            )
         else:
             axes = {"images": {0: "batch"}, "logits": {0: "batch"}}
             torch.onnx.export(net, (x,), str(out), dynamo=False, dynamic_axes=axes, **kwargs)
@@ -233,7 +247,11 @@ def _export_onnx(net: nn.Module, x: Tensor, out: Path, meta: dict) -> None:
 
     model = onnx.load(str(out))
     model.metadata_props.add(key="okd", value=json.dumps(meta))
-    onnx.save(model, str(out))
+    if external:
+        onnx.save(model, str(out), save_as_external_data=True, location=data.name)
+    else:
+        onnx.save(model, str(out))
+        data.unlink(missing_ok=True)  # a stale weights file of an earlier export to the same path
 
 
 def onnx_logits(path: str | Path, x: Tensor) -> np.ndarray | None:
@@ -301,96 +319,3 @@ def export(
     if not _close(got, ref, TOLERANCE[fmt]):
         raise OKDError(f"{out}: the exported network's logits differ from PyTorch's by up to {diff:.3g}")
     return ExportResult(out, fmt, diff, training_diff, checked)
-
-
-# ------------------------------------------------------------------------------------------------- predict
-@dataclass
-class Predictor:
-    """A loaded model: ``logits(x)`` on normalised N x 3 x 32 x 32 inputs, and its preprocessing."""
-
-    logits: Callable[[Tensor], np.ndarray]
-    classes: list[str]
-    mean: list[float]
-    std: list[float]
-    size: int = 32
-    resize: int | None = None
-
-
-def load_predictor(path: str | Path) -> Predictor:
-    """A run folder, a deploy.pt / exported state_dict, an exported TorchScript file or an ONNX file."""
-    path = Path(path)
-    if path.is_file() and path.suffix == ".onnx":
-        ort = require("onnxruntime", "onnx")
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        meta = json.loads(session.get_modelmeta().custom_metadata_map.get("okd", "{}"))
-        name = session.get_inputs()[0].name
-        return _predictor(lambda x: session.run(None, {name: x.numpy()})[0], meta)
-    if path.is_file():
-        extra = {"okd.json": ""}
-        try:
-            with _no_jit_deprecation():
-                module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-        except Exception:  # not TorchScript: a torch.save file
-            module = None
-        if module is not None:
-            meta = json.loads(extra["okd.json"] or "{}")
-            module.eval()
-            return _predictor(lambda x: module(x).detach().numpy(), meta)
-    dep = load_deployable(path, check=False)
-    return _predictor(lambda x: dep.net(x).detach().numpy(), dep.metadata())
-
-
-def _predictor(fn: Callable[[Tensor], np.ndarray], meta: dict) -> Predictor:
-    def logits(x: Tensor) -> np.ndarray:
-        with torch.no_grad():
-            return np.asarray(fn(x))
-
-    classes = list(meta.get("classes") or [])
-    mean, std = normalization(meta, meta.get("dataset"))
-    size, resize = input_geometry(meta.get("dataset"))
-    return Predictor(logits, classes, mean, std, int(meta.get("size") or size), meta.get("resize", resize))
-
-
-def load_images(paths: list[str | Path], size: int = 32, resize: int | None = None) -> Tensor:
-    """Image files as uint8-scale float N x 3 x size x size, RGB: resized to size x size (bicubic), or with
-    ``resize``, shorter side to ``resize`` then the centre ``size`` x ``size`` crop (ImageNet's test recipe)."""
-    image_mod = require("PIL.Image", "images")
-    batch = []
-    for p in paths:
-        try:
-            with image_mod.open(p) as im:
-                im = im.convert("RGB")
-                if resize is not None:
-                    w, h = im.size
-                    scale = resize / min(w, h)
-                    im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), image_mod.BILINEAR)
-                    left, top = (im.size[0] - size) // 2, (im.size[1] - size) // 2
-                    im = im.crop((left, top, left + size, top + size))
-                elif im.size != (size, size):
-                    im = im.resize((size, size), image_mod.Resampling.BICUBIC)
-                batch.append(np.asarray(im, dtype=np.float32).transpose(2, 0, 1))
-        except (OSError, image_mod.UnidentifiedImageError) as exc:
-            raise OKDError(f"cannot read image {str(p)!r}: {exc}") from None
-    return torch.from_numpy(np.stack(batch))
-
-
-def predict(model: str | Path, images: list[str | Path], top: int = 5) -> list[list[tuple[str, float]]]:
-    """Top-``top`` (class name, probability) for each image file."""
-    pred = load_predictor(model)
-    x = load_images(images, pred.size, pred.resize) / 255.0
-    x = (x - torch.tensor(pred.mean).view(1, 3, 1, 1)) / torch.tensor(pred.std).view(1, 3, 1, 1)
-    logits = torch.from_numpy(pred.logits(x.float())).double()
-    probs = torch.softmax(logits, dim=1)
-    classes = pred.classes if len(pred.classes) == probs.shape[1] else _defaults(probs.shape[1])
-    k = min(top, probs.shape[1])
-    values, indices = probs.topk(k, dim=1)
-    return [
-        [(classes[i], float(v)) for v, i in zip(vs, ix, strict=True)]
-        for vs, ix in zip(values, indices.tolist(), strict=True)
-    ]
-
-
-def _defaults(num_classes: int) -> list[str]:
-    from okd.report.runs import default_class_names
-
-    return default_class_names(num_classes)
