@@ -35,17 +35,46 @@ def _split_seeds(items: list[str]) -> tuple[list[int], list[str]]:
     return seeds, rest
 
 
+CLUSTER_OPTIONS = ("partition", "time", "gpus_per_node", "cpus_per_task", "array_parallelism", "job_dir")
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     from okd.report.sweep import run_sweep, sweep_commands
 
     seeds, extra = _split_seeds(args.seeds)
-    overrides = [*args.overrides, *extra]
+    configs = [args.config, *(i for i in args.overrides if "=" not in i)]  # okd sweep A B ... key=value
+    overrides = [*(i for i in args.overrides if "=" in i), *extra]
+    given = [f"--{k.replace('_', '-')}" for k in CLUSTER_OPTIONS if getattr(args, k) is not None]
+    if given and not args.launcher:
+        raise ConfigError(f"{', '.join(given)} only apply with --launcher slurm|local")
+    if args.print and args.launcher:
+        raise ConfigError("--print and --launcher exclude each other: print the commands, or submit the jobs")
     if args.print:
-        print("\n".join(sweep_commands(args.config, seeds, overrides)))
+        print("\n".join(sweep_commands(configs, seeds, overrides)))
         return 0
-    runs = run_sweep(args.config, seeds, overrides)
+    if args.launcher:
+        return _launch(args, configs, seeds, overrides)
+    runs = run_sweep(configs, seeds, overrides)
     print("run folders:\n  " + "\n  ".join(map(str, runs)))
     print(f"summary: okd report {' '.join(map(str, runs))}")
+    return 0
+
+
+def _launch(args: argparse.Namespace, configs: list[str], seeds: list[int], overrides: list[str]) -> int:
+    from okd.report.runs import require
+
+    require("submitit", "slurm")
+    from okd.report.launch import ClusterOptions, launch_sweep
+
+    values = {k: getattr(args, k) for k in CLUSTER_OPTIONS}
+    opts = ClusterOptions(time_min=values.pop("time"), **values)
+    jobs = launch_sweep(configs, seeds, overrides, args.launcher, opts)
+    verb = "ran" if args.launcher == "local" else "submitted"
+    print(f"{verb} {len(jobs)} job(s) through submitit ({args.launcher}):")
+    for job_id, run_dir in jobs:
+        print(f"  job {job_id} -> {run_dir}")
+    when = " once they finish" if args.launcher == "slurm" else ""
+    print(f"summary{when}: okd report {' '.join(str(r) for _, r in jobs)}")
     return 0
 
 
@@ -113,11 +142,30 @@ def register_cli(subparsers) -> None:
     p.add_argument("--csv", metavar="OUT.csv", help="also write the table as CSV here")
     p.set_defaults(func=cmd_report)
 
-    p = subparsers.add_parser("sweep", help="run a config under several seeds (or print the commands)")
-    p.add_argument("config", help="YAML config")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides applied to every run")
+    p = subparsers.add_parser(
+        "sweep", help="run configs under several seeds, print the commands, or submit them (SLURM via submitit)"
+    )
+    p.add_argument("config", help="config (packaged name or YAML file); more configs may follow")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="[CONFIG ...] key=value",
+        help="further configs, then overrides applied to every run",
+    )
     p.add_argument("--seeds", nargs="+", required=True, metavar="SEED", help="seeds, e.g. --seeds 1 2 3")
-    p.add_argument("--print", action="store_true", help="print one `okd train` command per seed instead")
+    p.add_argument("--print", action="store_true", help="print one `okd train` command per config and seed instead")
+    p.add_argument(
+        "--launcher",
+        choices=("slurm", "local"),
+        help="submit one job per config and seed through submitit (needs okd[slurm]); a requeued job resumes "
+        "its run folder; local: the same jobs as local processes, waited for",
+    )
+    p.add_argument("--partition", help="SLURM partition")
+    p.add_argument("--time", type=int, metavar="MINUTES", help="wall-time limit of each job (required for slurm)")
+    p.add_argument("--gpus-per-node", type=int, metavar="N", help="GPUs per job")
+    p.add_argument("--cpus-per-task", type=int, metavar="N", help="CPU cores per job")
+    p.add_argument("--array-parallelism", type=int, metavar="N", help="SLURM: jobs of the array running at once")
+    p.add_argument("--job-dir", metavar="DIR", help="submitit's scripts and logs (default <output_dir>/submitit)")
     p.set_defaults(func=cmd_sweep)
 
     p = subparsers.add_parser("plot", help="training curves of every head and loss term (needs okd[plot])")
