@@ -1,14 +1,16 @@
 """``okd export`` and ``okd predict``: the deployable network alone, and top-5 classes for image files.
 
-``okd export RUN_DIR --format state_dict|torchscript|onnx`` writes the network a method deploys (FFSD's leader
-without its decoder, ONE's branch as a plain backbone, ...), read from ``deploy.pt`` (or rebuilt from
+``okd export RUN_DIR --format state_dict|safetensors|torchscript|onnx`` writes the network a method deploys
+(FFSD's leader without its decoder, ONE's branch as a plain backbone, ...), read from ``deploy.pt`` (or rebuilt from
 ``last.pt``/``best.pt``), and checks the round trip: the written file, loaded back, gives the same logits on a
-fixed batch (state_dict and TorchScript to 1e-5; ONNX with onnxruntime, when installed, to 1e-4). When the
+fixed batch (state_dict, safetensors and TorchScript to 1e-5; ONNX with onnxruntime, when installed, to 1e-4). When the
 run's ``last.pt`` is there, the network is also checked against the method's own deployed head, i.e. the
 logits the run was scored with. The network takes normalised 32x32 images; the input mean/std, the class
-names and the backbone travel with the file (state_dict: keys of the dict; TorchScript: the extra file
-``okd.json``; ONNX: metadata ``okd``). TorchScript is deprecated in recent PyTorch (still working in 2.13);
-ONNX is the format to prefer for serving.
+names and the backbone travel with the file (state_dict: keys of the dict; safetensors: the JSON metadata
+entry ``okd``, naming model, method, head, num_classes and epoch; TorchScript: the extra file ``okd.json``;
+ONNX: metadata ``okd``). safetensors (the ``safetensors`` extra) is the pickle-free format for sharing the
+weights; TorchScript is deprecated in recent PyTorch (still working in 2.13), and, being code, is only
+loaded by ``okd predict`` when it is a TorchScript archive; ONNX is the format to prefer for serving.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import contextlib
 import json
 import logging
 import warnings
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,11 +28,20 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from okd.data.cifar import SPECS
 from okd.engine.checkpoint import atomic_save, load_checkpoint
+from okd.engine.deploy_file import (
+    DEPLOY_FORMAT,
+    atomic_write_bytes,
+    build_network,
+    check_class_count,
+    read_deploy,
+    safetensors_metadata,
+)
 from okd.errors import CheckpointError, OKDError
-from okd.models import create_model
 from okd.report.runs import (
     class_names,
+    deploy_head_of,
     input_geometry,
     load_run_method,
     normalization,
@@ -37,10 +49,14 @@ from okd.report.runs import (
     require,
 )
 
-FORMATS = ("state_dict", "torchscript", "onnx")
-SUFFIX = {"state_dict": "_state_dict.pt", "torchscript": "_torchscript.pt", "onnx": ".onnx"}
-TOLERANCE = {"state_dict": 1e-5, "torchscript": 1e-5, "onnx": 1e-4}
-DEPLOY_FORMAT = "okd-deploy-v1"
+FORMATS = ("state_dict", "safetensors", "torchscript", "onnx")
+SUFFIX = {
+    "state_dict": "_state_dict.pt",
+    "safetensors": ".safetensors",
+    "torchscript": "_torchscript.pt",
+    "onnx": ".onnx",
+}
+TOLERANCE = {"state_dict": 1e-5, "safetensors": 1e-5, "torchscript": 1e-5, "onnx": 1e-4}
 
 
 @dataclass
@@ -57,6 +73,7 @@ class Deployable:
     mean: list[float] = field(default_factory=list)
     std: list[float] = field(default_factory=list)
     source: str = ""
+    head: str | None = None  # the method's eval head this network is (e.g. leader, branch0)
     size: int = 32  # input height = width
     resize: int | None = None  # shorter side before the centre crop (None: plain resize to size x size)
     #: the method's deployed head as scored in training (when its checkpoint was at hand)
@@ -67,6 +84,7 @@ class Deployable:
             "model": self.model,
             "num_classes": self.num_classes,
             "method": self.method,
+            "head": self.head,
             "epoch": self.epoch,
             "dataset": self.dataset,
             "classes": self.classes,
@@ -110,17 +128,19 @@ def _training_head(run_dir: Path, which: str, overrides) -> Callable[[Tensor], T
 
 
 def _from_deploy_file(path: Path, cfg: dict | None) -> Deployable:
-    ckpt = load_checkpoint(path)
-    if ckpt.get("format") != DEPLOY_FORMAT:
-        raise CheckpointError(f"{path} is not a deploy.pt (format {ckpt.get('format')!r})")
-    net = create_model(ckpt["model"], int(ckpt["num_classes"]))
-    net.load_state_dict(ckpt["state_dict"])
+    ckpt = read_deploy(path)
+    dataset = ((cfg or {}).get("data") or {}).get("dataset") or ckpt.get("dataset")
+    if dataset in SPECS:  # a 100-class network where 10 classes are expected, or the reverse
+        where = f"the run's data set ({dataset})" if cfg else f"its data set ({dataset})"
+        check_class_count(ckpt["num_classes"], SPECS[dataset].num_classes, path, where)
+    net = build_network(ckpt, path)
     dep = _finish(
         net,
         cfg,
         model=ckpt["model"],
         num_classes=int(ckpt["num_classes"]),
         method=ckpt.get("method"),
+        head=ckpt.get("head") or deploy_head_of(path.parent, cfg or {"method": {"name": ckpt.get("method")}}),
         epoch=ckpt.get("epoch"),
         dataset=ckpt.get("dataset"),
         source=str(path),
@@ -139,6 +159,7 @@ def _from_run_method(method, cfg, epoch: int | None, source: str) -> Deployable:
         model=cfg.run.model.name,
         num_classes=int(method.ctx.num_classes),
         method=cfg.method_name,
+        head=deploy_head_of(Path(source).parent, cfg.to_dict()),
         epoch=epoch,
         source=source,
     )
@@ -161,8 +182,10 @@ def load_deployable(path: str | Path, which: str = "last", overrides: list[str] 
         return dep
     if not path.is_file():
         raise CheckpointError(f"{str(path)!r} does not exist; give a run folder, a deploy.pt or an exported file")
-    ckpt = load_checkpoint(path)
     cfg = read_run_config(path.parent) if (path.parent / "config.yaml").is_file() else None
+    if path.suffix == ".safetensors":
+        return _from_deploy_file(path, cfg)
+    ckpt = load_checkpoint(path)
     if ckpt.get("format") == DEPLOY_FORMAT:
         return _from_deploy_file(path, cfg)
     if "config" in ckpt and "method" in ckpt:
@@ -279,6 +302,14 @@ def export(
         atomic_save({"format": DEPLOY_FORMAT, **meta, "state_dict": state}, out)
         with torch.no_grad():
             got = _from_deploy_file(out, None).net(x)
+    elif fmt == "safetensors":
+        st = require("safetensors.torch", "safetensors")
+        state = {k: v.detach().cpu().clone().contiguous() for k, v in dep.net.state_dict().items()}
+        header = {"format": DEPLOY_FORMAT, **meta}
+        data = st.save(state, metadata=safetensors_metadata(header))
+        atomic_write_bytes(data, out)
+        with torch.no_grad():
+            got = _from_deploy_file(out, None).net(x)
     elif fmt == "torchscript":
         with _no_jit_deprecation():
             try:
@@ -325,19 +356,29 @@ def load_predictor(path: str | Path) -> Predictor:
         meta = json.loads(session.get_modelmeta().custom_metadata_map.get("okd", "{}"))
         name = session.get_inputs()[0].name
         return _predictor(lambda x: session.run(None, {name: x.numpy()})[0], meta)
-    if path.is_file():
+    if path.is_file() and _is_torchscript(path):
         extra = {"okd.json": ""}
         try:
             with _no_jit_deprecation():
                 module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-        except Exception:  # not TorchScript: a torch.save file
-            module = None
+        except Exception as exc:
+            raise CheckpointError(f"{path} is a TorchScript archive that cannot be loaded: {exc}") from None
         if module is not None:
             meta = json.loads(extra["okd.json"] or "{}")
             module.eval()
             return _predictor(lambda x: module(x).detach().numpy(), meta)
     dep = load_deployable(path, check=False)
     return _predictor(lambda x: dep.net(x).detach().numpy(), dep.metadata())
+
+
+def _is_torchscript(path: Path) -> bool:
+    """A TorchScript archive (a zip with ``code/`` and ``constants.pkl``), as ``okd export`` writes; any other
+    file (deploy.pt, a state_dict) is read as data only, with ``weights_only=True``."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+    return any("/code/" in n for n in names) and any(n.endswith("constants.pkl") for n in names)
 
 
 def _predictor(fn: Callable[[Tensor], np.ndarray], meta: dict) -> Predictor:
