@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from okd.errors import CheckpointError, OKDError
+from okd.methods.kd import load_teacher
 from okd.models import create_model
 from okd.report.export import export, load_deployable, predict, sample_inputs
 
@@ -79,8 +80,10 @@ def test_safetensors_round_trip(ffsd_run, tmp_path):
     x = sample_inputs()
     with torch.no_grad():
         assert torch.equal(net(x), _leader_logits(ffsd_run, x))
-    # okd reads it back too: predict and export accept the file
+    # okd reads it back too: export, predict and a KD teacher accept the file
     assert load_deployable(out).model == "resnet20"
+    teacher = load_teacher("resnet20", 10, str(out))
+    assert torch.equal(teacher.fc.weight, net.fc.weight)
 
 
 def test_torchscript_round_trip(ffsd_run, torchscript_file):

@@ -6,10 +6,10 @@
 KL_T includes T^2; T = 3 (the repo's default). ``alpha: null`` picks the form's default above (0.9 for the
 Hinton form is this library's choice; the spec leaves it open). The teacher is ``create_model(teacher_model)``
 loaded from ``teacher_checkpoint``: an okd ``deploy.pt`` or a plain state_dict file (optionally under a
-``state_dict``/``model``/``net`` key, ``module.`` prefixes stripped) or an ``okd export --format safetensors``
-file, read with ``weights_only=True`` (a pickled object is refused, never run). Its outputs are computed under no-grad,
-it never leaves eval mode and is in no optimizer group; a checkpoint that does not fit ``teacher_model``
-raises :class:`~okd.errors.CheckpointError`.
+``state_dict``/``model``/``net`` key, ``module.`` prefixes stripped) or an ``okd export --format
+safetensors`` file, read with ``weights_only=True`` (a pickled object is refused, never run). Its outputs are
+computed under no-grad, it never leaves eval mode and is in no optimizer group; a checkpoint that does not fit
+``teacher_model`` (or the student's class count) raises :class:`~okd.errors.CheckpointError`.
 """
 
 from __future__ import annotations
