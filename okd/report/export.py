@@ -289,6 +289,7 @@ def export(
         training_diff = None
         if dep.training_head is not None:
             head = dep.training_head(x)
+            check_class_count(ref.shape[1], head.shape[1], dep.source, "the run's checkpoint (last.pt/best.pt)")
             training_diff = _max_diff(head, ref)
             if not _close(head, ref, 1e-5):
                 raise CheckpointError(
