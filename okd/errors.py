@@ -15,3 +15,7 @@ class DataError(OKDError):
 
 class CheckpointError(OKDError):
     """A missing, corrupt or mismatched checkpoint or run folder."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint that holds pickled objects (possible code), refused by ``weights_only=True`` loading."""

@@ -13,6 +13,7 @@ import torch
 
 from okd.data.cifar import DATASET_STATS
 from okd.errors import CheckpointError, OKDError
+from okd.methods.kd import load_teacher
 from okd.models import create_model
 from okd.report.export import export, load_deployable, sample_inputs
 from okd.report.predict import load_predictor, predict
@@ -27,7 +28,7 @@ def ffsd_run(tmp_path_factory, cifar10_root) -> Path:
 
 def _leader_logits(run: Path, x: torch.Tensor) -> torch.Tensor:
     """The leader's logits straight from deploy.pt, as a plain backbone."""
-    ckpt = torch.load(run / "deploy.pt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(run / "deploy.pt", map_location="cpu", weights_only=True)
     net = create_model(ckpt["model"], ckpt["num_classes"]).eval()
     net.load_state_dict(ckpt["state_dict"])
     with torch.no_grad():
@@ -65,6 +66,28 @@ def torchscript_file(ffsd_run, tmp_path_factory) -> Path:
 
 
 @pytest.mark.filterwarnings("ignore:.*torch.jit.*:DeprecationWarning")
+def test_safetensors_round_trip(ffsd_run, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    out = tmp_path / "leader.safetensors"
+    text = helpers.cli("export", ffsd_run, "--format", "safetensors", "--out", out)
+    assert f"wrote {out} (safetensors)" in text
+    with safe_open(str(out), framework="pt") as f:
+        meta = json.loads(f.metadata()["okd"])
+    header = (meta["model"], meta["method"], meta["num_classes"], meta["epoch"], meta["head"])
+    assert header == ("resnet20", "ffsd", 10, 1, "leader")
+    net = create_model(meta["model"], meta["num_classes"]).eval()
+    net.load_state_dict(load_file(str(out)))  # a fresh network from the pickle-free file alone
+    x = sample_inputs()
+    with torch.no_grad():
+        assert torch.equal(net(x), _leader_logits(ffsd_run, x))
+    # okd reads it back too: export, predict and a KD teacher accept the file
+    assert load_deployable(out).model == "resnet20"
+    teacher = load_teacher("resnet20", 10, str(out))
+    assert torch.equal(teacher.fc.weight, net.fc.weight)
+
+
 def test_torchscript_round_trip(ffsd_run, torchscript_file):
     res_path = torchscript_file
     extra = {"okd.json": ""}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import IO, Any
 
 import torch
 
-from okd.errors import CheckpointError
+from okd.errors import CheckpointError, UnsafeCheckpointError
 
 
 def _atomic_write(path: str | Path, mode: str, write: Callable[[IO], None]) -> None:
@@ -53,21 +54,63 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
-    """Load an okd checkpoint, with a clear error for a missing, truncated or foreign file."""
+#: what every refusal says: okd reads tensors and plain values only
+NO_CODE = (
+    "okd loads every checkpoint with torch.load(weights_only=True), which refuses to unpickle arbitrary "
+    "objects; okd never loads code from a checkpoint"
+)
+
+
+def _weights_only_refusal(exc: Exception) -> str | None:
+    """The global a ``weights_only`` load refused (``posix.system``, a class), or None for other failures."""
+    text = str(exc)
+    if "weights_only" not in text and "Weights only" not in text:
+        return None
+    found = re.search(r"GLOBAL ([\w.]+)", text) or re.search(r"global:? ([\w.]+)", text, re.IGNORECASE)
+    return found.group(1) if found else None
+
+
+def load_checkpoint(path: str | Path, map_location: Any = "cpu", what: str = "checkpoint", hint: str = "") -> dict:
+    """Load a ``torch.save`` file okd reads (last.pt, best.pt, deploy.pt, a teacher) as a dict of tensors and
+    plain values, with ``weights_only=True``: a pickled object (code) is refused, never run.
+
+    Raises :class:`CheckpointError` naming ``what`` for a missing, truncated, foreign or refused file; ``hint``
+    (what to give instead) ends the message of an unreadable file.
+    """
     path = Path(path)
+    hint = hint or "Use another checkpoint (last.pt, best.pt) of the run."
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+        raise CheckpointError(f"{what} {str(path)!r} does not exist")
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=False)
+        obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
+        refused = _weights_only_refusal(exc)
+        if refused is not None:
+            raise UnsafeCheckpointError(
+                f"{what} {str(path)!r} holds a pickled object ({refused}) that is not a tensor or plain value: "
+                f"{NO_CODE}. Nothing from the file was run. If you wrote it yourself, save only tensors and "
+                f"plain values (a state_dict); otherwise ask for the run's deploy.pt, or an `okd export "
+                f"--format safetensors` file. {hint}"
+            ) from None
+        detail = str(exc).splitlines()[0][:200] if "Weights only" not in str(exc) else "not a weights-only pickle"
         raise CheckpointError(
-            f"checkpoint {str(path)!r} cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
-            "it is truncated or not a PyTorch file. Use another checkpoint (last.pt, best.pt) of the run."
+            f"{what} {str(path)!r} cannot be read ({type(exc).__name__}: {detail}); it is truncated, not a "
+            f"PyTorch file, or holds pickled objects ({NO_CODE}). {hint}"
         ) from None
     if not isinstance(obj, dict):
-        raise CheckpointError(f"checkpoint {str(path)!r} does not hold a dict; it was not written by okd")
+        raise CheckpointError(f"{what} {str(path)!r} does not hold a dict; it was not written by okd. {hint}")
     return obj
+
+
+def require_keys(ckpt: dict, keys: tuple[str, ...] | list[str], path: str | Path, what: str = "checkpoint") -> None:
+    """Fail with the missing key named (not a KeyError) when ``ckpt`` lacks one of ``keys``."""
+    missing = [k for k in keys if k not in ckpt]
+    if missing:
+        raise CheckpointError(
+            f"{what} {str(path)!r} lacks {', '.join(repr(k) for k in missing)} (it has: "
+            f"{', '.join(sorted(map(str, ckpt))) or 'nothing'}); it is incomplete or was not written by this okd. "
+            "Use another checkpoint of the run, or start a new run."
+        )
 
 
 def load_state_checked(module: torch.nn.Module, state_dict: dict, what: str) -> None:

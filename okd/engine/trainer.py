@@ -14,8 +14,9 @@ from torch import Tensor
 from okd.config import Config, build_config
 from okd.data import build_loaders
 from okd.data.device_loader import split_holdout
+from okd.engine import resume_policy
 from okd.engine.builder import build_method, build_optimization, resolve_device
-from okd.engine.checkpoint import atomic_save, atomic_write_text, load_checkpoint, load_state_checked
+from okd.engine.checkpoint import atomic_save, atomic_write_text, load_checkpoint, load_state_checked, require_keys
 from okd.engine.distributed import (
     DistContext,
     all_gather_objects,
@@ -34,6 +35,7 @@ from okd.engine.tensorboard import TensorBoardLogger
 from okd.errors import CheckpointError, ConfigError
 
 CHECKPOINT_FORMAT = "okd-run-v1"
+RUN_KEYS = ("config", "epoch", "method", "optimizers", "schedulers", "history", "best", "rng_per_rank")
 BEST_NOTE = (
     "best.pt holds the epoch with the highest test top-1 of the deployable head: it is selected on the "
     "test split (as the reference papers report), so its accuracy is optimistic; last.pt is the honest number"
@@ -66,6 +68,7 @@ def _load_run_checkpoint(run_dir: Path) -> dict:
     ckpt = load_checkpoint(run_dir / "last.pt")
     if ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{run_dir / 'last.pt'} is not an okd run checkpoint (format {ckpt.get('format')!r})")
+    require_keys(ckpt, RUN_KEYS, run_dir / "last.pt")
     return ckpt
 
 
@@ -118,12 +121,14 @@ def _check_start(cfg: Config, run_dir: Path, resume: bool, dist: DistContext) ->
             )
         return None
     ckpt = _load_run_checkpoint(run_dir)
+    resume_policy.check_belongs_to_folder(run_dir, ckpt)
     if _identity(ckpt["config"]) != _identity(cfg.to_dict()):
         saved, asked = "/".join(_identity(ckpt["config"])), "/".join(_identity(cfg.to_dict()))
         raise CheckpointError(
             f"cannot resume {str(run_dir)!r}: it was trained as method/model/dataset {saved}, "
             f"but the config asks for {asked}. Resume without a config, or start a new run."
         )
+    resume_policy.resume_changes(ckpt, cfg)  # refuses a recipe change the restored state cannot take
     saved_world = ckpt.get("world_size", 1)
     if saved_world != dist.world_size and not cfg.run.train.allow_world_size_change:
         raise CheckpointError(
@@ -159,7 +164,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: DistContext) -> Path:
     start_epoch, history, best = 0, [], {"top1": -1.0, "epoch": 0}
     if ckpt is not None:
         load_state_checked(method, ckpt["method"], f"{run_dir / 'last.pt'}")
-        plan.load_state_dict(ckpt)
+        resume_policy.restore_optimization(plan, ckpt)
         runner.load_state_dict(ckpt.get("runner", {}))
         start_epoch, history, best = ckpt["epoch"], ckpt["history"], ckpt["best"]
         rngs = ckpt["rng_per_rank"]
@@ -173,6 +178,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: DistContext) -> Path:
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(cfg.to_yaml(), run_dir / "config.yaml")
+        if ckpt is not None:
+            resume_policy.record_resume(run_dir, ckpt["epoch"], resume_policy.resume_changes(ckpt, cfg))
         _log_start(cfg, run_dir, dist, plan, device)
     if start_epoch >= r.train.epochs:
         log.info(f"{run_dir}: all {r.train.epochs} epochs already trained")
@@ -289,6 +296,7 @@ def _save_run(run_dir, cfg, runner: StepRunner, plan, epoch, history, best, impr
         "format": CHECKPOINT_FORMAT,
         "config": cfg.to_dict(),
         "epoch": epoch,
+        "num_classes": int(method.ctx.num_classes),
         "method": method.state_dict(),
         **plan.state_dict(),
         "runner": runner.state_dict(),

@@ -8,9 +8,10 @@ KL_T: its full form is ``form=okddip target_eps=1e-7`` (``target_eps`` defaults 
 ``alpha: null`` picks the form's default above (0.9 for the Hinton form is this library's choice; the spec
 leaves it open). The teacher is ``create_model(teacher_model)``
 loaded from ``teacher_checkpoint``: an okd ``deploy.pt`` or a plain state_dict file (optionally under a
-``state_dict``/``model``/``net`` key, ``module.`` prefixes stripped). Its outputs are computed under no-grad,
-it never leaves eval mode and is in no optimizer group; a checkpoint that does not fit ``teacher_model``
-raises :class:`~okd.errors.CheckpointError`.
+``state_dict``/``model``/``net`` key, ``module.`` prefixes stripped) or an ``okd export --format
+safetensors`` file, read with ``weights_only=True`` (a pickled object is refused, never run). Its outputs are
+computed under no-grad, it never leaves eval mode and is in no optimizer group; a checkpoint that does not fit
+``teacher_model`` (or the student's class count) raises :class:`~okd.errors.CheckpointError`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from okd.engine.checkpoint import load_checkpoint
+from okd.engine.deploy_file import check_class_count, read_deploy
 from okd.errors import CheckpointError, ConfigError
 from okd.methods.base import Method, MethodContext, ParamGroup, register_method, sgd_group
 from okd.methods.branch_base import check_choice, check_distillation
@@ -66,10 +69,21 @@ class KDParams:
         return FORM_ALPHA[self.form] if self.alpha is None else float(self.alpha)
 
 
-def _extract_state_dict(obj: object, path: str) -> dict[str, Tensor]:
-    if isinstance(obj, dict) and obj.get("format", "").startswith("okd-run"):
+TEACHER = "teacher checkpoint (method.teacher_checkpoint)"
+
+
+def _teacher_hint(model: str) -> str:
+    return (
+        f"Give the teacher as its run's deploy.pt (runs/<teacher>/deploy.pt, written by `okd train` with "
+        f"model.name={model}), its `okd export --format safetensors` file, or a file holding a plain "
+        "state_dict (a mapping of parameter names to tensors)."
+    )
+
+
+def _extract_state_dict(obj: object, path: str, model: str) -> dict[str, Tensor]:
+    if isinstance(obj, dict) and str(obj.get("format", "")).startswith("okd-run"):
         raise CheckpointError(
-            f"{path} is an okd run checkpoint (last.pt/best.pt); give the run's deploy.pt as the teacher"
+            f"{TEACHER} {path!r} is an okd run checkpoint (last.pt/best.pt), not a network. {_teacher_hint(model)}"
         )
     if isinstance(obj, dict):
         for key in ("state_dict", "model", "net"):
@@ -77,7 +91,9 @@ def _extract_state_dict(obj: object, path: str) -> dict[str, Tensor]:
                 obj = obj[key]
                 break
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path} holds no state_dict (a mapping of parameter names to tensors)")
+        raise CheckpointError(
+            f"{TEACHER} {path!r} holds no state_dict (a mapping of parameter names to tensors). {_teacher_hint(model)}"
+        )
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
@@ -90,18 +106,18 @@ def load_teacher(model: str, num_classes: int, checkpoint: str) -> nn.Module:
             f"first (an `okd train` run of model.name={model} writes runs/<name>/deploy.pt) or set "
             "method.teacher_checkpoint=PATH to a deploy.pt or state_dict file"
         )
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(
-            f"teacher checkpoint {str(path)!r} cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
-        ) from None
-    saved_model = obj.get("model") if isinstance(obj, dict) and isinstance(obj.get("model"), str) else None
+    if path.suffix == ".safetensors":
+        obj = read_deploy(path, TEACHER)
+    else:
+        obj = load_checkpoint(path, what=TEACHER, hint=_teacher_hint(model))
+    saved_model = obj.get("model") if isinstance(obj.get("model"), str) else None
     if saved_model is not None and saved_model != model:
         raise CheckpointError(
             f"teacher checkpoint {str(path)!r} holds a {saved_model}, but method.teacher_model={model}"
         )
-    state = _extract_state_dict(obj, str(path))
+    if isinstance(obj.get("num_classes"), int):
+        check_class_count(obj["num_classes"], num_classes, path, "the student's data set")
+    state = _extract_state_dict(obj, str(path), model)
     teacher = create_model(model, num_classes)
     own = teacher.state_dict()
     missing = [k for k in own if k not in state]

@@ -186,13 +186,15 @@ def register_cli(subparsers) -> None:
     p = subparsers.add_parser("export", help="write the deployable network alone, with a round-trip check")
     p.add_argument("run_dir", help="run folder, deploy.pt or run checkpoint")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (rebuilding from a checkpoint)")
-    p.add_argument("--format", required=True, choices=("state_dict", "torchscript", "onnx"))
+    from okd.report.export import FORMATS
+
+    p.add_argument("--format", required=True, choices=FORMATS, help="safetensors: pickle-free (okd[safetensors])")
     p.add_argument("--out", help="output file (default RUN_DIR/export/<model>_<format>)")
     p.add_argument("--checkpoint", choices=("last", "best"), default="last")
     p.set_defaults(func=cmd_export)
 
     p = subparsers.add_parser("predict", help="top-5 classes of image files")
-    p.add_argument("model", help="run folder, deploy.pt, exported state_dict, TorchScript or ONNX file")
+    p.add_argument("model", help="run folder, deploy.pt, exported state_dict, safetensors, TorchScript or ONNX file")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--top", type=int, default=5)
     p.set_defaults(func=cmd_predict)

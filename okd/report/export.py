@@ -1,14 +1,16 @@
 """``okd export``: the deployable network alone, in a file a user can serve (``okd predict`` reads it back).
 
-``okd export RUN_DIR --format state_dict|torchscript|onnx`` writes the network a method deploys (FFSD's leader
-without its decoder, ONE's branch as a plain backbone, ...), read from ``deploy.pt`` (or rebuilt from
+``okd export RUN_DIR --format state_dict|safetensors|torchscript|onnx`` writes the network a method deploys
+(FFSD's leader without its decoder, ONE's branch as a plain backbone, ...), read from ``deploy.pt`` (or rebuilt from
 ``last.pt``/``best.pt``), and checks the round trip: the written file, loaded back, gives the same logits on a
-fixed batch (state_dict and TorchScript to 1e-5; ONNX with onnxruntime, when installed, to 1e-4). When the
+fixed batch (state_dict, safetensors and TorchScript to 1e-5; ONNX with onnxruntime, when installed, to 1e-4). When the
 run's ``last.pt`` is there, the network is also checked against the method's own deployed head, i.e. the
 logits the run was scored with. The network takes normalised 32x32 images; the input mean/std, the class
-names and the backbone travel with the file (state_dict: keys of the dict; TorchScript: the extra file
-``okd.json``; ONNX: metadata ``okd``). TorchScript is deprecated in recent PyTorch (still working in 2.13);
-ONNX is the format to prefer for serving.
+names and the backbone travel with the file (state_dict: keys of the dict; safetensors: the JSON metadata
+entry ``okd``, naming model, method, head, num_classes and epoch; TorchScript: the extra file ``okd.json``;
+ONNX: metadata ``okd``). safetensors (the ``safetensors`` extra) is the pickle-free format for sharing the
+weights; TorchScript is deprecated in recent PyTorch (still working in 2.13), and, being code, is only
+loaded by ``okd predict`` when it is a TorchScript archive; ONNX is the format to prefer for serving.
 """
 
 from __future__ import annotations
@@ -25,9 +27,17 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from okd.data.cifar import SPECS
 from okd.engine.checkpoint import atomic_save, load_checkpoint
+from okd.engine.deploy_file import (
+    DEPLOY_FORMAT,
+    atomic_write_bytes,
+    build_network,
+    check_class_count,
+    read_deploy,
+    safetensors_metadata,
+)
 from okd.errors import CheckpointError, OKDError
-from okd.models import create_model
 from okd.report.runs import (
     class_names,
     deploy_head_of,
@@ -39,11 +49,15 @@ from okd.report.runs import (
     require,
 )
 
-FORMATS = ("state_dict", "torchscript", "onnx")
-SUFFIX = {"state_dict": "_state_dict.pt", "torchscript": "_torchscript.pt", "onnx": ".onnx"}
-TOLERANCE = {"state_dict": 1e-5, "torchscript": 1e-5, "onnx": 1e-4}
+FORMATS = ("state_dict", "safetensors", "torchscript", "onnx")
+SUFFIX = {
+    "state_dict": "_state_dict.pt",
+    "safetensors": ".safetensors",
+    "torchscript": "_torchscript.pt",
+    "onnx": ".onnx",
+}
+TOLERANCE = {"state_dict": 1e-5, "safetensors": 1e-5, "torchscript": 1e-5, "onnx": 1e-4}
 ONNX_INLINE_LIMIT = 1 << 30  # weight bytes an ONNX file holds inline (protobuf caps a file at 2 GiB)
-DEPLOY_FORMAT = "okd-deploy-v1"
 
 
 @dataclass
@@ -115,11 +129,12 @@ def _training_head(run_dir: Path, which: str, overrides) -> Callable[[Tensor], T
 
 
 def _from_deploy_file(path: Path, cfg: dict | None) -> Deployable:
-    ckpt = load_checkpoint(path)
-    if ckpt.get("format") != DEPLOY_FORMAT:
-        raise CheckpointError(f"{path} is not a deploy.pt (format {ckpt.get('format')!r})")
-    net = create_model(ckpt["model"], int(ckpt["num_classes"]))
-    net.load_state_dict(ckpt["state_dict"])
+    ckpt = read_deploy(path)
+    dataset = ((cfg or {}).get("data") or {}).get("dataset") or ckpt.get("dataset")
+    if dataset in SPECS:  # a 100-class network where 10 classes are expected, or the reverse
+        where = f"the run's data set ({dataset})" if cfg else f"its data set ({dataset})"
+        check_class_count(ckpt["num_classes"], SPECS[dataset].num_classes, path, where)
+    net = build_network(ckpt, path)
     dep = _finish(
         net,
         cfg,
@@ -170,8 +185,10 @@ def load_deployable(path: str | Path, which: str = "last", overrides: list[str] 
         return dep
     if not path.is_file():
         raise CheckpointError(f"{str(path)!r} does not exist; give a run folder, a deploy.pt or an exported file")
-    ckpt = load_checkpoint(path)
     cfg = read_run_config(path.parent) if (path.parent / "config.yaml").is_file() else None
+    if path.suffix == ".safetensors":
+        return _from_deploy_file(path, cfg)
+    ckpt = load_checkpoint(path)
     if ckpt.get("format") == DEPLOY_FORMAT:
         return _from_deploy_file(path, cfg)
     if "config" in ckpt and "method" in ckpt:
@@ -284,6 +301,7 @@ def export(
         training_diff = None
         if dep.training_head is not None:
             head = dep.training_head(x)
+            check_class_count(ref.shape[1], head.shape[1], dep.source, "the run's checkpoint (last.pt/best.pt)")
             training_diff = _max_diff(head, ref)
             if not _close(head, ref, 1e-5):
                 raise CheckpointError(
@@ -295,6 +313,14 @@ def export(
     if fmt == "state_dict":
         state = {k: v.detach().cpu() for k, v in dep.net.state_dict().items()}
         atomic_save({"format": DEPLOY_FORMAT, **meta, "state_dict": state}, out)
+        with torch.no_grad():
+            got = _from_deploy_file(out, None).net(x)
+    elif fmt == "safetensors":
+        st = require("safetensors.torch", "safetensors")
+        state = {k: v.detach().cpu().clone().contiguous() for k, v in dep.net.state_dict().items()}
+        header = {"format": DEPLOY_FORMAT, **meta}
+        data = st.save(state, metadata=safetensors_metadata(header))
+        atomic_write_bytes(data, out)
         with torch.no_grad():
             got = _from_deploy_file(out, None).net(x)
     elif fmt == "torchscript":

@@ -8,6 +8,7 @@ class names come with it. :meth:`Predictor.describe` says which model, head and 
 from __future__ import annotations
 
 import json
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from okd.errors import OKDError
+from okd.errors import CheckpointError, OKDError
 from okd.report.export import _no_jit_deprecation, load_deployable
 from okd.report.runs import default_class_names, input_geometry, normalization, require
 
@@ -74,19 +75,29 @@ def load_predictor(path: str | Path) -> Predictor:
         meta = json.loads(session.get_modelmeta().custom_metadata_map.get("okd", "{}"))
         name = session.get_inputs()[0].name
         return _predictor(lambda x: session.run(None, {name: x.numpy()})[0], meta, str(path), "ONNX")
-    if path.is_file():
+    if path.is_file() and _is_torchscript(path):
         extra = {"okd.json": ""}
         try:
             with _no_jit_deprecation():
                 module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-        except Exception:  # not TorchScript: a torch.save file
-            module = None
+        except Exception as exc:
+            raise CheckpointError(f"{path} is a TorchScript archive that cannot be loaded: {exc}") from None
         if module is not None:
             meta = json.loads(extra["okd.json"] or "{}")
             module.eval()
             return _predictor(lambda x: module(x).detach().numpy(), meta, str(path), "TorchScript")
     dep = load_deployable(path, check=False)
     return _predictor(lambda x: dep.net(x).detach().numpy(), dep.metadata(), dep.source or str(path), "okd file")
+
+
+def _is_torchscript(path: Path) -> bool:
+    """A TorchScript archive (a zip with ``code/`` and ``constants.pkl``), as ``okd export`` writes; any other
+    file (deploy.pt, a state_dict) is read as data only, with ``weights_only=True``."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+    return any("/code/" in n for n in names) and any(n.endswith("constants.pkl") for n in names)
 
 
 def _predictor(fn: Callable[[Tensor], np.ndarray], meta: dict, source: str, kind: str) -> Predictor:

@@ -8,11 +8,10 @@ import pkgutil
 from pathlib import Path
 from types import ModuleType
 
-import torch
 import yaml
 from torch import nn
 
-from okd.errors import CheckpointError, OKDError
+from okd.errors import CheckpointError, OKDError, UnsafeCheckpointError
 
 CIFAR100_CLASSES = (
     "apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus butterfly camel can "
@@ -130,14 +129,18 @@ def load_run_method(path: str | Path, which: str = "last", overrides: list[str] 
 def deploy_head_of(run_dir: str | Path, cfg: dict | None = None, heads: list[str] = ()) -> str | None:
     """The head that scores the deployed network: from last.pt (``best['head']``), else the method class,
     else the first head (the trainer's rule)."""
+    from okd.engine.checkpoint import load_checkpoint
+
     last = Path(run_dir) / "last.pt"
     if last.is_file():
         try:
-            head = torch.load(last, map_location="cpu", weights_only=False).get("best", {}).get("head")
+            head = (load_checkpoint(last).get("best") or {}).get("head")
             if head:
                 return head
-        except Exception:
-            pass
+        except UnsafeCheckpointError:
+            raise  # a pickled object: refused, never ignored
+        except CheckpointError:
+            pass  # a truncated last.pt (a run being written): the method's rule decides
     name = ((cfg or {}).get("method") or {}).get("name")
     cls = method_class(name) if name else None
     if cls is not None and getattr(cls, "deploy_head", None):
@@ -205,7 +208,9 @@ def num_classes_of(dataset: str, run_dir: Path | None = None) -> int:
         return SPECS[dataset].num_classes
     deploy = run_dir / "deploy.pt" if run_dir is not None else None
     if deploy is not None and deploy.is_file():
-        return int(torch.load(deploy, map_location="cpu", weights_only=False)["num_classes"])
+        from okd.engine.deploy_file import read_deploy
+
+        return int(read_deploy(deploy)["num_classes"])
     if dataset in FOLDER_DATASETS:
         return FOLDER_DATASETS[dataset][0]
     raise CheckpointError(f"cannot tell how many classes dataset {dataset!r} has")

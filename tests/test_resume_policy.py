@@ -1,0 +1,161 @@
+"""Resume records only what is in effect: keys that may change are applied, new milestones move the restored
+scheduler, recipe keys are refused by name, every resume is logged, and a last.pt of another run is refused."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import sys
+from pathlib import Path
+
+import helpers
+import pytest
+import torch
+import yaml
+
+from okd.cli import main
+from okd.config import build_config, load_config
+from okd.engine.checkpoint import load_checkpoint
+from okd.engine.resume_policy import MAY_CHANGE, check_changes, read_history
+from okd.engine.run_log import read_metrics_csv
+from okd.engine.trainer import train
+from okd.errors import ConfigError
+
+CONFIG = "cifar10/baseline_resnet20"
+
+
+def tiny(root: Path, out: Path, name: str, epochs: int, **extra) -> list[str]:
+    settings = {
+        "data.limit_train": 64,
+        "data.limit_test": 64,
+        "data.batch_size": 16,
+        "data.test_batch_size": 64,
+        "train.max_steps_per_epoch": 2,
+        "seed": 3,
+    }
+    return helpers.quick_overrides(root, out, name, epochs, settings | extra)
+
+
+@pytest.fixture(scope="module")
+def two_epochs(cifar10_root, tmp_path_factory) -> Path:
+    """A finished 2-epoch run (milestones [150, 225]: no decay yet)."""
+    return train(load_config(CONFIG, tiny(cifar10_root, tmp_path_factory.mktemp("runs"), "two", 2)))
+
+
+def _copy(run: Path, tmp_path: Path) -> Path:
+    shutil.copytree(run, tmp_path / run.name)
+    return tmp_path / run.name
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+# ---------------------------------------------------------------------------------------------- the policy
+def _saved() -> dict:
+    return build_config({"method": {"name": "dml"}, "optim": {"milestones": [2, 5]}}).to_dict()
+
+
+def _asked(**dotted) -> dict:
+    cfg = _saved()
+    for key, value in dotted.items():
+        section, _, name = key.replace("__", ".").rpartition(".")
+        (cfg[section] if section else cfg)[name] = value
+    return cfg
+
+
+def test_keys_that_may_change_are_accepted_and_reported():
+    changes = check_changes(_saved(), _asked(train__epochs=9, data__root="/elsewhere", train__progress="none"), 3)
+    assert changes == {
+        "data.root": ("data", "/elsewhere"),
+        "train.epochs": (300, 9),
+        "train.progress": ("auto", "none"),
+    }
+    assert {"train.epochs", "train.device", "data.root", "data.workers", "output_dir"} <= MAY_CHANGE
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "saved"),
+    [("optim__lr", 0.5, "0.1"), ("method__temperature", 4.0, "3.0"), ("seed", 1, "0"), ("data__batch_size", 64, "128")],
+)
+def test_a_recipe_key_is_refused_by_name_with_both_values(key, value, saved):
+    dotted = key.replace("__", ".")
+    with pytest.raises(ConfigError) as info:
+        check_changes(_saved(), _asked(**{key: value}), 3)
+    msg = str(info.value)
+    assert msg.startswith(f"cannot change {dotted} on resume: the restored state was trained with {dotted}={saved}")
+    assert f"(asked {value})" in msg and "start a new run" in msg
+
+
+def test_milestones_may_change_only_after_the_epochs_trained():
+    assert check_changes(_saved(), _asked(optim__milestones=[2, 7]), 3) == {"optim.milestones": ([2, 5], [2, 7])}
+    with pytest.raises(ConfigError, match=r"from \[2, 5\] to \[1, 5\].*decays at \[2\]"):
+        check_changes(_saved(), _asked(optim__milestones=[1, 5]), 3)
+    with pytest.raises(ConfigError, match="already trained 3 epochs"):
+        check_changes(_saved(), _asked(train__epochs=2), 3)
+
+
+# ------------------------------------------------------------------------------------------- end to end
+def test_new_milestones_move_the_restored_scheduler(two_epochs, cifar10_root, tmp_path, monkeypatch):
+    """Extending 2 epochs to 4 with a decay at 3 equals a straight 4-epoch run with milestones [3], bitwise."""
+    run = _copy(two_epochs, tmp_path)
+    argv = ["train", "--resume", str(run), "train.epochs=4", "optim.milestones=[3]"]
+    monkeypatch.setattr(sys, "argv", ["okd", *argv])  # the command line the history records
+    assert main(argv) == 0
+    lrs = [row["lr/net"] for row in read_metrics_csv(run / "metrics.csv")]
+    assert lrs == pytest.approx([0.1, 0.1, 0.01, 0.01])  # the lr after each epoch: epoch 4 trains at 0.01
+    straight = train(load_config(CONFIG, tiny(cifar10_root, tmp_path, "straight", 4, **{"optim.milestones": "[3]"})))
+    helpers.assert_same_runs(straight, run)
+    # what ran is what is saved, and the resume is on record
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved == load_checkpoint(run / "last.pt")["config"]
+    assert saved["optim"]["milestones"] == [3] and saved["train"]["epochs"] == 4
+    (entry,) = read_history(run)
+    assert entry["resumed_after_epoch"] == 2 and entry["argv"] == ["okd", *argv]
+    assert entry["changed"] == {
+        "optim.milestones": {"old": [150, 225], "new": [3]},
+        "train.epochs": {"old": 2, "new": 4},
+    }
+    assert entry["time"].endswith("Z")
+
+
+def test_a_refused_key_changes_nothing(two_epochs, tmp_path, capsys):
+    run = _copy(two_epochs, tmp_path)
+    before = _digest(run)
+    assert main(["train", "--resume", str(run), "train.epochs=3", "optim.lr=0.5"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "cannot change optim.lr on resume: the restored state was trained with optim.lr=0.1 (asked 0.5)" in err
+    assert _digest(run) == before and not read_history(run)
+
+
+def test_every_resume_appends_to_the_history(two_epochs, tmp_path):
+    run = _copy(two_epochs, tmp_path)
+    assert main(["train", "--resume", str(run)]) == 0  # nothing to train, still recorded
+    assert main(["train", "--resume", str(run), "train.progress=log"]) == 0
+    first, second = read_history(run)
+    assert first["changed"] == {} and second["changed"] == {"train.progress": {"old": "none", "new": "log"}}
+
+
+def _plant(run: Path, edit) -> None:
+    ckpt = load_checkpoint(run / "last.pt")
+    edit(ckpt)
+    torch.save(ckpt, run / "last.pt")
+
+
+@pytest.mark.parametrize(
+    ("edit", "says"),
+    [
+        (lambda c: c["config"]["data"].update(dataset="cifar100"), "dataset 'cifar100' vs config.yaml's 'cifar10'"),
+        (lambda c: c["config"]["method"].update(name="dml"), "method 'dml' vs config.yaml's 'baseline'"),
+        (lambda c: c.update(num_classes=100), "class counts differ (last.pt: 100, cifar10: 10, deploy.pt: 10)"),
+        (lambda c: c["history"][0].update({"test/net/top1": 99.5}), "metrics.csv epoch 1 disagrees"),
+    ],
+)
+def test_a_last_pt_of_another_run_is_refused_before_anything_is_written(edit, says, two_epochs, tmp_path, capsys):
+    run = _copy(two_epochs, tmp_path)
+    _plant(run, edit)
+    before = _digest(run)
+    assert main(["train", "--resume", str(run), "train.epochs=3"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "does not belong to the run in" in err and says in err, err
+    assert _digest(run) == before
