@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from okd.errors import ConfigError
 
@@ -121,16 +121,19 @@ def _field_names(cls) -> list[str]:
 
 
 def _typed(schema_cls, raw: dict, where: str):
+    """``raw`` merged into ``schema_cls``; ``where`` prefixes the dotted key in messages ("" or "method")."""
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema_cls), raw)
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
-        key = getattr(exc, "full_key", None) or getattr(exc, "key", None) or ""
-        section = _section_of(schema_cls, str(key))
-        valid = ", ".join(_field_names(section)) if section is not None else ""
+        key = str(getattr(exc, "full_key", None) or getattr(exc, "key", None) or "")
+        dotted = ".".join(p for p in (where, key) if p) or "the config"
         msg = str(exc).splitlines()[0]
-        hint = f" Valid keys here: {valid}." if valid else ""
-        raise ConfigError(f"bad config {where}{'.' + str(key) if key else ''}: {msg}.{hint}") from None
+        if isinstance(exc, ConfigKeyError):
+            section = _section_of(schema_cls, key)
+            valid = ", ".join(_field_names(section))
+            raise ConfigError(f"unknown config key {dotted} ({msg}). Valid keys here: {valid}.") from None
+        raise ConfigError(f"bad value for {dotted}: {msg}.") from None
 
 
 def _section_of(cls, dotted: str):
@@ -221,9 +224,9 @@ def build_config(raw: DictConfig | dict) -> Config:
     method_raw = dict(method_raw)
     name = method_raw.pop("name", "baseline")
     method_cls = METHODS.get(name)
-    run = _typed(RunConfig, raw, "key")
+    run = _typed(RunConfig, raw, "")
     _validate(run)
-    params = _typed(method_cls.Params, method_raw, f"method ({name})")
+    params = _typed(method_cls.Params, method_raw, "method")
     check = getattr(params, "validate", None)
     if check is not None:
         check()
