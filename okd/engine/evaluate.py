@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import Tensor
 
@@ -11,12 +13,13 @@ from okd.methods.base import Method
 
 @torch.no_grad()
 def evaluate(
-    method: Method, loader, max_batches: int | None = None, dist: DistContext | None = None
+    method: Method, loader, max_batches: int | None = None, dist: DistContext | None = None, progress: bool = False
 ) -> dict[str, float]:
     """Return ``{'<head>/top1': %, '<head>/top5': %, '<oracle>/top1': %}`` over the loader's split.
 
-    Counts are accumulated on the device and read once at the end (no per-batch host sync); under
-    DDP every rank scores its shard and the counts are summed across ranks.
+    ``progress`` shows a tqdm bar over the batches (on stderr, removed when done). Counts are accumulated on
+    the device and read once at the end (no per-batch host sync); under DDP every rank scores its shard and
+    the counts are summed across ranks.
     """
     was_training = method.training
     method.eval()
@@ -25,7 +28,13 @@ def evaluate(
     oracle = method.oracle_groups()
     oracle_correct: dict[str, Tensor] = {}
     total = 0
-    for b, (images, labels) in enumerate(loader):
+    batches = loader
+    if progress:
+        from tqdm import tqdm
+
+        n = len(loader) if max_batches is None else min(len(loader), max_batches)
+        batches = tqdm(loader, total=n, desc="eval", leave=False, file=sys.stderr)
+    for b, (images, labels) in enumerate(batches):
         if max_batches is not None and b >= max_batches:
             break
         outputs = method.eval_outputs(images)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+from torch import Tensor, nn
 
 from okd.config import build_config, parse_overrides
 from okd.data import build_loaders
@@ -26,14 +27,19 @@ def resolve_checkpoint(path: str | Path, which: str = "last") -> Path:
 
 
 def score_checkpoint(path: str | Path, which: str = "last", overrides: list[str] = ()) -> tuple[dict, dict]:
-    """Evaluate every head of a run checkpoint on the test split. Returns (metrics, checkpoint info)."""
+    """Evaluate every head of a run checkpoint (or the one network of a ``deploy.pt``) on the test split.
+
+    Returns (metrics, info): info holds the checkpoint's path, epoch, note and ``deploy_head``, the head
+    that scores the deployed network.
+    """
     ckpt_path = resolve_checkpoint(path, which)
     ckpt = load_checkpoint(ckpt_path)
+    from okd.report.export import DEPLOY_FORMAT
+
+    if ckpt.get("format") == DEPLOY_FORMAT:
+        return _score_deploy_file(ckpt_path, ckpt, overrides)
     if "config" not in ckpt or "method" not in ckpt:
-        raise CheckpointError(
-            f"{ckpt_path} is not a run checkpoint (no config/method state); "
-            "deploy.pt files hold a single network: use `okd export`/`okd predict` for those"
-        )
+        raise CheckpointError(f"{ckpt_path} is neither a run checkpoint (last.pt, best.pt) nor a deploy.pt")
     raw = OmegaConf.merge(OmegaConf.create(ckpt["config"]), parse_overrides(list(overrides)))
     cfg = build_config(raw)
     torch.manual_seed(cfg.run.seed)
@@ -43,4 +49,42 @@ def score_checkpoint(path: str | Path, which: str = "last", overrides: list[str]
     load_state_checked(method, ckpt["method"], str(ckpt_path))
     metrics = evaluate(method, test_loader)
     metrics.update(method.derived_metrics(metrics))
-    return metrics, {"path": str(ckpt_path), "epoch": ckpt.get("epoch"), "note": ckpt.get("note")}
+    head = method.deploy_head or next(iter(metrics)).split("/")[0]
+    return metrics, {"path": str(ckpt_path), "epoch": ckpt.get("epoch"), "note": ckpt.get("note"), "deploy_head": head}
+
+
+class _DeployedNetwork(nn.Module):
+    """The single network of a deploy.pt, scored under the name of the head it was in training."""
+
+    def __init__(self, net: nn.Module, head: str) -> None:
+        super().__init__()
+        self.net, self.head = net, head
+
+    def eval_outputs(self, images: Tensor) -> dict[str, Tensor]:
+        return {self.head: self.net(images)}
+
+    def oracle_groups(self) -> dict[str, list[str]]:
+        return {}
+
+
+def _score_deploy_file(ckpt_path: Path, ckpt: dict, overrides: list[str]) -> tuple[dict, dict]:
+    """A deploy.pt scored with the data settings of the run's ``config.yaml`` beside it."""
+    from okd.report.export import load_deployable
+
+    config_file = ckpt_path.parent / "config.yaml"
+    if not config_file.is_file():
+        raise CheckpointError(
+            f"{ckpt_path} is a deploy.pt without the run's config.yaml beside it, so its test split is unknown; "
+            "score the run folder instead, or copy config.yaml next to it"
+        )
+    raw = OmegaConf.merge(OmegaConf.load(config_file), parse_overrides(list(overrides)))
+    cfg = build_config(raw)
+    torch.manual_seed(cfg.run.seed)
+    device = resolve_device(cfg.run.train.device)
+    _, test_loader, num_classes, _ = build_loaders(cfg.run.data, cfg.run.seed, device, views=1)
+    method = build_method(cfg, num_classes)
+    images, _ = next(iter(test_loader))
+    head = method.deploy_head or next(iter(method.to(device).eval().eval_outputs(images[:1])))
+    net = load_deployable(ckpt_path, check=False).net.to(device)
+    metrics = evaluate(_DeployedNetwork(net, head), test_loader)
+    return metrics, {"path": str(ckpt_path), "epoch": ckpt.get("epoch"), "note": None, "deploy_head": head}

@@ -28,10 +28,20 @@ from okd.engine.distributed import (
     shutdown,
 )
 from okd.engine.evaluate import evaluate
-from okd.engine.run_log import epoch_line, log, setup_logging, write_metrics_csv
+from okd.engine.run_log import (
+    best_in_history,
+    epoch_line,
+    format_duration,
+    log,
+    run_eta,
+    run_summary,
+    setup_logging,
+    write_metrics_csv,
+)
 from okd.engine.seeding import restore_rng_state, rng_state, seed_everything, set_deterministic
 from okd.engine.step import StepRunner, autocast, configure_backends, prepare_method
 from okd.engine.tensorboard import TensorBoardLogger
+from okd.engine.threads import warn_threads_once
 from okd.errors import CheckpointError, ConfigError
 
 CHECKPOINT_FORMAT = "okd-run-v1"
@@ -141,6 +151,7 @@ def _check_start(cfg: Config, run_dir: Path, resume: bool, dist: DistContext) ->
 
 def _train(cfg: Config, run_dir: Path, resume: bool, dist: DistContext) -> Path:
     r = cfg.run
+    started = time.perf_counter()
     ckpt = _check_start(cfg, run_dir, resume, dist)
     set_deterministic(r.train.deterministic)
     seed_everything(r.seed)  # identical initial weights on every rank
@@ -183,9 +194,13 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: DistContext) -> Path:
         _log_start(cfg, run_dir, dist, plan, device)
     if start_epoch >= r.train.epochs:
         log.info(f"{run_dir}: all {r.train.epochs} epochs already trained")
+        if dist.is_main and history:
+            _log_summary(run_dir, history, best.get("head"), time.perf_counter() - started)
         return run_dir
 
     deploy_head = method.deploy_head
+    interactive = _interactive(r.train.progress) and dist.is_main
+    paces: list[float] = []  # seconds per epoch (training + evaluation) in this process
     board = TensorBoardLogger(run_dir) if r.train.tensorboard and dist.is_main else None
     with _GracefulStop(), board or contextlib.nullcontext():
         try:
@@ -193,10 +208,15 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: DistContext) -> Path:
                 if holdout_loader is not None:
                     with torch.no_grad(), autocast(r.train, device):
                         method.fit_on_holdout(holdout_loader)
-                row = _train_epoch(runner, train_loader, epoch, r.train, dist)
+                eta = run_eta(paces, r.train.epochs - epoch)
+                row = _train_epoch(runner, train_loader, epoch, r.train, dist, eta)
                 plan.end_of_epoch()
+                eval_start = time.perf_counter()
                 with autocast(r.train, device):
-                    metrics = evaluate(method, test_loader, dist=dist)
+                    metrics = evaluate(method, test_loader, dist=dist, progress=interactive)
+                _sync(device)
+                row["time/eval_s"] = time.perf_counter() - eval_start
+                paces.append(row["time/epoch_s"] + row["time/eval_s"])
                 metrics.update(method.derived_metrics(metrics))
                 deploy_head = deploy_head or next(iter(metrics)).split("/")[0]
                 row.update({f"test/{k}": v for k, v in metrics.items()})
@@ -210,7 +230,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: DistContext) -> Path:
                 if dist.is_main:
                     write_metrics_csv(history, run_dir / "metrics.csv")
                     _save_run(run_dir, cfg, runner, plan, epoch + 1, history, best, improved, rngs)
-                    _report_epoch(row, r.train.progress)
+                    eta = run_eta(paces, r.train.epochs - epoch - 1)
+                    _report_epoch(row, r.train.progress, r.train.epochs, deploy_head, eta)
                     if board is not None:
                         board.log_row(row, epoch + 1)
                 barrier(dist)
@@ -218,7 +239,26 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: DistContext) -> Path:
             done = history[-1]["epoch"] if history else start_epoch
             log.info(f"stopped after epoch {int(done)}; continue with: okd train --resume {run_dir}")
             raise
+    if dist.is_main:
+        _log_summary(run_dir, history, deploy_head, time.perf_counter() - started)
     return run_dir
+
+
+def _log_summary(run_dir: Path, history: list[dict], head: str | None, wall_s: float) -> None:
+    """The closing summary: deployed head, its final and best (test-selected) top-1, deploy.pt, wall time."""
+    last = history[-1]
+    head = head or next(k.split("/")[1] for k in last if k.startswith("test/") and k.endswith("/top1"))
+    deploy = run_dir / "deploy.pt"
+    summary = run_summary(
+        head,
+        last[f"test/{head}/top1"],
+        int(last["epoch"]),
+        best_in_history(history, head),
+        deploy if deploy.is_file() else None,
+        wall_s,
+    )
+    for line in summary.splitlines():
+        log.info(line)
 
 
 def _steps_per_epoch(loader, train_cfg) -> int:
@@ -232,8 +272,11 @@ def _log_start(cfg: Config, run_dir: Path, dist: DistContext, plan, device: torc
     log.info(
         f"{run_dir}: {cfg.method_name} / {r.model.name} / {r.data.dataset} on {device}"
         f" x{dist.world_size}; global batch {r.data.batch_size} ({per_rank} per process); "
-        f"lr scaling {r.optim.lr_scaling} (x{plan.lr_factor:g}); {r.train.precision}"
+        f"lr scaling {r.optim.lr_scaling} (x{plan.lr_factor:g}); {r.train.precision}; "
+        f"{r.train.epochs} epochs; torch threads {torch.get_num_threads()}"
     )
+    if device.type == "cpu":
+        warn_threads_once()
 
 
 def _method_views(cfg: Config) -> int:
@@ -246,7 +289,10 @@ def _interactive(progress: str) -> bool:
     return progress == "bar" or (progress == "auto" and sys.stderr.isatty())
 
 
-def _train_epoch(runner: StepRunner, loader, epoch: int, train_cfg, dist: DistContext) -> dict[str, float]:
+def _train_epoch(
+    runner: StepRunner, loader, epoch: int, train_cfg, dist: DistContext, eta_s: float | None = None
+) -> dict[str, float]:
+    """One epoch of training steps; the bar (when interactive) shows "epoch k/N" and the run's ETA."""
     runner.method.train()
     loader.set_epoch(epoch)
     sums: dict[str, Tensor] = {}
@@ -257,7 +303,10 @@ def _train_epoch(runner: StepRunner, loader, epoch: int, train_cfg, dist: DistCo
         from tqdm import tqdm
 
         total = len(loader) if max_steps is None else min(len(loader), max_steps)
-        batches = tqdm(loader, total=total, desc=f"epoch {epoch + 1}", leave=False, file=sys.stderr)
+        desc = f"epoch {epoch + 1}/{train_cfg.epochs}"
+        batches = tqdm(loader, total=total, desc=desc, leave=False, file=sys.stderr)
+        if eta_s is not None:
+            batches.set_postfix_str(f"run ETA {format_duration(eta_s)}", refresh=False)
     start = time.perf_counter()
     for step, (images, labels) in enumerate(batches):
         if max_steps is not None and step >= max_steps:
@@ -325,11 +374,11 @@ def _save_run(run_dir, cfg, runner: StepRunner, plan, epoch, history, best, impr
     )
 
 
-def _report_epoch(row: dict, progress: str) -> None:
+def _report_epoch(row: dict, progress: str, epochs: int, deployed: str | None, eta_s: float | None) -> None:
     if progress == "none":
         return
     heads = sorted({k.split("/")[1] for k in row if k.startswith("test/") and k.endswith("/top1")})
-    line = epoch_line(row, heads)
+    line = epoch_line(row, heads, epochs, deployed, eta_s)
     if _interactive(progress):
         from tqdm import tqdm
 
