@@ -1,9 +1,13 @@
-"""``okd``: the command-line entry point (train, test, models, methods)."""
+"""``okd``: the command-line entry point (train, test, configs, config, models, methods; report and bench commands).
+
+Every subcommand takes its options and ``key=value`` overrides in any order (:func:`parse_args`).
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import textwrap
 
@@ -13,18 +17,23 @@ DESCRIPTION = """\
 okd: online knowledge distillation (FFSD, DML, KD, ONE, CL-ILR, OKDDip, FFL, ...).
 
 Typical use:
-  okd train configs/cifar100/ffsd_resnet32.yaml                 train (downloads CIFAR into data.root)
-  okd train configs/cifar10/baseline_resnet20.yaml data.root=~/data train.epochs=5 seed=3
+  okd train cifar100/ffsd_resnet32                              train a packaged config (downloads CIFAR)
+  okd train cifar10/baseline_resnet20 data.root=~/data train.epochs=5 seed=3
   okd train --resume runs/<name>                                continue a stopped run exactly
-  okd test runs/<name>                                          top-1/top-5 of every head on the test split
+  okd test runs/<name> [--checkpoint best]                      top-1/top-5 of every head on the test split
+  okd configs | okd config cifar10/ffsd_resnet20 seed=3         packaged configs; one resolved config
   okd models | okd methods                                      what can be trained
-  okd bench configs/cifar100/ffsd_resnet32.yaml                 speed, side by side with the reference recipe
+  okd bench cifar100/ffsd_resnet32                              speed, side by side with the reference recipe
   okd sweep CONFIG --seeds 1 2 3 ; okd report runs/...          seeds, mean ± std next to published numbers
   okd plot RUN | okd attention RUN | okd export RUN --format onnx | okd predict MODEL IMAGE...
 
-Config values are overridden with key=value (sections: data, model, method, optim, train; top level:
-name, output_dir, seed). An unknown key fails at once and lists the valid ones.
+A config is a packaged name (`okd configs`) or a YAML file. Values are overridden with key=value
+(sections: data, model, method, optim, train; top level: name, output_dir, seed), before or after the
+options. An unknown key fails at once and lists the valid ones.
 """
+
+#: ``key=value`` (a config override), as opposed to an option value or a file name
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w.\-]*=")
 
 
 def _split_config_and_overrides(items: list[str]) -> tuple[str | None, list[str]]:
@@ -43,7 +52,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         train(cfg, run_dir=args.resume, resume=True)
         return 0
     if config_path is None:
-        raise OKDError("okd train needs a config file (e.g. configs/cifar100/ffsd_resnet32.yaml) or --resume RUN")
+        raise OKDError(
+            "okd train needs a config (a packaged name such as cifar100/ffsd_resnet32, or a YAML file) or --resume RUN"
+        )
     cfg = load_config(config_path, overrides)
     run_dir = train(cfg)
     if os.environ.get("RANK", "0") == "0":
@@ -52,25 +63,60 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_test(args: argparse.Namespace) -> int:
-    from okd.engine.scoring import score_checkpoint
+    import time
+    from pathlib import Path
 
+    from okd.engine.run_log import best_in_history, ordered_heads, read_metrics_csv, run_summary
+    from okd.engine.scoring import score_checkpoint
+    from okd.engine.threads import warn_threads_once
+
+    started = time.perf_counter()
+    warn_threads_once()
     metrics, info = score_checkpoint(args.path, which=args.checkpoint, overrides=args.overrides)
     print(f"{info['path']} (epoch {info['epoch']})")
     if info.get("note"):
         print(textwrap.fill(f"note: {info['note']}", 100))
-    heads = sorted({k.rsplit("/", 1)[0] for k in metrics})
-    width = max(len(h) for h in heads)
-    print(f"{'head':<{width}}  {'top1':>7}  {'top5':>7}")
-    for head in heads:
-        top5 = metrics.get(f"{head}/top5")
+    head = info["deploy_head"]
+    heads = ordered_heads(list({k.rsplit("/", 1)[0] for k in metrics}), head)
+    width = max(len(h) for h in heads) + 1
+    print(f"{'head':<{width}}  {'top1':>7}  {'top5':>7}   (* deployed)")
+    for name in heads:
+        top5 = metrics.get(f"{name}/top5")
         top5_text = f"{top5:7.2f}" if top5 is not None else f"{'-':>7}"
-        print(f"{head:<{width}}  {metrics[f'{head}/top1']:7.2f}  {top5_text}")
+        label = f"*{name}" if name == head else name
+        print(f"{label:<{width}}  {metrics[f'{name}/top1']:7.2f}  {top5_text}")
+    run_dir = Path(info["path"]).parent
+    history = read_metrics_csv(run_dir / "metrics.csv") if (run_dir / "metrics.csv").is_file() else []
+    deploy = run_dir / "deploy.pt"
+    best = best_in_history(history, head)
+    wall = time.perf_counter() - started
+    summary = run_summary(
+        head, metrics[f"{head}/top1"], info["epoch"], best, deploy if deploy.is_file() else None, wall
+    )
+    print("\n" + summary)
+    return 0
+
+
+def cmd_configs(args: argparse.Namespace) -> int:
+    from okd.configs import packaged_configs
+
+    print("\n".join(packaged_configs()))
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from okd.config import load_config
+
+    print(load_config(args.name, args.overrides).to_yaml(), end="")
     return 0
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    from okd.engine.threads import warn_threads_once
     from okd.models import count_macs, count_parameters, create_model, list_models
     from okd.models.registry import MODELS
+
+    warn_threads_once()
 
     print(f"{'model':<22} {'params (K=' + str(args.num_classes) + ')':>16} {'MACs per image':>16}  input")
     for name in list_models():
@@ -90,25 +136,51 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def version() -> str:
+    """The installed distribution's version, else the source tree's ``okd.__version__``."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("okd")
+    except PackageNotFoundError:
+        from okd import __version__
+
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="okd", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--version", action="version", version=f"okd {version()}", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("train", help="train a config (or resume a run)")
-    p.add_argument("items", nargs="*", metavar="CONFIG [key=value ...]", help="YAML config then overrides")
+    p.add_argument(
+        "items", nargs="*", metavar="CONFIG [key=value ...]", help="packaged config name or YAML file, then overrides"
+    )
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last epoch")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("test", help="evaluate every head of a run on the test split")
-    p.add_argument("path", help="run folder or checkpoint file")
-    p.add_argument("overrides", nargs="*", help="key=value, e.g. data.root=/elsewhere")
-    p.add_argument("--checkpoint", choices=("last", "best"), default="last", help="for a run folder")
+    p.add_argument("path", help="run folder, run checkpoint (last.pt, best.pt) or deploy.pt")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.root=/elsewhere")
+    p.add_argument(
+        "--checkpoint", choices=("last", "best"), default="last", help="for a run folder: last.pt (default) or best.pt"
+    )
     p.set_defaults(func=cmd_test)
 
+    p = sub.add_parser("configs", help="list the packaged configs (names for okd train, okd config, ...)")
+    p.set_defaults(func=cmd_configs)
+
+    p = sub.add_parser("config", help="print a config fully resolved (defaults, file and overrides), as YAML")
+    p.add_argument("name", metavar="CONFIG", help="packaged config name (okd configs) or YAML file")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. seed=3")
+    p.set_defaults(func=cmd_config)
+
     p = sub.add_parser("models", help="list backbones with parameter and MAC counts")
-    p.add_argument("--num-classes", type=int, default=100)
+    p.add_argument("--num-classes", type=int, default=100, help="classes of the counted classifier (default 100)")
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("methods", help="list the registered methods")
@@ -122,19 +194,70 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """The subcommand parsers of ``parser`` by name."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def _free_overrides(sub: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """Move ``key=value`` tokens out of the values of variable-length options (``--seeds 1 2 key=value``),
+    so that argparse hands them to the subcommand's positional overrides wherever they stand."""
+    greedy = {s for a in sub._actions if a.option_strings and a.nargs in ("+", "*") for s in a.option_strings}
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if token == "--":
+            out += argv[i:]
+            break
+        if token.split("=", 1)[0] not in greedy or "=" in token:
+            out.append(token)
+            i += 1
+            continue
+        j = i + 1
+        while j < len(argv) and not argv[j].startswith("-"):
+            j += 1
+        values = argv[i + 1 : j]
+        out += [v for v in values if _OVERRIDE.match(v)] + [token] + [v for v in values if not _OVERRIDE.match(v)]
+        i = j
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse an ``okd`` command line; a subcommand's options and ``key=value`` overrides may come in any order."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    subcommands = _subcommands(parser)
+    if not argv or argv[0] not in subcommands:
+        return parser.parse_args(argv)  # help, --version, or an unknown command (argparse says so)
+    sub = subcommands[argv[0]]
+    args = sub.parse_intermixed_args(_free_overrides(sub, argv[1:]))
+    args.command = argv[0]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if not getattr(args, "func", None):
-        parser.print_help()
+        build_parser().print_help()
         return 0
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a closed pipe (okd models | head) raises here, not at interpreter exit
+        return code
     except OKDError as exc:
         print(textwrap.fill(f"okd: error: {exc}", 100), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # the reader went away: stop quietly, and keep Python's final flush from raising again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a writer killed by a closed pipe
 
 
 if __name__ == "__main__":

@@ -169,17 +169,17 @@ def register_cli(subparsers) -> None:
     p.set_defaults(func=cmd_sweep)
 
     p = subparsers.add_parser("plot", help="training curves of every head and loss term (needs okd[plot])")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="run folder (its metrics.csv)")
     p.add_argument("--out", help="PNG path (default RUN_DIR/curves.png)")
     p.set_defaults(func=cmd_plot)
 
     p = subparsers.add_parser("attention", help="attention maps of each network on test images (needs okd[plot])")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="run folder")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.root=/elsewhere")
     p.add_argument("--images", type=int, default=6, help="test images to draw (default 6)")
     p.add_argument("--first", type=int, default=0, help="index of the first test image (default 0)")
     p.add_argument("--similarity-images", type=int, default=500, help="test images for the similarity table")
-    p.add_argument("--checkpoint", choices=("last", "best"), default="last")
+    p.add_argument("--checkpoint", choices=("last", "best"), default="last", help="last.pt (default) or best.pt")
     p.add_argument("--out", help="PNG path (default RUN_DIR/attention.png)")
     p.set_defaults(func=cmd_attention)
 
@@ -190,11 +190,13 @@ def register_cli(subparsers) -> None:
 
     p.add_argument("--format", required=True, choices=FORMATS, help="safetensors: pickle-free (okd[safetensors])")
     p.add_argument("--out", help="output file (default RUN_DIR/export/<model>_<format>)")
-    p.add_argument("--checkpoint", choices=("last", "best"), default="last")
+    p.add_argument(
+        "--checkpoint", choices=("last", "best"), default="last", help="for a run folder: last (deploy.pt) or best.pt"
+    )
     p.set_defaults(func=cmd_export)
 
     p = subparsers.add_parser("predict", help="top-5 classes of image files")
     p.add_argument("model", help="run folder, deploy.pt, exported state_dict, safetensors, TorchScript or ONNX file")
-    p.add_argument("images", nargs="+", metavar="IMAGE")
-    p.add_argument("--top", type=int, default=5)
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (resized to the network's input size)")
+    p.add_argument("--top", type=int, default=5, help="classes shown per image (default 5)")
     p.set_defaults(func=cmd_predict)
