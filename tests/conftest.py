@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,22 +12,76 @@ import pytest
 SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 
 
-@pytest.fixture(scope="session")
-def cifar10_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A directory holding ``cifar-10-batches-py/``: a class-balanced 2,000/500 subset of CIFAR-10.
+#: names a folder holding an official-layout ``cifar-10-batches-py/`` to run the end-to-end tests on
+CIFAR10_ENV = "OKD_CIFAR10"
+SUBSET = {"train": 2000, "test": 500}  # class-balanced: 200 / 50 images per class
 
-    Written once per session by ``../shared/data/make_cifar10.py`` (beside the repository); the tests
-    that use it are skipped where that folder is absent.
-    """
+
+def user_cifar10(value: str) -> Path:
+    """The ``cifar-10-batches-py/`` folder that ``$OKD_CIFAR10`` names (it or its parent)."""
+    root = Path(value).expanduser()
+    for folder in (root / "cifar-10-batches-py", root):
+        if folder.name == "cifar-10-batches-py" and (folder / "test_batch").is_file():
+            return folder
+    raise pytest.UsageError(
+        f"{CIFAR10_ENV}={value!r}: expected a folder containing cifar-10-batches-py/ in the official python layout "
+        "(data_batch_1..5, test_batch, batches.meta)"
+    )
+
+
+def write_balanced_subset(source: Path, out: Path) -> None:
+    """Write the class-balanced prefix subset of ``SUBSET`` from an official-layout folder into ``out``
+    (the subset ``make_cifar10.py --limit-train 2000 --limit-test 500`` writes)."""
+    import pickle
+
+    import numpy as np
+
+    def load(name: str) -> dict:
+        with open(source / name, "rb") as f:
+            return pickle.load(f, encoding="latin1")
+
+    def dump(name: str, obj: dict) -> None:
+        with open(out / name, "wb") as f:
+            pickle.dump(obj, f, protocol=2)
+
+    out.mkdir(parents=True)
+    for split, names in (("train", [f"data_batch_{b}" for b in range(1, 6)]), ("test", ["test_batch"])):
+        batches = [load(n) for n in names]
+        data = np.concatenate([np.asarray(b["data"], dtype=np.uint8) for b in batches])
+        labels = np.concatenate([np.asarray(b["labels"], dtype=np.int64) for b in batches])
+        per = SUBSET[split] // 10
+        keep = np.sort(np.concatenate([np.flatnonzero(labels == c)[:per] for c in range(10)]))
+        chunks = np.array_split(keep, len(names))
+        for name, rows in zip(names, chunks, strict=True):
+            dump(name, {"batch_label": f"{name} (subset)", "labels": labels[rows].tolist(), "data": data[rows]})
+    dump("batches.meta", load("batches.meta"))
+
+
+def prepare_cifar10(root: Path, user_folder: str | None) -> Path:
+    """Fill ``root`` with ``cifar-10-batches-py/``: the 2,000/500 class-balanced subset of the user's own
+    official-layout CIFAR-10 (``user_folder``), else of ``../shared/data``; skip, with the reason, without both."""
+    if user_folder:
+        write_balanced_subset(user_cifar10(user_folder), root / "cifar-10-batches-py")
+        return root
     script = SHARED_DATA / "make_cifar10.py"
     if not script.is_file() or not (SHARED_DATA / "cifar10-jpeg.npz").is_file():
-        pytest.skip(f"real CIFAR-10 not available: {SHARED_DATA} lacks make_cifar10.py or cifar10-jpeg.npz")
-    root = tmp_path_factory.mktemp("cifar10")
+        pytest.skip(
+            f"real CIFAR-10 not available: set {CIFAR10_ENV}=/folder/containing/cifar-10-batches-py, or provide "
+            f"{SHARED_DATA}/make_cifar10.py and cifar10-jpeg.npz"
+        )
     cmd = [sys.executable, str(script), str(root), "--limit-train", "2000", "--limit-test", "500"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         pytest.fail(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return root
+
+
+@pytest.fixture(scope="session")
+def cifar10_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory holding ``cifar-10-batches-py/``: a class-balanced 2,000/500 subset of CIFAR-10, written
+    once per session from ``$OKD_CIFAR10`` (the folder containing the user's ``cifar-10-batches-py/``) or
+    from ``../shared/data`` beside the repository (:func:`prepare_cifar10`)."""
+    return prepare_cifar10(tmp_path_factory.mktemp("cifar10"), os.environ.get(CIFAR10_ENV))
 
 
 @pytest.fixture(autouse=True, scope="session")
