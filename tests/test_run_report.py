@@ -237,3 +237,16 @@ def test_a_wrong_cifar10_folder_or_none_says_how_to_enable(tmp_path, monkeypatch
     monkeypatch.setattr(conftest, "SHARED_DATA", tmp_path / "absent")
     with pytest.raises(pytest.skip.Exception, match="OKD_CIFAR10="):
         conftest.prepare_cifar10(tmp_path / "out", None)
+
+
+@pytest.mark.parametrize(
+    "config, head",
+    [("cifar10/ffsd_resnet20", "leader"), ("cifar10/dml_resnet32", "net0"), ("cifar10/baseline_resnet20", "net")],
+)
+def test_a_deploy_pt_is_scored_under_its_training_head_name(config, head):
+    import torch
+
+    from okd.engine.scoring import _deployed_head_name
+
+    batch = [(torch.zeros(2, 3, 32, 32), torch.zeros(2, dtype=torch.long))]
+    assert _deployed_head_name(load_config(config), 10, batch) == head

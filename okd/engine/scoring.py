@@ -82,9 +82,20 @@ def _score_deploy_file(ckpt_path: Path, ckpt: dict, overrides: list[str]) -> tup
     torch.manual_seed(cfg.run.seed)
     device = resolve_device(cfg.run.train.device)
     _, test_loader, num_classes, _ = build_loaders(cfg.run.data, cfg.run.seed, device, views=1)
-    method = build_method(cfg, num_classes)
-    images, _ = next(iter(test_loader))
-    head = method.deploy_head or next(iter(method.to(device).eval().eval_outputs(images[:1])))
+    head = _deployed_head_name(cfg, num_classes, test_loader)
     net = load_deployable(ckpt_path, check=False).net.to(device)
     metrics = evaluate(_DeployedNetwork(net, head), test_loader)
     return metrics, {"path": str(ckpt_path), "epoch": ckpt.get("epoch"), "note": None, "deploy_head": head}
+
+
+def _deployed_head_name(cfg, num_classes: int, loader) -> str:
+    """The head a method's deployable network is scored as in training (the class says, or an instance does:
+    built without its weights; the first head where the method names none, as the trainer does)."""
+    from okd.methods import METHODS
+
+    head = getattr(METHODS.get(cfg.method_name), "deploy_head", None)
+    if head:
+        return head
+    method = build_method(cfg, num_classes).eval()
+    images, _ = next(iter(loader))
+    return method.deploy_head or next(iter(method.eval_outputs(images[:1].cpu())))
