@@ -86,6 +86,13 @@ def run_eta(epoch_seconds: list[float], remaining_epochs: int) -> float | None:
     return sum(epoch_seconds) / len(epoch_seconds) * remaining_epochs
 
 
+def live_eta(paces: list[float], epochs_after: int, step_s: float, steps_left: int, steps_total: int) -> float:
+    """Seconds left in the run during an epoch: this epoch's remaining steps at the current step time, then
+    ``epochs_after`` epochs at the mean pace so far (before any epoch is timed: this epoch's training pace)."""
+    pace = sum(paces) / len(paces) if paces else step_s * steps_total
+    return step_s * steps_left + pace * epochs_after
+
+
 def best_in_history(history: list[dict[str, float]], head: str) -> tuple[float, int] | None:
     """The highest ``test/<head>/top1`` of a run's history and its epoch (the first such epoch)."""
     key = f"test/{head}/top1"

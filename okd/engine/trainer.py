@@ -32,6 +32,7 @@ from okd.engine.run_log import (
     best_in_history,
     epoch_line,
     format_duration,
+    live_eta,
     log,
     run_eta,
     run_summary,
@@ -208,8 +209,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: DistContext) -> Path:
                 if holdout_loader is not None:
                     with torch.no_grad(), autocast(r.train, device):
                         method.fit_on_holdout(holdout_loader)
-                eta = run_eta(paces, r.train.epochs - epoch)
-                row = _train_epoch(runner, train_loader, epoch, r.train, dist, eta)
+                row = _train_epoch(runner, train_loader, epoch, r.train, dist, paces)
                 plan.end_of_epoch()
                 eval_start = time.perf_counter()
                 with autocast(r.train, device):
@@ -290,23 +290,23 @@ def _interactive(progress: str) -> bool:
 
 
 def _train_epoch(
-    runner: StepRunner, loader, epoch: int, train_cfg, dist: DistContext, eta_s: float | None = None
+    runner: StepRunner, loader, epoch: int, train_cfg, dist: DistContext, paces: list[float] = ()
 ) -> dict[str, float]:
-    """One epoch of training steps; the bar (when interactive) shows "epoch k/N" and the run's ETA."""
+    """One epoch of training steps; the bar (when interactive) shows "epoch k/N" and the run's ETA from the
+    step time and ``paces``, the seconds of the epochs timed before."""
     runner.method.train()
     loader.set_epoch(epoch)
     sums: dict[str, Tensor] = {}
     images_seen = 0
     max_steps = train_cfg.max_steps_per_epoch
-    batches = loader
+    batches = bar = None
+    n_steps = len(loader) if max_steps is None else min(len(loader), max_steps)
     if _interactive(train_cfg.progress) and dist.is_main:
         from tqdm import tqdm
 
-        total = len(loader) if max_steps is None else min(len(loader), max_steps)
         desc = f"epoch {epoch + 1}/{train_cfg.epochs}"
-        batches = tqdm(loader, total=total, desc=desc, leave=False, file=sys.stderr)
-        if eta_s is not None:
-            batches.set_postfix_str(f"run ETA {format_duration(eta_s)}", refresh=False)
+        batches = bar = tqdm(loader, total=n_steps, desc=desc, leave=False, file=sys.stderr)
+    batches = batches or loader
     start = time.perf_counter()
     for step, (images, labels) in enumerate(batches):
         if max_steps is not None and step >= max_steps:
@@ -317,6 +317,10 @@ def _train_epoch(
         for key, value in losses.items():
             sums[key] = sums.get(key, 0.0) + value.detach().float() * n
         sums["loss"] = sums.get("loss", 0.0) + total.detach().float() * n
+        if bar is not None:
+            step_s = (time.perf_counter() - start) / (step + 1)
+            eta = live_eta(list(paces), train_cfg.epochs - epoch - 1, step_s, n_steps - step - 1, n_steps)
+            bar.set_postfix_str(f"run ETA {format_duration(eta)}", refresh=False)
     if images_seen == 0:
         raise ConfigError("the training split yielded no batch; lower data.batch_size or set data.drop_last=false")
     keys = list(sums)
