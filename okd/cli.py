@@ -213,7 +213,7 @@ def _free_overrides(sub: argparse.ArgumentParser, argv: list[str]) -> list[str]:
         if token == "--":
             out += argv[i:]
             break
-        if token.split("=", 1)[0] not in greedy or "=" in token:
+        if token not in greedy:  # (``--seeds=1`` carries its one value itself)
             out.append(token)
             i += 1
             continue

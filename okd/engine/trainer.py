@@ -299,14 +299,13 @@ def _train_epoch(
     sums: dict[str, Tensor] = {}
     images_seen = 0
     max_steps = train_cfg.max_steps_per_epoch
-    batches = bar = None
+    batches, bar = loader, None
     n_steps = len(loader) if max_steps is None else min(len(loader), max_steps)
     if _interactive(train_cfg.progress) and dist.is_main:
         from tqdm import tqdm
 
         desc = f"epoch {epoch + 1}/{train_cfg.epochs}"
         batches = bar = tqdm(loader, total=n_steps, desc=desc, leave=False, file=sys.stderr)
-    batches = batches or loader
     start = time.perf_counter()
     for step, (images, labels) in enumerate(batches):
         if max_steps is not None and step >= max_steps:
@@ -319,7 +318,7 @@ def _train_epoch(
         sums["loss"] = sums.get("loss", 0.0) + total.detach().float() * n
         if bar is not None:
             step_s = (time.perf_counter() - start) / (step + 1)
-            eta = live_eta(list(paces), train_cfg.epochs - epoch - 1, step_s, n_steps - step - 1, n_steps)
+            eta = live_eta(paces, train_cfg.epochs - epoch - 1, step_s, n_steps - step - 1, n_steps)
             bar.set_postfix_str(f"run ETA {format_duration(eta)}", refresh=False)
     if images_seen == 0:
         raise ConfigError("the training split yielded no batch; lower data.batch_size or set data.drop_last=false")
