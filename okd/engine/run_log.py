@@ -52,8 +52,9 @@ def ordered_heads(heads: list[str], deployed: str | None) -> list[str]:
     return ([deployed] if deployed in heads else []) + rest
 
 
-def epoch_line(row: dict[str, float], heads: list[str], epochs: int, deployed: str | None = None,
-               eta_s: float | None = None) -> str:  # fmt: skip
+def epoch_line(
+    row: dict[str, float], heads: list[str], epochs: int, deployed: str | None = None, eta_s: float | None = None
+) -> str:
     """One epoch's log line: loss, every head's top-1 (the deployed head first, marked ``*``), times, run ETA."""
     shown = [h for h in ordered_heads(heads, deployed) if f"test/{h}/top1" in row]
     accs = " ".join(f"{'*' if h == deployed else ''}{h}={row[f'test/{h}/top1']:.2f}" for h in shown)
