@@ -7,6 +7,7 @@ method owns its knobs and an unknown key fails before training with the valid ke
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,7 +151,36 @@ def _section_of(cls, dotted: str):
     return cls
 
 
+def check_finite(obj, where: str) -> None:
+    """Every float of a config dataclass (and of its float lists) is finite: ``nan <= 0`` is False, so range
+    checks alone let NaN through."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            check_finite(value, f"{where}{f.name}.")
+            continue
+        values = value if isinstance(value, list | tuple) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            raise ConfigError(f"{where}{f.name}={value} is not a finite number")
+
+
+def _validate_optim(o: OptimConfig) -> None:
+    ranges = {
+        "momentum": (o.momentum, 0 <= o.momentum < 1, "in [0, 1)"),
+        "weight_decay": (o.weight_decay, o.weight_decay >= 0, ">= 0"),
+        "gamma": (o.gamma, o.gamma > 0, "positive"),
+        "warmup_epochs": (o.warmup_epochs, o.warmup_epochs >= 0, ">= 0"),
+        "reference_batch": (o.reference_batch, o.reference_batch > 0, "positive"),
+    }
+    for key, (value, ok, rule) in ranges.items():
+        if not ok:
+            raise ConfigError(f"optim.{key} must be {rule}, got {value}")
+    if any(m < 1 for m in o.milestones):
+        raise ConfigError(f"optim.milestones are epochs and must be positive, got {list(o.milestones)}")
+
+
 def _validate(run: RunConfig) -> None:
+    check_finite(run, "")
     for (section, key), choices in _CHOICES.items():
         value = getattr(getattr(run, section), key)
         if value not in choices:
@@ -178,6 +208,9 @@ def _validate(run: RunConfig) -> None:
         v = getattr(run.data, key)
         if v is not None and len(v) != 3:
             raise ConfigError(f"data.{key} needs 3 values (R, G, B), got {list(v)}")
+    if run.data.std is not None and min(run.data.std) <= 0:
+        raise ConfigError(f"data.std must be positive, got {list(run.data.std)}")
+    _validate_optim(run.optim)
     if run.train.device not in ("auto", "cpu") and not run.train.device.startswith("cuda"):
         raise ConfigError(f"train.device={run.train.device!r}: use auto, cpu, cuda or cuda:N")
 
@@ -227,6 +260,7 @@ def build_config(raw: DictConfig | dict) -> Config:
     run = _typed(RunConfig, raw, "")
     _validate(run)
     params = _typed(method_cls.Params, method_raw, "method")
+    check_finite(params, "method.")
     check = getattr(params, "validate", None)
     if check is not None:
         check()

@@ -65,3 +65,30 @@ def test_every_shipped_config_validates():
     assert configs
     for path in configs:
         load_config(path)
+
+
+@pytest.mark.parametrize(
+    "override, text",
+    [
+        ("optim.lr=nan", "optim.lr=nan is not a finite number"),
+        ("optim.lr=inf", "optim.lr=inf is not a finite number"),
+        ("optim.momentum=nan", "optim.momentum=nan is not a finite number"),
+        ("optim.momentum=1.5", "optim.momentum must be in"),
+        ("optim.weight_decay=-1e-4", "optim.weight_decay must be >= 0"),
+        ("optim.gamma=0", "optim.gamma must be positive"),
+        ("optim.gamma=-inf", "optim.gamma=-inf is not a finite number"),
+        ("optim.milestones=[0,5]", "optim.milestones are epochs"),
+        ("optim.warmup_epochs=-1", "optim.warmup_epochs must be >= 0"),
+        ("data.pad=-2", "data.pad must be >= 0"),
+        ("data.std=[0.2,0,0.2]", "data.std must be positive"),
+        ("data.mean=[0.5,nan,0.5]", "data.mean=.* is not a finite number"),
+    ],
+)
+def test_numeric_values_are_finite_and_in_range(override, text):
+    with pytest.raises(ConfigError, match=text):
+        load_config(BASE, [override])
+
+
+def test_method_numbers_are_finite():
+    with pytest.raises(ConfigError, match="method.temperature=inf is not a finite number"):
+        load_config("cifar10/ffsd_resnet20", ["method.temperature=inf"])
