@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import sys
 import textwrap
 
@@ -251,8 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     except OKDError as exc:
         print(textwrap.fill(f"okd: error: {exc}", 100), file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C: 130; SIGTERM (StopRequested): 143
+        return 128 + getattr(exc, "signum", signal.SIGINT)
     except BrokenPipeError:
         # the reader went away: stop quietly, and keep Python's final flush from raising again
         devnull = os.open(os.devnull, os.O_WRONLY)

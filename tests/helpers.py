@@ -14,6 +14,7 @@ from collections.abc import Callable
 from contextlib import redirect_stdout
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 from torch import Tensor
@@ -72,6 +73,8 @@ def assert_same(a, b, where: str = "") -> None:
     """Bitwise equality of two nested checkpoint values (tensors, dicts, lists, tuples, plain values)."""
     if isinstance(a, torch.Tensor):
         assert torch.equal(a, b), where
+    elif isinstance(a, np.ndarray):
+        assert np.array_equal(a, b), where
     elif isinstance(a, dict):
         assert a.keys() == b.keys(), where
         for k in a:

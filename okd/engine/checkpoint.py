@@ -14,31 +14,48 @@ import torch
 from okd.errors import CheckpointError, UnsafeCheckpointError
 
 
-def _atomic_write(path: str | Path, mode: str, write: Callable[[IO], None]) -> None:
-    """Write through ``write(f)`` to a temporary file in the same folder, fsync, then rename over ``path``."""
+def _atomic_write(
+    path: str | Path, mode: str, write: Callable[[IO], None], on_boundary: Callable[[str], None] | None = None
+) -> None:
+    """Write through ``write(f)`` to a temporary file in the same folder, fsync, then rename over ``path``.
+
+    The file gets the permissions of a plainly created one (0666 less the umask; ``mkstemp`` alone gives 0600).
+    ``on_boundary("before")`` runs just before the rename and ``on_boundary("after")`` just after it.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if on_boundary is not None:
+            on_boundary("before")
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    if on_boundary is not None:
+        on_boundary("after")
 
 
-def atomic_save(obj: Any, path: str | Path) -> None:
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def atomic_save(obj: Any, path: str | Path, on_boundary: Callable[[str], None] | None = None) -> None:
     """``torch.save`` atomically: an interrupted write never damages an existing checkpoint."""
-    _atomic_write(path, "wb", lambda f: torch.save(obj, f))
+    _atomic_write(path, "wb", lambda f: torch.save(obj, f), on_boundary)
 
 
-def atomic_write_text(text: str, path: str | Path) -> None:
+def atomic_write_text(text: str, path: str | Path, on_boundary: Callable[[str], None] | None = None) -> None:
     """Write a text file atomically (tmp + fsync + rename)."""
-    _atomic_write(path, "w", lambda f: f.write(text))
+    _atomic_write(path, "w", lambda f: f.write(text), on_boundary)
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -19,7 +19,8 @@ def evaluate(
 
     ``progress`` shows a tqdm bar over the batches (on stderr, removed when done). Counts are accumulated on
     the device and read once at the end (no per-batch host sync); under DDP every rank scores its shard and
-    the counts are summed across ranks.
+    the counts are summed across ranks. A row of logits holding a NaN or inf is never counted as correct
+    (``topk`` would rank the NaN first and score it as a class).
     """
     was_training = method.training
     method.eval()
@@ -42,7 +43,7 @@ def evaluate(
         for head, logits in outputs.items():
             k = min(5, logits.shape[1])
             top = logits.topk(k, dim=1).indices
-            match = top.eq(labels.view(-1, 1))
+            match = top.eq(labels.view(-1, 1)) & logits.isfinite().all(dim=1, keepdim=True)  # NaN/inf: wrong
             hit1[head] = match[:, 0]
             correct1[head] = correct1.get(head, 0) + match[:, 0].sum()
             correct5[head] = correct5.get(head, 0) + match.any(dim=1).sum()

@@ -8,13 +8,11 @@ import logging
 import sys
 from pathlib import Path
 
-from okd.engine.checkpoint import atomic_write_text
-
 log = logging.getLogger("okd")
 
 
-def write_metrics_csv(history: list[dict[str, float]], path: str | Path) -> None:
-    """Rewrite metrics.csv atomically from the full history (columns in first-seen order)."""
+def metrics_csv_text(history: list[dict[str, float]]) -> str:
+    """metrics.csv of the full history (columns in first-seen order)."""
     columns: list[str] = []
     for row in history:
         for key in row:
@@ -25,7 +23,7 @@ def write_metrics_csv(history: list[dict[str, float]], path: str | Path) -> None
     writer.writeheader()
     for row in history:
         writer.writerow({k: _fmt(v) for k, v in row.items()})
-    atomic_write_text(buf.getvalue(), path)
+    return buf.getvalue()
 
 
 def read_metrics_csv(path: str | Path) -> list[dict[str, float]]:

@@ -13,14 +13,16 @@ from okd.data import build_loaders
 from okd.engine.builder import build_method, resolve_device
 from okd.engine.checkpoint import load_checkpoint, load_state_checked
 from okd.engine.evaluate import evaluate
+from okd.engine.run_store import current_file
 from okd.errors import CheckpointError
 
 
 def resolve_checkpoint(path: str | Path, which: str = "last") -> Path:
-    """A run folder resolves to its ``last.pt`` or ``best.pt``; a file is used as given."""
+    """A run folder resolves to its ``last.pt`` or ``best.pt`` (put in line with last.pt first, see
+    :func:`~okd.engine.run_store.current_file`); a file is used as given."""
     path = Path(path)
     if path.is_dir():
-        path = path / f"{which}.pt"
+        path = current_file(path, which)
     if not path.exists():
         raise CheckpointError(f"{str(path)!r} does not exist; give a run folder (runs/<name>) or a .pt file")
     return path

@@ -16,7 +16,7 @@ from okd.data import build_loaders
 from okd.data.device_loader import split_holdout
 from okd.engine import resume_policy
 from okd.engine.builder import build_method, build_optimization, resolve_device
-from okd.engine.checkpoint import atomic_save, atomic_write_text, load_checkpoint, load_state_checked, require_keys
+from okd.engine.checkpoint import load_checkpoint, load_state_checked, require_keys
 from okd.engine.distributed import (
     DistContext,
     all_gather_objects,
@@ -37,19 +37,26 @@ from okd.engine.run_log import (
     run_eta,
     run_summary,
     setup_logging,
-    write_metrics_csv,
+)
+from okd.engine.run_store import (
+    CHECKPOINT_FORMAT,
+    RunStore,
+    deploy_record,
+    first_nonfinite,
+    last_record,
+    nonfinite_values,
+    run_folder_of,
 )
 from okd.engine.seeding import restore_rng_state, rng_state, seed_everything, set_deterministic
 from okd.engine.step import StepRunner, autocast, configure_backends, prepare_method
 from okd.engine.tensorboard import TensorBoardLogger
 from okd.engine.threads import warn_threads_once
-from okd.errors import CheckpointError, ConfigError
+from okd.errors import CheckpointError, ConfigError, NonFiniteError, StopRequested
 
-CHECKPOINT_FORMAT = "okd-run-v1"
 RUN_KEYS = ("config", "epoch", "method", "optimizers", "schedulers", "history", "best", "rng_per_rank")
-BEST_NOTE = (
-    "best.pt holds the epoch with the highest test top-1 of the deployable head: it is selected on the "
-    "test split (as the reference papers report), so its accuracy is optimistic; last.pt is the honest number"
+DIVERGED_HINT = (
+    "Training diverged: lower optim.lr (or check optim.milestones/optim.gamma and the method's loss weights) "
+    "and train again."
 )
 
 
@@ -68,7 +75,7 @@ def config_from_run(run_dir: str | Path, overrides: list[str] = ()) -> Config:
 
     from okd.config import parse_overrides
 
-    ckpt = _load_run_checkpoint(Path(run_dir))
+    ckpt = _load_run_checkpoint(run_folder_of(run_dir))
     raw = OmegaConf.merge(OmegaConf.create(ckpt["config"]), parse_overrides(list(overrides)))
     return build_config(raw)
 
@@ -76,6 +83,11 @@ def config_from_run(run_dir: str | Path, overrides: list[str] = ()) -> Config:
 def _load_run_checkpoint(run_dir: Path) -> dict:
     if not run_dir.is_dir():
         raise CheckpointError(f"run folder {str(run_dir)!r} does not exist; nothing to resume")
+    if not (run_dir / "last.pt").exists():
+        raise CheckpointError(
+            f"run folder {str(run_dir)!r} holds no committed epoch (no last.pt): nothing to resume; "
+            "start the run again with the same `okd train CONFIG ...` command"
+        )
     ckpt = load_checkpoint(run_dir / "last.pt")
     if ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{run_dir / 'last.pt'} is not an okd run checkpoint (format {ckpt.get('format')!r})")
@@ -88,7 +100,7 @@ def _identity(cfg_dict: dict) -> tuple:
 
 
 class _GracefulStop:
-    """Turns SIGTERM into KeyboardInterrupt so a stopped run says how to resume it."""
+    """Turns SIGTERM into a KeyboardInterrupt (:class:`StopRequested`) so a stopped run says how to resume it."""
 
     def __enter__(self):
         self._old = signal.getsignal(signal.SIGTERM)
@@ -100,7 +112,7 @@ class _GracefulStop:
 
     @staticmethod
     def _handler(signum, frame):
-        raise KeyboardInterrupt
+        raise StopRequested(signum)
 
     def __exit__(self, *exc):
         if self._old is not None:
@@ -112,15 +124,34 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: bool = False) 
     """Train ``cfg`` into ``run_dir`` (default ``output_dir/name``); with ``resume``, continue its last.pt.
 
     Under ``torchrun`` every process calls this; the cohort is wrapped in DistributedDataParallel and only
-    rank 0 writes the run folder.
+    rank 0 writes the run folder, holding its lock (okd/engine/run_store.py) from before anything is built.
     """
     setup_logging()
     r = cfg.run
     dist = init_distributed(r.train.device)
+    run_dir = run_folder_of(run_dir) if run_dir is not None else run_dir_for(cfg)
+    store = RunStore(run_dir, writer=dist.is_main)
     try:
-        return _train(cfg, Path(run_dir) if run_dir is not None else run_dir_for(cfg), resume, dist)
+        with store.lock(create=not resume):
+            return _train(cfg, run_dir, resume, dist, store)
+    except NonFiniteError as exc:
+        raise NonFiniteError(
+            f"{exc}; the run stops, and nothing of that epoch was saved. {store.intact()} {DIVERGED_HINT}"
+        ) from None
     finally:
         shutdown(dist)
+
+
+def _stop_message(store: RunStore, run_dir: Path, epochs: int) -> str:
+    done = store.committed_epoch
+    if done == 0:
+        return (
+            f"stopped before the first epoch was committed: {run_dir} holds nothing to resume; "
+            "start the run again with the same okd train command"
+        )
+    if done >= epochs:
+        return f"stopped after its last epoch ({done}) was committed: the run in {run_dir} is complete"
+    return f"stopped after epoch {done} (committed in last.pt); continue with: okd train --resume {run_dir}"
 
 
 def _check_start(cfg: Config, run_dir: Path, resume: bool, dist: DistContext) -> dict | None:
@@ -150,7 +181,7 @@ def _check_start(cfg: Config, run_dir: Path, resume: bool, dist: DistContext) ->
     return ckpt
 
 
-def _train(cfg: Config, run_dir: Path, resume: bool, dist: DistContext) -> Path:
+def _train(cfg: Config, run_dir: Path, resume: bool, dist: DistContext, store: RunStore) -> Path:
     r = cfg.run
     started = time.perf_counter()
     ckpt = _check_start(cfg, run_dir, resume, dist)
@@ -187,9 +218,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: DistContext) -> Path:
     prepare_method(method, r.train)
     if dist.enabled:
         runner.wrap_distributed(dist, r.train)
+    store.begin(cfg, ckpt, lambda: deploy_record(cfg, method, start_epoch))  # repairs what a stop left
     if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(cfg.to_yaml(), run_dir / "config.yaml")
         if ckpt is not None:
             resume_policy.record_resume(run_dir, ckpt["epoch"], resume_policy.resume_changes(ckpt, cfg))
         _log_start(cfg, run_dir, dist, plan, device)
@@ -221,6 +251,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: DistContext) -> Path:
                 deploy_head = deploy_head or next(iter(metrics)).split("/")[0]
                 row.update({f"test/{k}": v for k, v in metrics.items()})
                 row.update(plan.learning_rates())
+                _check_finite(method, row, epoch + 1)
                 history.append(row)
                 score = metrics.get(f"{deploy_head}/top1", -1.0)
                 improved = score > best["top1"]
@@ -228,16 +259,17 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: DistContext) -> Path:
                     best = {"top1": score, "epoch": epoch + 1, "head": deploy_head}
                 rngs = all_gather_objects(rng_state(), dist)
                 if dist.is_main:
-                    write_metrics_csv(history, run_dir / "metrics.csv")
-                    _save_run(run_dir, cfg, runner, plan, epoch + 1, history, best, improved, rngs)
+                    last = last_record(cfg, runner, plan, epoch + 1, history, best, rngs)
+                    store.commit(last, improved, deploy_record(cfg, method, epoch + 1))
                     eta = run_eta(paces, r.train.epochs - epoch - 1)
                     _report_epoch(row, r.train.progress, r.train.epochs, deploy_head, eta)
                     if board is not None:
                         board.log_row(row, epoch + 1)
+                else:
+                    store.committed_epoch = epoch + 1
                 barrier(dist)
         except KeyboardInterrupt:
-            done = history[-1]["epoch"] if history else start_epoch
-            log.info(f"stopped after epoch {int(done)}; continue with: okd train --resume {run_dir}")
+            log.info(_stop_message(store, run_dir, r.train.epochs))
             raise
     if dist.is_main:
         _log_summary(run_dir, history, deploy_head, time.perf_counter() - started)
@@ -259,6 +291,13 @@ def _log_summary(run_dir: Path, history: list[dict], head: str | None, wall_s: f
     )
     for line in summary.splitlines():
         log.info(line)
+
+
+def _check_finite(method, row: dict[str, float], epoch: int) -> None:
+    """Nothing non-finite is committed: the weights and buffers, and the epoch's metrics (one host sync)."""
+    bad = first_nonfinite(method.state_dict()) or next(iter(nonfinite_values(row)), None)
+    if bad is not None:
+        raise NonFiniteError(f"epoch {epoch}: {bad} is not finite (NaN or inf) after training")
 
 
 def _steps_per_epoch(loader, train_cfg) -> int:
@@ -297,6 +336,7 @@ def _train_epoch(
     runner.method.train()
     loader.set_epoch(epoch)
     sums: dict[str, Tensor] = {}
+    nonfinite = torch.zeros((), device=runner.device)  # steps whose loss is NaN/inf, read with the sums
     images_seen = 0
     max_steps = train_cfg.max_steps_per_epoch
     batches, bar = loader, None
@@ -320,16 +360,21 @@ def _train_epoch(
             step_s = (time.perf_counter() - start) / (step + 1)
             eta = live_eta(paces, train_cfg.epochs - epoch - 1, step_s, n_steps - step - 1, n_steps)
             bar.set_postfix_str(f"run ETA {format_duration(eta)}", refresh=False)
+        nonfinite = nonfinite + (~torch.isfinite(total.detach())).float()
     if images_seen == 0:
         raise ConfigError("the training split yielded no batch; lower data.batch_size or set data.drop_last=false")
     keys = list(sums)
-    packed = torch.stack([torch.as_tensor(sums[k]) for k in keys] + [torch.tensor(float(images_seen))]).to(
+    packed = torch.stack([torch.as_tensor(sums[k]) for k in keys] + [nonfinite, torch.tensor(float(images_seen))]).to(
         runner.device, torch.float64
     )
     packed = all_reduce_sum(packed, dist).tolist()
     _sync(runner.device)
     seconds = time.perf_counter() - start
     seen = packed[-1]
+    if packed[-2]:
+        raise NonFiniteError(
+            f"epoch {epoch + 1}: the training loss was not finite (NaN or inf) in {int(packed[-2])} step(s)"
+        )
     row: dict[str, float] = {"epoch": epoch + 1}
     row.update({f"train/{k}": packed[i] / seen for i, k in enumerate(keys)})
     row["time/epoch_s"] = seconds
@@ -340,41 +385,6 @@ def _train_epoch(
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _save_run(run_dir, cfg, runner: StepRunner, plan, epoch, history, best, improved, rngs) -> None:
-    method = runner.method
-    state = {
-        "format": CHECKPOINT_FORMAT,
-        "config": cfg.to_dict(),
-        "epoch": epoch,
-        "num_classes": int(method.ctx.num_classes),
-        "method": method.state_dict(),
-        **plan.state_dict(),
-        "runner": runner.state_dict(),
-        "rng_per_rank": rngs,
-        "world_size": len(rngs),
-        "history": history,
-        "best": best,
-    }
-    atomic_save(state, run_dir / "last.pt")
-    if improved:
-        atomic_save(
-            {"format": CHECKPOINT_FORMAT + "-best", "note": BEST_NOTE, "selected_on": "test", **state},
-            run_dir / "best.pt",
-        )
-    deploy = method.deployable()
-    atomic_save(
-        {
-            "format": "okd-deploy-v1",
-            "model": cfg.run.model.name,
-            "method": cfg.method_name,
-            "num_classes": int(method.ctx.num_classes),
-            "epoch": epoch,
-            "state_dict": {k: v.detach().cpu() for k, v in deploy.state_dict().items()},
-        },
-        run_dir / "deploy.pt",
-    )
 
 
 def _report_epoch(row: dict, progress: str, epochs: int, deployed: str | None, eta_s: float | None) -> None:

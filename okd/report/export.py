@@ -37,6 +37,7 @@ from okd.engine.deploy_file import (
     read_deploy,
     safetensors_metadata,
 )
+from okd.engine.run_store import current_file
 from okd.errors import CheckpointError, OKDError
 from okd.report.runs import (
     class_names,
@@ -175,8 +176,9 @@ def load_deployable(path: str | Path, which: str = "last", overrides: list[str] 
     path = Path(path)
     if path.is_dir():
         cfg = read_run_config(path) if (path / "config.yaml").is_file() else None
-        if which == "last" and (path / "deploy.pt").is_file():
-            dep = _from_deploy_file(path / "deploy.pt", cfg)
+        source = current_file(path, "deploy") if which == "last" else None  # in line with last.pt
+        if source is not None and source.name == "deploy.pt" and source.is_file():
+            dep = _from_deploy_file(source, cfg)
         else:
             method, c, ckpt_path = load_run_method(path, which, overrides)
             dep = _from_run_method(method, c, load_checkpoint(ckpt_path).get("epoch"), str(ckpt_path))

@@ -1,0 +1,319 @@
+"""Faults against the run folder: a process stopped (SIGKILL, SIGTERM) at every boundary of the epoch-end save,
+divergence, a second writer, a full disk, unwritable folders; each run compared with an uninterrupted one.
+
+The stops use the test hook of okd/engine/run_store.py (``OKD_FAULT_AT=<before|after>:<file>:<epoch>:<SIGNAL>``)
+in a forked child (no second torch import), which then dies by the signal as a real run would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+import helpers
+import pytest
+import torch
+
+from okd.cli import main
+from okd.engine.checkpoint import load_checkpoint
+from okd.engine.run_log import read_metrics_csv
+from okd.engine.run_store import BEST_BACKUP, FAULT_ENV, LOCK_NAME
+
+CONFIG = "cifar10/baseline_resnet20"
+RUN = Path("runs/run")  # relative: config.yaml is then the same for every run of these tests
+FILES = ("metrics.csv", "best.pt", "deploy.pt", "last.pt")
+
+
+def args(root: Path, epochs: int = 2, **extra: object) -> list[str]:
+    settings = {
+        "data.limit_train": 64,
+        "data.limit_test": 32,
+        "data.batch_size": 32,
+        "data.test_batch_size": 32,
+        "seed": 0,
+    } | extra
+    return ["train", CONFIG, *helpers.quick_overrides(root, Path("runs"), "run", epochs, settings)]
+
+
+def one_line(text: str) -> str:
+    """A CLI message with its line wrapping undone."""
+    return " ".join(text.split())
+
+
+class _Log:
+    """The okd log lines of a block (the okd logger does not propagate to pytest's capture)."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def __enter__(self):
+        self.handler = logging.Handler()
+        self.handler.emit = lambda record: self.lines.append(record.getMessage())
+        logging.getLogger("okd").addHandler(self.handler)
+        return self
+
+    def __exit__(self, *exc):
+        logging.getLogger("okd").removeHandler(self.handler)
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
+def fork_okd(argv: list[str], fault: str, log_path: Path, wait: bool = True) -> int:
+    """``okd argv`` in a forked child with ``OKD_FAULT_AT=fault``; its exit code (-N: killed by signal N)."""
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        rc = 99
+        try:
+            os.environ[FAULT_ENV] = fault
+            stream = open(log_path, "w")  # noqa: SIM115
+            sys.stdout = sys.stderr = stream
+            for handler in logging.getLogger("okd").handlers:
+                if isinstance(handler, logging.StreamHandler):
+                    handler.setStream(stream)
+            rc = main(argv)
+            stream.flush()
+        finally:
+            os._exit(rc)
+    if not wait:
+        return pid
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+@pytest.fixture(scope="module")
+def reference(cifar10_root, tmp_path_factory) -> Path:
+    """The uninterrupted run (2 epochs, both improving, so every file is written at every epoch)."""
+    cwd = tmp_path_factory.mktemp("reference")
+    with contextlib.chdir(cwd):
+        assert main(args(cifar10_root)) == 0
+    run = cwd / RUN
+    best = load_checkpoint(run / "last.pt")["best"]
+    assert best["epoch"] == 2, "epoch 2 must improve, or the best.pt boundaries of epoch 2 are never reached"
+    return run
+
+
+def _without_timings(ckpt: dict) -> dict:
+    return {**ckpt, "history": helpers.comparable(ckpt["history"])}
+
+
+def assert_same_folder(reference: Path, run: Path) -> None:
+    """Every file as in the uninterrupted run: bitwise (config.yaml), the same tensors and values (.pt), the same
+    rows (metrics.csv, whose seconds differ), and no temporary or kept-back file left."""
+    assert (run / "config.yaml").read_bytes() == (reference / "config.yaml").read_bytes()
+    ref_rows, rows = read_metrics_csv(reference / "metrics.csv"), read_metrics_csv(run / "metrics.csv")
+    assert helpers.comparable(rows) == helpers.comparable(ref_rows)
+    for name in ("last.pt", "best.pt"):
+        ref, got = load_checkpoint(reference / name), load_checkpoint(run / name)
+        helpers.assert_same(_without_timings(ref), _without_timings(got), name)
+    helpers.assert_same(load_checkpoint(reference / "deploy.pt"), load_checkpoint(run / "deploy.pt"), "deploy.pt")
+    left = sorted(p.name for p in run.iterdir() if p.name.startswith(".") and p.name != LOCK_NAME)
+    assert left == [], f"left behind: {left}"
+
+
+def recover(root: Path) -> None:
+    """What a user does after a stop: resume, or (nothing committed) run the same command again."""
+    if (RUN / "last.pt").exists():
+        assert main(["train", "--resume", str(RUN)]) == 0
+    else:
+        assert main(["train", "--resume", str(RUN)]) == 2
+        assert main(args(root)) == 0
+
+
+BOUNDARIES = [f"{when}:{name}" for name in FILES for when in ("before", "after")]
+CASES = (
+    [f"{b}:2:SIGKILL" for b in BOUNDARIES]  # every boundary of the last epoch's save
+    + ["after:best.pt:1:SIGKILL", "before:last.pt:1:SIGKILL"]  # the first save: nothing committed yet
+    + [f"{b}:1:SIGTERM" for b in ("before:metrics.csv", "after:best.pt", "before:deploy.pt", "before:last.pt")]
+    + ["after:metrics.csv:2:SIGTERM"]
+)
+
+
+@pytest.mark.parametrize("fault", CASES)
+def test_stop_at_every_boundary_of_the_save_then_resume_matches(fault, reference, cifar10_root, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    epoch, signame = int(fault.split(":")[2]), fault.split(":")[3]
+    rc = fork_okd(args(cifar10_root), fault, tmp_path / "child.log")
+    log = (tmp_path / "child.log").read_text()
+    if signame == "SIGKILL":
+        assert rc == -signal.SIGKILL
+        committed = epoch if fault.startswith("after:last.pt") else epoch - 1
+    else:  # held until the save is complete, then the run stops: 143, naming the epoch last.pt holds
+        assert rc == 143, log
+        committed = epoch
+        expected = "is complete" if epoch == 2 else f"stopped after epoch {epoch} (committed in last.pt)"
+        assert expected in log, log
+    if committed:
+        assert load_checkpoint(RUN / "last.pt")["epoch"] == committed
+    else:
+        assert not (RUN / "last.pt").exists()
+    recover(cifar10_root)
+    assert_same_folder(reference, tmp_path / RUN)
+
+
+def test_readers_see_the_committed_epoch_after_a_kill_in_mid_save(reference, cifar10_root, tmp_path, monkeypatch):
+    """Killed after best.pt and deploy.pt of epoch 2 were renamed, before last.pt: okd test --checkpoint best and
+    okd export read epoch 1 (what last.pt commits), not the uncommitted epoch 2."""
+    from okd.engine.scoring import score_checkpoint
+    from okd.report.export import load_deployable
+
+    monkeypatch.chdir(tmp_path)
+    assert fork_okd(args(cifar10_root), "before:last.pt:2:SIGKILL", tmp_path / "child.log") == -signal.SIGKILL
+    assert load_checkpoint(RUN / "best.pt")["epoch"] == 2 and (RUN / BEST_BACKUP).exists()
+    metrics, info = score_checkpoint(RUN, "best")
+    assert info["epoch"] == 1
+    assert metrics["net/top1"] == read_metrics_csv(reference / "metrics.csv")[0]["test/net/top1"]
+    assert load_deployable(RUN, check=False).epoch == 1
+    assert load_checkpoint(RUN / "deploy.pt")["epoch"] == 1 and not (RUN / BEST_BACKUP).exists()
+    assert len(read_metrics_csv(RUN / "metrics.csv")) == 1
+
+
+def test_finished_run_with_lagging_best_and_deploy_is_repaired_on_resume(reference, tmp_path):
+    """A finished run whose best.pt and deploy.pt lag behind last.pt (what the old save order left after a kill)
+    gets both back from last.pt's state on resume, instead of 'all epochs already trained' and nothing else."""
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    (run / "best.pt").unlink()
+    stale = load_checkpoint(run / "deploy.pt")
+    torch.save(
+        {**stale, "epoch": 1, "state_dict": {k: v * 0 for k, v in stale["state_dict"].items()}}, run / "deploy.pt"
+    )
+    assert main(["train", "--resume", str(run / "last.pt")]) == 0  # a checkpoint file names its folder
+    assert_same_folder(reference, run)
+
+
+def test_a_best_epoch_that_is_gone_is_refused_not_scored(reference, tmp_path):
+    """best.pt lagging behind a best epoch older than last.pt cannot be rebuilt: okd test says so."""
+    from okd.engine.scoring import score_checkpoint
+    from okd.errors import CheckpointError
+
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    last = load_checkpoint(run / "last.pt")
+    torch.save({**last, "best": {**last["best"], "epoch": 1}}, run / "last.pt")  # best is epoch 1 ...
+    (run / "best.pt").unlink()  # ... whose weights are gone
+    with pytest.raises(CheckpointError, match="best epoch is 1, whose weights are no longer on disk"):
+        score_checkpoint(run, "best")
+    assert score_checkpoint(run, "last")[1]["epoch"] == 2
+
+
+def test_second_writer_is_refused_and_the_lock_dies_with_its_holder(reference, cifar10_root, tmp_path, monkeypatch):
+    """A run frozen (SIGSTOP) in its epoch-2 save holds the folder: a second `okd train` of the same folder (another
+    seed) and a resume are refused and change nothing; after kill -9 of the holder the folder is free again."""
+    monkeypatch.chdir(tmp_path)
+    pid = fork_okd(args(cifar10_root), "before:deploy.pt:2:SIGSTOP", tmp_path / "child.log", wait=False)
+    try:
+        _, status = os.waitpid(pid, os.WUNTRACED)
+        assert os.WIFSTOPPED(status)
+        before = {p.name: p.read_bytes() for p in RUN.iterdir()}
+        err = tmp_path / "err.txt"
+        with open(err, "w") as f, contextlib.redirect_stderr(f):
+            assert main(args(cifar10_root, seed=1)) == 2
+            assert main(["train", "--resume", str(RUN)]) == 2
+        assert one_line(err.read_text()).count("is being written by another okd process") == 2
+        assert {p.name: p.read_bytes() for p in RUN.iterdir()} == before
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    recover(cifar10_root)
+    assert_same_folder(reference, tmp_path / RUN)
+
+
+def test_divergence_stops_the_run_and_keeps_the_good_files(cifar10_root, tmp_path, monkeypatch, capsys):
+    """Early divergence (lr 1e20): nothing is committed. Late divergence (lr x 1e20 from epoch 3): the run stops
+    with the good epochs intact, best.pt at a good epoch; nothing non-finite is on disk either way."""
+    monkeypatch.chdir(tmp_path)
+    assert main(args(cifar10_root, **{"optim.lr": 1e20})) == 2
+    err = one_line(capsys.readouterr().err)
+    assert "not finite" in err and "No epoch was committed" in err
+    assert sorted(p.name for p in RUN.iterdir()) == [LOCK_NAME, "config.yaml"]
+
+    shutil.rmtree(RUN)
+    late = {"optim.milestones": "[2]", "optim.gamma": 1e20, "train.epochs": 3}
+    assert main(args(cifar10_root, **late)) == 2
+    err = one_line(capsys.readouterr().err)
+    assert "epoch 3" in err and "not finite" in err and "holds epoch 2" in err
+    last, best, deploy = (load_checkpoint(RUN / n) for n in ("last.pt", "best.pt", "deploy.pt"))
+    assert last["epoch"] == 2 and best["epoch"] == last["best"]["epoch"] <= 2 and deploy["epoch"] == 2
+    for record in (last["method"], best["method"], deploy["state_dict"]):
+        assert all(torch.isfinite(v).all() for v in record.values() if v.is_floating_point())
+    assert [r["epoch"] for r in read_metrics_csv(RUN / "metrics.csv")] == [1, 2]
+
+
+def test_disk_full_while_saving_says_what_is_intact(reference, cifar10_root, tmp_path, monkeypatch, capsys):
+    """ENOSPC while writing deploy.pt of epoch 2 (best.pt of epoch 2 already renamed): one message, the epoch-1
+    commit intact (best.pt put back), no temporary left; resume after the disk has room matches."""
+    monkeypatch.chdir(tmp_path)
+    real_save = torch.save
+
+    def full_disk(obj, f, *a, **k):
+        if obj.get("format") == "okd-deploy-v1" and obj.get("epoch") == 2:
+            f.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    assert main(args(cifar10_root)) == 2
+    monkeypatch.setattr(torch, "save", real_save)
+    err = one_line(capsys.readouterr().err)
+    assert "No space left on device" in err and "holds epoch 1" in err and "Traceback" not in err
+    assert load_checkpoint(RUN / "last.pt")["epoch"] == 1 and load_checkpoint(RUN / "best.pt")["epoch"] == 1
+    assert not list(RUN.glob(".*.tmp"))
+    recover(cifar10_root)
+    assert_same_folder(reference, tmp_path / RUN)
+
+
+def test_stop_before_the_first_commit_does_not_offer_a_resume(cifar10_root, tmp_path, monkeypatch):
+    """SIGTERM during epoch 1: exit 143, and the message says there is nothing to resume."""
+    import okd.engine.trainer as trainer
+    from okd.errors import StopRequested
+
+    def terminated(*a, **k):
+        raise StopRequested(signal.SIGTERM)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(trainer, "_train_epoch", terminated)
+    with _Log() as log:
+        assert main(args(cifar10_root)) == 143
+    assert "nothing to resume" in log.text and "--resume" not in log.text
+
+
+@pytest.mark.parametrize("kind", ["file", "read-only"])
+def test_unwritable_output_dir_is_refused_before_data_is_read(kind, tmp_path, monkeypatch, capsys):
+    """An output_dir that is a file, or read-only, is reported before data and models are built (the data root
+    does not even exist here)."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    if kind == "file":
+        out.write_text("not a folder")
+    else:
+        out.mkdir()
+        out.chmod(0o555)
+        if os.geteuid() == 0:  # root writes anywhere: stand in for the kernel's refusal
+            real_mkdir = Path.mkdir
+
+            def refuse(self, *a, **k):
+                if self.parent == out:
+                    raise PermissionError(errno.EACCES, "Permission denied", str(self))
+                return real_mkdir(self, *a, **k)
+
+            monkeypatch.setattr(Path, "mkdir", refuse)
+    argv = [
+        "train",
+        CONFIG,
+        f"output_dir={out}",
+        "name=run",
+        f"data.root={tmp_path / 'no-data'}",
+        "data.download=false",
+    ]
+    assert main(argv) == 2
+    err = one_line(capsys.readouterr().err)
+    assert "cannot write the run folder" in err and "no-data" not in err
+    if kind == "read-only":
+        assert list(out.iterdir()) == []
