@@ -31,7 +31,7 @@ import torch
 from okd.engine.checkpoint import atomic_save, atomic_write_text, load_checkpoint
 from okd.engine.deploy_file import DEPLOY_FORMAT
 from okd.engine.run_log import log, metrics_csv_text
-from okd.errors import CheckpointError, RunFolderError
+from okd.errors import CheckpointError, RunFolderError, UnsafeCheckpointError
 
 CHECKPOINT_FORMAT = "okd-run-v1"
 BEST_NOTE = (
@@ -323,8 +323,10 @@ def _epoch_of(path: Path) -> int | None:
         return None
     try:
         epoch = load_checkpoint(path).get("epoch")
+    except UnsafeCheckpointError:
+        raise  # a file holding code is refused, not repaired over
     except CheckpointError:
-        return None
+        return None  # missing or truncated: rebuilt from last.pt where it can be
     return int(epoch) if epoch is not None else None
 
 
