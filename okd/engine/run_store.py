@@ -5,7 +5,7 @@ an epoch the writer saves, in this order, metrics.csv, best.pt (when the epoch i
 last.pt; each file goes to a temporary file, is fsync'd and renamed over the old one, so every file is either
 its old or its new version. ``last.pt`` is the commit point: its ``epoch`` is the epoch the folder holds and
 says what the other files hold (deploy.pt and metrics.csv: that epoch; best.pt: ``best["epoch"]``). A process
-stopped anywhere in the save (kill -9, power loss, a full disk) leaves files at most one epoch ahead of last.pt;
+stopped anywhere in the save (kill -9, SIGTERM, a full disk) leaves files at most one epoch ahead of last.pt;
 the next writer (resume), and ``okd test``/``export``/``predict``, put them back in line with last.pt
 (:meth:`RunStore.reconcile`, :func:`current_file`). SIGINT/SIGTERM that arrive during a save are held until it
 is complete (:func:`deferred_signals`). The previous best.pt is kept as a hard link until last.pt commits its
