@@ -364,9 +364,8 @@ def _train_epoch(
     if images_seen == 0:
         raise ConfigError("the training split yielded no batch; lower data.batch_size or set data.drop_last=false")
     keys = list(sums)
-    packed = torch.stack([torch.as_tensor(sums[k]) for k in keys] + [nonfinite, torch.tensor(float(images_seen))]).to(
-        runner.device, torch.float64
-    )
+    count = torch.tensor(float(images_seen), device=runner.device)  # on the device: stack never mixes devices
+    packed = torch.stack([sums[k] for k in keys] + [nonfinite, count]).to(torch.float64)
     packed = all_reduce_sum(packed, dist).tolist()
     _sync(runner.device)
     seconds = time.perf_counter() - start
