@@ -21,7 +21,7 @@ from okd.errors import ConfigError
 
 @dataclass
 class DataConfig:
-    dataset: str = "cifar100"  # cifar10 | cifar100 | imagenet | tinyimagenet
+    dataset: str = "cifar100"  # cifar10 | cifar100 | imagenet | tinyimagenet | folder (root/train, root/val)
     root: str = "data"
     download: bool = True
     pad: int = 4
@@ -38,11 +38,22 @@ class DataConfig:
     workers: int = 8  # DataLoader workers (ImageNet-style folders only; CIFAR lives on the device)
     pin_memory: bool = True
     skip_unreadable: bool = False  # folders: skip (and report) unreadable images instead of failing
+    # data.dataset=folder only (imagenet/tinyimagenet are fixed presets of it):
+    image_size: int = 224  # the side of the square crops the network sees
+    resize: int | None = None  # test: shorter side resized to this before the centre crop (None: image_size*8/7)
+    train_crop: str = "random_resized"  # random_resized (ImageNet) | pad_crop (resize, data.pad, random crop) | center
+    compute_stats: bool = False  # mean/std from the training split (overrides data.mean/std), once per run
 
 
 @dataclass
 class ModelConfig:
+    #: a registered backbone (okd models), your factory by import path (package.module:function) or timm:<name>
     name: str = "resnet32"
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments of the factory
+    taps: list[str] | None = None  # submodules whose outputs are the feature taps (FFSD, DML-leader, ...)
+    branch_from: str | None = None  # branch methods: the first stage that is replicated per branch
+    pretrained: bool = False  # timm: load model.weights (a local file; nothing is downloaded)
+    weights: str | None = None
 
 
 @dataclass
@@ -107,7 +118,8 @@ class Config:
 
 
 _CHOICES = {
-    ("data", "dataset"): ("cifar10", "cifar100", "imagenet", "tinyimagenet"),
+    ("data", "dataset"): ("cifar10", "cifar100", "imagenet", "tinyimagenet", "folder"),
+    ("data", "train_crop"): ("random_resized", "pad_crop", "center"),
     ("data", "padding_mode"): ("reflect", "zeros"),
     ("train", "progress"): ("auto", "bar", "log", "none"),
     ("train", "precision"): ("fp32", "bf16", "fp16"),
@@ -211,6 +223,14 @@ def _validate(run: RunConfig) -> None:
     if run.data.std is not None and min(run.data.std) <= 0:
         raise ConfigError(f"data.std must be positive, got {list(run.data.std)}")
     _validate_optim(run.optim)
+    if run.data.image_size <= 0 or (run.data.resize is not None and run.data.resize < run.data.image_size):
+        raise ConfigError(
+            f"data.image_size must be positive and data.resize (null or >= image_size) not smaller than it; got "
+            f"image_size={run.data.image_size}, resize={run.data.resize}"
+        )
+    from okd.models.spec import check_model_config
+
+    check_model_config(run.model)
     if run.train.device not in ("auto", "cpu") and not run.train.device.startswith("cuda"):
         raise ConfigError(f"train.device={run.train.device!r}: use auto, cpu, cuda or cuda:N")
 

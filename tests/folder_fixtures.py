@@ -85,3 +85,28 @@ def imagenet_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny ImageNet-style root (3 classes x 4 train / 2 val JPEGs of 40x50 px); do not modify it."""
     pytest.importorskip("PIL")
     return write_imagenet_folder(tmp_path_factory.mktemp("imagenet"))
+
+
+def write_class_folder(
+    root: Path,
+    classes: tuple[str, ...] = ("circle", "square", "zigzag"),
+    train_per_class: int = 8,
+    val_per_class: int = 4,
+    seed: int = 0,
+) -> Path:
+    """A generic ``root/train/<class>/*.png`` and ``root/val/<class>/*.png`` dataset of tiny PNGs of varied
+    sizes (18-26 px, some greyscale) whose colour depends on the class; returns root."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", train_per_class), ("val", val_per_class)):
+        for c, name in enumerate(classes):
+            for i in range(count):
+                h, w = (int(v) for v in rng.integers(18, 27, 2))
+                arr = rng.integers(0, 96, (h, w, 3), dtype=np.uint8)
+                arr[..., c % 3] += np.uint8(120)
+                path = root / split / name / f"{i}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                img = Image.fromarray(arr)
+                (img.convert("L") if i % 5 == 4 else img).save(path)
+    return root

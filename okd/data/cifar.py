@@ -172,9 +172,7 @@ def _read_pickle(path: Path, spec: CifarSpec) -> dict[str, Any]:
         with open(path, "rb") as f:
             obj = _SafeUnpickler(f, encoding="latin1").load()
     except FileNotFoundError:
-        raise DataError(
-            f"{spec.name}: file {path} is missing; the folder must hold {spec.layout()}. {fix}"
-        ) from None
+        raise DataError(f"{spec.name}: file {path} is missing; the folder must hold {spec.layout()}. {fix}") from None
     except Exception as exc:  # truncated or corrupt pickles raise many types
         raise DataError(
             f"{spec.name}: file {path} is truncated or corrupt ({type(exc).__name__}: {_oneline(exc)}). {fix}"

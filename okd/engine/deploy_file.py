@@ -1,8 +1,9 @@
 """Reading a ``deploy.pt`` (the deployable network of a run) and rebuilding its network: the one place that does.
 
 A deploy file is a dict of plain values and tensors (loaded with ``weights_only=True``): ``format``
-(``okd-deploy-v1``), ``model`` (a registered model name), ``num_classes``, ``state_dict``, and optionally
-``method``, ``epoch``, ``dataset``, ``classes``, ``mean``, ``std``, ``size``, ``resize``. A ``.safetensors``
+(``okd-deploy-v1``), ``model`` (the model name), ``num_classes``, ``state_dict``, and optionally
+``method``, ``epoch``, ``dataset``, ``classes``, ``mean``, ``std``, ``size``, ``resize`` and ``model_spec`` (how to
+rebuild a network that is not a registered backbone with defaults: :mod:`okd.models.spec`). A ``.safetensors``
 file (``okd export --format safetensors``) holds the same: the tensors, and the rest as the JSON of its
 ``okd`` metadata entry; :func:`read_deploy` reads both.
 """
@@ -91,9 +92,16 @@ def build_network(info: dict, path: str | Path, what: str = "deploy file") -> nn
     """``create_model(info['model'], info['num_classes'])`` with the file's weights, checked: a ``model`` field
     that does not match the weights is named as such (not a raw ``load_state_dict`` error)."""
     from okd.models import create_model
+    from okd.models.spec import build_from_spec, check_stored_config
 
+    spec = info.get("model_spec")  # how the run built its network (okd.models.spec.model_spec), when recorded
+    if isinstance(spec, dict):
+        check_stored_config({"model": spec})  # the user's own code is imported only with their consent
     try:
-        net = create_model(info["model"], int(info["num_classes"]))
+        if isinstance(spec, dict):
+            net = build_from_spec(spec, int(info["num_classes"]), from_file=True)
+        else:
+            net = create_model(info["model"], int(info["num_classes"]))
     except ConfigError as exc:
         raise CheckpointError(
             f"{what} {str(path)!r} names model {info['model']!r}, which okd cannot build: {exc}"

@@ -66,8 +66,11 @@ def best_record(last: dict) -> dict:
     return {"format": CHECKPOINT_FORMAT + "-best", "note": BEST_NOTE, "selected_on": "test", **last}
 
 
-def deploy_record(cfg, method, epoch: int) -> dict:
-    """deploy.pt: the method's deployable network alone, with what rebuilds it (``create_model(model, K)``)."""
+def deploy_record(cfg, method, epoch: int, rebuild: dict | None = None) -> dict:
+    """deploy.pt: the method's deployable network alone, with what rebuilds and feeds it (``rebuild``, else
+    :func:`okd.models.spec.deploy_fields` from the config: the model spec, a folder dataset's preprocessing)."""
+    from okd.models.spec import deploy_fields
+
     deploy = method.deployable()
     return {
         "format": DEPLOY_FORMAT,
@@ -75,6 +78,7 @@ def deploy_record(cfg, method, epoch: int) -> dict:
         "method": cfg.method_name,
         "num_classes": int(method.ctx.num_classes),
         "epoch": epoch,
+        **(rebuild if rebuild is not None else deploy_fields(cfg)),
         "state_dict": {k: v.detach().cpu() for k, v in deploy.state_dict().items()},
     }
 

@@ -52,6 +52,7 @@ from okd.engine.step import StepRunner, autocast, configure_backends, prepare_me
 from okd.engine.tensorboard import TensorBoardLogger
 from okd.engine.threads import warn_threads_once
 from okd.errors import CheckpointError, ConfigError, NonFiniteError, StopRequested
+from okd.models.spec import deploy_fields
 
 RUN_KEYS = ("config", "epoch", "method", "optimizers", "schedulers", "history", "best", "rng_per_rank")
 DIVERGED_HINT = (
@@ -189,7 +190,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: DistContext, store: R
     seed_everything(r.seed)  # identical initial weights on every rank
     device = rank_device(dist, resolve_device(r.train.device))
     check_global_batch(r.data.batch_size, dist)
-    train_loader, test_loader, num_classes, _ = build_loaders(r.data, r.seed, device, views=_method_views(cfg))
+    train_loader, test_loader, num_classes, classes = build_loaders(r.data, r.seed, device, views=_method_views(cfg))
+    rebuild = deploy_fields(cfg, train_loader, classes)
     holdout_loader = None
     if r.data.holdout:
         train_loader, holdout_loader = split_holdout(train_loader, r.data.holdout)
@@ -218,7 +220,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: DistContext, store: R
     prepare_method(method, r.train)
     if dist.enabled:
         runner.wrap_distributed(dist, r.train)
-    store.begin(cfg, ckpt, lambda: deploy_record(cfg, method, start_epoch))  # repairs what a stop left
+    store.begin(cfg, ckpt, lambda: deploy_record(cfg, method, start_epoch, rebuild))  # repairs what a stop left
     if dist.is_main:
         if ckpt is not None:
             resume_policy.record_resume(run_dir, ckpt["epoch"], resume_policy.resume_changes(ckpt, cfg))
@@ -260,7 +262,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: DistContext, store: R
                 rngs = all_gather_objects(rng_state(), dist)
                 if dist.is_main:
                     last = last_record(cfg, runner, plan, epoch + 1, history, best, rngs)
-                    store.commit(last, improved, deploy_record(cfg, method, epoch + 1))
+                    store.commit(last, improved, deploy_record(cfg, method, epoch + 1, rebuild))
                     eta = run_eta(paces, r.train.epochs - epoch - 1)
                     _report_epoch(row, r.train.progress, r.train.epochs, deploy_head, eta)
                     if board is not None:

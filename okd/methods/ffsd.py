@@ -54,6 +54,7 @@ from torch import Tensor, nn
 from okd.errors import ConfigError
 from okd.methods.base import Method, MethodContext, ParamGroup, adam_group, register_method, sgd_group
 from okd.models import create_model
+from okd.models.taps import check_halving_taps, require_taps
 from okd.nn.diversity import diversity_feature_target, diversity_loss, l2_diversity_loss
 from okd.nn.fusion import FusionModule, TransFusionDecoder
 from okd.nn.losses import (
@@ -70,6 +71,10 @@ from okd.nn.self_distillation import SelfDistillationModule, sd_channels_for
 SELF_DISTILLATION_CHOICES = ("both", "students", "leader", "none")
 DIVERSITY_CHOICES = ("attention", "l2", "none")
 L2_TAPS_CHOICES = ("auto", "all", "last")
+SD_NEEDS = (
+    "its self-distillation modules map the deepest tap back to every shallower one by stride-2 transposed "
+    "convolutions (method.self_distillation)"
+)
 
 
 @dataclass
@@ -179,9 +184,13 @@ class FFSD(Method):
         m, k = hp.num_students, ctx.num_classes
         # construction order as the official trainer: students, SD modules, fusion, leader (+ decoder)
         self.students = nn.ModuleList(create_model(ctx.model, k) for _ in range(m))
+        sd_on = hp.sd_on_students or hp.sd_on_leader
+        require_taps(self.students[0], "ffsd", min_taps=2 if sd_on else 1)
+        if sd_on:
+            check_halving_taps(self.students[0], "ffsd", SD_NEEDS)
         tap_channels = tuple(self.students[0].tap_channels)
         channels = tap_channels[-1]
-        sd_channels = sd_channels_for(tap_channels)
+        sd_channels = sd_channels_for(tap_channels) if sd_on else []
         self.sd_students = nn.ModuleList(
             SelfDistillationModule(sd_channels) for _ in range(1, m) if hp.sd_on_students
         )  # sd_students[i - 1] is G_i

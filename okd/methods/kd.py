@@ -28,6 +28,7 @@ from okd.errors import CheckpointError, ConfigError
 from okd.methods.base import Method, MethodContext, ParamGroup, register_method, sgd_group
 from okd.methods.branch_base import check_choice, check_distillation
 from okd.models import create_model
+from okd.models.spec import build_from_spec, model_kind
 from okd.nn.losses import cross_entropy, kl_div_t
 
 FORM_ALPHA = {"hinton": 0.9, "okddip": 1.0}
@@ -52,7 +53,8 @@ class KDParams:
 
         if not self.teacher_model:
             raise ConfigError("method.teacher_model is required for kd (a model name, e.g. resnet110_bottleneck)")
-        MODELS.get(self.teacher_model)  # ConfigError listing the models
+        if model_kind(self.teacher_model) == "registered":
+            MODELS.get(self.teacher_model)  # ConfigError listing the models
         if not self.teacher_checkpoint:
             raise ConfigError(
                 "method.teacher_checkpoint is required for kd: the teacher's deploy.pt (from `okd train` of "
@@ -118,7 +120,9 @@ def load_teacher(model: str, num_classes: int, checkpoint: str) -> nn.Module:
     if isinstance(obj.get("num_classes"), int):
         check_class_count(obj["num_classes"], num_classes, path, "the student's data set")
     state = _extract_state_dict(obj, str(path), model)
-    teacher = create_model(model, num_classes)
+    spec = obj.get("model_spec")
+    same = isinstance(spec, dict) and spec.get("name") == model  # the teacher as its run built it (kwargs, ...)
+    teacher = build_from_spec(spec, num_classes) if same else create_model(model, num_classes)
     own = teacher.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]

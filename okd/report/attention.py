@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from okd.data.cifar import SPECS, load_cifar
-from okd.errors import OKDError
 from okd.nn.losses import attention_map
 from okd.report.runs import class_names, load_run_method, normalization, pyplot, tap_networks
 
@@ -94,6 +93,29 @@ def _display(att: Tensor, size: tuple[int, int]) -> np.ndarray:
     return ((up - lo) / (hi - lo).clamp_min(1e-12)).numpy()
 
 
+def _folder_test_images(data, run_dir: Path, count: int):
+    """The first ``count`` validation images of a class-folder run (its test transform, uint8) and its
+    normalisation (``deploy.pt``'s, which holds statistics computed with ``data.compute_stats``)."""
+    from types import SimpleNamespace
+
+    from okd.data.folder import FolderDataset, build_transforms, scan, split_statistics
+    from okd.engine.checkpoint import load_checkpoint
+
+    train_split, val = scan(data.dataset, data.root)
+    ds = FolderDataset(val, build_transforms(data, train=False), train=False)
+    picked = [ds[i] for i in range(min(count, len(ds)))]
+    images = np.stack([x.numpy() for x, _, _ in picked if x is not None])
+    labels = np.array([y for x, y, _ in picked if x is not None])
+    deploy = load_checkpoint(run_dir / "deploy.pt") if (run_dir / "deploy.pt").is_file() else {}
+    if deploy.get("mean") and deploy.get("std"):
+        mean, std = list(deploy["mean"]), list(deploy["std"])
+    elif data.compute_stats:
+        mean, std = split_statistics(train_split, build_transforms(data, train=False))
+    else:
+        mean, std = normalization({"mean": data.mean, "std": data.std}, data.dataset)
+    return SimpleNamespace(images=images, labels=labels, classes=list(train_split.classes)), mean, std
+
+
 def draw_attention(
     run_dir: str | Path,
     out: str | Path | None = None,
@@ -108,17 +130,20 @@ def draw_attention(
     method, cfg, _ = load_run_method(run_dir, which, overrides)
     networks = tap_networks(method)
     data = cfg.run.data
-    if data.dataset not in SPECS:
-        raise OKDError(f"okd attention draws CIFAR test images; {data.dataset} runs are not supported yet")
-    split = load_cifar(data.root, data.dataset, train=False, download=data.download)
-    mean, std = normalization({"mean": data.mean, "std": data.std}, data.dataset)
+    if data.dataset in SPECS:
+        split = load_cifar(data.root, data.dataset, train=False, download=data.download)
+        mean, std = normalization({"mean": data.mean, "std": data.std}, data.dataset)
+    else:
+        split, mean, std = _folder_test_images(data, run_dir, max(first_image + num_images, similarity_images))
     names = list(networks)
     total = len(split.labels) if data.limit_test is None else min(len(split.labels), data.limit_test)
     num_images = max(1, min(num_images, total - first_image))
     picked = split.images[first_image : first_image + num_images]
     labels = split.labels[first_image : first_image + num_images]
     maps, logits = attention_maps(networks, _normalize(picked, mean, std))
-    classes = class_names(data.dataset, data.root, int(next(iter(logits.values())).shape[1]))
+    classes = getattr(split, "classes", None) or class_names(
+        data.dataset, data.root, int(next(iter(logits.values())).shape[1])
+    )
 
     plt = pyplot()
     ncols = len(names) + 1

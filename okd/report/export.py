@@ -16,6 +16,7 @@ loaded by ``okd predict`` when it is a TorchScript archive; ONNX is the format t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import warnings
@@ -39,6 +40,7 @@ from okd.engine.deploy_file import (
 )
 from okd.engine.run_store import current_file
 from okd.errors import CheckpointError, OKDError
+from okd.models.spec import model_spec
 from okd.report.runs import (
     class_names,
     deploy_head_of,
@@ -80,9 +82,12 @@ class Deployable:
     resize: int | None = None  # shorter side before the centre crop (None: plain resize to size x size)
     #: the method's deployed head as scored in training (when its checkpoint was at hand)
     training_head: Callable[[Tensor], Tensor] | None = None
+    #: how to rebuild ``net`` (okd.models.spec.model_spec); None: a registered backbone with defaults
+    spec: dict | None = None
 
     def metadata(self) -> dict:
         return {
+            **({"model_spec": self.spec} if self.spec is not None else {}),
             "model": self.model,
             "num_classes": self.num_classes,
             "method": self.method,
@@ -113,7 +118,7 @@ def _finish(net: nn.Module, cfg_dict: dict | None, dataset: str | None = None, *
     dataset = data.get("dataset") or dataset
     mean, std = normalization(data, dataset)
     classes = class_names(dataset, data.get("root"), kw["num_classes"])
-    size, resize = input_geometry(dataset)
+    size, resize = input_geometry(dataset, data)
     return Deployable(
         net=net.eval().cpu(), dataset=dataset, classes=classes, mean=mean, std=std, size=size, resize=resize, **kw
     )
@@ -124,7 +129,7 @@ def _training_head(run_dir: Path, which: str, overrides) -> Callable[[Tensor], T
         method, cfg, _ = load_run_method(run_dir, which, overrides)
     except OKDError:
         return None
-    size = input_geometry(cfg.run.data.dataset)[0]
+    size = input_geometry(cfg.run.data.dataset, dataclasses.asdict(cfg.run.data))[0]
     head = getattr(method, "deploy_head", None) or next(iter(method.eval_outputs(torch.zeros(1, 3, size, size))))
     return lambda x: method.eval_outputs(x)[head]
 
@@ -146,6 +151,7 @@ def _from_deploy_file(path: Path, cfg: dict | None) -> Deployable:
         dataset=ckpt.get("dataset"),
         source=str(path),
     )
+    dep.spec = ckpt["model_spec"] if isinstance(ckpt.get("model_spec"), dict) else None
     dep.classes = list(ckpt.get("classes") or dep.classes)
     dep.mean, dep.std = list(ckpt.get("mean") or dep.mean), list(ckpt.get("std") or dep.std)
     dep.size, dep.resize = int(ckpt.get("size") or dep.size), ckpt.get("resize", dep.resize)
@@ -157,7 +163,7 @@ def _from_deploy_file(path: Path, cfg: dict | None) -> Deployable:
 
 def _from_run_method(method, cfg, epoch: int | None, source: str) -> Deployable:
     """The deployable network of a method rebuilt by ``load_run_method`` from the checkpoint ``source``."""
-    return _finish(
+    dep = _finish(
         method.deployable(),
         cfg.to_dict(),
         model=cfg.run.model.name,
@@ -167,6 +173,8 @@ def _from_run_method(method, cfg, epoch: int | None, source: str) -> Deployable:
         head=method.deploy_head,
         source=source,
     )
+    dep.spec = model_spec(cfg)
+    return dep
 
 
 def load_deployable(path: str | Path, which: str = "last", overrides: list[str] = (), check: bool = True) -> Deployable:

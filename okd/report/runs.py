@@ -114,12 +114,16 @@ def load_run_method(path: str | Path, which: str = "last", overrides: list[str] 
     from okd.engine.builder import build_method
     from okd.engine.checkpoint import load_checkpoint, load_state_checked
     from okd.engine.scoring import resolve_checkpoint
+    from okd.models.spec import check_import_allowed, model_kind
 
     ckpt_path = resolve_checkpoint(path, which)
     ckpt = load_checkpoint(ckpt_path)
     if "config" not in ckpt or "method" not in ckpt:
         raise CheckpointError(f"{ckpt_path} is not a run checkpoint (no config/method state); use last.pt or best.pt")
     method_class(ckpt["config"].get("method", {}).get("name", "baseline"))
+    name = str((ckpt["config"].get("model") or {}).get("name", ""))
+    if model_kind(name) == "import":
+        check_import_allowed(name)  # the run folder names code to import: only with the user's consent
     cfg = build_config(OmegaConf.merge(OmegaConf.create(ckpt["config"]), parse_overrides(list(overrides))))
     method = build_method(cfg, num_classes_of(cfg.run.data.dataset, Path(ckpt_path).parent))
     load_state_checked(method, ckpt["method"], str(ckpt_path))
@@ -216,8 +220,15 @@ def num_classes_of(dataset: str, run_dir: Path | None = None) -> int:
     raise CheckpointError(f"cannot tell how many classes dataset {dataset!r} has")
 
 
-def input_geometry(dataset: str | None) -> tuple[int, int | None]:
-    """``(size, shorter side before the centre crop)``; CIFAR: (32, None), i.e. a plain resize to 32x32."""
+def input_geometry(dataset: str | None, data: dict | None = None) -> tuple[int, int | None]:
+    """``(size, shorter side before the centre crop)``; CIFAR: (32, None), i.e. a plain resize to 32x32;
+    ``folder``: from the run's ``data`` section (``data.image_size``, ``data.resize``)."""
+    if dataset == "folder":
+        from okd.config import DataConfig
+        from okd.data.folder import geometry
+
+        known = {k: v for k, v in (data or {}).items() if k in ("dataset", "image_size", "resize", "train_crop")}
+        return geometry(DataConfig(**known))[:2]
     if dataset in FOLDER_DATASETS:
         return FOLDER_DATASETS[dataset][1], FOLDER_DATASETS[dataset][2]
     return 32, None
@@ -237,7 +248,7 @@ def default_class_names(num_classes: int) -> list[str]:
 def class_names(dataset: str | None, root: str | None, num_classes: int) -> list[str]:
     """Class names from the dataset's own files when they are at ``root``, else the CIFAR-10/100 defaults
     (folder datasets: class indices)."""
-    if dataset and root and dataset not in FOLDER_DATASETS:
+    if dataset and root and dataset not in FOLDER_DATASETS and dataset != "folder":
         from okd.data.cifar import load_cifar
 
         try:
@@ -254,7 +265,7 @@ def normalization(cfg_data: dict | None, dataset: str | None) -> tuple[list[floa
     from okd.data.cifar import DATASET_STATS
 
     cfg_data = cfg_data or {}
-    if dataset in FOLDER_DATASETS:
+    if dataset in FOLDER_DATASETS or dataset == "folder":
         mean, std = IMAGENET_MEAN, IMAGENET_STD
     else:
         mean, std = DATASET_STATS.get(dataset or "", DATASET_STATS["cifar100"])

@@ -1,0 +1,231 @@
+"""The user's own networks (import path, taps by hooks) on a generic class-folder dataset, end to end."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from pathlib import Path
+
+import helpers
+import numpy as np
+import pytest
+import torch
+
+from okd.config import load_config
+from okd.engine.builder import build_method
+from okd.errors import ConfigError, OKDError
+
+pytest.importorskip("PIL")
+from folder_fixtures import write_class_folder  # noqa: E402
+
+MODULE = "okd_user_cnn"
+USER_CODE = """
+from torch import nn
+
+
+def block(cin, cout, stride):
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+
+class TinyCNN(nn.Module):
+    def __init__(self, num_classes, width=4):
+        super().__init__()
+        self.stem = block(3, width, 1)
+        self.layer1 = block(width, width, 1)
+        self.layer2 = block(width, 2 * width, 2)
+        self.layer3 = block(2 * width, 4 * width, 2)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(4 * width, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.flatten(self.pool(self.layer3(self.layer2(self.layer1(self.stem(x)))))))
+
+
+class Skip(nn.Module):  # not a chain of its children: the input skips layer1
+    def __init__(self, num_classes):
+        super().__init__()
+        self.stem, self.layer1 = block(3, 4, 1), block(4, 4, 1)
+        self.pool, self.flatten, self.fc = nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, num_classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.fc(self.flatten(self.pool(x + self.layer1(x))))
+
+
+def build(num_classes, width=4):
+    return TinyCNN(num_classes, width)
+
+
+def skip(num_classes):
+    return Skip(num_classes)
+
+
+def not_a_module(num_classes):
+    return "a string"
+
+
+def too_many_logits(num_classes):
+    return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, num_classes + 1))
+"""
+
+
+@pytest.fixture(scope="module")
+def user_env(tmp_path_factory):
+    """The user's module on sys.path and a generated 3-class folder dataset."""
+    base = tmp_path_factory.mktemp("user")
+    (base / "code").mkdir()
+    (base / "code" / f"{MODULE}.py").write_text(textwrap.dedent(USER_CODE))
+    sys.path.insert(0, str(base / "code"))
+    data = write_class_folder(base / "data")
+    yield base, data
+    sys.path.remove(str(base / "code"))
+    sys.modules.pop(MODULE, None)
+
+
+def _overrides(data: Path, out: Path, method: str, *extra: str) -> list[str]:
+    return [
+        f"method.name={method}",
+        f"model.name={MODULE}:build",
+        "data.dataset=folder",
+        f"data.root={data}",
+        "data.image_size=16",
+        "data.resize=16",
+        "data.train_crop=pad_crop",
+        "data.pad=2",
+        "data.compute_stats=true",
+        "data.batch_size=8",
+        "data.test_batch_size=12",
+        "data.workers=0",
+        "data.pin_memory=false",
+        "train.max_steps_per_epoch=2",
+        "train.deterministic=true",
+        "train.progress=none",
+        "train.device=cpu",
+        "optim.lr=0.05",
+        f"output_dir={out}",
+        *extra,
+    ]
+
+
+def _train_resume_export_predict(user_env, tmp_path, monkeypatch, method: str, *extra: str):
+    base, data = user_env
+    full, resumed = helpers.train_and_resume(
+        None, lambda name, epochs: _overrides(data, tmp_path, method, f"name={name}", f"train.epochs={epochs}", *extra)
+    )
+    helpers.assert_same_runs(full, resumed)
+    deploy = torch.load(full / "deploy.pt", map_location="cpu", weights_only=True)
+    assert deploy["model_spec"]["name"] == f"{MODULE}:build" and deploy["classes"] == ["circle", "square", "zigzag"]
+    assert deploy["size"] == 16 and deploy["dataset"] == "folder"
+    # the run's normalisation is the training split's own statistics, recorded for predict
+    assert deploy["mean"][0] > 0.3 and deploy["mean"] != [0.485, 0.456, 0.406]
+    with pytest.raises(ConfigError, match="OKD_ALLOW_IMPORT=okd_user_cnn"):
+        helpers.cli("export", full, "--format", "state_dict", "--out", tmp_path / "net.pt")
+    monkeypatch.setenv("OKD_ALLOW_IMPORT", MODULE)
+    text = helpers.cli("export", full, "--format", "state_dict", "--out", tmp_path / "net.pt")
+    assert "same logits as the method's deployed head" in text
+    image = data / "val" / "square" / "0.png"
+    top = helpers.cli("predict", full, image)
+    assert "square" in top and "circle" in top  # top-k lists the run's own class names
+    return full, deploy
+
+
+def test_ffsd_on_a_user_cnn_with_hook_taps(user_env, tmp_path, monkeypatch):
+    full, deploy = _train_resume_export_predict(
+        user_env, tmp_path, monkeypatch, "ffsd", "model.taps=[layer1,layer2,layer3]", "method.warmup_epochs=0"
+    )
+    assert deploy["model_spec"]["taps"] == ["layer1", "layer2", "layer3"]
+    assert all(k.startswith("net.") for k in deploy["state_dict"])  # the leader alone, the user's module inside
+    monkeypatch.setenv("OKD_ALLOW_IMPORT", MODULE)
+    text = helpers.cli("attention", full, "--out", full / "att.png")
+    assert "leader" in text
+
+
+def test_dml_on_a_user_cnn(user_env, tmp_path, monkeypatch):
+    _, deploy = _train_resume_export_predict(user_env, tmp_path, monkeypatch, "dml", "model.kwargs.width=3")
+    assert deploy["model_spec"]["kwargs"] == {"width": 3} and deploy["model_spec"]["taps"] is None
+    assert deploy["state_dict"]["net.stem.0.weight"].shape[0] == 3
+
+
+def _build(user_env, method: str, *extra: str):
+    return build_method(load_config(None, [f"method.name={method}", "data.dataset=cifar10", *extra]), 5)
+
+
+def test_taps_are_captured_without_leaving_hooks(user_env):
+    m = _build(user_env, "ffsd", f"model.name={MODULE}:build", "model.taps=[layer1,layer2,layer3]")
+    net = m.students[0]
+    z, taps = net.forward_taps(torch.randn(3, 3, 32, 32))
+    assert z.shape == (3, 5) and [tuple(t.shape[1:]) for t in taps] == [(4, 32, 32), (8, 16, 16), (16, 8, 8)]
+    assert net.tap_channels == (4, 8, 16)
+    assert all(not mod._forward_hooks for mod in net.modules())  # no state kept between calls
+    with torch.no_grad():
+        assert torch.equal(net.forward_taps(taps[0].new_ones(2, 3, 32, 32))[0], net(taps[0].new_ones(2, 3, 32, 32)))
+
+
+def test_unsupported_tap_layout_says_which_taps_qualify(user_env):
+    with pytest.raises(
+        ConfigError,
+        match=r"stem \[32, 32\] -> layer1 \[32, 32\] does not halve.*\['layer1', 'layer2', "
+        r"'layer3'\] form such a chain",
+    ):
+        _build(user_env, "ffsd", f"model.name={MODULE}:build", "model.taps=[stem,layer1,layer2,layer3]")
+    with pytest.raises(ConfigError, match="no taps: set model.taps"):
+        _build(user_env, "ffsd", f"model.name={MODULE}:build")
+    with pytest.raises(ConfigError, match=r"feature maps .*fc: \[5\]"):
+        _build(user_env, "ffsd", f"model.name={MODULE}:build", "model.taps=[layer3,fc]")
+    with pytest.raises(ConfigError, match="not submodules.*top-level submodules are"):
+        _build(user_env, "ffsd", f"model.name={MODULE}:build", "model.taps=[layer9]")
+    # without self-distillation the spatial layout is free (fusion and diversity use the deepest tap only)
+    _build(user_env, "ffsd", f"model.name={MODULE}:build", "model.taps=[stem,layer3]", "method.self_distillation=none")
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("no_such_pkg.nets:build", "no module 'no_such_pkg' can be imported. Put the folder"),
+        (f"{MODULE}:biuld", "has no attribute 'biuld'; its public callables: .*build"),
+        (f"{MODULE}:not_a_module", "returned a str, not a torch.nn.Module"),
+        (f"{MODULE}:too_many_logits", r"returned a tensor of shape \[2, 6\].*must return logits of shape \[2, 5\]"),
+        (f"{MODULE}:build:x", "neither a registered model nor an import path"),
+    ],
+)
+def test_bad_import_paths_are_clear_errors(user_env, name, message):
+    with pytest.raises(ConfigError, match=message):
+        _build(user_env, "dml", f"model.name={name}")
+
+
+def test_rebuilding_from_a_stored_spec_needs_the_users_consent(user_env, monkeypatch):
+    from okd.models.spec import build_from_spec
+
+    spec = {"name": f"{MODULE}:build", "kind": "import", "kwargs": {"width": 2}, "taps": None, "input_size": 16}
+    monkeypatch.delenv("OKD_ALLOW_IMPORT", raising=False)
+    with pytest.raises(OKDError, match="only when you allow that module"):
+        build_from_spec(spec, 4, from_file=True)
+    monkeypatch.setenv("OKD_ALLOW_IMPORT", "other,okd_user_cnn")
+    net = build_from_spec(spec, 4, from_file=True)
+    assert net(torch.zeros(1, 3, 16, 16)).shape == (1, 4)
+
+
+def test_folder_statistics_are_the_training_splits(user_env):
+    from PIL import Image
+
+    from okd.config import DataConfig
+    from okd.data.folder import build_folder_loaders
+
+    _, data = user_env
+    cfg = DataConfig(dataset="folder", root=str(data), image_size=16, resize=16, compute_stats=True, workers=0)
+    train, test, k, classes = build_folder_loaders(cfg, 0, "cpu", rank=0, world_size=1)
+    assert k == 3 and classes == ["circle", "square", "zigzag"] and len(train.dataset) == 24
+    pixels = []
+    for path in sorted((data / "train").glob("*/*.png")):
+        img = Image.open(path).convert("RGB")
+        w, h = img.size
+        s = 16 / min(w, h)
+        img = img.resize((max(16, int(w * s)) if w > h else 16, max(16, int(h * s)) if h > w else 16), Image.BILINEAR)
+        arr = np.asarray(img, dtype=np.float64) / 255.0
+        top, left = int(round((arr.shape[0] - 16) / 2)), int(round((arr.shape[1] - 16) / 2))
+        pixels.append(arr[top : top + 16, left : left + 16].reshape(-1, 3))
+    allpix = np.concatenate(pixels)
+    assert np.allclose(train.mean, allpix.mean(0), atol=1e-5) and np.allclose(train.std, allpix.std(0), atol=1e-5)
+    x, y = next(iter(test))
+    assert x.shape == (12, 3, 16, 16) and y.tolist()[:4] == [0, 0, 0, 0]
