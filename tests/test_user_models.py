@@ -229,3 +229,34 @@ def test_folder_statistics_are_the_training_splits(user_env):
     assert np.allclose(train.mean, allpix.mean(0), atol=1e-5) and np.allclose(train.std, allpix.std(0), atol=1e-5)
     x, y = next(iter(test))
     assert x.shape == (12, 3, 16, 16) and y.tolist()[:4] == [0, 0, 0, 0]
+
+
+def test_one_with_branch_from_on_a_user_cnn_then_kd_from_it(user_env, tmp_path, monkeypatch):
+    full, deploy = _train_resume_export_predict(user_env, tmp_path, monkeypatch, "one", "model.branch_from=layer3")
+    assert deploy["model_spec"]["branch_from"] == "layer3"
+    assert "layer3.0.weight" in deploy["state_dict"]  # trunk + one branch, under the user's own stage names
+    _, data = user_env
+    kd = helpers.train_and_resume(
+        None,
+        lambda name, epochs: _overrides(
+            data,
+            tmp_path / "kd",
+            "kd",
+            f"name={name}",
+            f"train.epochs={epochs}",
+            f"method.teacher_model={MODULE}:build",
+            f"method.teacher_checkpoint={full / 'deploy.pt'}",
+        ),
+    )
+    helpers.assert_same_runs(*kd)
+
+
+def test_branch_from_refuses_networks_that_are_not_a_chain_of_stages(user_env):
+    with pytest.raises(ConfigError, match="in order does not give its own forward's output"):
+        _build(user_env, "one", f"model.name={MODULE}:skip", "model.branch_from=layer1")
+    with pytest.raises(ConfigError, match="no multi-branch split.*model.branch_from"):
+        _build(user_env, "one", f"model.name={MODULE}:build")
+    with pytest.raises(ConfigError, match="top-level stage of .*stem', 'layer1'"):
+        _build(user_env, "one", f"model.name={MODULE}:build", "model.branch_from=layer7")
+    with pytest.raises(ConfigError, match="must both output feature maps"):
+        _build(user_env, "one", f"model.name={MODULE}:build", "model.branch_from=flatten")

@@ -29,6 +29,7 @@ from okd.methods.base import MethodContext, ParamGroup, register_method, sgd_gro
 from okd.methods.dml import DML, DMLParams, dml_losses
 from okd.methods.one import ONE, ONEParams, gated_logits, one_losses
 from okd.models import create_model
+from okd.models.taps import require_taps
 from okd.nn.fusion import FusionModule, TransFusionDecoder
 from okd.nn.losses import attention_map, cross_entropy, ffsd_warmup, kl_div_t, logit_mean, normalized_l2
 
@@ -59,6 +60,7 @@ class LeaderStrategy(nn.Module):
     def __init__(self, model: str, num_classes: int, channels: int, num_peers: int, decoder: bool) -> None:
         super().__init__()
         self.leader = create_model(model, num_classes)
+        require_taps(self.leader, "the leader strategy (method.leader)")
         if self.leader.tap_channels[-1] != channels:
             raise ConfigError(
                 f"{model}: the leader's last map has {self.leader.tap_channels[-1]} channels, the peers' {channels}"

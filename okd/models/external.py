@@ -4,8 +4,8 @@
 the registered backbones (``num_classes``; ``forward(x) -> logits``). :class:`TappedNet` adds
 ``forward_taps(x) -> (logits, taps)``: the outputs of the submodules named by ``model.taps``, captured by
 forward hooks that live only for the duration of one call (no state is kept between calls). Both probe the
-network once, in eval mode without gradients and with the RNG state restored, on a 2 x 3 x S x S batch of
-zeros: the logits must be ``[2, num_classes]`` and every tap a 4-D feature map; the tap shapes are kept
+network once, in eval mode without gradients and with the RNG state restored, on a fixed 2 x 3 x S x S batch of
+normal noise: the logits must be ``[2, num_classes]`` and every tap a 4-D feature map; the tap shapes are kept
 (``tap_shapes``, C x H x W) so methods can check what they need before training (:mod:`okd.models.taps`).
 """
 
@@ -104,12 +104,18 @@ class _Capture:
         return out, [found[n] for n, _ in self.modules]
 
 
+def _device_of(net: nn.Module) -> torch.device:
+    tensor = next(iter(net.parameters()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
 def _probe(fn: Callable[[Tensor], Any], net: nn.Module, size: int) -> Any:
     was_training = net.training
     net.eval()
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            return fn(torch.zeros(2, 3, size, size))
+            x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+            return fn(x.to(_device_of(net)))
     finally:
         net.train(was_training)
 

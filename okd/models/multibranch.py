@@ -107,13 +107,16 @@ SPLITS: dict[type, BranchSplit] = {
 
 def split_for(model: nn.Module, name: str = "") -> BranchSplit:
     """The :class:`BranchSplit` of a backbone instance; ``ConfigError`` for families without one."""
+    if getattr(model, "split", None) is not None and isinstance(model.split, BranchSplit):
+        return model.split  # a user's network cut at model.branch_from (okd.models.staged.StagedNet)
     for cls, split in SPLITS.items():
         if isinstance(model, cls):
             return split
     families = ", ".join(c.__name__ for c in SPLITS)
     raise ConfigError(
         f"model {name or type(model).__name__!r} has no multi-branch split; branch methods support the "
-        f"families {families} (e.g. resnet32, resnet110_bottleneck, wrn20_8, vgg16, densenet40_12_bc)"
+        f"families {families} (e.g. resnet32, resnet110_bottleneck, wrn20_8, vgg16, densenet40_12_bc), and "
+        "your own or timm networks made of stages called in order, with model.branch_from=<first branch stage>"
     )
 
 

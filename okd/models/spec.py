@@ -98,6 +98,11 @@ def check_model_config(m) -> None:
             )
         if m.pretrained or m.weights:
             raise ConfigError("model.pretrained/model.weights are for timm: models")
+    if m.taps is not None and m.branch_from is not None:
+        raise ConfigError(
+            "model.taps (feature taps: FFSD, DML with a leader, ...) and model.branch_from (branch methods: ONE, "
+            "OKDDip, ...) serve different methods; set the one your method needs"
+        )
     if kind == "import" and (m.pretrained or m.weights):
         raise ConfigError("model.pretrained/model.weights are for timm: models; load your own weights in your factory")
     if m.pretrained and not m.weights:
@@ -133,26 +138,30 @@ def build_from_spec(spec: dict[str, Any], num_classes: int, *, from_file: bool =
     if kind == "registered":
         from okd.models.registry import MODELS
 
-        net = MODELS.get(name)(num_classes=num_classes, **kwargs)
-    elif kind == "import":
-        from okd.models.external import ExternalNet, TappedNet, call_factory, load_factory
+        return MODELS.get(name)(num_classes=num_classes, **kwargs)
+    from okd.models.external import ExternalNet, TappedNet, call_factory, load_factory
 
+    if kind == "import":
         if from_file:
             check_import_allowed(name)
         user = call_factory(load_factory(name), num_classes, kwargs, f"model.name={name!r}")
-        net = TappedNet(user, num_classes, taps, name=name, input_size=size) if taps else None
-        net = net or ExternalNet(user, num_classes, name=name, input_size=size)
     elif kind == "timm":
-        from okd.models.timm_models import build_timm
+        from okd.models.timm_models import create_timm
 
-        net = build_timm(name[len(TIMM_PREFIX) :], num_classes, kwargs, taps, spec, size)
+        user = create_timm(name[len(TIMM_PREFIX) :], num_classes, kwargs, spec)
     else:
         raise ConfigError(f"unknown model kind {kind!r} in the stored model spec of {name!r}")
     if spec.get("branch_from"):
         from okd.models.staged import StagedNet
 
-        net = StagedNet(net, spec["branch_from"], size)
-    return net
+        return StagedNet(user, num_classes, spec["branch_from"], name=name, input_size=size)
+    if taps:
+        return TappedNet(user, num_classes, taps, name=name, input_size=size)
+    if kind == "timm":
+        from okd.models.timm_models import with_default_taps
+
+        return with_default_taps(user, num_classes, name, size)
+    return ExternalNet(user, num_classes, name=name, input_size=size)
 
 
 def deploy_fields(cfg, train_loader=None, classes: list[str] | None = None) -> dict[str, Any]:
