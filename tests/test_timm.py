@@ -68,6 +68,9 @@ def test_ffsd_on_a_timm_cnn_with_its_feature_taps(folder, tmp_path):
     m = build_method(load_config(None, ["method.name=ffsd", "model.name=timm:test_resnet", "data.dataset=cifar10"]), 3)
     assert m.leader.tap_names == ["layer2", "layer3", "layer4"]  # timm's feature_info: the last three reductions
     assert m.leader.tap_shapes == [(48, 4, 4), (192, 2, 2), (96, 1, 1)]
+    # the README's line: the shipped FFSD example config with a timm model keeps its taps layer1..layer3
+    cfg = load_config("examples/ffsd_my_cnn", ["model.name=timm:test_resnet", "data.image_size=32"])
+    assert build_method(cfg, 3).leader.tap_names == ["layer1", "layer2", "layer3"]
 
 
 def test_dml_on_a_timm_vit(folder, tmp_path):

@@ -83,10 +83,10 @@ def user_env(tmp_path_factory):
     sys.modules.pop(MODULE, None)
 
 
-def _overrides(data: Path, out: Path, method: str, *extra: str) -> list[str]:
+def _overrides(data: Path, out: Path, method: str | None, *extra: str) -> list[str]:
+    chosen = [f"method.name={method}", f"model.name={MODULE}:build"] if method else []
     return [
-        f"method.name={method}",
-        f"model.name={MODULE}:build",
+        *chosen,
         "data.dataset=folder",
         f"data.root={data}",
         "data.image_size=16",
@@ -108,43 +108,59 @@ def _overrides(data: Path, out: Path, method: str, *extra: str) -> list[str]:
     ]
 
 
-def _train_resume_export_predict(user_env, tmp_path, monkeypatch, method: str, *extra: str):
+def _train_resume_export_predict(
+    user_env, tmp_path, monkeypatch, method, *extra, config=None, module=MODULE, fmt="state_dict"
+):
+    """Train 2 epochs straight and 1 + resumed 1 (bitwise equal), then export and predict from the run."""
     base, data = user_env
     full, resumed = helpers.train_and_resume(
-        None, lambda name, epochs: _overrides(data, tmp_path, method, f"name={name}", f"train.epochs={epochs}", *extra)
+        config,
+        lambda name, epochs: _overrides(data, tmp_path, method, f"name={name}", f"train.epochs={epochs}", *extra),
     )
     helpers.assert_same_runs(full, resumed)
     deploy = torch.load(full / "deploy.pt", map_location="cpu", weights_only=True)
-    assert deploy["model_spec"]["name"] == f"{MODULE}:build" and deploy["classes"] == ["circle", "square", "zigzag"]
+    assert deploy["model_spec"]["name"].startswith(f"{module}:") and deploy["classes"] == ["circle", "square", "zigzag"]
     assert deploy["size"] == 16 and deploy["dataset"] == "folder"
     # the run's normalisation is the training split's own statistics, recorded for predict
     assert deploy["mean"][0] > 0.3 and deploy["mean"] != [0.485, 0.456, 0.406]
-    with pytest.raises(ConfigError, match="OKD_ALLOW_IMPORT=okd_user_cnn"):
+    monkeypatch.delenv("OKD_ALLOW_IMPORT", raising=False)
+    with pytest.raises(ConfigError, match=f"OKD_ALLOW_IMPORT={module}"):
         helpers.cli("export", full, "--format", "state_dict", "--out", tmp_path / "net.pt")
-    monkeypatch.setenv("OKD_ALLOW_IMPORT", MODULE)
-    text = helpers.cli("export", full, "--format", "state_dict", "--out", tmp_path / "net.pt")
-    assert "same logits as the method's deployed head" in text
+    monkeypatch.setenv("OKD_ALLOW_IMPORT", module)
+    text = helpers.cli("export", full, "--format", fmt, "--out", tmp_path / f"net.{fmt}")
+    assert "same logits as the method's deployed head" in text and f"({fmt})" in text
     image = data / "val" / "square" / "0.png"
     top = helpers.cli("predict", full, image)
     assert "square" in top and "circle" in top  # top-k lists the run's own class names
     return full, deploy
 
 
-def test_ffsd_on_a_user_cnn_with_hook_taps(user_env, tmp_path, monkeypatch):
+@pytest.fixture
+def example_module(monkeypatch):
+    """The README's example network, examples/my_cnn.py, importable as my_cnn."""
+    monkeypatch.syspath_prepend(str(helpers.REPO / "examples"))
+    yield "my_cnn"
+    sys.modules.pop("my_cnn", None)
+
+
+def test_ffsd_example_config_on_the_example_cnn(user_env, example_module, tmp_path, monkeypatch):
     full, deploy = _train_resume_export_predict(
-        user_env, tmp_path, monkeypatch, "ffsd", "model.taps=[layer1,layer2,layer3]", "method.warmup_epochs=0"
-    )
-    assert deploy["model_spec"]["taps"] == ["layer1", "layer2", "layer3"]
+        user_env, tmp_path, monkeypatch, None, "model.kwargs.width=4", "method.warmup_epochs=0",
+        config="examples/ffsd_my_cnn", module=example_module,
+    )  # fmt: skip
+    assert deploy["model_spec"]["taps"] == ["layer1", "layer2", "layer3"] and deploy["method"] == "ffsd"
     assert all(k.startswith("net.") for k in deploy["state_dict"])  # the leader alone, the user's module inside
-    monkeypatch.setenv("OKD_ALLOW_IMPORT", MODULE)
     text = helpers.cli("attention", full, "--out", full / "att.png")
     assert "leader" in text
 
 
-def test_dml_on_a_user_cnn(user_env, tmp_path, monkeypatch):
-    _, deploy = _train_resume_export_predict(user_env, tmp_path, monkeypatch, "dml", "model.kwargs.width=3")
+def test_dml_example_config_on_the_example_cnn(user_env, example_module, tmp_path, monkeypatch):
+    _, deploy = _train_resume_export_predict(
+        user_env, tmp_path, monkeypatch, None, "model.kwargs.width=3", config="examples/dml_my_cnn",
+        module=example_module, fmt="onnx",
+    )  # fmt: skip
     assert deploy["model_spec"]["kwargs"] == {"width": 3} and deploy["model_spec"]["taps"] is None
-    assert deploy["state_dict"]["net.stem.0.weight"].shape[0] == 3
+    assert deploy["state_dict"]["net.stem.0.weight"].shape[0] == 3 and deploy["method"] == "dml"
 
 
 def _build(user_env, method: str, *extra: str):
@@ -231,9 +247,12 @@ def test_folder_statistics_are_the_training_splits(user_env):
     assert x.shape == (12, 3, 16, 16) and y.tolist()[:4] == [0, 0, 0, 0]
 
 
-def test_one_with_branch_from_on_a_user_cnn_then_kd_from_it(user_env, tmp_path, monkeypatch):
-    full, deploy = _train_resume_export_predict(user_env, tmp_path, monkeypatch, "one", "model.branch_from=layer3")
-    assert deploy["model_spec"]["branch_from"] == "layer3"
+def test_one_example_config_with_branch_from_then_kd_from_its_branch(user_env, example_module, tmp_path, monkeypatch):
+    full, deploy = _train_resume_export_predict(
+        user_env, tmp_path, monkeypatch, None, "model.kwargs.width=4", config="examples/one_my_cnn",
+        module=example_module,
+    )  # fmt: skip
+    assert deploy["model_spec"]["branch_from"] == "layer3" and deploy["method"] == "one"
     assert "layer3.0.weight" in deploy["state_dict"]  # trunk + one branch, under the user's own stage names
     _, data = user_env
     kd = helpers.train_and_resume(
@@ -241,10 +260,10 @@ def test_one_with_branch_from_on_a_user_cnn_then_kd_from_it(user_env, tmp_path, 
         lambda name, epochs: _overrides(
             data,
             tmp_path / "kd",
-            "kd",
+            "kd",  # the student: the test's own TinyCNN; the teacher: the ONE run's deployed branch
             f"name={name}",
             f"train.epochs={epochs}",
-            f"method.teacher_model={MODULE}:build",
+            f"method.teacher_model={example_module}:build",
             f"method.teacher_checkpoint={full / 'deploy.pt'}",
         ),
     )
