@@ -43,6 +43,7 @@ class DataConfig:
     resize: int | None = None  # test: shorter side resized to this before the centre crop (None: image_size*8/7)
     train_crop: str = "random_resized"  # random_resized (ImageNet) | pad_crop (resize, data.pad, random crop) | center
     compute_stats: bool = False  # mean/std from the training split (overrides data.mean/std), once per run
+    in_memory: bool = False  # decode once at image_size and keep on the device (pad_crop/center; small datasets)
 
 
 @dataclass

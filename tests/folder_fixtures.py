@@ -110,3 +110,24 @@ def write_class_folder(
                 img = Image.fromarray(arr)
                 (img.convert("L") if i % 5 == 4 else img).save(path)
     return root
+
+
+def quick_folder_run(data: Path, out: Path, size: int, crop: str, *extra: str) -> list[str]:
+    """Overrides of a short deterministic CPU run on a :func:`write_class_folder` dataset (2 steps per epoch)."""
+    return [
+        "data.dataset=folder",
+        f"data.root={data}",
+        f"data.image_size={size}",
+        f"data.resize={size}",
+        f"data.train_crop={crop}",
+        "data.batch_size=8",
+        "data.test_batch_size=12",
+        "data.workers=0",
+        "data.pin_memory=false",
+        "train.max_steps_per_epoch=2",
+        "train.deterministic=true",
+        "train.progress=none",
+        "train.device=cpu",
+        f"output_dir={out}",
+        *extra,
+    ]

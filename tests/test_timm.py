@@ -16,7 +16,7 @@ pytestmark = pytest.mark.timm
 timm = pytest.importorskip("timm", reason="timm is not installed (the okd[timm] extra; CI runs these in a second venv)")
 pytest.importorskip("PIL")
 
-from folder_fixtures import write_class_folder  # noqa: E402
+from folder_fixtures import quick_folder_run, write_class_folder  # noqa: E402
 
 from okd.config import load_config  # noqa: E402
 from okd.engine.builder import build_method  # noqa: E402
@@ -29,27 +29,8 @@ def folder(tmp_path_factory) -> Path:
 
 
 def _overrides(data: Path, out: Path, method: str, name: str, epochs: int, *extra: str) -> list[str]:
-    return [
-        f"method.name={method}",
-        "data.dataset=folder",
-        f"data.root={data}",
-        "data.image_size=32",
-        "data.resize=32",
-        "data.train_crop=center",
-        "data.batch_size=8",
-        "data.test_batch_size=12",
-        "data.workers=0",
-        "data.pin_memory=false",
-        "train.max_steps_per_epoch=2",
-        "train.deterministic=true",
-        "train.progress=none",
-        "train.device=cpu",
-        "optim.lr=0.02",
-        f"output_dir={out}",
-        f"name={name}",
-        f"train.epochs={epochs}",
-        *extra,
-    ]
+    run = (f"method.name={method}", "optim.lr=0.02", f"name={name}", f"train.epochs={epochs}", *extra)
+    return quick_folder_run(data, out, 32, "center", *run)
 
 
 def _run(folder: Path, tmp_path: Path, method: str, *extra: str) -> Path:

@@ -16,7 +16,7 @@ from okd.engine.builder import build_method
 from okd.errors import ConfigError, OKDError
 
 pytest.importorskip("PIL")
-from folder_fixtures import write_class_folder  # noqa: E402
+from folder_fixtures import quick_folder_run, write_class_folder  # noqa: E402
 
 MODULE = "okd_user_cnn"
 USER_CODE = """
@@ -85,27 +85,7 @@ def user_env(tmp_path_factory):
 
 def _overrides(data: Path, out: Path, method: str | None, *extra: str) -> list[str]:
     chosen = [f"method.name={method}", f"model.name={MODULE}:build"] if method else []
-    return [
-        *chosen,
-        "data.dataset=folder",
-        f"data.root={data}",
-        "data.image_size=16",
-        "data.resize=16",
-        "data.train_crop=pad_crop",
-        "data.pad=2",
-        "data.compute_stats=true",
-        "data.batch_size=8",
-        "data.test_batch_size=12",
-        "data.workers=0",
-        "data.pin_memory=false",
-        "train.max_steps_per_epoch=2",
-        "train.deterministic=true",
-        "train.progress=none",
-        "train.device=cpu",
-        "optim.lr=0.05",
-        f"output_dir={out}",
-        *extra,
-    ]
+    return quick_folder_run(data, out, 16, "pad_crop", *chosen, "data.pad=2", "data.compute_stats=true", *extra)
 
 
 def _train_resume_export_predict(
@@ -156,8 +136,8 @@ def test_ffsd_example_config_on_the_example_cnn(user_env, example_module, tmp_pa
 
 def test_dml_example_config_on_the_example_cnn(user_env, example_module, tmp_path, monkeypatch):
     _, deploy = _train_resume_export_predict(
-        user_env, tmp_path, monkeypatch, None, "model.kwargs.width=3", config="examples/dml_my_cnn",
-        module=example_module, fmt="onnx",
+        user_env, tmp_path, monkeypatch, None, "model.kwargs.width=3", "data.in_memory=true",
+        config="examples/dml_my_cnn", module=example_module, fmt="onnx",
     )  # fmt: skip
     assert deploy["model_spec"]["kwargs"] == {"width": 3} and deploy["model_spec"]["taps"] is None
     assert deploy["state_dict"]["net.stem.0.weight"].shape[0] == 3 and deploy["method"] == "dml"
@@ -279,3 +259,22 @@ def test_branch_from_refuses_networks_that_are_not_a_chain_of_stages(user_env):
         _build(user_env, "one", f"model.name={MODULE}:build", "model.branch_from=layer7")
     with pytest.raises(ConfigError, match="must both output feature maps"):
         _build(user_env, "one", f"model.name={MODULE}:build", "model.branch_from=flatten")
+
+
+def test_in_memory_folder_serves_the_streaming_test_batches(user_env):
+    from okd.config import DataConfig
+    from okd.data.device_loader import DeviceLoader
+    from okd.data.folder import build_folder_loaders
+
+    _, data = user_env
+    common = {"dataset": "folder", "root": str(data), "image_size": 16, "resize": 20, "workers": 0}
+    common.update({"train_crop": "pad_crop", "pad": 2, "batch_size": 8, "test_batch_size": 5, "pin_memory": False})
+    streamed = build_folder_loaders(DataConfig(**common), 0, "cpu", rank=0, world_size=1)
+    held = build_folder_loaders(DataConfig(**common, in_memory=True), 0, "cpu", rank=0, world_size=1)
+    assert isinstance(held[0], DeviceLoader) and held[2:] == streamed[2:]
+    for (xa, ya), (xb, yb) in zip(streamed[1], held[1], strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    x, _ = next(iter(held[0]))
+    assert x.shape == (8, 3, 16, 16) and len(held[0]) == 3
+    with pytest.raises(ConfigError, match="needs data.train_crop=pad_crop or center"):
+        build_folder_loaders(DataConfig(**{**common, "train_crop": "random_resized"}, in_memory=True), 0, "cpu")

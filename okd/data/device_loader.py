@@ -85,6 +85,7 @@ class DeviceLoader:
         self.pad, self.padding_mode, self.flip = int(pad), padding_mode, bool(flip)
         self.shuffle, self.drop_last, self.seed = bool(shuffle) and self.train, bool(drop_last), int(seed)
         self.channels_last, self.dtype = channels_last, dtype
+        self.mean, self.std = [float(v) for v in mean], [float(v) for v in std]
         std_t = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, c, 1, 1)
         mean_t = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, c, 1, 1)
         self._scale = 1.0 / (255.0 * std_t)  # (x / 255 - mean) / std == x * scale + shift

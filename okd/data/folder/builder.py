@@ -22,7 +22,7 @@ from okd.data.folder.transforms import (
     TinyTrainTransform,
     _pil,
 )
-from okd.errors import DataError
+from okd.errors import ConfigError, DataError
 
 log = logging.getLogger("okd")
 FOLDER_DATASETS = ("imagenet", "tinyimagenet", "folder")
@@ -111,6 +111,78 @@ def preprocessing(data_cfg) -> tuple[list[str], list[float], list[float]]:
     return list(train_split.classes), mean, std
 
 
+def decode_split(split: FolderSplit, transform: Callable, skip_unreadable: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every image of ``split`` through the deterministic ``transform``: ``(uint8 N x 3 x S x S, labels)``."""
+    ds = FolderDataset(split, transform, train=False)
+    images, labels, skipped = [], [], []
+    for i in range(len(ds)):
+        x, y, error = ds[i]
+        if x is None:
+            if not skip_unreadable:
+                raise DataError(
+                    f"cannot read image {error}. Replace or delete it, or set data.skip_unreadable=true to leave "
+                    "unreadable images out"
+                )
+            skipped.append(error)
+            continue
+        images.append(x)
+        labels.append(y)
+    if skipped:
+        log.warning(f"left out {len(skipped)} unreadable image(s) (data.skip_unreadable=true); first: {skipped[0]}")
+    return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
+
+
+def in_memory_loaders(data_cfg, train_split, test_split, mean, std, seed, device, views):
+    """``data.in_memory``: both splits decoded once at ``image_size`` and served by :class:`DeviceLoader`
+    (augmentation on the device: ``pad_crop`` pads by ``data.pad`` and crops, ``center`` only flips).
+
+    Training images are Resize(image_size) -> CenterCrop(image_size) (``pad_crop``) or the test transform
+    (``center``); so for square images ``pad_crop`` draws the same crops as the streaming path (not the same
+    random numbers), and for non-square ones only from the central square.
+    """
+    from okd.data.device_loader import DeviceLoader
+
+    size, resize, crop = geometry(data_cfg)
+    if crop == "random_resized":
+        raise ConfigError(
+            "data.in_memory=true keeps the images decoded at data.image_size, so it needs data.train_crop=pad_crop "
+            "or center (random_resized crops the original images)"
+        )
+    train_decode = ResizeCenterCropTransform(size if crop == "pad_crop" else resize, size)
+    loaders = []
+    for train, split, decode in (
+        (True, train_split, train_decode),
+        (False, test_split, build_transforms(data_cfg, train=False)),
+    ):
+        images, labels = decode_split(split, decode, data_cfg.skip_unreadable)
+        loader = DeviceLoader(
+            images,
+            labels,
+            data_cfg.batch_size if train else data_cfg.test_batch_size,
+            mean=mean,
+            std=std,
+            train=train,
+            pad=data_cfg.pad if crop == "pad_crop" else 0,
+            padding_mode=data_cfg.padding_mode,
+            flip=data_cfg.flip,
+            shuffle=train,
+            drop_last=data_cfg.drop_last and train,
+            seed=seed,
+            views=views if train else 1,
+            device=device,
+        )
+        if len(loader) == 0:
+            raise DataError(
+                f"the training split has {len(labels)} images, fewer than one batch of {loader.batch_size} with "
+                "data.drop_last=true; lower data.batch_size or set data.drop_last=false."
+            )
+        loaders.append(loader)
+    if dist_rank_world()[0] == 0:
+        mib = sum(x.images.numel() for x in loaders) / 2**20
+        log.info(f"data.in_memory: {mib:.1f} MiB of uint8 images on {loaders[0].device}")
+    return loaders[0], loaders[1]
+
+
 def build_folder_loaders(
     data_cfg,
     seed: int,
@@ -137,6 +209,9 @@ def build_folder_loaders(
     if data_cfg.limit_test is not None:
         test_split = test_split.subset(balanced_prefix(test_split.labels, data_cfg.limit_test))
     mean, std = _statistics(data_cfg, train_split)
+    if data_cfg.in_memory:
+        train, test = in_memory_loaders(data_cfg, train_split, test_split, mean, std, seed, device, views)
+        return train, test, len(train_split.classes), list(train_split.classes)
     loaders = []
     for train, split in ((True, train_split), (False, test_split)):
         transform = build_transforms(data_cfg, train)
