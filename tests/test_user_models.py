@@ -278,3 +278,10 @@ def test_in_memory_folder_serves_the_streaming_test_batches(user_env):
     assert x.shape == (8, 3, 16, 16) and len(held[0]) == 3
     with pytest.raises(ConfigError, match="needs data.train_crop=pad_crop or center"):
         build_folder_loaders(DataConfig(**{**common, "train_crop": "random_resized"}, in_memory=True), 0, "cpu")
+
+
+def test_default_run_name_of_an_import_path_has_no_colon():
+    from okd.engine.trainer import default_run_name
+
+    cfg = load_config(None, ["model.name=pkg.nets:build", "method.name=dml", "data.dataset=folder"])
+    assert default_run_name(cfg) == "folder_dml_pkg.nets-build_s0"

@@ -63,7 +63,8 @@ DIVERGED_HINT = (
 
 def default_run_name(cfg: Config) -> str:
     r = cfg.run
-    return r.name or f"{r.data.dataset}_{cfg.method_name}_{r.model.name}_s{r.seed}"
+    model = r.model.name.replace(":", "-")  # import paths and timm: names make no ':' in folder names
+    return r.name or f"{r.data.dataset}_{cfg.method_name}_{model}_s{r.seed}"
 
 
 def run_dir_for(cfg: Config) -> Path:
