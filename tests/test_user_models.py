@@ -13,6 +13,8 @@ import torch
 
 from okd.config import load_config
 from okd.engine.builder import build_method
+from okd.engine.scoring import score_checkpoint
+from okd.engine.trainer import config_from_run
 from okd.errors import ConfigError, OKDError
 
 pytest.importorskip("PIL")
@@ -93,6 +95,7 @@ def _train_resume_export_predict(
 ):
     """Train 2 epochs straight and 1 + resumed 1 (bitwise equal), then export and predict from the run."""
     base, data = user_env
+    monkeypatch.setenv("OKD_ALLOW_IMPORT", module)  # resume reads the run's config back: it needs consent
     full, resumed = helpers.train_and_resume(
         config,
         lambda name, epochs: _overrides(data, tmp_path, method, f"name={name}", f"train.epochs={epochs}", *extra),
@@ -106,6 +109,10 @@ def _train_resume_export_predict(
     monkeypatch.delenv("OKD_ALLOW_IMPORT", raising=False)
     with pytest.raises(ConfigError, match=f"OKD_ALLOW_IMPORT={module}"):
         helpers.cli("export", full, "--format", "state_dict", "--out", tmp_path / "net.pt")
+    with pytest.raises(ConfigError, match=f"OKD_ALLOW_IMPORT={module}"):
+        config_from_run(full, ["train.epochs=3"])  # resume
+    with pytest.raises(ConfigError, match=f"OKD_ALLOW_IMPORT={module}"):
+        score_checkpoint(full)  # okd test
     monkeypatch.setenv("OKD_ALLOW_IMPORT", module)
     text = helpers.cli("export", full, "--format", fmt, "--out", tmp_path / f"net.{fmt}")
     assert "same logits as the method's deployed head" in text and f"({fmt})" in text
@@ -235,6 +242,7 @@ def test_one_example_config_with_branch_from_then_kd_from_its_branch(user_env, e
     assert deploy["model_spec"]["branch_from"] == "layer3" and deploy["method"] == "one"
     assert "layer3.0.weight" in deploy["state_dict"]  # trunk + one branch, under the user's own stage names
     _, data = user_env
+    monkeypatch.setenv("OKD_ALLOW_IMPORT", f"{example_module},{MODULE}")
     kd = helpers.train_and_resume(
         None,
         lambda name, epochs: _overrides(

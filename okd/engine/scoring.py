@@ -15,6 +15,7 @@ from okd.engine.checkpoint import load_checkpoint, load_state_checked
 from okd.engine.evaluate import evaluate
 from okd.engine.run_store import current_file
 from okd.errors import CheckpointError
+from okd.models.spec import check_stored_config
 
 
 def resolve_checkpoint(path: str | Path, which: str = "last") -> Path:
@@ -42,6 +43,7 @@ def score_checkpoint(path: str | Path, which: str = "last", overrides: list[str]
         return _score_deploy_file(ckpt_path, ckpt, overrides)
     if "config" not in ckpt or "method" not in ckpt:
         raise CheckpointError(f"{ckpt_path} is neither a run checkpoint (last.pt, best.pt) nor a deploy.pt")
+    check_stored_config(ckpt["config"])
     raw = OmegaConf.merge(OmegaConf.create(ckpt["config"]), parse_overrides(list(overrides)))
     cfg = build_config(raw)
     torch.manual_seed(cfg.run.seed)

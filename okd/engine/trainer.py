@@ -52,7 +52,7 @@ from okd.engine.step import StepRunner, autocast, configure_backends, prepare_me
 from okd.engine.tensorboard import TensorBoardLogger
 from okd.engine.threads import warn_threads_once
 from okd.errors import CheckpointError, ConfigError, NonFiniteError, StopRequested
-from okd.models.spec import deploy_fields
+from okd.models.spec import check_stored_config, deploy_fields
 
 RUN_KEYS = ("config", "epoch", "method", "optimizers", "schedulers", "history", "best", "rng_per_rank")
 DIVERGED_HINT = (
@@ -78,6 +78,7 @@ def config_from_run(run_dir: str | Path, overrides: list[str] = ()) -> Config:
     from okd.config import parse_overrides
 
     ckpt = _load_run_checkpoint(run_folder_of(run_dir))
+    check_stored_config(ckpt["config"])
     raw = OmegaConf.merge(OmegaConf.create(ckpt["config"]), parse_overrides(list(overrides)))
     return build_config(raw)
 

@@ -127,6 +127,14 @@ def check_import_allowed(path: str) -> None:
     )
 
 
+def check_stored_config(config: dict) -> None:
+    """A run's stored config (``last.pt``) read back by resume, ``okd test``, export, ... names its network:
+    an import path there is imported only with the user's consent (:func:`check_import_allowed`)."""
+    name = str(((config or {}).get("model") or {}).get("name", ""))
+    if name and model_kind(name) == "import":
+        check_import_allowed(name)
+
+
 def build_from_spec(spec: dict[str, Any], num_classes: int, *, from_file: bool = False) -> nn.Module:
     """Build the network a :func:`model_spec` describes, with a ``num_classes``-way classifier.
 

@@ -114,16 +114,14 @@ def load_run_method(path: str | Path, which: str = "last", overrides: list[str] 
     from okd.engine.builder import build_method
     from okd.engine.checkpoint import load_checkpoint, load_state_checked
     from okd.engine.scoring import resolve_checkpoint
-    from okd.models.spec import check_import_allowed, model_kind
+    from okd.models.spec import check_stored_config
 
     ckpt_path = resolve_checkpoint(path, which)
     ckpt = load_checkpoint(ckpt_path)
     if "config" not in ckpt or "method" not in ckpt:
         raise CheckpointError(f"{ckpt_path} is not a run checkpoint (no config/method state); use last.pt or best.pt")
     method_class(ckpt["config"].get("method", {}).get("name", "baseline"))
-    name = str((ckpt["config"].get("model") or {}).get("name", ""))
-    if model_kind(name) == "import":
-        check_import_allowed(name)  # the run folder names code to import: only with the user's consent
+    check_stored_config(ckpt["config"])  # the run folder names code to import: only with the user's consent
     cfg = build_config(OmegaConf.merge(OmegaConf.create(ckpt["config"]), parse_overrides(list(overrides))))
     method = build_method(cfg, num_classes_of(cfg.run.data.dataset, Path(ckpt_path).parent))
     load_state_checked(method, ckpt["method"], str(ckpt_path))
