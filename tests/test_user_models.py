@@ -13,6 +13,7 @@ import torch
 
 from okd.config import load_config
 from okd.engine.builder import build_method
+from okd.engine.run_log import read_metrics_csv
 from okd.engine.scoring import score_checkpoint
 from okd.engine.trainer import config_from_run
 from okd.errors import ConfigError, OKDError
@@ -114,6 +115,9 @@ def _train_resume_export_predict(
     with pytest.raises(ConfigError, match=f"OKD_ALLOW_IMPORT={module}"):
         score_checkpoint(full)  # okd test
     monkeypatch.setenv("OKD_ALLOW_IMPORT", module)
+    metrics, _ = score_checkpoint(full)  # okd test: the run's own last test metrics, re-evaluated
+    last = read_metrics_csv(full / "metrics.csv")[-1]
+    assert metrics and all(last[f"test/{k}"] == pytest.approx(v, abs=1e-6) for k, v in metrics.items())
     text = helpers.cli("export", full, "--format", fmt, "--out", tmp_path / f"net.{fmt}")
     assert "same logits as the method's deployed head" in text and f"({fmt})" in text
     image = data / "val" / "square" / "0.png"
