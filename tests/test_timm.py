@@ -75,3 +75,17 @@ def test_timm_taps_must_be_feature_maps_and_pretrained_needs_a_local_file(tmp_pa
     )
     net = build_method(cfg, 3).net.net
     assert torch.equal(net.conv1[0].weight, source.conv1[0].weight) and net.fc.out_features == 3
+
+
+def test_the_core_imports_neither_timm_nor_torchvision():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; import okd.cli, okd.methods, okd.models, okd.data, okd.report.export; "
+        "from okd.config import load_config; from okd.engine.builder import build_method; "
+        "build_method(load_config(None, ['method.name=ffsd', 'model.name=resnet20']), 10); "
+        "bad = [m for m in ('timm', 'torchvision') if m in sys.modules]; assert not bad, bad"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=helpers.REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
