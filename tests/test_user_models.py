@@ -137,8 +137,10 @@ def example_module(monkeypatch):
 def test_ffsd_example_config_on_the_example_cnn(user_env, example_module, tmp_path, monkeypatch):
     full, deploy = _train_resume_export_predict(
         user_env, tmp_path, monkeypatch, None, "model.kwargs.width=4", "method.warmup_epochs=0",
-        config="examples/ffsd_my_cnn", module=example_module,
+        config="examples/ffsd_my_cnn", module=example_module, fmt="safetensors",
     )  # fmt: skip
+    top = helpers.cli("predict", tmp_path / "net.safetensors", user_env[1] / "val" / "zigzag" / "1.png")
+    assert "zigzag" in top  # the export alone rebuilds the network (its model_spec travels in the metadata)
     assert deploy["model_spec"]["taps"] == ["layer1", "layer2", "layer3"] and deploy["method"] == "ffsd"
     assert all(k.startswith("net.") for k in deploy["state_dict"])  # the leader alone, the user's module inside
     text = helpers.cli("attention", full, "--out", full / "att.png")
