@@ -264,6 +264,11 @@ def test_one_example_config_with_branch_from_then_kd_from_its_branch(user_env, e
     helpers.assert_same_runs(*kd)
 
 
+def test_cmff_refuses_a_user_network_saying_which_methods_take_it(user_env):
+    with pytest.raises(ConfigError, match="not model.name='okd_user_cnn:build'.*train with ffsd, dml"):
+        _build(user_env, "cmff", f"model.name={MODULE}:build", "model.taps=[layer1,layer2,layer3]")
+
+
 def test_branch_from_refuses_networks_that_are_not_a_chain_of_stages(user_env):
     with pytest.raises(ConfigError, match="in order does not give its own forward's output"):
         _build(user_env, "one", f"model.name={MODULE}:skip", "model.branch_from=layer1")

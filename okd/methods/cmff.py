@@ -315,6 +315,12 @@ class CMFFNet(nn.Module):
 
     def __init__(self, model: str, num_classes: int, hp: CMFFParams) -> None:
         super().__init__()
+        if hasattr(model, "spec") or model not in MODELS:
+            raise ConfigError(
+                f"cmff supports {SUPPORTED}, not model.name={str(model)!r}: it runs two nets stage by stage with "
+                "a shared stem and cross-stage projections built for those families' stage layout; your own or "
+                "timm networks train with ffsd, dml, kd, kdcl and (with model.branch_from) the branch methods"
+            )
         family = MODELS.info(model).get("family")
         if model == "vgg16":
             raise ConfigError(
