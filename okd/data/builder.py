@@ -6,7 +6,7 @@ import torch
 
 from okd.config import DataConfig
 from okd.data.cifar import DATASET_STATS, get_spec, load_cifar
-from okd.data.device_loader import DeviceLoader
+from okd.data.device_loader import DeviceLoader, split_loader
 from okd.data.folder import FOLDER_DATASETS, FolderLoader, build_folder_loaders
 from okd.errors import DataError
 
@@ -37,27 +37,9 @@ def build_loaders(
         images, labels = split.images, split.labels
         if limit is not None:
             images, labels = images[:limit], labels[:limit]
-        loader = DeviceLoader(
-            torch.from_numpy(images),
-            torch.from_numpy(labels),
-            data_cfg.batch_size if train else data_cfg.test_batch_size,
-            mean=mean,
-            std=std,
-            train=train,
-            pad=data_cfg.pad,
-            padding_mode=data_cfg.padding_mode,
-            flip=data_cfg.flip,
-            shuffle=train,
-            drop_last=data_cfg.drop_last and train,
-            seed=seed,
-            views=views if train else 1,
-            device=device,
-        )
-        if len(loader) == 0:
-            raise DataError(
-                f"the {'training' if train else 'test'} split has {len(labels)} images, fewer than one "
-                f"batch of {loader.batch_size} with data.drop_last=true; lower data.batch_size, raise "
-                f"data.limit_train or set data.drop_last=false."
-            )
+        loader = split_loader(
+            torch.from_numpy(images), torch.from_numpy(labels), data_cfg, train=train, mean=mean, std=std,
+            seed=seed, views=views, device=device,
+        )  # fmt: skip
         loaders.append(loader)
     return loaders[0], loaders[1], spec.num_classes, classes

@@ -175,3 +175,45 @@ def split_holdout(loader: DeviceLoader, n: int) -> tuple[DeviceLoader, DeviceLoa
     held.images, held.labels = loader.images[-n:], loader.labels[-n:]
     held.train, held.shuffle, held.views, held._views, held.drop_last = False, False, 1, range(1), False
     return train, held
+
+
+def split_loader(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    data_cfg,
+    *,
+    train: bool,
+    mean: Sequence[float],
+    std: Sequence[float],
+    seed: int,
+    views: int,
+    device: torch.device | str | None,
+    pad: int | None = None,
+) -> DeviceLoader:
+    """The :class:`DeviceLoader` of one split with the settings of ``data_cfg`` (a ``DataConfig``; ``pad``
+    overrides ``data.pad``); a training split smaller than one batch under ``drop_last`` is a ``DataError``."""
+    from okd.errors import DataError
+
+    loader = DeviceLoader(
+        images,
+        labels,
+        data_cfg.batch_size if train else data_cfg.test_batch_size,
+        mean=mean,
+        std=std,
+        train=train,
+        pad=data_cfg.pad if pad is None else pad,
+        padding_mode=data_cfg.padding_mode,
+        flip=data_cfg.flip,
+        shuffle=train,
+        drop_last=data_cfg.drop_last and train,
+        seed=seed,
+        views=views if train else 1,
+        device=device,
+    )
+    if len(loader) == 0:
+        raise DataError(
+            f"the {'training' if train else 'test'} split has {len(labels)} images, fewer than one "
+            f"batch of {loader.batch_size} with data.drop_last=true; lower data.batch_size, raise "
+            f"data.limit_train or set data.drop_last=false."
+        )
+    return loader

@@ -140,7 +140,7 @@ def in_memory_loaders(data_cfg, train_split, test_split, mean, std, seed, device
     (``center``); so for square images ``pad_crop`` draws the same crops as the streaming path (not the same
     random numbers), and for non-square ones only from the central square.
     """
-    from okd.data.device_loader import DeviceLoader
+    from okd.data.device_loader import split_loader
 
     size, resize, crop = geometry(data_cfg)
     if crop == "random_resized":
@@ -155,27 +155,10 @@ def in_memory_loaders(data_cfg, train_split, test_split, mean, std, seed, device
         (False, test_split, build_transforms(data_cfg, train=False)),
     ):
         images, labels = decode_split(split, decode, data_cfg.skip_unreadable)
-        loader = DeviceLoader(
-            images,
-            labels,
-            data_cfg.batch_size if train else data_cfg.test_batch_size,
-            mean=mean,
-            std=std,
-            train=train,
-            pad=data_cfg.pad if crop == "pad_crop" else 0,
-            padding_mode=data_cfg.padding_mode,
-            flip=data_cfg.flip,
-            shuffle=train,
-            drop_last=data_cfg.drop_last and train,
-            seed=seed,
-            views=views if train else 1,
-            device=device,
+        pad = data_cfg.pad if crop == "pad_crop" else 0
+        loader = split_loader(
+            images, labels, data_cfg, train=train, mean=mean, std=std, seed=seed, views=views, device=device, pad=pad
         )
-        if len(loader) == 0:
-            raise DataError(
-                f"the training split has {len(labels)} images, fewer than one batch of {loader.batch_size} with "
-                "data.drop_last=true; lower data.batch_size or set data.drop_last=false."
-            )
         loaders.append(loader)
     if dist_rank_world()[0] == 0:
         mib = sum(x.images.numel() for x in loaders) / 2**20
