@@ -114,10 +114,15 @@ def _train_resume_export_predict(
         config_from_run(full, ["train.epochs=3"])  # resume
     with pytest.raises(ConfigError, match=f"OKD_ALLOW_IMPORT={module}"):
         score_checkpoint(full)  # okd test
+    with pytest.raises(ConfigError, match=f"OKD_ALLOW_IMPORT={module}"):
+        score_checkpoint(full / "deploy.pt")  # okd test deploy.pt
     monkeypatch.setenv("OKD_ALLOW_IMPORT", module)
-    metrics, _ = score_checkpoint(full)  # okd test: the run's own last test metrics, re-evaluated
+    metrics, info = score_checkpoint(full)  # okd test: the run's own last test metrics, re-evaluated
     last = read_metrics_csv(full / "metrics.csv")[-1]
     assert metrics and all(last[f"test/{k}"] == pytest.approx(v, abs=1e-6) for k, v in metrics.items())
+    deployed, _ = score_checkpoint(full / "deploy.pt")  # okd test deploy.pt: the deployed network alone
+    head = info["deploy_head"]
+    assert deployed[f"{head}/top1"] == pytest.approx(metrics[f"{head}/top1"], abs=1e-6)
     text = helpers.cli("export", full, "--format", fmt, "--out", tmp_path / f"net.{fmt}")
     assert "same logits as the method's deployed head" in text and f"({fmt})" in text
     image = data / "val" / "square" / "0.png"

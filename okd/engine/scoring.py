@@ -81,7 +81,9 @@ def _score_deploy_file(ckpt_path: Path, ckpt: dict, overrides: list[str]) -> tup
             f"{ckpt_path} is a deploy.pt without the run's config.yaml beside it, so its test split is unknown; "
             "score the run folder instead, or copy config.yaml next to it"
         )
-    raw = OmegaConf.merge(OmegaConf.load(config_file), parse_overrides(list(overrides)))
+    stored = OmegaConf.load(config_file)
+    check_stored_config(OmegaConf.to_container(stored))
+    raw = OmegaConf.merge(stored, parse_overrides(list(overrides)))
     cfg = build_config(raw)
     torch.manual_seed(cfg.run.seed)
     device = resolve_device(cfg.run.train.device)
