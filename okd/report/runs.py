@@ -123,7 +123,9 @@ def load_run_method(path: str | Path, which: str = "last", overrides: list[str] 
     method_class(ckpt["config"].get("method", {}).get("name", "baseline"))
     check_stored_config(ckpt["config"])  # the run folder names code to import: only with the user's consent
     cfg = build_config(OmegaConf.merge(OmegaConf.create(ckpt["config"]), parse_overrides(list(overrides))))
-    method = build_method(cfg, num_classes_of(cfg.run.data.dataset, Path(ckpt_path).parent))
+    stored = ckpt.get("num_classes")  # written into run checkpoints; older ones: the dataset or deploy.pt says
+    num_classes = stored if isinstance(stored, int) else num_classes_of(cfg.run.data.dataset, Path(ckpt_path).parent)
+    method = build_method(cfg, num_classes)
     load_state_checked(method, ckpt["method"], str(ckpt_path))
     return method.eval(), cfg, ckpt_path
 
