@@ -95,6 +95,8 @@ def build_network(info: dict, path: str | Path, what: str = "deploy file") -> nn
     from okd.models.spec import build_from_spec, check_stored_config
 
     spec = info.get("model_spec")  # how the run built its network (okd.models.spec.model_spec), when recorded
+    if not isinstance(spec, dict) or spec.get("name") != info["model"]:
+        spec = None  # none recorded, or a file edited by hand: the model field rules
     if isinstance(spec, dict):
         check_stored_config({"model": spec})  # the user's own code is imported only with their consent
     try:
