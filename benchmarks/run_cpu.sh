@@ -18,7 +18,7 @@ REPEATS=${REPEATS:-1}
 ONLY=${ONLY:-"baseline ffsd"}
 VARIANTS=${VARIANTS:-"fp32 cl bf16 bf16_cl"}
 if [[ "${COMPILE:-0}" == 1 && " $VARIANTS " != *" bf16_cl_compile "* ]]; then VARIANTS="$VARIANTS bf16_cl_compile"; fi
-BENCH=${BENCH:-"python -m okd.bench"}  # or "okd bench" once the CLI has it
+BENCH=${BENCH:-"python -m okd.bench"}  # the same as "okd bench"
 DATA=()
 if [[ -n "${DATA_ROOT:-}" ]]; then DATA=("data.root=$DATA_ROOT"); fi
 

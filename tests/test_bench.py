@@ -88,3 +88,27 @@ def test_reference_step_is_per_component_for_ffsd():
     ref.step(torch.randn(2, 3, 32, 32), torch.tensor([1, 2]), 0)
     assert [keys[0].split("/")[0] for keys, _ in ref.plan] == ["student0", "student1", "fusion", "leader", "sd1", "sdL"]
     assert all(len(o) == 1 for _, o in ref.plan)
+
+
+def test_bench_writes_no_file_without_csv(tmp_path, monkeypatch, capsys):
+    """``okd bench`` prints its table and leaves the working directory as it was unless ``--csv PATH`` is given."""
+    from okd.bench import main
+
+    monkeypatch.chdir(tmp_path)
+    args = ["cifar100/baseline_resnet20", *TINY, "--steps", "1", "--warmup", "0", "--windows", "1", "--no-reference"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "images/s" in out and "no CSV written" in out
+    assert list(tmp_path.iterdir()) == []
+    assert main([*args, "--csv", "rows.csv"]) == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["rows.csv"]
+    assert "--csv rows.csv" in next(csv.DictReader(open(tmp_path / "rows.csv")))["command"]
+
+
+def test_empty_csv_path_is_refused_before_the_run(tmp_path, monkeypatch, capsys):
+    from okd.bench import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["cifar100/baseline_resnet20", *TINY, "--steps", "1", "--no-reference", "--csv", ""]) == 2
+    assert "--csv needs a file path" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
