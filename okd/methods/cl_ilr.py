@@ -88,10 +88,15 @@ class CLILR(BranchMethod):
         super().__init__(ctx)
         self._scale = 1.0 / self.net.num_branches if self.hp.grad_rescale else 1.0
 
-    def training_step(self, images: Tensor, labels: Tensor, epoch: int) -> dict[str, Tensor]:
+    def epoch_scalars(self, epoch: int) -> dict[str, float]:
+        return {"kl_weight": self.hp.kl_weight * rampup_0based(epoch, self.hp.rampup_length)}
+
+    def training_step(
+        self, images: Tensor, labels: Tensor, epoch: int, scalars: dict[str, float] | None = None
+    ) -> dict[str, Tensor]:
         hp: CLILRParams = self.hp
         logits = self.net.forward_branches(images, trunk_hook=lambda h: grad_scale(h, self._scale)).logits
-        w = hp.kl_weight * rampup_0based(epoch, hp.rampup_length)
+        w = (self.epoch_scalars(epoch) if scalars is None else scalars)["kl_weight"]
         losses: dict[str, Tensor] = {}
         for i, z in enumerate(logits):
             if hp.target == "mean_logits":

@@ -71,10 +71,15 @@ class FFL(BranchMethod):
         z_f, _ = self.fusion(u.detach() if self.hp.detach_fusion_input else u)
         return out, z_f
 
-    def training_step(self, images: Tensor, labels: Tensor, epoch: int) -> dict[str, Tensor]:
+    def epoch_scalars(self, epoch: int) -> dict[str, float]:
+        return {"kl_weight": self.hp.kl_weight * rampup_0based(epoch, self.hp.rampup_length)}
+
+    def training_step(
+        self, images: Tensor, labels: Tensor, epoch: int, scalars: dict[str, float] | None = None
+    ) -> dict[str, Tensor]:
         hp: FFLParams = self.hp
         out, z_f = self.forward_ffl(images)
-        w = hp.kl_weight * rampup_0based(epoch, hp.rampup_length)
+        w = (self.epoch_scalars(epoch) if scalars is None else scalars)["kl_weight"]
         T, eps = hp.temperature, hp.target_eps
         losses: dict[str, Tensor] = {}
         for i, z in enumerate(out.logits):

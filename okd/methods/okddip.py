@@ -111,13 +111,18 @@ class OKDDip(BranchMethod):
     def branch_name(self, i: int) -> str:
         return "leader" if i == self.net.num_branches - 1 else f"peer{i}"
 
-    def training_step(self, images: Tensor, labels: Tensor, epoch: int) -> dict[str, Tensor]:
+    def epoch_scalars(self, epoch: int) -> dict[str, float]:
+        return {"kl_weight": self.hp.kl_weight * rampup_0based(epoch, self.hp.rampup_length)}
+
+    def training_step(
+        self, images: Tensor, labels: Tensor, epoch: int, scalars: dict[str, float] | None = None
+    ) -> dict[str, Tensor]:
         hp: OKDDipParams = self.hp
         out = self.net.forward_branches(images)
         m = self.num_peers
         peers, z_leader = out.logits[:m], out.logits[m]
         targets = attention_targets(self.attention(out.features[:m]), peers)
-        w = hp.kl_weight * rampup_0based(epoch, hp.rampup_length)
+        w = (self.epoch_scalars(epoch) if scalars is None else scalars)["kl_weight"]
         T, eps = hp.temperature, hp.target_eps
         losses: dict[str, Tensor] = {}
         for a, z in enumerate(peers):
