@@ -24,7 +24,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     report = bench(
         cfg, config_name=config_path, steps=args.steps, warmup=args.warmup, windows=args.windows,
         reference=args.reference, workers=args.workers, synthetic=args.synthetic, check_syncs=args.check_syncs,
-        threads=args.threads, csv_path=args.csv, command=command,
+        threads=args.threads, csv_path=args.csv, command=command, also_eager=args.also_eager,
     )  # fmt: skip
     print(format_table(report))
     if args.csv is not None:
@@ -42,6 +42,7 @@ def command_line(args: argparse.Namespace) -> str:
         if value is not None:
             parts += [flag, str(value)]
     parts += ["--synthetic"] * args.synthetic + ["--check-syncs"] * args.check_syncs
+    parts += ["--also-eager"] * args.also_eager
     parts += ["--csv", args.csv] if args.csv is not None else []
     return " ".join(shlex.quote(p) for p in parts)
 
@@ -76,6 +77,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--synthetic", action="store_true", help="synthetic uint8 data even if the dataset is present")
     p.add_argument("--check-syncs", action="store_true", help="GPU: count synchronising calls in one okd step")
+    p.add_argument("--also-eager", action="store_true",
+                   help="with train.compile=true, also time the uncompiled okd step in the same windows")  # fmt: skip
     p.add_argument("--csv", default=None, metavar="PATH",
                    help="also append the rows to this CSV (header written if new); default: print only")  # fmt: skip
 
@@ -89,4 +92,3 @@ def register_cli(subparsers) -> None:
     )
     add_arguments(p)
     p.set_defaults(func=cmd_bench)
-

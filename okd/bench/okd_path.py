@@ -11,8 +11,8 @@ from okd.bench.timing import LivePath
 from okd.config import Config
 
 
-def start_okd(cfg: Config, split: Split, device: torch.device, warmup: int) -> LivePath:
-    """Build the okd path and run its warm-up (compile included) while tracking its peak memory."""
+def start_okd(cfg: Config, split: Split, device: torch.device, warmup: int, name: str = "okd") -> LivePath:
+    """Build the okd path (named ``name``) and run its warm-up (compile included) while tracking its peak memory."""
     from okd.engine.builder import build_method
     from okd.engine.seeding import seed_everything
     from okd.engine.step import StepRunner, configure_backends, prepare_method
@@ -41,7 +41,7 @@ def start_okd(cfg: Config, split: Split, device: torch.device, warmup: int) -> L
     desc = "DeviceLoader, StepRunner (1 backward of the summed loss dict, every optimizer stepped)"
     autotune = t.cudnn_benchmark and not t.deterministic
     backends = {"matmul_tf32": t.tf32, "cudnn_tf32": t.tf32, "cudnn_benchmark": autotune}
-    live = LivePath("okd", cycle_device(loader), step, t.precision, t.channels_last, t.compile, desc,
+    live = LivePath(name, cycle_device(loader), step, t.precision, t.channels_last, t.compile, desc,
                      backends=backends)  # fmt: skip
     live.warm_up(warmup, device)
     live.peak_mem_mb = mem.peak_mb()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 from pathlib import Path
 
@@ -29,6 +30,7 @@ def bench(
     workers: int | None = None,
     synthetic: bool = False,
     check_syncs: bool = False,
+    also_eager: bool = False,
     threads: int | None = None,
     csv_path: str | Path | None = None,
     command: str | None = None,
@@ -38,7 +40,9 @@ def bench(
 
     Both paths are built and warmed up one after the other (each one's peak memory is the growth over its own
     start), then their timed windows alternate; each path's images/s is the median over its windows.
-    ``threads`` sets ``torch.set_num_threads`` for the run (restored afterwards).
+    ``threads`` sets ``torch.set_num_threads`` for the run (restored afterwards). ``also_eager`` (with
+    ``train.compile=true``): a third path, ``okd-eager``, times the same okd step uncompiled in the same windows,
+    so that the compiled/eager ratio comes from one run.
     """
     if steps <= 0 or warmup < 0 or windows <= 0:
         raise OKDError(f"--steps and --windows must be positive, --warmup >= 0 (got {steps}, {windows}, {warmup})")
@@ -47,12 +51,13 @@ def bench(
         torch.set_num_threads(threads)
     try:
         return _bench(cfg, config_name, steps, warmup, windows, reference, workers, synthetic, check_syncs, csv_path,
-                      command)  # fmt: skip
+                      command, also_eager)  # fmt: skip
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _bench(cfg, config_name, steps, warmup, windows, reference, workers, synthetic, check_syncs, csv_path, command):
+def _bench(cfg, config_name, steps, warmup, windows, reference, workers, synthetic, check_syncs, csv_path, command,
+           also_eager=False):  # fmt: skip
     from okd.engine.builder import resolve_device
 
     if csv_path is not None:
@@ -63,7 +68,11 @@ def _bench(cfg, config_name, steps, warmup, windows, reference, workers, synthet
     split = load_split(cfg, min_images=batch * (warmup + steps + 2), synthetic=synthetic)
     macs = cohort_macs(cfg, split, device)
     report = BenchReport(config_name, cfg.method_name, cfg.run.model.name, batch, device, macs, split)
+    if also_eager and not cfg.run.train.compile:
+        raise OKDError("--also-eager times the uncompiled step next to the compiled one: add train.compile=true")
     paths = [start_okd(cfg, split, device, warmup)]
+    if also_eager:
+        paths.append(start_okd(_uncompiled(cfg), split, device, warmup, name="okd-eager"))
     if reference:
         paths.append(start_reference(cfg, split, device, warmup, workers))
     for index, size in window_plan(steps, windows, len(paths)):
@@ -78,6 +87,11 @@ def _bench(cfg, config_name, steps, warmup, windows, reference, workers, synthet
     if csv_path is not None:
         append_csv(report.rows, csv_path)
     return report
+
+
+def _uncompiled(cfg: Config) -> Config:
+    train = dataclasses.replace(cfg.run.train, compile=False)
+    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, train=train))
 
 
 def _default_command(config_name: str, steps: int, warmup: int, reference: bool, csv_path) -> str:

@@ -15,7 +15,7 @@ from okd.bench.timing import BenchReport, PathResult
 def format_table(report: BenchReport) -> str:
     """The side-by-side table (okd, reference, okd/reference)."""
     res = {r.path: r for r in report.results}
-    okd, ref = res.get("okd"), res.get("reference")
+    okd, ref, eager = res.get("okd"), res.get("reference"), res.get("okd-eager")
     first = report.rows[0] if report.rows else {}
     head = [
         f"okd bench {report.config}: method={report.method} model={report.model} batch={report.batch} "
@@ -29,7 +29,9 @@ def format_table(report: BenchReport) -> str:
     def label(r: PathResult) -> str:
         if r.path == "reference":
             return "reference (fp32, eager)"
-        flags = [r.precision] + (["channels_last"] if r.channels_last else []) + (["compile"] if r.compile else [])
+        flags = (
+            [r.precision] + (["channels_last"] if r.channels_last else []) + (["compile"] if r.compile else ["eager"])
+        )
         return f"okd ({', '.join(flags)})"
 
     metrics: list[tuple[str, Callable[[PathResult], float], str, bool]] = [
@@ -38,14 +40,15 @@ def format_table(report: BenchReport) -> str:
         ("peak memory (MB)", lambda r: r.peak_mem_mb, "{:.0f}", False),
         ("TFLOP/s", report.tflops, "{:.4f}", True),
     ]
-    cols = [c for c in (okd, ref) if c is not None]
-    header = ["", *[label(c) for c in cols]] + (["okd / reference"] if okd and ref else [])
+    cols = [c for c in (okd, eager, ref) if c is not None]
+    ratios = [(okd, ref, "okd / reference"), (okd, eager, "compiled / eager")]
+    ratios = [(a, b, title) for a, b, title in ratios if a and b]
+    header = ["", *[label(c) for c in cols], *[title for _, _, title in ratios]]
     body = []
     for name, get, fmt, _ in metrics:
         line = [name, *[fmt.format(get(c)) for c in cols]]
-        if okd and ref:
-            a, b = get(okd), get(ref)
-            line.append(f"{a / b:.2f}x" if b else "-")
+        for a, b, _ in ratios:
+            line.append(f"{get(a) / get(b):.2f}x" if get(b) else "-")
         body.append(line)
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
     fmt_line = "  ".join(f"{{:<{widths[0]}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
@@ -59,4 +62,6 @@ def format_table(report: BenchReport) -> str:
             lines.append(f"  synchronising CUDA calls in one step: {c.syncs}")
     if okd and ref:
         lines.append(f"speed-up okd/reference: {okd.images_per_s / ref.images_per_s:.2f}x (images/s, same run)")
+    if okd and eager:
+        lines.append(f"speed-up compiled/eager: {okd.images_per_s / eager.images_per_s:.2f}x (images/s, same run)")
     return "\n".join(lines)

@@ -23,7 +23,7 @@ FLOPS_PER_MAC = 2 * 3  # multiply + add, forward + backward (backward ~ 2x forwa
 class PathResult:
     """One path's figures."""
 
-    path: str  # okd | reference
+    path: str  # okd | reference | okd-eager (the uncompiled okd step, with --also-eager)
     precision: str
     channels_last: bool
     compile: bool
