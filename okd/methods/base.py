@@ -107,6 +107,10 @@ class Method(nn.Module):
         that a new epoch is a new input rather than a recompilation."""
         return {}
 
+    def scalars_at(self, epoch: int, scalars: dict[str, float] | None) -> dict[str, float]:
+        """``scalars`` when the caller computed them, else ``epoch_scalars(epoch)``."""
+        return self.epoch_scalars(epoch) if scalars is None else scalars
+
     def eval_outputs(self, images: Tensor) -> dict[str, Tensor]:
         """Logits (or log-probabilities) of every head worth reporting."""
         raise NotImplementedError

@@ -139,7 +139,7 @@ from okd.models.resnet_cifar import CifarResNet
 from okd.models.resnet_imagenet import ImageNetResNet
 from okd.nn.cross_attention import LAYOUTS, QUERY_FROM, CrossAttentionFusion
 from okd.nn.fusion import FusionModule
-from okd.nn.losses import cross_entropy, kl_div_t, rampup_0based
+from okd.nn.losses import cross_entropy, kl_div_t, ramped_kl_weight, rampup_0based
 
 # --------------------------------------------------------------------------------- backbone-specific access
 
@@ -535,12 +535,12 @@ class CMFF(Method):
         return out
 
     def epoch_scalars(self, epoch: int) -> dict[str, float]:
-        return {"kl_weight": self.hp.kl_weight * rampup_0based(epoch, self.hp.rampup_length)}
+        return ramped_kl_weight(self.hp, epoch)
 
     def training_step(
         self, images: Tensor, labels: Tensor, epoch: int, scalars: dict[str, float] | None = None
     ) -> dict[str, Tensor]:
-        s = self.epoch_scalars(epoch) if scalars is None else scalars
+        s = self.scalars_at(epoch, scalars)
         ssl = self.hp.self_supervision
         out = self.forward_cmff(rotate_batch(images) if ssl else images, labels_expanded=ssl)
         return cmff_losses(out, labels, self.hp, epoch, w=s["kl_weight"])

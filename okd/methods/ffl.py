@@ -24,7 +24,7 @@ from okd.methods.base import MethodContext, ParamGroup, register_method, sgd_gro
 from okd.methods.branch_base import BranchMethod, BranchParams, check_distillation, check_int, scalar
 from okd.models.multibranch import BranchOutputs
 from okd.nn.fusion import FusionModule
-from okd.nn.losses import cross_entropy, kl_div_t, logit_mean, rampup_0based
+from okd.nn.losses import cross_entropy, kl_div_t, logit_mean, ramped_kl_weight
 
 
 @dataclass
@@ -72,14 +72,14 @@ class FFL(BranchMethod):
         return out, z_f
 
     def epoch_scalars(self, epoch: int) -> dict[str, float]:
-        return {"kl_weight": self.hp.kl_weight * rampup_0based(epoch, self.hp.rampup_length)}
+        return ramped_kl_weight(self.hp, epoch)
 
     def training_step(
         self, images: Tensor, labels: Tensor, epoch: int, scalars: dict[str, float] | None = None
     ) -> dict[str, Tensor]:
         hp: FFLParams = self.hp
         out, z_f = self.forward_ffl(images)
-        w = (self.epoch_scalars(epoch) if scalars is None else scalars)["kl_weight"]
+        w = self.scalars_at(epoch, scalars)["kl_weight"]
         T, eps = hp.temperature, hp.target_eps
         losses: dict[str, Tensor] = {}
         for i, z in enumerate(out.logits):

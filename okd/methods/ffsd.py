@@ -242,7 +242,7 @@ class FFSD(Method):
     ) -> dict[str, Tensor]:
         hp = self.hp
         m, temp = hp.num_students, hp.temperature
-        warm = (self.epoch_scalars(epoch) if scalars is None else scalars)["warmup"]
+        warm = self.scalars_at(epoch, scalars)["warmup"]
         lam_div, lam_fus, lam_sd = hp.lambda_diversity * warm, hp.lambda_fusion * warm, hp.lambda_sd * warm
 
         # forwards, in the official order: leader, students, fusion

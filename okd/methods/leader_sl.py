@@ -149,7 +149,7 @@ class DMLSL(DML):
     def training_step(
         self, images: Tensor, labels: Tensor, epoch: int, scalars: dict[str, float] | None = None
     ) -> dict[str, Tensor]:
-        s = self.epoch_scalars(epoch) if scalars is None else scalars
+        s = self.scalars_at(epoch, scalars)
         logits, maps = self._peers(images)
         losses = dml_losses(logits, labels, self.hp)
         losses.update(self.sl.losses(images, maps, logits, labels, epoch, self.hp, lam=s["fusion_weight"]))
@@ -192,7 +192,7 @@ class ONESL(ONE):
     def training_step(
         self, images: Tensor, labels: Tensor, epoch: int, scalars: dict[str, float] | None = None
     ) -> dict[str, Tensor]:
-        s = self.epoch_scalars(epoch) if scalars is None else scalars
+        s = self.scalars_at(epoch, scalars)
         out, gate = self.forward_one(images)
         losses = one_losses(out, gate, labels, self.hp, epoch, w=s["kl_weight"])
         losses.update(self.sl.losses(images, out.maps, out.logits, labels, epoch, self.hp, lam=s["fusion_weight"]))

@@ -33,7 +33,7 @@ from okd.methods.branch_base import (
     ensemble_heads,
     scalar,
 )
-from okd.nn.losses import cross_entropy, kl_div_t, logit_mean, rampup_0based
+from okd.nn.losses import cross_entropy, kl_div_t, logit_mean, ramped_kl_weight
 
 
 @dataclass
@@ -112,7 +112,7 @@ class OKDDip(BranchMethod):
         return "leader" if i == self.net.num_branches - 1 else f"peer{i}"
 
     def epoch_scalars(self, epoch: int) -> dict[str, float]:
-        return {"kl_weight": self.hp.kl_weight * rampup_0based(epoch, self.hp.rampup_length)}
+        return ramped_kl_weight(self.hp, epoch)
 
     def training_step(
         self, images: Tensor, labels: Tensor, epoch: int, scalars: dict[str, float] | None = None
@@ -122,7 +122,7 @@ class OKDDip(BranchMethod):
         m = self.num_peers
         peers, z_leader = out.logits[:m], out.logits[m]
         targets = attention_targets(self.attention(out.features[:m]), peers)
-        w = (self.epoch_scalars(epoch) if scalars is None else scalars)["kl_weight"]
+        w = self.scalars_at(epoch, scalars)["kl_weight"]
         T, eps = hp.temperature, hp.target_eps
         losses: dict[str, Tensor] = {}
         for a, z in enumerate(peers):

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from okd.methods.base import MethodContext, register_method
 from okd.methods.branch_base import BranchMethod, BranchParams, check_distillation, check_int, scalar
 from okd.models.multibranch import BranchOutputs, pool
-from okd.nn.losses import cross_entropy, kl_div_t, rampup_0based
+from okd.nn.losses import cross_entropy, kl_div_t, ramped_kl_weight, rampup_0based
 
 
 @dataclass
@@ -101,12 +101,12 @@ class ONE(BranchMethod):
         return out, self.gate(out.trunk)
 
     def epoch_scalars(self, epoch: int) -> dict[str, float]:
-        return {"kl_weight": self.hp.kl_weight * rampup_0based(epoch, self.hp.rampup_length)}
+        return ramped_kl_weight(self.hp, epoch)
 
     def training_step(
         self, images: Tensor, labels: Tensor, epoch: int, scalars: dict[str, float] | None = None
     ) -> dict[str, Tensor]:
-        s = self.epoch_scalars(epoch) if scalars is None else scalars
+        s = self.scalars_at(epoch, scalars)
         out, gate = self.forward_one(images)
         return one_losses(out, gate, labels, self.hp, epoch, w=s["kl_weight"])
 

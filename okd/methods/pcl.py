@@ -201,7 +201,7 @@ class PCL(Method):
     def training_step(
         self, images: Tensor | list[Tensor], labels: Tensor, epoch: int, scalars: dict[str, float] | None = None
     ) -> dict[str, Tensor]:
-        s = self.epoch_scalars(epoch) if scalars is None else scalars
+        s = self.scalars_at(epoch, scalars)
         views = as_views(images, self.num_branches, "PCL")
         logits, feats = self.student.forward_views(views)
         peer = self.student.peer_logits(feats)
