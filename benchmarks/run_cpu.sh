@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The CPU benchmark matrix of issue 6: baseline and FFSD ResNet-32 (CIFAR-100 configs, batch 128), okd path vs
 # the reference path in the same run, for fp32 / channels_last / bf16 / bf16+channels_last (+ compile with
-# COMPILE=1). Rows are appended to $CSV (default results/bench.csv).
+# COMPILE=1; compiled runs also time the uncompiled step, --also-eager). Rows are appended to $CSV (default
+# results/bench.csv), passed explicitly as --csv.
 #
 #   benchmarks/run_cpu.sh                      # the whole matrix once
 #   REPEATS=3 THREADS=2 benchmarks/run_cpu.sh  # three passes, two torch threads
@@ -18,7 +19,7 @@ REPEATS=${REPEATS:-1}
 ONLY=${ONLY:-"baseline ffsd"}
 VARIANTS=${VARIANTS:-"fp32 cl bf16 bf16_cl"}
 if [[ "${COMPILE:-0}" == 1 && " $VARIANTS " != *" bf16_cl_compile "* ]]; then VARIANTS="$VARIANTS bf16_cl_compile"; fi
-BENCH=${BENCH:-"python -m okd.bench"}  # or "okd bench" once the CLI has it
+BENCH=${BENCH:-"python -m okd.bench"}  # the same as "okd bench"
 DATA=()
 if [[ -n "${DATA_ROOT:-}" ]]; then DATA=("data.root=$DATA_ROOT"); fi
 
@@ -36,9 +37,11 @@ for ((r = 1; r <= REPEATS; r++)); do
   for method in $ONLY; do
     for variant in $VARIANTS; do
       echo "=== pass $r/$REPEATS: $method resnet32, $variant"
+      EXTRA=()
+      if [[ "$variant" == *compile* ]]; then EXTRA=(--also-eager); fi  # compiled/eager ratio from the same run
       # shellcheck disable=SC2086
       $BENCH "configs/cifar100/${method}_resnet32.yaml" train.device=cpu ${FLAGS[$variant]} "${DATA[@]}" \
-        --steps "${STEPS[$method]}" --warmup 3 --windows "${WINDOWS[$method]}" --threads "$THREADS" --csv "$CSV"
+        --steps "${STEPS[$method]}" --warmup 3 --windows "${WINDOWS[$method]}" --threads "$THREADS" "${EXTRA[@]}" --csv "$CSV"
     done
   done
 done

@@ -88,3 +88,45 @@ def test_reference_step_is_per_component_for_ffsd():
     ref.step(torch.randn(2, 3, 32, 32), torch.tensor([1, 2]), 0)
     assert [keys[0].split("/")[0] for keys, _ in ref.plan] == ["student0", "student1", "fusion", "leader", "sd1", "sdL"]
     assert all(len(o) == 1 for _, o in ref.plan)
+
+
+def test_bench_writes_no_file_without_csv(tmp_path, monkeypatch, capsys):
+    """``okd bench`` prints its table and leaves the working directory as it was unless ``--csv PATH`` is given."""
+    from okd.bench import main
+
+    monkeypatch.chdir(tmp_path)
+    args = ["cifar100/baseline_resnet20", *TINY, "--steps", "1", "--warmup", "0", "--windows", "1", "--no-reference"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "images/s" in out and "no CSV written" in out
+    assert list(tmp_path.iterdir()) == []
+    assert main([*args, "--csv", "rows.csv"]) == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["rows.csv"]
+    assert "--csv rows.csv" in next(csv.DictReader(open(tmp_path / "rows.csv")))["command"]
+
+
+def test_empty_csv_path_is_refused_before_the_run(tmp_path, monkeypatch, capsys):
+    from okd.bench import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["cifar100/baseline_resnet20", *TINY, "--steps", "1", "--no-reference", "--csv", ""]) == 2
+    assert "--csv needs a file path" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_also_eager_times_the_uncompiled_step_in_the_same_windows(tmp_path):
+    """``--also-eager``: the compiled okd path, the same step uncompiled and the reference, ABBA in one run."""
+    cfg = load_config("cifar100/baseline_resnet20", [*TINY, "train.compile=true"])
+    with pytest.MonkeyPatch.context() as mp:  # dynamo's own eager backend: the CPU test stays fast
+        import okd.engine.step as step
+
+        real = step.compile_loss_function
+        mp.setattr(step, "compile_loss_function", lambda fn, mode, backend, fullgraph: real(fn, mode, "eager"))
+        report = bench(cfg, steps=2, warmup=1, windows=2, also_eager=True, reference=True, csv_path=tmp_path / "b.csv")
+    assert [(r.path, r.compile) for r in report.results] == [("okd", True), ("okd-eager", False), ("reference", False)]
+    assert all(len(r.window_images_per_s) == 2 for r in report.results)
+    assert "compiled / eager" in format_table(report) and "okd / reference" in format_table(report)
+    with open(tmp_path / "b.csv", newline="") as f:
+        assert [r["path"] for r in csv.DictReader(f)] == ["okd", "okd-eager", "reference"]
+    with pytest.raises(OKDError, match="train.compile=true"):
+        bench(load_config("cifar100/baseline_resnet20", TINY), steps=1, also_eager=True)

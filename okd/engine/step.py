@@ -1,8 +1,17 @@
-"""One optimisation step of a cohort, with the precision/layout/compile switches of ``train``."""
+"""One optimisation step of a cohort, with the precision/layout/compile switches of ``train``.
+
+``train.compile=true`` compiles the whole loss computation of a step: the cohort's forwards and every loss term,
+i.e. the function ``(images, labels, epoch, scalars) -> (losses, total)`` of :func:`loss_function`, with autocast
+inside it; its backward is compiled with it (AOTAutograd). The epoch-dependent loss weights enter as inputs
+(``Method.epoch_scalars``), so a new epoch does not recompile. The optimizer steps stay outside the graph: they are
+fused kernels already (``okd.engine.builder.build_optimizer``). Methods that step optimizers inside the step
+(``manual_optimization``: DML's alternating updates) compile the forwards of their networks instead.
+"""
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -22,16 +31,58 @@ def configure_backends(cfg: TrainConfig, device: torch.device) -> None:
         torch.backends.cudnn.benchmark = cfg.cudnn_benchmark and not cfg.deterministic
 
 
-def prepare_method(method: Method, cfg: TrainConfig) -> Method:
-    """Apply channels_last and torch.compile in place (compiled modules keep clean state_dict keys)."""
+def prepare_method(method: Method, cfg: TrainConfig, compile_backend: str | Callable = "inductor") -> Method:
+    """Apply channels_last in place; with ``compile`` and a method that steps optimizers inside its step, compile
+    its networks' forwards (modules exposing ``forward_taps``; compiled modules keep clean state_dict keys). Other
+    methods have their whole step compiled by :class:`StepRunner`."""
     if cfg.channels_last:
         method.to(memory_format=torch.channels_last)
-    if cfg.compile:
+    if cfg.compile and method.manual_optimization:
         for module in method.modules():
             if hasattr(module, "forward_taps"):
-                module.compile(mode=cfg.compile_mode)
-                module.forward_taps = torch.compile(module.forward_taps, mode=cfg.compile_mode)
+                options = {"mode": cfg.compile_mode} if compile_backend == "inductor" else {"backend": compile_backend}
+                module.compile(**options)
+                module.forward_taps = torch.compile(module.forward_taps, **options)
     return method
+
+
+def sum_losses(losses: dict[str, Tensor]) -> Tensor:
+    """The total a step backpropagates: every loss term except the logged ``stat/...`` values."""
+    return sum(v for k, v in losses.items() if not k.startswith("stat/"))
+
+
+LossFunction = Callable[[Tensor | list[Tensor], Tensor, int, dict[str, float] | None], tuple[dict[str, Tensor], Tensor]]
+
+
+def loss_function(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> LossFunction:
+    """``(images, labels, epoch, scalars) -> (losses, total)``: the cohort's forward under autocast and the summed
+    loss, the part of a step that ``train.compile`` compiles (``model``: the method or its DDP wrapper)."""
+
+    def losses_and_total(images, labels, epoch, scalars):
+        with autocast(cfg, device):
+            losses = model(images, labels, epoch, scalars)
+        return losses, sum_losses(losses)
+
+    return losses_and_total
+
+
+def compile_loss_function(
+    fn: LossFunction, mode: str = "default", backend: str | Callable = "inductor", fullgraph: bool = False
+) -> LossFunction:
+    """``torch.compile`` of :func:`loss_function` (``mode`` applies to the inductor backend; ``reduce-overhead``
+    captures CUDA graphs, which needs the whole step in one graph: every registered method's is)."""
+    if backend == "inductor":
+        compiled = torch.compile(fn, mode=mode, fullgraph=fullgraph)
+    else:
+        compiled = torch.compile(fn, backend=backend, fullgraph=fullgraph)
+    if "reduce-overhead" not in mode or backend != "inductor":
+        return compiled
+
+    def step_of_cuda_graphs(images, labels, epoch, scalars):
+        torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed: reuse their memory
+        return compiled(images, labels, epoch, scalars)
+
+    return step_of_cuda_graphs
 
 
 def autocast(cfg: TrainConfig, device: torch.device):
@@ -51,7 +102,11 @@ class StepRunner:
         cfg: TrainConfig,
         device: torch.device,
         schedulers: list | None = None,
+        compile_backend: str | Callable = "inductor",
+        compile_fullgraph: bool = False,
     ) -> None:
+        """``compile_backend`` / ``compile_fullgraph``: how ``cfg.compile`` compiles the step (tests use
+        ``aot_eager`` and ``fullgraph=True``, which fails on any graph break)."""
         self.method = method
         self.model: torch.nn.Module = method  # what is called for the forward (a DDP wrapper when distributed)
         self.optimizers = optimizers
@@ -59,6 +114,8 @@ class StepRunner:
         self.cfg = cfg
         self.device = device
         self.scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
+        self.compile_backend, self.compile_fullgraph = compile_backend, compile_fullgraph
+        self._losses: LossFunction | None = None  # built at the first step (after a DDP wrap)
 
     def wrap_distributed(self, dist, cfg: TrainConfig) -> None:
         """Wrap the whole cohort in one DistributedDataParallel so all gradients share buckets."""
@@ -70,6 +127,7 @@ class StepRunner:
                 "method.alternate_updates=true), which DistributedDataParallel cannot synchronise; run it in "
                 "one process or switch that option off"
             )
+        self._losses = None  # the step's function is rebuilt over the wrapper
         if cfg.sync_bn:
             if self.device.type != "cuda":
                 raise ConfigError("train.sync_bn=true needs CUDA devices (SyncBatchNorm has no CPU kernel)")
@@ -97,15 +155,23 @@ class StepRunner:
         if self.scaler is not None:
             self.scaler.update()
 
+    def loss_function(self) -> LossFunction:
+        """The step's (compiled, with ``cfg.compile``) :func:`loss_function` over ``self.model``."""
+        if self._losses is None:
+            fn = loss_function(self.model, self.cfg, self.device)
+            if self.cfg.compile:
+                fn = compile_loss_function(fn, self.cfg.compile_mode, self.compile_backend, self.compile_fullgraph)
+            self._losses = fn
+        return self._losses
+
     def step(self, images: Tensor | list[Tensor], labels: Tensor, epoch: int) -> tuple[dict[str, Tensor], Tensor]:
         if self.method.manual_optimization:
             with autocast(self.cfg, self.device):
                 losses = self.method.manual_step(images, labels, epoch, self)
-            total = sum(v for k, v in losses.items() if not k.startswith("stat/"))
+            total = sum_losses(losses)
         else:
-            with autocast(self.cfg, self.device):
-                losses = self.model(images, labels, epoch)
-            total = sum(v for k, v in losses.items() if not k.startswith("stat/"))
+            scalars = self.method.epoch_scalars(epoch) or None
+            losses, total = self.loss_function()(images, labels, epoch, scalars)
             self.zero_grad()
             self.backward(total)
             self.step_optimizer()

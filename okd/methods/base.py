@@ -83,9 +83,14 @@ class Method(nn.Module):
         self.ctx = ctx
         self.hp = ctx.params
 
-    def forward(self, images: Tensor | list[Tensor], labels: Tensor, epoch: int) -> dict[str, Tensor]:
-        """``training_step`` (so that a DistributedDataParallel wrapper sees the whole cohort's forward)."""
-        return self.training_step(images, labels, epoch)
+    def forward(
+        self, images: Tensor | list[Tensor], labels: Tensor, epoch: int, scalars: dict[str, float] | None = None
+    ) -> dict[str, Tensor]:
+        """``training_step`` (so that a DistributedDataParallel wrapper sees the whole cohort's forward); with
+        ``scalars`` (``epoch_scalars(epoch)``, computed by the caller) the step reads those instead."""
+        if scalars is None:
+            return self.training_step(images, labels, epoch)
+        return self.training_step(images, labels, epoch, scalars=scalars)
 
     def param_groups(self) -> list[ParamGroup]:
         raise NotImplementedError
@@ -93,6 +98,18 @@ class Method(nn.Module):
     def training_step(self, images: Tensor | list[Tensor], labels: Tensor, epoch: int) -> dict[str, Tensor]:
         """One forward of the cohort; ``epoch`` is the 0-based epoch index. Returns named scalar losses."""
         raise NotImplementedError
+
+    def epoch_scalars(self, epoch: int) -> dict[str, float]:
+        """The Python floats of a step that depend on the epoch (loss-weight ramps), by name.
+
+        A method that has some overrides this and gives ``training_step`` a keyword ``scalars`` that, when given,
+        replaces ``epoch_scalars(epoch)``: a compiled step computes them outside its graph and passes them in, so
+        that a new epoch is a new input rather than a recompilation."""
+        return {}
+
+    def scalars_at(self, epoch: int, scalars: dict[str, float] | None) -> dict[str, float]:
+        """``scalars`` when the caller computed them, else ``epoch_scalars(epoch)``."""
+        return self.epoch_scalars(epoch) if scalars is None else scalars
 
     def eval_outputs(self, images: Tensor) -> dict[str, Tensor]:
         """Logits (or log-probabilities) of every head worth reporting."""

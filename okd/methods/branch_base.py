@@ -84,8 +84,9 @@ def average_accuracy(metrics: dict[str, float], heads: list[str], name: str) -> 
 
 
 def scalar(value: float, like: Tensor) -> Tensor:
-    """A logged constant (``stat/...``) on the device of ``like``."""
-    return like.new_full((), float(value), dtype=torch.float32)  # no host-to-device copy
+    """A logged constant (``stat/...``) on the device of ``like`` (no host-to-device copy). Written as a product
+    so that a compiled step takes ``value`` as an input (``new_full`` would bake it into the graph)."""
+    return like.new_ones((), dtype=torch.float32) * value
 
 
 class BranchMethod(Method):

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from okd.methods.base import MethodContext, register_method
 from okd.methods.branch_base import BranchMethod, BranchParams, check_choice, check_distillation, check_int, scalar
-from okd.nn.losses import cross_entropy, kl_div_t, rampup_0based
+from okd.nn.losses import cross_entropy, kl_div_t, ramped_kl_weight
 
 
 class GradScale(torch.autograd.Function):
@@ -88,10 +88,15 @@ class CLILR(BranchMethod):
         super().__init__(ctx)
         self._scale = 1.0 / self.net.num_branches if self.hp.grad_rescale else 1.0
 
-    def training_step(self, images: Tensor, labels: Tensor, epoch: int) -> dict[str, Tensor]:
+    def epoch_scalars(self, epoch: int) -> dict[str, float]:
+        return ramped_kl_weight(self.hp, epoch)
+
+    def training_step(
+        self, images: Tensor, labels: Tensor, epoch: int, scalars: dict[str, float] | None = None
+    ) -> dict[str, Tensor]:
         hp: CLILRParams = self.hp
         logits = self.net.forward_branches(images, trunk_hook=lambda h: grad_scale(h, self._scale)).logits
-        w = hp.kl_weight * rampup_0based(epoch, hp.rampup_length)
+        w = self.scalars_at(epoch, scalars)["kl_weight"]
         losses: dict[str, Tensor] = {}
         for i, z in enumerate(logits):
             if hp.target == "mean_logits":

@@ -139,7 +139,7 @@ from okd.models.resnet_cifar import CifarResNet
 from okd.models.resnet_imagenet import ImageNetResNet
 from okd.nn.cross_attention import LAYOUTS, QUERY_FROM, CrossAttentionFusion
 from okd.nn.fusion import FusionModule
-from okd.nn.losses import cross_entropy, kl_div_t, rampup_0based
+from okd.nn.losses import cross_entropy, kl_div_t, ramped_kl_weight, rampup_0based
 
 # --------------------------------------------------------------------------------- backbone-specific access
 
@@ -462,11 +462,15 @@ def init_extras(module: nn.Module, linear_std: float) -> None:
 # ---------------------------------------------------------------------------------------------- the loss
 
 
-def cmff_losses(out: CMFFOutputs, labels: Tensor, hp: CMFFParams, epoch: int) -> dict[str, Tensor]:
-    """The named terms of L (weights applied); ``out.rot_logits``/``out.proj`` None: no self-supervised terms."""
+def cmff_losses(
+    out: CMFFOutputs, labels: Tensor, hp: CMFFParams, epoch: int, w: float | None = None
+) -> dict[str, Tensor]:
+    """The named terms of L (weights applied); ``out.rot_logits``/``out.proj`` None: no self-supervised terms.
+    ``w``: the KL weight of ``epoch`` when the caller computed it (:meth:`CMFF.epoch_scalars`)."""
     z1, z2 = out.logits
     zf = out.fused
-    w = hp.kl_weight * rampup_0based(epoch, hp.rampup_length)
+    if w is None:
+        w = hp.kl_weight * rampup_0based(epoch, hp.rampup_length)
     T, eps = hp.temperature, hp.target_eps
 
     def kl(student: Tensor, target: Tensor) -> Tensor:
@@ -536,10 +540,16 @@ class CMFF(Method):
             out.proj = net.proj_head(net._aux_input(fused[1]))
         return out
 
-    def training_step(self, images: Tensor, labels: Tensor, epoch: int) -> dict[str, Tensor]:
+    def epoch_scalars(self, epoch: int) -> dict[str, float]:
+        return ramped_kl_weight(self.hp, epoch)
+
+    def training_step(
+        self, images: Tensor, labels: Tensor, epoch: int, scalars: dict[str, float] | None = None
+    ) -> dict[str, Tensor]:
+        s = self.scalars_at(epoch, scalars)
         ssl = self.hp.self_supervision
         out = self.forward_cmff(rotate_batch(images) if ssl else images, labels_expanded=ssl)
-        return cmff_losses(out, labels, self.hp, epoch)
+        return cmff_losses(out, labels, self.hp, epoch, w=s["kl_weight"])
 
     def eval_outputs(self, images: Tensor) -> dict[str, Tensor]:
         finals, _ = self.net.forward_nets(images, aux=False)

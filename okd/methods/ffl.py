@@ -24,7 +24,7 @@ from okd.methods.base import MethodContext, ParamGroup, register_method, sgd_gro
 from okd.methods.branch_base import BranchMethod, BranchParams, check_distillation, check_int, scalar
 from okd.models.multibranch import BranchOutputs
 from okd.nn.fusion import FusionModule
-from okd.nn.losses import cross_entropy, kl_div_t, logit_mean, rampup_0based
+from okd.nn.losses import cross_entropy, kl_div_t, logit_mean, ramped_kl_weight
 
 
 @dataclass
@@ -71,10 +71,15 @@ class FFL(BranchMethod):
         z_f, _ = self.fusion(u.detach() if self.hp.detach_fusion_input else u)
         return out, z_f
 
-    def training_step(self, images: Tensor, labels: Tensor, epoch: int) -> dict[str, Tensor]:
+    def epoch_scalars(self, epoch: int) -> dict[str, float]:
+        return ramped_kl_weight(self.hp, epoch)
+
+    def training_step(
+        self, images: Tensor, labels: Tensor, epoch: int, scalars: dict[str, float] | None = None
+    ) -> dict[str, Tensor]:
         hp: FFLParams = self.hp
         out, z_f = self.forward_ffl(images)
-        w = hp.kl_weight * rampup_0based(epoch, hp.rampup_length)
+        w = self.scalars_at(epoch, scalars)["kl_weight"]
         T, eps = hp.temperature, hp.target_eps
         losses: dict[str, Tensor] = {}
         for i, z in enumerate(out.logits):

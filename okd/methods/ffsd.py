@@ -243,10 +243,15 @@ class FFSD(Method):
         return list(range(num_taps)) if mode == "all" else [num_taps - 1]
 
     # ------------------------------------------------------------------------------------------- training
-    def training_step(self, images: Tensor, labels: Tensor, epoch: int) -> dict[str, Tensor]:
+    def epoch_scalars(self, epoch: int) -> dict[str, float]:
+        return {"warmup": ffsd_warmup(epoch + 1, self.hp.warmup_epochs)}
+
+    def training_step(
+        self, images: Tensor, labels: Tensor, epoch: int, scalars: dict[str, float] | None = None
+    ) -> dict[str, Tensor]:
         hp = self.hp
         m, temp = hp.num_students, hp.temperature
-        warm = ffsd_warmup(epoch + 1, hp.warmup_epochs)
+        warm = self.scalars_at(epoch, scalars)["warmup"]
         lam_div, lam_fus, lam_sd = hp.lambda_diversity * warm, hp.lambda_fusion * warm, hp.lambda_sd * warm
 
         # forwards, in the official order: leader, students, fusion
@@ -314,7 +319,7 @@ class FFSD(Method):
             losses["sdL/feature"] = lam_sd * feat
             losses["sdL/attention"] = lam_sd * att
 
-        losses["stat/warmup"] = z_leader.new_full((), warm, dtype=torch.float32)
+        losses["stat/warmup"] = z_leader.new_ones((), dtype=torch.float32) * warm  # an input when compiled
         return losses
 
     # ------------------------------------------------------------------------------------------ evaluation

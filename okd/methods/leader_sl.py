@@ -80,13 +80,14 @@ class LeaderStrategy(nn.Module):
 
     def losses(
         self, images: Tensor, peer_maps: list[Tensor], peer_logits: list[Tensor], labels: Tensor, epoch: int,
-        hp: SLParams,
+        hp: SLParams, lam: float | None = None,
     ) -> dict[str, Tensor]:  # fmt: skip
         u, z_f, phi = self.fuse(peer_maps)
         z_l, taps = self.leader.forward_taps(images)
         a_l = taps[-1]
         T = hp.sl_temperature
-        lam = hp.fusion_weight * ffsd_warmup(epoch + 1, hp.warmup_epochs)
+        if lam is None:  # the fused-map weight of ``epoch`` (given when the caller computed it)
+            lam = hp.fusion_weight * ffsd_warmup(epoch + 1, hp.warmup_epochs)
         losses = {
             "fusion/ce": cross_entropy(z_f, labels),
             "fusion/kl": kl_div_t(z_f, logit_mean(peer_logits), T, detach_target=True),
@@ -96,7 +97,7 @@ class LeaderStrategy(nn.Module):
         }
         if self.decoder is not None:
             losses["leader/decoder"] = lam * normalized_l2(attention_map(self.decoder(a_l)), attention_map(u))
-        losses["stat/fusion_weight"] = z_l.new_full((), float(lam), dtype=torch.float32)
+        losses["stat/fusion_weight"] = z_l.new_ones((), dtype=torch.float32) * lam  # an input when compiled
         return losses
 
     def heads(self, images: Tensor, peer_maps: list[Tensor]) -> dict[str, Tensor]:
@@ -144,10 +145,16 @@ class DMLSL(DML):
         outs = [net.forward_taps(images) for net in self.nets]
         return [z for z, _ in outs], [taps[-1] for _, taps in outs]
 
-    def training_step(self, images: Tensor, labels: Tensor, epoch: int) -> dict[str, Tensor]:
+    def epoch_scalars(self, epoch: int) -> dict[str, float]:
+        return {"fusion_weight": self.hp.fusion_weight * ffsd_warmup(epoch + 1, self.hp.warmup_epochs)}
+
+    def training_step(
+        self, images: Tensor, labels: Tensor, epoch: int, scalars: dict[str, float] | None = None
+    ) -> dict[str, Tensor]:
+        s = self.scalars_at(epoch, scalars)
         logits, maps = self._peers(images)
         losses = dml_losses(logits, labels, self.hp)
-        losses.update(self.sl.losses(images, maps, logits, labels, epoch, self.hp))
+        losses.update(self.sl.losses(images, maps, logits, labels, epoch, self.hp, lam=s["fusion_weight"]))
         return losses
 
     def eval_outputs(self, images: Tensor) -> dict[str, Tensor]:
@@ -177,10 +184,20 @@ class ONESL(ONE):
         peers = sgd_group("net", [*self.net.parameters(), *self.gate.parameters()], self.ctx.optim)
         return [peers, *self.sl.param_groups(self.ctx.optim, self.hp)]
 
-    def training_step(self, images: Tensor, labels: Tensor, epoch: int) -> dict[str, Tensor]:
+    def epoch_scalars(self, epoch: int) -> dict[str, float]:
+        hp = self.hp
+        return {
+            **super().epoch_scalars(epoch),
+            "fusion_weight": hp.fusion_weight * ffsd_warmup(epoch + 1, hp.warmup_epochs),
+        }
+
+    def training_step(
+        self, images: Tensor, labels: Tensor, epoch: int, scalars: dict[str, float] | None = None
+    ) -> dict[str, Tensor]:
+        s = self.scalars_at(epoch, scalars)
         out, gate = self.forward_one(images)
-        losses = one_losses(out, gate, labels, self.hp, epoch)
-        losses.update(self.sl.losses(images, out.maps, out.logits, labels, epoch, self.hp))
+        losses = one_losses(out, gate, labels, self.hp, epoch, w=s["kl_weight"])
+        losses.update(self.sl.losses(images, out.maps, out.logits, labels, epoch, self.hp, lam=s["fusion_weight"]))
         return losses
 
     def eval_outputs(self, images: Tensor) -> dict[str, Tensor]:

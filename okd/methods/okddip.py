@@ -33,7 +33,7 @@ from okd.methods.branch_base import (
     ensemble_heads,
     scalar,
 )
-from okd.nn.losses import cross_entropy, kl_div_t, logit_mean, rampup_0based
+from okd.nn.losses import cross_entropy, kl_div_t, logit_mean, ramped_kl_weight
 
 
 @dataclass
@@ -111,13 +111,18 @@ class OKDDip(BranchMethod):
     def branch_name(self, i: int) -> str:
         return "leader" if i == self.net.num_branches - 1 else f"peer{i}"
 
-    def training_step(self, images: Tensor, labels: Tensor, epoch: int) -> dict[str, Tensor]:
+    def epoch_scalars(self, epoch: int) -> dict[str, float]:
+        return ramped_kl_weight(self.hp, epoch)
+
+    def training_step(
+        self, images: Tensor, labels: Tensor, epoch: int, scalars: dict[str, float] | None = None
+    ) -> dict[str, Tensor]:
         hp: OKDDipParams = self.hp
         out = self.net.forward_branches(images)
         m = self.num_peers
         peers, z_leader = out.logits[:m], out.logits[m]
         targets = attention_targets(self.attention(out.features[:m]), peers)
-        w = hp.kl_weight * rampup_0based(epoch, hp.rampup_length)
+        w = self.scalars_at(epoch, scalars)["kl_weight"]
         T, eps = hp.temperature, hp.target_eps
         losses: dict[str, Tensor] = {}
         for a, z in enumerate(peers):

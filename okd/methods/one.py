@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from okd.methods.base import MethodContext, register_method
 from okd.methods.branch_base import BranchMethod, BranchParams, check_distillation, check_int, scalar
 from okd.models.multibranch import BranchOutputs, pool
-from okd.nn.losses import cross_entropy, kl_div_t, rampup_0based
+from okd.nn.losses import cross_entropy, kl_div_t, ramped_kl_weight, rampup_0based
 
 
 @dataclass
@@ -60,11 +60,19 @@ def gated_logits(logits: list[Tensor], gate: Tensor) -> Tensor:
 
 
 def one_losses(
-    out: BranchOutputs, gate: Tensor, labels: Tensor, hp: ONEParams, epoch: int, prefix: str = "branch"
+    out: BranchOutputs,
+    gate: Tensor,
+    labels: Tensor,
+    hp: ONEParams,
+    epoch: int,
+    prefix: str = "branch",
+    w: float | None = None,
 ) -> dict[str, Tensor]:
-    """ONE's named loss terms from one forward (weights already applied)."""
+    """ONE's named loss terms from one forward (weights already applied); ``w``: the KL weight of ``epoch``
+    when the caller computed it (:meth:`ONE.epoch_scalars`)."""
     z_e = gated_logits(out.logits, gate)
-    w = hp.kl_weight * rampup_0based(epoch, hp.rampup_length)
+    if w is None:
+        w = hp.kl_weight * rampup_0based(epoch, hp.rampup_length)
     losses: dict[str, Tensor] = {}
     for i, z in enumerate(out.logits):
         losses[f"{prefix}{i}/ce"] = cross_entropy(z, labels)
@@ -92,9 +100,15 @@ class ONE(BranchMethod):
         out = self.net.forward_branches(images)
         return out, self.gate(out.trunk)
 
-    def training_step(self, images: Tensor, labels: Tensor, epoch: int) -> dict[str, Tensor]:
+    def epoch_scalars(self, epoch: int) -> dict[str, float]:
+        return ramped_kl_weight(self.hp, epoch)
+
+    def training_step(
+        self, images: Tensor, labels: Tensor, epoch: int, scalars: dict[str, float] | None = None
+    ) -> dict[str, Tensor]:
+        s = self.scalars_at(epoch, scalars)
         out, gate = self.forward_one(images)
-        return one_losses(out, gate, labels, self.hp, epoch)
+        return one_losses(out, gate, labels, self.hp, epoch, w=s["kl_weight"])
 
     def eval_outputs(self, images: Tensor) -> dict[str, Tensor]:
         out, gate = self.forward_one(images)

@@ -140,10 +140,13 @@ def pcl_losses(
     labels: Tensor,
     hp: PCLParams,
     epoch: int,
+    w: float | None = None,
 ) -> dict[str, Tensor]:
-    """PCL's named loss terms (weights applied). Every KL target is detached."""
+    """PCL's named loss terms (weights applied). Every KL target is detached. ``w``: the KL weight of ``epoch``
+    when the caller computed it (:meth:`PCL.epoch_scalars`)."""
     m, T = len(logits), hp.temperature
-    w = hp.kl_weight * pcl_rampup(epoch, hp.rampup_length, hp.rampup_divides_by_lambda_bug)
+    if w is None:
+        w = hp.kl_weight * pcl_rampup(epoch, hp.rampup_length, hp.rampup_divides_by_lambda_bug)
     losses: dict[str, Tensor] = {"peer_ensemble/ce": cross_entropy(peer, labels)}
     for i, z in enumerate(logits):
         losses[f"branch{i}/ce"] = cross_entropy(z, labels)
@@ -191,13 +194,20 @@ class PCL(Method):
     def param_groups(self) -> list[ParamGroup]:
         return [sgd_group("net", self.student.parameters(), self.ctx.optim)]
 
-    def training_step(self, images: Tensor | list[Tensor], labels: Tensor, epoch: int) -> dict[str, Tensor]:
+    def epoch_scalars(self, epoch: int) -> dict[str, float]:
+        hp = self.hp
+        return {"kl_weight": hp.kl_weight * pcl_rampup(epoch, hp.rampup_length, hp.rampup_divides_by_lambda_bug)}
+
+    def training_step(
+        self, images: Tensor | list[Tensor], labels: Tensor, epoch: int, scalars: dict[str, float] | None = None
+    ) -> dict[str, Tensor]:
+        s = self.scalars_at(epoch, scalars)
         views = as_views(images, self.num_branches, "PCL")
         logits, feats = self.student.forward_views(views)
         peer = self.student.peer_logits(feats)
         with torch.no_grad():
             ema_logits, _ = self.ema.forward_views(views)
-        return pcl_losses(logits, peer, ema_logits, labels, self.hp, epoch)
+        return pcl_losses(logits, peer, ema_logits, labels, self.hp, epoch, w=s["kl_weight"])
 
     def after_optimizer_step(self) -> None:
         """The mean-teacher update of global step t (then t += 1); the step lives in the ``ema_step`` buffer."""

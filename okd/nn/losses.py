@@ -73,6 +73,12 @@ def rampup_0based(epoch_0based: int, length: int = 80) -> float:
     return sigmoid_rampup(epoch_0based, length)
 
 
+def ramped_kl_weight(params, epoch: int) -> dict[str, float]:
+    """``{"kl_weight": kl_weight * rampup_0based(epoch, rampup_length)}`` of a method's parameters: the epoch
+    scalars (``Method.epoch_scalars``) of the methods whose KL terms ramp up (ONE, CL-ILR, OKDDip, FFL, CMFF)."""
+    return {"kl_weight": params.kl_weight * rampup_0based(epoch, params.rampup_length)}
+
+
 def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
     """Batch-mean cross-entropy, computed in float32."""
     return F.cross_entropy(logits.float(), labels)
