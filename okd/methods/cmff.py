@@ -1,8 +1,13 @@
 """CMFF: self-supervised learning and cross-modal feature fusion (official code Coralmss/CMFF; ``methods.md`` §10).
 
-The released code is internally inconsistent (§10, "Inconsistencies"); this file builds the design §10 specifies
+The released code is internally inconsistent (§10, "Inconsistencies"); okd builds the design §10 specifies
 from the README's example (``train_vgg.py`` with ``CrossVGG16``) and carries the same recipe to the CIFAR and
 ImageNet/TinyImageNet ResNets. Every choice §10 leaves open is listed under "Decisions" below.
+
+This file holds the method: its parameters, the loss, the training and evaluation steps, the optimizer groups
+and the registration. The network is :class:`okd.models.cmff_net.CMFFNet` (per-backbone stage access in
+:mod:`okd.models.cmff_backbone`), the rotation expansion and the similarity CE are in :mod:`okd.nn.rotation`,
+the cross-attention and the fusion module in :mod:`okd.nn.cross_attention` and :mod:`okd.nn.fusion`.
 
 **Graph.** Two networks of the same backbone, net 1 and net 2, built as two plain registered backbones:
 
@@ -119,7 +124,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from okd.errors import ConfigError
@@ -132,82 +136,24 @@ from okd.methods.branch_base import (
     ensemble_heads,
     scalar,
 )
-from okd.models._init import bn_one_zero_
+from okd.models.cmff_net import CMFFNet
 from okd.models.cmff_vgg import CMFFVGG16
-from okd.models.registry import MODELS, create_model
-from okd.models.resnet_cifar import CifarResNet
-from okd.models.resnet_imagenet import ImageNetResNet
-from okd.nn.cross_attention import LAYOUTS, QUERY_FROM, CrossAttentionFusion
+from okd.nn.cross_attention import LAYOUTS, QUERY_FROM
 from okd.nn.fusion import FusionModule
 from okd.nn.losses import cross_entropy, kl_div_t, ramped_kl_weight, rampup_0based
+from okd.nn.rotation import joint_labels, rotate_batch, similarity_ce
 
-# --------------------------------------------------------------------------------- backbone-specific access
-
-#: parameterised modules of the stem and of the classifier, per backbone kind (attribute names)
-STEM_MODULES = {"vgg": ("stem",), "resnet_cifar": ("conv1", "bn1"), "resnet_imagenet": ("conv1", "bn1")}
-HEAD_MODULES = {"vgg": ("classifier",), "resnet_cifar": ("fc",), "resnet_imagenet": ("fc",)}
-SUPPORTED = "cmff_vgg16, the CIFAR ResNets (resnet20/32/56/110, ...) and the ImageNet ResNets (resnet18, ...)"
-
-
-def backbone_kind(net: nn.Module) -> str:
-    if isinstance(net, CMFFVGG16):
-        return "vgg"
-    if isinstance(net, CifarResNet):
-        return "resnet_cifar"
-    if isinstance(net, ImageNetResNet):
-        return "resnet_imagenet"
-    raise ConfigError(f"cmff supports {SUPPORTED}; got a {type(net).__name__}")
-
-
-def run_stem(net: nn.Module, kind: str, x: Tensor) -> Tensor:
-    if kind == "vgg":
-        return net.stem(x)
-    x = net.relu(net.bn1(net.conv1(x)))
-    return net.maxpool(x) if kind == "resnet_imagenet" else x
-
-
-def stage_list(net: nn.Module, kind: str) -> list[nn.Module]:
-    if kind == "vgg":
-        return list(net.stages)
-    names = ("layer1", "layer2", "layer3") + (("layer4",) if kind == "resnet_imagenet" else ())
-    return [getattr(net, n) for n in names]
-
-
-def final_feature(final: Tensor, kind: str) -> Tensor:
-    """The classifier input: the flattened 512x1x1 map (VGG) or the globally pooled map (ResNets)."""
-    return final.flatten(1) if kind == "vgg" else F.adaptive_avg_pool2d(final, 1).flatten(1)
-
-
-def classify(net: nn.Module, kind: str, feat: Tensor) -> Tensor:
-    return net.classifier(feat) if kind == "vgg" else net.fc(feat)
-
-
-# ----------------------------------------------------------------------------------------- losses, pieces
-
-
-def rotate_batch(images: Tensor) -> Tensor:
-    """B x C x H x W -> 4B images, row 4b + r = rot90(images[b], r) in the (H, W) plane (interleaved per sample)."""
-    return torch.stack([torch.rot90(images, r, (2, 3)) for r in range(4)], dim=1).flatten(0, 1)
-
-
-def joint_labels(labels: Tensor) -> Tensor:
-    """y (B) -> 4B joint labels, row 4b + r = 4 y_b + r."""
-    return torch.stack([labels * 4 + r for r in range(4)], dim=1).flatten()
-
-
-def similarity_ce(rep: Tensor, temperature: float = 1.0) -> Tensor:
-    """L_sim on 4B projections laid out as :func:`rotate_batch`: each rotated row 4b + r (r = 1..3) scores
-    cos(u_{4b+r}, u_{4j}) / tau against every unrotated row 4j; CE with target j = b, mean over the 3B queries."""
-    rep = rep.float()
-    b = rep.shape[0] // 4
-    if rep.shape[0] != 4 * b or b == 0:
-        raise ValueError(f"similarity_ce needs 4B rows (rotate_batch layout), got {rep.shape[0]}")
-    groups = F.normalize(rep.reshape(b, 4, -1), dim=2, eps=1e-8)
-    anchors, queries = groups[:, 0], groups[:, 1:].reshape(3 * b, -1)
-    sim = queries @ anchors.t()  # 3B x B
-    target = torch.arange(b, device=rep.device).repeat_interleave(3)
-    return F.cross_entropy(sim / temperature, target)
-
+__all__ = [
+    "CMFF",
+    "CMFFNet",
+    "CMFFOutputs",
+    "CMFFParams",
+    "CMFFVGG16",
+    "cmff_losses",
+    "joint_labels",
+    "rotate_batch",
+    "similarity_ce",
+]
 
 # ------------------------------------------------------------------------------------------------- params
 
@@ -282,7 +228,7 @@ class CMFFParams:
             raise ConfigError(f"method.deploy_net must be 1 or 2, got {self.deploy_net}")
 
 
-# -------------------------------------------------------------------------------------------- the network
+# ------------------------------------------------------------------------------------ the training forward
 
 
 @dataclass
@@ -292,171 +238,6 @@ class CMFFOutputs:
     fused: Tensor  # z_f
     rot_logits: Tensor | None = None  # g_1 on all 4B images
     proj: Tensor | None = None  # u on all 4B images
-
-
-def _projection(cin: int, cout: int, factor: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(cin, cout, factor, stride=factor, padding=0, bias=False), nn.BatchNorm2d(cout), nn.ReLU()
-    )
-
-
-def _mlp(widths: list[int], dropout: float) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for i in range(len(widths) - 1):
-        layers.append(nn.Linear(widths[i], widths[i + 1]))
-        if i < len(widths) - 2:
-            layers += [nn.ReLU(), nn.Dropout(dropout)]
-    return nn.Sequential(*layers)
-
-
-class CMFFNet(nn.Module):
-    """The two nets, the cross-stage projections, the auxiliary heads and the cross-attention (not the fusion
-    module, which has its own optimizer group)."""
-
-    def __init__(self, model: str, num_classes: int, hp: CMFFParams) -> None:
-        super().__init__()
-        if hasattr(model, "spec") or model not in MODELS:
-            raise ConfigError(
-                f"cmff supports {SUPPORTED}, not model.name={str(model)!r}: it runs two nets stage by stage with "
-                "a shared stem and cross-stage projections built for those families' stage layout; your own or "
-                "timm networks train with ffsd, dml, kd, kdcl and (with model.branch_from) the branch methods"
-            )
-        family = MODELS.info(model).get("family")
-        if model == "vgg16":
-            raise ConfigError(
-                "cmff's CrossVGG16 is model.name=cmff_vgg16 (a shared 2-conv stem and 4 stages of 3 convs per net, "
-                "methods.md §10), not the OKDDip/PCL vgg16"
-            )
-        if family not in ("cmff_vgg", "resnet_cifar", "resnet_imagenet"):
-            raise ConfigError(f"cmff supports {SUPPORTED}; got model.name={model!r}")
-        kwargs = {"dropout": hp.dropout} if family == "cmff_vgg" else {}
-        self.model, self.model_kwargs, self.num_classes = model, kwargs, num_classes
-        self.nets = nn.ModuleList(create_model(model, num_classes, **kwargs) for _ in range(2))
-        self.kind = kind = backbone_kind(self.nets[0])
-        self.share_stem = hp.share_stem
-        self.shared_classifier = kind == "vgg" if hp.shared_classifier is None else hp.shared_classifier
-        for name in (STEM_MODULES[kind] if self.share_stem else ()) + (
-            HEAD_MODULES[kind] if self.shared_classifier else ()
-        ):
-            setattr(self.nets[1], name, None)  # net 2 uses net 1's
-        self.feature_dim = self.nets[0].feature_dim
-        self.image_size = hp.image_size or (64 if kind == "resnet_imagenet" else 32)
-        shapes = self._stage_shapes(self.image_size)
-        self.num_stages = len(shapes)
-        self.self_supervision = hp.self_supervision
-        self.aux_stage = hp.aux_stage
-        self.aux_pool = hp.aux_pool
-        if hp.self_supervision:
-            a = hp.aux_stage
-            if a >= self.num_stages:
-                raise ConfigError(f"method.aux_stage={a} but {model} has stages 0..{self.num_stages - 1}")
-            self.projections = nn.ModuleList()
-            for _ in range(2):
-                per_net = nn.ModuleDict()
-                for s in range(a):
-                    (cs, hs, ws), (ct, ht, wt) = shapes[s], shapes[a]
-                    if hs % ht or ws % wt or hs // ht != ws // wt:
-                        raise ConfigError(f"stage {s} ({hs}x{ws}) does not downscale evenly to stage {a} ({ht}x{wt})")
-                    per_net[f"{s}to{a}"] = _projection(cs, ct, hs // ht)
-                self.projections.append(per_net)
-            c, h, w = shapes[a]
-            self.aux_in = c * (hp.aux_pool**2 if hp.aux_pool else h * w)
-            hidden = list(hp.rot_hidden) if hp.rot_hidden is not None else [self.aux_in // 2, self.aux_in // 4]
-            self.rot_head = _mlp([self.aux_in, *hidden, 4 * num_classes], hp.dropout)
-            p = hp.proj_dim or self.aux_in
-            self.proj_head = _mlp([self.aux_in, p, p], 0.0)
-        self.cross_attention = CrossAttentionFusion(
-            self.feature_dim,
-            hp.attn_heads,
-            layout=hp.attn_layout,
-            query_from=hp.attn_query_from,
-            mlp_ratio=hp.attn_mlp_ratio,
-            attn_dropout=hp.attn_dropout,
-            resid_dropout=hp.attn_dropout,
-            linear_std=hp.linear_init_std,
-        )
-        for name in ("projections", "rot_head", "proj_head"):
-            if hasattr(self, name):
-                init_extras(getattr(self, name), hp.linear_init_std)
-
-    @torch.no_grad()
-    def _stage_shapes(self, size: int) -> list[tuple[int, int, int]]:
-        net, was_training = self.nets[0], self.nets[0].training
-        net.eval()
-        h = run_stem(net, self.kind, torch.zeros(1, 3, size, size))
-        shapes = []
-        for stage in stage_list(net, self.kind):
-            h = stage(h)
-            shapes.append(tuple(h.shape[1:]))
-        net.train(was_training)
-        return shapes
-
-    def stem_owner(self, i: int) -> nn.Module:
-        return self.nets[0] if self.share_stem else self.nets[i]
-
-    def head_owner(self, i: int) -> nn.Module:
-        return self.nets[0] if self.shared_classifier else self.nets[i]
-
-    def _aux_input(self, kappa: Tensor) -> Tensor:
-        if self.aux_pool:
-            kappa = F.adaptive_avg_pool2d(kappa, self.aux_pool)
-        flat = kappa.flatten(1)
-        if flat.shape[1] != self.aux_in:
-            raise ValueError(
-                f"the auxiliary heads were sized for {self.image_size}x{self.image_size} inputs ({self.aux_in} "
-                f"features) but got {flat.shape[1]}; set method.image_size to the training resolution"
-            )
-        return flat
-
-    def forward_nets(self, x: Tensor, aux: bool) -> tuple[list[Tensor], list[Tensor | None]]:
-        """Both nets on x: (final maps, fused knowledge kappa^i at ``aux_stage`` or None)."""
-        finals, fused = [], []
-        shared = run_stem(self.nets[0], self.kind, x) if self.share_stem else None
-        for i in range(2):
-            h = shared if shared is not None else run_stem(self.stem_owner(i), self.kind, x)
-            incoming: list[Tensor] = []
-            kappa = None
-            for s, stage in enumerate(stage_list(self.nets[i], self.kind)):
-                h = stage(h)
-                if aux and s < self.aux_stage:
-                    incoming.append(self.projections[i][f"{s}to{self.aux_stage}"](h))
-                elif aux and s == self.aux_stage:
-                    kappa = h
-                    for k in incoming:  # left to right, as the release
-                        kappa = kappa + k
-            finals.append(h)
-            fused.append(kappa)
-        return finals, fused
-
-    def heads(self, finals: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
-        feats = [final_feature(f, self.kind) for f in finals]
-        return [classify(self.head_owner(i), self.kind, f) for i, f in enumerate(feats)], feats
-
-    def single_net(self, index: int) -> nn.Module:
-        """Net ``index`` (0 or 1) as the plain registered backbone, shared stem / classifier included."""
-        if index == 0:
-            return self.nets[0]
-        with torch.random.fork_rng(devices=[]):  # the trainer calls this every epoch: leave the RNG alone
-            net = create_model(self.model, self.num_classes, **self.model_kwargs)
-        state = dict(self.nets[1].state_dict())
-        for name in (STEM_MODULES[self.kind] if self.share_stem else ()) + (
-            HEAD_MODULES[self.kind] if self.shared_classifier else ()
-        ):
-            state.update({f"{name}.{k}": v for k, v in getattr(self.nets[0], name).state_dict().items()})
-        net.load_state_dict(state)
-        return net.to(next(self.parameters()).device)
-
-
-def init_extras(module: nn.Module, linear_std: float) -> None:
-    """Conv He fan_out (relu), BN 1/0, Linear N(0, linear_std) with bias 0 (the release's CrossVGG loop)."""
-    for m in module.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
-            bn_one_zero_(m)
-        elif isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, 0.0, linear_std)
-            nn.init.zeros_(m.bias)
 
 
 # ---------------------------------------------------------------------------------------------- the loss
