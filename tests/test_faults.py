@@ -284,7 +284,7 @@ def test_stop_before_the_first_commit_does_not_offer_a_resume(cifar10_root, tmp_
         raise StopRequested(signal.SIGTERM)
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(trainer, "_train_epoch", terminated)
+    monkeypatch.setattr(trainer, "train_epoch", terminated)
     with _Log() as log:
         assert main(args(cifar10_root)) == 143
     assert "nothing to resume" in log.text and "--resume" not in log.text

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch import Tensor
 
 from okd.config import Config, build_config
 from okd.data import build_loaders
@@ -20,19 +19,17 @@ from okd.engine.checkpoint import load_checkpoint, load_state_checked, require_k
 from okd.engine.distributed import (
     DistContext,
     all_gather_objects,
-    all_reduce_sum,
     barrier,
     check_global_batch,
     init_distributed,
     rank_device,
     shutdown,
 )
+from okd.engine.epoch import interactive, steps_per_epoch, sync, train_epoch
 from okd.engine.evaluate import evaluate
 from okd.engine.run_log import (
     best_in_history,
     epoch_line,
-    format_duration,
-    live_eta,
     log,
     run_eta,
     run_summary,
@@ -205,7 +202,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: DistContext, store: R
             loader.shard(dist.rank, dist.world_size)
     configure_backends(r.train, device)
     method = build_method(cfg, num_classes).to(device)
-    plan = build_optimization(method, cfg, steps_per_epoch=_steps_per_epoch(train_loader, r.train))
+    plan = build_optimization(method, cfg, steps_per_epoch=steps_per_epoch(train_loader, r.train))
     runner = StepRunner(method, plan.optimizers, r.train, device, schedulers=plan.step_schedulers)
 
     start_epoch, history, best = 0, [], {"top1": -1.0, "epoch": 0}
@@ -234,7 +231,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: DistContext, store: R
         return run_dir
 
     deploy_head = method.deploy_head
-    interactive = _interactive(r.train.progress) and dist.is_main
+    bars = interactive(r.train.progress) and dist.is_main
     paces: list[float] = []  # seconds per epoch (training + evaluation) in this process
     board = TensorBoardLogger(run_dir) if r.train.tensorboard and dist.is_main else None
     with _GracefulStop(), board or contextlib.nullcontext():
@@ -243,12 +240,12 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: DistContext, store: R
                 if holdout_loader is not None:
                     with torch.no_grad(), autocast(r.train, device):
                         method.fit_on_holdout(holdout_loader)
-                row = _train_epoch(runner, train_loader, epoch, r.train, dist, paces)
+                row = train_epoch(runner, train_loader, epoch, r.train, dist, paces)
                 plan.end_of_epoch()
                 eval_start = time.perf_counter()
                 with autocast(r.train, device):
-                    metrics = evaluate(method, test_loader, dist=dist, progress=interactive)
-                _sync(device)
+                    metrics = evaluate(method, test_loader, dist=dist, progress=bars)
+                sync(device)
                 row["time/eval_s"] = time.perf_counter() - eval_start
                 paces.append(row["time/epoch_s"] + row["time/eval_s"])
                 metrics.update(method.derived_metrics(metrics))
@@ -304,11 +301,6 @@ def _check_finite(method, row: dict[str, float], epoch: int) -> None:
         raise NonFiniteError(f"epoch {epoch}: {bad} is not finite (NaN or inf) after training")
 
 
-def _steps_per_epoch(loader, train_cfg) -> int:
-    n = len(loader)
-    return n if train_cfg.max_steps_per_epoch is None else min(n, train_cfg.max_steps_per_epoch)
-
-
 def _log_start(cfg: Config, run_dir: Path, dist: DistContext, plan, device: torch.device) -> None:
     r = cfg.run
     per_rank = r.data.batch_size // dist.world_size
@@ -328,74 +320,12 @@ def _method_views(cfg: Config) -> int:
     return METHODS.get(cfg.method_name).views_for(cfg.method_params)
 
 
-def _interactive(progress: str) -> bool:
-    return progress == "bar" or (progress == "auto" and sys.stderr.isatty())
-
-
-def _train_epoch(
-    runner: StepRunner, loader, epoch: int, train_cfg, dist: DistContext, paces: list[float] = ()
-) -> dict[str, float]:
-    """One epoch of training steps; the bar (when interactive) shows "epoch k/N" and the run's ETA from the
-    step time and ``paces``, the seconds of the epochs timed before."""
-    runner.method.train()
-    loader.set_epoch(epoch)
-    sums: dict[str, Tensor] = {}
-    nonfinite = torch.zeros((), device=runner.device)  # steps whose loss is NaN/inf, read with the sums
-    images_seen = 0
-    max_steps = train_cfg.max_steps_per_epoch
-    batches, bar = loader, None
-    n_steps = len(loader) if max_steps is None else min(len(loader), max_steps)
-    if _interactive(train_cfg.progress) and dist.is_main:
-        from tqdm import tqdm
-
-        desc = f"epoch {epoch + 1}/{train_cfg.epochs}"
-        batches = bar = tqdm(loader, total=n_steps, desc=desc, leave=False, file=sys.stderr)
-    start = time.perf_counter()
-    for step, (images, labels) in enumerate(batches):
-        if max_steps is not None and step >= max_steps:
-            break
-        losses, total = runner.step(images, labels, epoch)
-        n = labels.shape[0]
-        images_seen += n
-        for key, value in losses.items():
-            sums[key] = sums.get(key, 0.0) + value.detach().float() * n
-        sums["loss"] = sums.get("loss", 0.0) + total.detach().float() * n
-        if bar is not None:
-            step_s = (time.perf_counter() - start) / (step + 1)
-            eta = live_eta(paces, train_cfg.epochs - epoch - 1, step_s, n_steps - step - 1, n_steps)
-            bar.set_postfix_str(f"run ETA {format_duration(eta)}", refresh=False)
-        nonfinite = nonfinite + (~torch.isfinite(total.detach())).float()
-    if images_seen == 0:
-        raise ConfigError("the training split yielded no batch; lower data.batch_size or set data.drop_last=false")
-    keys = list(sums)
-    count = torch.tensor(float(images_seen), device=runner.device)  # on the device: stack never mixes devices
-    packed = torch.stack([sums[k] for k in keys] + [nonfinite, count]).to(torch.float64)
-    packed = all_reduce_sum(packed, dist).tolist()
-    _sync(runner.device)
-    seconds = time.perf_counter() - start
-    seen = packed[-1]
-    if packed[-2]:
-        raise NonFiniteError(
-            f"epoch {epoch + 1}: the training loss was not finite (NaN or inf) in {int(packed[-2])} step(s)"
-        )
-    row: dict[str, float] = {"epoch": epoch + 1}
-    row.update({f"train/{k}": packed[i] / seen for i, k in enumerate(keys)})
-    row["time/epoch_s"] = seconds
-    row["time/images_per_s"] = seen / max(seconds, 1e-9)
-    return row
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _report_epoch(row: dict, progress: str, epochs: int, deployed: str | None, eta_s: float | None) -> None:
     if progress == "none":
         return
     heads = sorted({k.split("/")[1] for k in row if k.startswith("test/") and k.endswith("/top1")})
     line = epoch_line(row, heads, epochs, deployed, eta_s)
-    if _interactive(progress):
+    if interactive(progress):
         from tqdm import tqdm
 
         tqdm.write(line, file=sys.stderr)
