@@ -3,14 +3,16 @@
 - independent loss references written out by hand (``ref_kl``, ``ref_ce``);
 - short deterministic runs on the ``cifar10_root`` fixture (``quick_overrides``, ``train_and_resume``) and bitwise
   comparisons of two runs (``assert_same``, ``assert_same_runs``);
+- messages whatever their wrapping (``mentions``);
 - the report commands (``cli``) and the short runs that test_export.py and test_report.py share (``trained``).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import redirect_stdout
 from pathlib import Path
 
@@ -18,8 +20,6 @@ import numpy as np
 import torch
 import yaml
 from torch import Tensor
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 # ------------------------------------------------------------------------------------------- loss references
@@ -36,13 +36,16 @@ def ref_ce(z: Tensor, y: Tensor) -> Tensor:
 
 # ------------------------------------------------------------------------------------------------ short runs
 def quick_overrides(root: Path, out: Path, name: str, epochs: int, settings: dict[str, object] = {}) -> list[str]:  # noqa: B006
-    """``key=value`` overrides of a short deterministic run on the CIFAR-10 folder ``root`` (no download, no
-    progress bar), written to ``out/name``; ``settings`` adds or replaces keys (limits, batch sizes, seed, method)."""
+    """``key=value`` overrides of a short deterministic CPU run on the CIFAR-10 folder ``root`` (no download, no
+    progress bar), written to ``out/name``; ``settings`` adds or replaces keys (limits, batch sizes, seed, method).
+
+    The device is the CPU even where a GPU is present: bitwise resume is promised (and tested) on the CPU."""
     overrides: dict[str, object] = {
         "data.root": root,
         "data.download": "false",
         "train.epochs": epochs,
         "train.deterministic": "true",
+        "train.device": "cpu",
         "train.progress": "none",
         "output_dir": out,
         "name": name,
@@ -102,6 +105,13 @@ def assert_same_runs(a: Path, b: Path, metrics: bool = True) -> tuple[dict, dict
     return sa, sb
 
 
+# ------------------------------------------------------------------------------------------------ messages
+def mentions(text: str, phrase: str) -> bool:
+    """``phrase`` occurs in ``text`` whatever the line wrapping: the CLI wraps messages at 100 columns, which
+    splits phrases at spaces and long words (temporary paths) anywhere, so all whitespace is ignored."""
+    return "".join(phrase.split()) in "".join(text.split())
+
+
 # ---------------------------------------------------------------------------------------- report and export
 def cli(*argv) -> str:
     """Run an ``okd`` report subcommand in-process; asserts exit status 0 and returns its stdout."""
@@ -116,15 +126,19 @@ def cli(*argv) -> str:
     return buf.getvalue()
 
 
-def trained(tmp_path_factory, cifar10_root: Path, config: str, name: str, extra: list[str] = ()) -> Path:
-    """A short real run, trained once per session (shared by the test files through the base temp dir)."""
+def trained(tmp_path_factory, cifar10_root: Path, config: str, name: str, extra: Sequence[str] = ()) -> Path:
+    """A short real run of the packaged ``config``, trained once per session for each (config, name, extra)
+    and shared by the test files through the base temp dir; the folder name carries a key of all three."""
     from okd.config import load_config
+    from okd.configs import resolve_config
     from okd.engine.trainer import train
     from okd.report.runs import method_class
 
-    out = tmp_path_factory.getbasetemp() / "okd_runs"
-    if not (out / name / "deploy.pt").is_file():
-        method_class(yaml.safe_load((REPO / config).read_text())["method"]["name"])  # register it
+    key = hashlib.sha256(repr((str(config), name, tuple(str(e) for e in extra))).encode()).hexdigest()[:10]
+    out, run = tmp_path_factory.getbasetemp() / "okd_runs", f"{name}_{key}"
+    if not (out / run / "deploy.pt").is_file():
+        path = resolve_config(config)
+        method_class(yaml.safe_load(path.read_text())["method"]["name"])  # register it
         overrides = [
             f"data.root={cifar10_root}",
             "data.download=false",
@@ -136,9 +150,9 @@ def trained(tmp_path_factory, cifar10_root: Path, config: str, name: str, extra:
             "train.progress=none",
             "train.epochs=1",
             f"output_dir={out}",
-            f"name={name}",
+            f"name={run}",
             "seed=1",
             *extra,
         ]
-        train(load_config(REPO / config, overrides))
-    return out / name
+        train(load_config(path, overrides))
+    return out / run

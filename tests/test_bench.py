@@ -23,7 +23,7 @@ from okd.config import load_config
 from okd.engine.builder import build_method
 from okd.errors import OKDError
 
-CONFIG = "configs/cifar100/baseline_resnet20.yaml"
+CONFIG = "cifar100/baseline_resnet20"
 TINY = ["train.device=cpu", "data.batch_size=4", "data.root=/nonexistent"]
 
 
@@ -81,7 +81,7 @@ def test_reference_transform_without_augmentation_is_normalisation():
 
 def test_reference_step_is_per_component_for_ffsd():
     pytest.importorskip("okd.methods.ffsd")
-    cfg = load_config("configs/cifar100/ffsd_resnet20.yaml", TINY)
+    cfg = load_config("cifar100/ffsd_resnet20", TINY)
     method = build_method(cfg, 100)
     names, opts = build_optimizers(method, cfg)
     ref = ReferenceStep(method, names, opts)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from okd.config import OptimConfig, load_config
+from okd.configs import packaged_configs
 from okd.engine.builder import build_method, build_optimization
 from okd.engine.checkpoint import load_checkpoint
 from okd.errors import ConfigError
@@ -449,7 +450,7 @@ def test_unsupported_models_are_rejected():
         make(aux_stage=3, **SMALL)
 
 
-@pytest.mark.parametrize("path", sorted(str(p) for p in Path("configs").glob("*/cmff_*.yaml")))
+@pytest.mark.parametrize("path", [name for name in packaged_configs() if name.split("/")[1].startswith("cmff_")])
 def test_configs_load_and_build(path):
     cfg = load_config(path)
     assert cfg.method_name == "cmff" and cfg.run.optim.weight_decay == 2e-4

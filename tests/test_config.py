@@ -7,7 +7,7 @@ import pytest
 from okd.config import load_config
 from okd.errors import ConfigError
 
-BASE = "configs/cifar10/baseline_resnet20.yaml"
+BASE = "cifar10/baseline_resnet20"
 
 
 def test_yaml_and_overrides_are_typed():
@@ -59,12 +59,12 @@ def test_bad_override_syntax_and_missing_file(tmp_path):
 
 
 def test_every_shipped_config_validates():
-    from pathlib import Path
+    from okd.configs import packaged_configs
 
-    configs = sorted(Path("configs").rglob("*.yaml"))
-    assert configs
-    for path in configs:
-        load_config(path)
+    configs = packaged_configs()
+    assert "cifar10/baseline_resnet20" in configs and "cifar100/ffsd_resnet32" in configs
+    for name in configs:
+        load_config(name)
 
 
 @pytest.mark.parametrize(

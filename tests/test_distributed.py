@@ -21,9 +21,9 @@ from okd.engine.step import prepare_method
 from okd.methods import METHODS
 
 METHOD_CONFIGS = {
-    "baseline": "configs/cifar10/baseline_resnet20.yaml",
-    "ffsd": "configs/cifar10/ffsd_resnet20.yaml",
-    "dml": "configs/cifar100/dml_resnet32.yaml",
+    "baseline": "cifar10/baseline_resnet20",
+    "ffsd": "cifar10/ffsd_resnet20",
+    "dml": "cifar100/dml_resnet32",
 }
 
 
@@ -126,7 +126,7 @@ def test_imagenet_ffsd_under_torchrun_writes_one_run_folder(tmp_path):
         f"output_dir={tmp_path / 'runs'}",
         "name=r18",
     ]
-    torchrun("configs/imagenet/ffsd_resnet18.yaml", args)
+    torchrun("imagenet/ffsd_resnet18", args)
     run = tmp_path / "runs" / "r18"
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["r18"]
     row = read_metrics_csv(run / "metrics.csv")[-1]
@@ -151,7 +151,7 @@ def test_tinyimagenet_dml_resumes_exactly_under_two_processes(tmp_path):
         f"output_dir={tmp_path / 'runs'}",
         "seed=3",
     ]
-    config = "configs/cifar100/dml_resnet32.yaml"
+    config = "cifar100/dml_resnet32"
     torchrun(config, [*base, "train.epochs=2", "name=full"])
     torchrun(config, [*base, "train.epochs=1", "name=split"])
     torchrun(config, ["train.epochs=2"], resume=tmp_path / "runs" / "split")

@@ -17,7 +17,7 @@ from okd.errors import ConfigError
 from okd.methods.base import MethodContext
 from okd.methods.dml import DML, DMLParams
 
-CONFIG = "configs/cifar100/dml_resnet32.yaml"
+CONFIG = "cifar100/dml_resnet32"
 
 
 def make_dml(**params) -> DML:

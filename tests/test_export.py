@@ -18,7 +18,7 @@ from okd.models import create_model
 from okd.report.export import export, load_deployable, sample_inputs
 from okd.report.predict import load_predictor, predict
 
-FFSD = "configs/cifar10/ffsd_resnet20.yaml"
+FFSD = "cifar10/ffsd_resnet20"
 
 
 @pytest.fixture(scope="module")

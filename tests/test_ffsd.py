@@ -527,7 +527,7 @@ def test_end_to_end_every_head_and_loss_logged_and_resume_exact(cifar10_root, tm
         }
         return helpers.quick_overrides(cifar10_root, tmp_path, name, epochs, settings)
 
-    run, resumed = helpers.train_and_resume("configs/cifar10/ffsd_resnet20.yaml", overrides)
+    run, resumed = helpers.train_and_resume("cifar10/ffsd_resnet20", overrides)
     rows = read_metrics_csv(run / "metrics.csv")
     assert [r["epoch"] for r in rows] == [1, 2]
     for key in keys_for() | {"loss"}:

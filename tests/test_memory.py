@@ -108,7 +108,7 @@ def run_probed(method: str, tmp_path: Path, monkeypatch, leak: bool = False) -> 
         "data.drop_last=true", "data.test_batch_size=8", "train.epochs=1", "train.device=cpu",
         "train.progress=none", f"output_dir={tmp_path / 'runs'}", "name=mem",
     ]  # fmt: skip
-    cfg = load_config(f"configs/cifar10/{method}_resnet20.yaml", overrides)
+    cfg = load_config(f"cifar10/{method}_resnet20", overrides)
     probe = Probe(leak)
     monkeypatch.setattr(step_module.StepRunner, "step", probe.wrap(step_module.StepRunner.step))
     train(cfg)

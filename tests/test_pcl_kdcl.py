@@ -535,8 +535,8 @@ def test_kdcl_general_rule_fits_weights_on_the_holdout_split(cifar10_root, tmp_p
         "train.progress=none",
     ]
     with pytest.raises(ConfigError, match="data.holdout"):
-        train(load_config("configs/cifar10/kdcl_resnet32_wrn16_2.yaml", [*base, "name=nohold"]))
-    run = train(load_config("configs/cifar10/kdcl_resnet32_wrn16_2.yaml", [*base, "name=hold", "data.holdout=64"]))
+        train(load_config("cifar10/kdcl_resnet32_wrn16_2", [*base, "name=nohold"]))
+    run = train(load_config("cifar10/kdcl_resnet32_wrn16_2", [*base, "name=hold", "data.holdout=64"]))
     weights = load_checkpoint(run / "last.pt")["method"]["general_weights"]
     assert weights.sum().item() == pytest.approx(1.0)
     assert not torch.allclose(weights, torch.full_like(weights, 0.5))

@@ -468,9 +468,8 @@ def test_registered_with_description_and_paper():
 
 
 def test_every_resnet32_config_loads():
-    root = Path(__file__).resolve().parent.parent / "configs" / "cifar100"
     for name in PEER_METHODS:
-        cfg = load_config(root / f"{name}_resnet32.yaml")
+        cfg = load_config(f"cifar100/{name}_resnet32")
         assert cfg.method_name == name and cfg.run.model.name == "resnet32"
 
 
@@ -655,7 +654,7 @@ def test_trains_evaluates_every_head_and_resumes_exactly(name, cifar10_root, tea
     from okd.engine.run_log import read_metrics_csv
     from okd.engine.trainer import train
 
-    config = Path(__file__).resolve().parent.parent / "configs" / "cifar100" / f"{name}_resnet32.yaml"
+    config = f"cifar100/{name}_resnet32"
 
     def cfg(run: str, epochs: int):
         return load_config(config, e2e_overrides(cifar10_root, tmp_path, run, name, teacher_file, epochs))

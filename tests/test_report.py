@@ -20,8 +20,7 @@ from okd.report.published import find_published, load_published
 from okd.report.tables import build_report, to_csv, to_markdown
 
 SPEC = Path(__file__).resolve().parent.parent.parent / "shared" / "spec" / "reported-results.md"
-CONFIG = "configs/cifar10/baseline_resnet20.yaml"
-REPO = Path(__file__).resolve().parent.parent
+CONFIG = "cifar10/baseline_resnet20"
 
 
 def quick(root: Path) -> list[str]:
@@ -189,11 +188,11 @@ def seed_runs(tmp_path_factory, cifar10_root) -> list[Path]:
     from okd.report.sweep import run_sweep
 
     out = tmp_path_factory.mktemp("sweep")
-    return run_sweep(REPO / CONFIG, [1, 2, 3], [*quick(cifar10_root), f"output_dir={out}", "name=base"])
+    return run_sweep(CONFIG, [1, 2, 3], [*quick(cifar10_root), f"output_dir={out}", "name=base"])
 
 
 def test_sweep_prints_commands(cifar10_root):
-    text = helpers.cli("sweep", REPO / CONFIG, "--seeds", "4", "5", "train.epochs=3", "--print")
+    text = helpers.cli("sweep", CONFIG, "--seeds", "4", "5", "train.epochs=3", "--print")
     lines = text.strip().splitlines()
     assert len(lines) == 2
     assert lines[0].endswith("train.epochs=3 seed=4 name=cifar10_baseline_resnet20_s4")
@@ -234,7 +233,7 @@ def test_attention_ffsd_students_and_leader(tmp_path_factory, cifar10_root, tmp_
     pytest.importorskip("matplotlib")
     from PIL import Image
 
-    run = helpers.trained(tmp_path_factory, cifar10_root, "configs/cifar10/ffsd_resnet20.yaml", "ffsd")
+    run = helpers.trained(tmp_path_factory, cifar10_root, "cifar10/ffsd_resnet20", "ffsd")
     out = tmp_path / "att.png"
     text = helpers.cli("attention", run, "--images", "4", "--out", out, "--similarity-images", "48")
     assert "(student0, student1, leader)" in text

@@ -22,7 +22,7 @@ from okd.engine.run_log import read_metrics_csv
 from okd.engine.scoring import score_checkpoint
 from okd.engine.trainer import config_from_run, train
 
-CONFIG = "configs/cifar10/baseline_resnet20.yaml"
+CONFIG = "cifar10/baseline_resnet20"
 
 
 def quick(root: Path, out: Path, name: str, epochs: int = 3, **extra: str) -> list[str]:
@@ -33,6 +33,7 @@ def quick(root: Path, out: Path, name: str, epochs: int = 3, **extra: str) -> li
         "data.test_batch_size": 100,
         "optim.milestones": "[2]",
         "train.progress": "log",
+        "train.device": "cpu",
         "seed": 7,
     }
     return helpers.quick_overrides(root, out, name, epochs, settings | extra)
@@ -83,25 +84,48 @@ def test_resume_is_bitwise_exact(reference_run, cifar10_root, tmp_path):
     helpers.assert_same_runs(reference_run, resumed)
 
 
+# The child runs ``okd train`` with StepRunner.step wrapped: after its 3rd step of epoch 3 it writes a marker and
+# stops there, so the kill lands mid-epoch (after real in-memory progress past the last save) on any machine.
+KILL_CHILD = """
+import pathlib, sys, time
+from okd.engine.step import StepRunner
+marker, calls, step = pathlib.Path(sys.argv[1]), [], StepRunner.step
+def paused_step(self, images, labels, epoch):
+    out = step(self, images, labels, epoch)
+    calls.append(epoch)
+    if calls.count(2) == 3:
+        marker.write_text("mid-epoch 3")
+        time.sleep(600)
+    return out
+StepRunner.step = paused_step
+from okd.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
 def test_kill_9_mid_epoch_then_resume_matches(reference_run, cifar10_root, tmp_path):
-    cmd = [sys.executable, "-m", "okd", "train", CONFIG, *quick(cifar10_root, tmp_path, "killed")]
-    run = tmp_path / "killed"
+    marker, run = tmp_path / "mid_epoch_3", tmp_path / "killed"
+    child = [sys.executable, "-c", KILL_CHILD, str(marker)]
+    cmd = [*child, "train", CONFIG, *quick(cifar10_root, tmp_path, "killed")]
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # bitwise needs the same thread count
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     try:
-        deadline = time.time() + 240
-        while time.time() < deadline and proc.poll() is None:
-            if (run / "metrics.csv").exists() and len(read_metrics_csv(run / "metrics.csv")) >= 2:
-                break
+        deadline = time.time() + 300
+        while not marker.exists() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.05)
-        time.sleep(0.5)  # into epoch 3
-        assert proc.poll() is None, "the run finished before it could be killed"
+        if not marker.exists():
+            why = "timeout" if proc.poll() is None else proc.stderr.read().decode()[-2000:]
+            pytest.fail(f"the run never reached epoch 3: {why}")
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.wait()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
     assert load_checkpoint(run / "last.pt")["epoch"] == 2
+    assert [r["epoch"] for r in read_metrics_csv(run / "metrics.csv")] == [1, 2]
     assert main(["train", "--resume", str(run)]) == 0
     helpers.assert_same_runs(reference_run, run)
 
@@ -113,33 +137,33 @@ def _digest(folder: Path) -> dict[str, str]:
 def test_bad_inputs_fail_cleanly_without_damage(reference_run, cifar10_root, tmp_path, capsys):
     before = _digest(reference_run)
     # resume with a config of another model
-    assert main(["train", "configs/cifar10/baseline_wrn16_2.yaml", "--resume", str(reference_run)]) == 2
-    assert "cannot resume" in capsys.readouterr().err
+    assert main(["train", "cifar10/baseline_wrn16_2", "--resume", str(reference_run)]) == 2
+    assert helpers.mentions(capsys.readouterr().err, "cannot resume")
     # starting a new run over an existing one
     args = ["train", CONFIG, *quick(cifar10_root, reference_run.parent, "reference")]
     assert main(args) == 2
-    assert "--resume" in capsys.readouterr().err
+    assert helpers.mentions(capsys.readouterr().err, "--resume")
     assert _digest(reference_run) == before
     # missing data folder, config typo, negative epochs
     assert main(["train", CONFIG, *quick(tmp_path / "nowhere", tmp_path, "a")]) == 2
-    assert "nowhere" in capsys.readouterr().err
+    assert helpers.mentions(capsys.readouterr().err, "nowhere")
     assert main(["train", CONFIG, "train.epochz=3"]) == 2
-    assert "epochs" in capsys.readouterr().err
+    assert helpers.mentions(capsys.readouterr().err, "epochs")
     assert main(["train", CONFIG, "train.epochs=-2"]) == 2
-    assert "positive" in capsys.readouterr().err
+    assert helpers.mentions(capsys.readouterr().err, "positive")
     # corrupt pickle
     broken = tmp_path / "broken"
     shutil.copytree(cifar10_root, broken)
     batch = broken / "cifar-10-batches-py" / "data_batch_1"
     batch.write_bytes(batch.read_bytes()[:1000])
     assert main(["train", CONFIG, *quick(broken, tmp_path, "b")]) == 2
-    assert "data_batch_1" in capsys.readouterr().err
+    assert helpers.mentions(capsys.readouterr().err, "data_batch_1")
     # corrupt checkpoint
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
     (corrupt / "last.pt").write_bytes(b"not a checkpoint")
     assert main(["test", str(corrupt)]) == 2
-    assert "cannot be read" in capsys.readouterr().err
+    assert helpers.mentions(capsys.readouterr().err, "cannot be read")
 
 
 def test_tensorboard_logging_writes_every_epoch(cifar10_root, tmp_path):
