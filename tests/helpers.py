@@ -34,6 +34,29 @@ def ref_ce(z: Tensor, y: Tensor) -> Tensor:
     return -(z - torch.logsumexp(z, 1, keepdim=True)).gather(1, y[:, None]).mean()
 
 
+def assert_bn_updates_with_momentum_0_1(module: torch.nn.Module, *inputs: Tensor) -> int:
+    """One train-mode forward of ``module`` from fresh BatchNorm buffers (0 / 1) leaves, in every BN layer,
+    running mean = 0.1 x the batch mean and running var = 0.9 + 0.1 x the unbiased batch variance of that
+    layer's input (PyTorch's momentum 0.1, as in the reference code). Returns the number of BN layers."""
+    bns = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    seen: dict[torch.nn.Module, Tensor] = {}
+    hooks = [bn.register_forward_pre_hook(lambda m, args: seen.__setitem__(m, args[0].detach().clone())) for bn in bns]
+    try:
+        for bn in bns:
+            bn.reset_running_stats()
+        module.train()
+        with torch.no_grad():
+            module(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    for bn in bns:
+        x = seen[bn].transpose(0, 1).flatten(1)  # channels x (batch and positions)
+        torch.testing.assert_close(bn.running_mean, 0.1 * x.mean(1), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(bn.running_var, 0.9 + 0.1 * x.var(1, unbiased=True), rtol=1e-4, atol=1e-6)
+    return len(bns)
+
+
 # ------------------------------------------------------------------------------------------------ short runs
 def quick_overrides(root: Path, out: Path, name: str, epochs: int, settings: dict[str, object] = {}) -> list[str]:  # noqa: B006
     """``key=value`` overrides of a short deterministic CPU run on the CIFAR-10 folder ``root`` (no download, no

@@ -80,7 +80,6 @@ def test_reference_transform_without_augmentation_is_normalisation():
 
 
 def test_reference_step_is_per_component_for_ffsd():
-    pytest.importorskip("okd.methods.ffsd")
     cfg = load_config("cifar100/ffsd_resnet20", TINY)
     method = build_method(cfg, 100)
     names, opts = build_optimizers(method, cfg)

@@ -53,8 +53,12 @@ def write_cifar10(root: Path, per_batch=4, n_test=6, *, bytes_keys=False, protoc
             labs += labels
         out[split] = (np.concatenate(imgs), np.array(labs))
     if meta:
-        _dump(folder / "batches.meta", {"label_names": CIFAR10_CLASSES, "num_vis": 3072},
-              bytes_keys=bytes_keys, protocol=protocol)
+        _dump(
+            folder / "batches.meta",
+            {"label_names": CIFAR10_CLASSES, "num_vis": 3072},
+            bytes_keys=bytes_keys,
+            protocol=protocol,
+        )
     return out
 
 
@@ -72,13 +76,22 @@ def write_cifar100(root: Path, n_train=12, n_test=5, *, bytes_keys=False, protoc
         fine = rng.integers(0, 100, n).tolist()
         fine[0] = 99
         coarse = rng.integers(0, 20, n).tolist()
-        batch = {"filenames": ["x.png"] * n, "batch_label": split, "fine_labels": fine,
-                 "coarse_labels": coarse, "data": data}
+        batch = {
+            "filenames": ["x.png"] * n,
+            "batch_label": split,
+            "fine_labels": fine,
+            "coarse_labels": coarse,
+            "data": data,
+        }
         _dump(folder / split, batch, bytes_keys=bytes_keys, protocol=protocol)
         out[split] = (data.reshape(n, 3, 32, 32), np.array(fine), np.array(coarse))
     if meta:
-        _dump(folder / "meta", {"fine_label_names": FINE, "coarse_label_names": COARSE},
-              bytes_keys=bytes_keys, protocol=protocol)
+        _dump(
+            folder / "meta",
+            {"fine_label_names": FINE, "coarse_label_names": COARSE},
+            bytes_keys=bytes_keys,
+            protocol=protocol,
+        )
     return out
 
 
@@ -187,8 +200,12 @@ def test_malformed_batch(tmp_path, data, labels, pattern):
 
 def test_missing_key_and_unknown_dataset(tmp_path):
     write_cifar100(tmp_path)
-    _dump(tmp_path / "cifar-100-python" / "test", {"data": np.zeros((2, 3072), np.uint8), "labels": [0, 1]},
-          bytes_keys=True, protocol=2)
+    _dump(
+        tmp_path / "cifar-100-python" / "test",
+        {"data": np.zeros((2, 3072), np.uint8), "labels": [0, 1]},
+        bytes_keys=True,
+        protocol=2,
+    )
     with pytest.raises(DataError, match=r"no 'fine_labels' entry"):
         load_cifar(tmp_path, "cifar100", train=False)
     with pytest.raises(DataError, match=r"unknown dataset 'svhn'; choose one of: cifar10, cifar100"):
@@ -277,8 +294,16 @@ def reference_crop(img: torch.Tensor, dy: int, dx: int, flipped: bool, pad: int,
 
 def test_crop_offsets_uniform_and_flip_rate():
     n, pad = 4000, 4
-    loader = DeviceLoader(coord_images(n), torch.zeros(n, dtype=torch.long), 1000, train=True, pad=pad,
-                          padding_mode="zeros", seed=1, **RAW)
+    loader = DeviceLoader(
+        coord_images(n),
+        torch.zeros(n, dtype=torch.long),
+        1000,
+        train=True,
+        pad=pad,
+        padding_mode="zeros",
+        seed=1,
+        **RAW,
+    )
     dys, dxs, flips = [], [], []
     for epoch in range(5):
         loader.set_epoch(epoch)
@@ -326,8 +351,9 @@ def test_crop_matches_reference_and_borders(mode):
 def test_zero_padding_is_zero_in_pixel_space():
     img = torch.full((64, 3, 8, 8), 200, dtype=torch.uint8)
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
-    loader = DeviceLoader(img, torch.zeros(64, dtype=torch.long), 64, mean=mean, std=std, train=True, pad=2,
-                          padding_mode="zeros", seed=0)
+    loader = DeviceLoader(
+        img, torch.zeros(64, dtype=torch.long), 64, mean=mean, std=std, train=True, pad=2, padding_mode="zeros", seed=0
+    )
     x, _ = next(iter(loader))
     values = {round(v, 4) for v in x[:, 0].flatten().tolist()}
     assert values <= {round((0 - 0.5) / 0.2, 4), round((200 / 255 - 0.5) / 0.2, 4)}
@@ -404,8 +430,7 @@ def test_views_are_independent_draws_of_the_same_images():
 
 def test_no_flip_no_pad_options_and_channels_last():
     imgs = coord_images(32)
-    loader = DeviceLoader(imgs, torch.arange(32), 32, train=True, pad=0, flip=False, channels_last=True,
-                          **RAW)
+    loader = DeviceLoader(imgs, torch.arange(32), 32, train=True, pad=0, flip=False, channels_last=True, **RAW)
     x, y = next(iter(loader))
     assert x.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(x, imgs[y].float())
@@ -418,8 +443,16 @@ def test_no_flip_no_pad_options_and_channels_last():
 
 def test_build_loaders_from_config(tmp_path):
     ref = write_cifar10(tmp_path, per_batch=8, n_test=20)
-    cfg = DataConfig(dataset="cifar10", root=str(tmp_path), download=False, padding_mode="zeros",
-                     batch_size=8, test_batch_size=5, limit_train=30, limit_test=13)
+    cfg = DataConfig(
+        dataset="cifar10",
+        root=str(tmp_path),
+        download=False,
+        padding_mode="zeros",
+        batch_size=8,
+        test_batch_size=5,
+        limit_train=30,
+        limit_test=13,
+    )
     train, test, k, names = build_loaders(cfg, seed=4, device="cpu", views=2)
     assert k == 10 and names == CIFAR10_CLASSES
     assert len(train.labels) == 30 and len(train) == 4 and train.padding_mode == "zeros" and train.views == 2
@@ -463,4 +496,3 @@ def test_real_cifar10_subset(cifar10_root):
     assert (x.std((0, 2, 3)) - 1).abs().max() < 0.1
     xb, yb = next(iter(train))
     assert xb.shape == (128, 3, 32, 32) and yb.dtype == torch.int64
-

@@ -27,7 +27,7 @@ def make_dml(**params) -> DML:
     return DML(MethodContext(model="resnet20", num_classes=10, optim=OptimConfig(), params=hp, epochs=1))
 
 
-def reference_alternating(nets, images, labels, T: float, recompute: bool) -> None:
+def reference_alternating(nets, images, labels, T: float, recompute: bool, kl_weight: float = 1.0) -> None:
     """Plain-PyTorch DML steps: net i against the peers' predictions, recomputed after each step (or not)."""
     opts = [torch.optim.SGD(n.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4) for n in nets]
     with torch.no_grad():
@@ -40,14 +40,15 @@ def reference_alternating(nets, images, labels, T: float, recompute: bool) -> No
                 else [z for j, z in enumerate(frozen) if j != i]
             )
         z = net(images)
-        kl = sum(helpers.ref_kl(z, p, T) for p in peers) / len(peers)
+        kl = kl_weight * sum(helpers.ref_kl(z, p, T) for p in peers) / len(peers)
         opt.zero_grad()
         (F.cross_entropy(z, labels) + kl).backward()
         opt.step()
 
 
-def test_each_net_steps_against_the_peers_current_predictions():
-    method = make_dml(temperature=3.0)
+@pytest.mark.parametrize("T, kl_weight", [(3.0, 1.0), (2.0, 0.3)])
+def test_each_net_steps_against_the_peers_current_predictions(T, kl_weight):
+    method = make_dml(temperature=T, kl_weight=kl_weight)
     reference = copy.deepcopy(list(method.nets))
     images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 3, 5, 9])
     cfg = load_config(CONFIG, ["model.name=resnet20", "data.dataset=cifar10", "method.alternate_updates=true"])
@@ -58,8 +59,8 @@ def test_each_net_steps_against_the_peers_current_predictions():
     assert all(not v.requires_grad for v in losses.values())
 
     stale = copy.deepcopy(reference)
-    reference_alternating(reference, images, labels, 3.0, recompute=True)
-    reference_alternating(stale, images, labels, 3.0, recompute=False)
+    reference_alternating(reference, images, labels, T, recompute=True, kl_weight=kl_weight)
+    reference_alternating(stale, images, labels, T, recompute=False, kl_weight=kl_weight)
     for got, want in zip(method.nets, reference, strict=True):
         for (name, p), q in zip(got.state_dict().items(), want.state_dict().values(), strict=True):
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)

@@ -124,13 +124,7 @@ def assert_flat(probe: Probe) -> None:
     assert len(set(probe.state_ptrs[after])) == 1, "method/optimizer state storages change after warm-up"
 
 
-@pytest.fixture(params=["baseline", "ffsd"])
-def method(request) -> str:
-    if request.param == "ffsd":
-        pytest.importorskip("okd.methods.ffsd")
-    return request.param
-
-
+@pytest.mark.parametrize("method", ["baseline", "ffsd"])
 def test_memory_is_flat_over_steps(method, tmp_path, monkeypatch):
     assert_flat(run_probed(method, tmp_path, monkeypatch))
 

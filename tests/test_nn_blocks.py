@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from fractions import Fraction
 
+import helpers
 import pytest
 import torch
 
@@ -124,6 +125,15 @@ def test_transfusion_decoder_forward_and_init():
     assert dec.conv1.groups == 64 and dec.conv2.out_channels == 192
     assert dec.conv1.weight.std().item() == pytest.approx(math.sqrt(2 / (9 * 64)), rel=0.15)
     assert dec.conv2.weight.std().item() == pytest.approx(math.sqrt(2 / 192), rel=0.1)
+
+
+def test_batchnorm_of_fusion_decoder_and_sd_modules_uses_momentum_0_1():
+    torch.manual_seed(0)
+    assert helpers.assert_bn_updates_with_momentum_0_1(FusionModule(8, 10, num_inputs=2), torch.randn(4, 16, 4, 4)) == 2
+    assert (
+        helpers.assert_bn_updates_with_momentum_0_1(TransFusionDecoder(8, num_outputs=2), torch.randn(4, 8, 4, 4)) == 2
+    )
+    assert helpers.assert_bn_updates_with_momentum_0_1(SelfDistillationModule([8, 4, 2]), torch.randn(4, 8, 2, 2)) == 2
 
 
 # ------------------------------------------------------------------------------------------------------------

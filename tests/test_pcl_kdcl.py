@@ -215,7 +215,26 @@ def test_pcl_groups_heads_deploy_and_counts():
 def test_pcl_build_optimization_accepts_the_frozen_ema():
     cfg = load_config(None, ["method.name=pcl", "model.name=resnet20"])
     method = PCL(MethodContext("resnet20", K, cfg.run.optim, cfg.method_params, 300))
-    build_optimization(method, cfg)  # every trainable parameter in exactly one group; the EMA in none
+    plan = build_optimization(method, cfg)
+    optimized = [id(p) for opt in plan.optimizers for group in opt.param_groups for p in group["params"]]
+    assert plan.names == ["net"] and len(optimized) == len(set(optimized))  # every parameter once
+    assert set(optimized) == {id(p) for p in method.student.parameters()}  # all of the student's
+    assert not set(optimized) & {id(p) for p in method.ema.parameters()}  # none of the mean teacher's
+
+
+def test_pcl_mean_teacher_decay_is_capped_at_0_999_by_default():
+    """After 1,500 steps 1 - 1/(t+1) > 0.999, so the default cap alone sets alpha (0.99 would be 10x faster)."""
+    method = make_pcl()
+    method.ema_step.fill_(1500)
+    method.load_state_dict(method.state_dict())  # a resumed run: the step comes from the buffer
+    with torch.no_grad():
+        for p in method.student.parameters():
+            p.add_(1.0)
+    before = [q.clone() for q in method.ema.parameters()]
+    method.after_optimizer_step()
+    for p, q, q0 in zip(method.student.parameters(), method.ema.parameters(), before, strict=True):
+        torch.testing.assert_close(q, 0.999 * q0 + 0.001 * p, rtol=1e-5, atol=1e-6)
+    assert int(method.ema_step) == 1501
 
 
 def test_pcl_best_of_branches_metric():

@@ -74,10 +74,26 @@ def teacher_file(tmp_path_factory) -> Path:
 
 
 # ------------------------------------------------------------------------------- tiny-tensor equations
-def test_kl_reference_matches_a_hand_computation():
-    s, t = torch.tensor([[0.0, 0.0]]), torch.tensor([[math.log(3.0), 0.0]])  # q = (3/4, 1/4), p = (1/2, 1/2)
+def test_kl_div_t_matches_a_hand_computation():
+    """KL_T of okd and the tests' reference, against numbers worked out by hand (q = (3/4, 1/4), p = (1/2, 1/2))."""
+    from okd.nn.losses import kl_div_t
+
+    s, t = torch.tensor([[0.0, 0.0]]), torch.tensor([[math.log(3.0), 0.0]])
     expected = 0.75 * math.log(1.5) + 0.25 * math.log(0.5)
     assert ref_kl(s, t, 1.0).item() == pytest.approx(expected, rel=1e-6)
+    assert kl_div_t(s, t, 1.0, detach_target=True).item() == pytest.approx(expected, rel=1e-6)
+    # at T = 2 the logits are halved (q = softmax(log(3)/2, 0)) and the KL is scaled by T^2 = 4 unless told not to
+    q0 = math.sqrt(3) / (math.sqrt(3) + 1)
+    at_2 = q0 * math.log(2 * q0) + (1 - q0) * math.log(2 * (1 - q0))
+    assert kl_div_t(s, t, 2.0, detach_target=True).item() == pytest.approx(4 * at_2, rel=1e-6)
+    assert kl_div_t(s, t, 2.0, detach_target=True, scale_t2=False).item() == pytest.approx(at_2, rel=1e-6)
+    # target_eps adds to q before the log: sum (q + eps) (log(q + eps) - log p)
+    eps = 0.05
+    with_eps = sum((q + eps) * math.log((q + eps) / 0.5) for q in (0.75, 0.25))
+    assert kl_div_t(s, t, 1.0, detach_target=True, target_eps=eps).item() == pytest.approx(with_eps, rel=1e-6)
+    # batch mean: a second, identical-target row with KL 0 halves the value
+    two = kl_div_t(torch.cat([s, t]), torch.cat([t, t]), 1.0, detach_target=True)
+    assert two.item() == pytest.approx(expected / 2, rel=1e-6)
 
 
 def test_one_gated_teacher_is_the_gate_weighted_logit_sum():
@@ -133,6 +149,47 @@ def test_dml_terms_pairwise_and_mean_of_others():
     close(dml.dml_kl(z, 0, hp), (ref_kl(z[0], z[1], 2.0) + ref_kl(z[0], z[2], 2.0)) / 2)
     hp = dml.DMLParams(num_nets=3, temperature=2.0, target="mean_of_others", target_eps=1e-7)
     close(dml.dml_kl(z, 1, hp), ref_kl(z[1], (z[0] + z[2]) / 2, 2.0, eps=1e-7))
+
+
+def test_dml_kl_weight_and_unscaled_kl():
+    """``kl_weight`` multiplies each net's KL; ``scale_t2=false`` drops the T^2 factor (CE unchanged)."""
+    z = [torch.tensor([[1.0, 0.0, 0.0]]), torch.tensor([[0.0, 2.0, 0.0]]), torch.tensor([[0.5, 0.0, 3.0]])]
+    y = torch.tensor([2])
+    kl0 = (ref_kl(z[0], z[1], 2.0) + ref_kl(z[0], z[2], 2.0)) / 2
+    losses = dml.dml_losses(z, y, dml.DMLParams(num_nets=3, temperature=2.0, kl_weight=0.3))
+    close(losses["net0/kl"], 0.3 * kl0)
+    close(losses["net0/ce"], ref_ce(z[0], y))
+    losses = dml.dml_losses(z, y, dml.DMLParams(num_nets=3, temperature=2.0, kl_weight=0.3, scale_t2=False))
+    close(losses["net0/kl"], 0.3 * kl0 / 4.0)
+    hp = dml.DMLParams(num_nets=3, temperature=2.0, target="mean_of_others", scale_t2=False)
+    close(dml.dml_kl(z, 2, hp), ref_kl(z[2], (z[0] + z[1]) / 2, 2.0) / 4.0)
+    # through the method's own training step: the same weights applied to the nets' logits
+    m = make("dml", kl_weight=0.3, temperature=2.0)
+    x, y = batch()
+    m.train()
+    losses = m.training_step(x, y, 0)
+    logits = [net(x) for net in m.nets]  # train mode again: the same batch statistics, the same logits
+    for i in range(2):
+        close(losses[f"net{i}/kl"], 0.3 * ref_kl(logits[i], logits[1 - i].detach(), 2.0))
+
+
+def test_one_kl_weight_scales_the_ramped_kl():
+    m = make("one", kl_weight=0.4)
+    m.train()
+    x, y = batch()
+    epoch = 40
+    losses = m.training_step(x, y, epoch)
+    ref, _, _ = one_ref(m, x, y, epoch)
+    assert losses["stat/kl_weight"].item() == pytest.approx(0.4 * ramp(epoch), rel=1e-6)
+    for i in range(4):
+        close(losses[f"branch{i}/kl"], 0.4 * ref[f"branch{i}/kl"])
+        close(losses[f"branch{i}/ce"], ref[f"branch{i}/ce"])
+    close(losses["teacher/ce"], ref["teacher/ce"])
+
+
+def test_one_gate_batchnorm_uses_momentum_0_1():
+    gate = one.Gate(16, 4)
+    assert helpers.assert_bn_updates_with_momentum_0_1(gate, torch.randn(8, 16, 4, 4)) == 1
 
 
 # ---------------------------------------------------------------------- each loss dict vs its equation
@@ -628,6 +685,8 @@ def test_golden_loss_values(name, teacher_file):
 
 def test_rampup_reference():
     assert rampup_0based(0) == pytest.approx(math.exp(-5)) and rampup_0based(80) == 1.0
+    assert rampup_0based(40) == pytest.approx(math.exp(-5 * 0.5**2))  # mid-ramp: the default length is 80
+    assert rampup_0based(60) == pytest.approx(math.exp(-5 * 0.25**2)) and rampup_0based(79) < 1.0
 
 
 # ---------------------------------------------------------------------------- end to end through the trainer
