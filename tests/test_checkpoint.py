@@ -46,3 +46,38 @@ def test_mismatched_state_dict_is_explained():
         load_state_checked(net, torch.nn.Linear(4, 5).state_dict(), "x.pt")
     with pytest.raises(CheckpointError, match="missing keys"):
         load_state_checked(net, {"weight": net.weight.detach()}, "x.pt")
+
+
+@pytest.mark.parametrize("write", ["save", "text"])
+def test_the_file_is_fsynced_before_it_is_renamed_into_place(tmp_path, monkeypatch, write):
+    """The data reaches the disk before the rename makes it the checkpoint (then the folder entry is synced):
+    a crash can leave the old file or the new one, never a renamed, empty file."""
+    import os
+    import stat
+
+    from okd.engine import checkpoint
+
+    calls: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        calls.append(("fsync", "dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file"))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        calls.append(("replace", os.path.basename(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "fsync", fsync)
+    monkeypatch.setattr(checkpoint.os, "replace", replace)
+    path = tmp_path / "last.pt"
+    if write == "save":
+        atomic_save({"epoch": 3}, path)
+    else:
+        checkpoint.atomic_write_text("epoch: 3\n", path)
+    assert calls == [("fsync", "file"), ("replace", "last.pt"), ("fsync", "dir")]
+    monkeypatch.undo()
+    if write == "save":
+        assert load_checkpoint(path)["epoch"] == 3
+    else:
+        assert path.read_text() == "epoch: 3\n"

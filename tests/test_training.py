@@ -178,3 +178,72 @@ def test_tensorboard_logging_writes_every_epoch(cifar10_root, tmp_path):
     events.Reload()
     assert [e.step for e in events.Scalars("test/net/top1")] == [1, 2]
     assert "train/net/ce" in events.Tags()["scalars"]
+
+
+# --------------------------------------------------------------------- what an epoch records (tiny runs)
+def tiny(root: Path, out: Path, name: str, epochs: int) -> list[str]:
+    """40 training images in batches of 16: two full batches and a last one of 8."""
+    settings = {"data.limit_train": 40, "data.batch_size": 16, "data.limit_test": 16, "data.test_batch_size": 16}
+    return helpers.quick_overrides(root, out, name, epochs, {**settings, "seed": 3})
+
+
+def test_best_checkpoint_is_the_first_epoch_with_the_top_score(cifar10_root, tmp_path, monkeypatch):
+    """Scores 50, 70, 70, 60: best.pt is epoch 2 (1-based, as in metrics.csv; a tie does not replace it)."""
+    from okd.methods.baseline import Baseline
+
+    scores = iter([50.0, 70.0, 70.0, 60.0])
+    monkeypatch.setattr(Baseline, "derived_metrics", lambda self, metrics: {"net/top1": next(scores)})
+    run = train(load_config(CONFIG, tiny(cifar10_root, tmp_path, "ties", epochs=4)))
+    assert [r["test/net/top1"] for r in read_metrics_csv(run / "metrics.csv")] == [50.0, 70.0, 70.0, 60.0]
+    last, best = load_checkpoint(run / "last.pt"), load_checkpoint(run / "best.pt")
+    assert last["best"]["epoch"] == 2 and last["best"]["top1"] == 70.0
+    assert best["epoch"] == 2 and len(best["history"]) == 2
+
+
+def test_epoch_means_are_per_image_and_speed_counts_images(cifar10_root, tmp_path, monkeypatch):
+    from okd.engine.step import StepRunner
+
+    seen: list[tuple[int, float, float]] = []
+    real_step = StepRunner.step
+
+    def recording_step(self, images, labels, epoch):
+        losses, total = real_step(self, images, labels, epoch)
+        seen.append((labels.shape[0], total.item(), losses["net/ce"].item()))
+        return losses, total
+
+    monkeypatch.setattr(StepRunner, "step", recording_step)
+    run = train(load_config(CONFIG, tiny(cifar10_root, tmp_path, "means", epochs=1)))
+    row = read_metrics_csv(run / "metrics.csv")[0]
+    assert [n for n, _, _ in seen] == [16, 16, 8]
+    assert row["train/loss"] == pytest.approx(sum(n * t for n, t, _ in seen) / 40, rel=1e-7)
+    assert row["train/net/ce"] == pytest.approx(sum(n * c for n, _, c in seen) / 40, rel=1e-7)
+    assert row["train/loss"] != pytest.approx(sum(t for _, t, _ in seen) / 3, rel=1e-7)  # not a mean of batches
+    assert row["time/images_per_s"] * row["time/epoch_s"] == pytest.approx(40, rel=1e-6)
+
+
+def test_resume_restores_the_random_states(cifar10_root, tmp_path, monkeypatch):
+    """The python, numpy and torch generators continue where the saved epoch left them (dropout, random
+    choices of a method); here every step draws from each, so a restart from the seed would differ."""
+    import random
+
+    import numpy as np
+
+    from okd.engine.step import StepRunner
+
+    states: list[tuple] = []
+    real_step = StepRunner.step
+
+    def drawing_step(self, images, labels, epoch):
+        states.append((torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()))
+        torch.rand(3), random.random(), np.random.rand(3)
+        return real_step(self, images, labels, epoch)
+
+    monkeypatch.setattr(StepRunner, "step", drawing_step)
+    run = train(load_config(CONFIG, tiny(cifar10_root, tmp_path, "rng", epochs=1)))
+    saved = load_checkpoint(run / "last.pt")["rng_per_rank"][0]
+    states.clear()
+    train(config_from_run(run, ["train.epochs=2"]), run_dir=run, resume=True)
+    first = states[0]  # the generators at the first step after resuming
+    assert torch.equal(first[0], saved["torch"])
+    assert first[1] == saved["python"]
+    assert np.array_equal(first[2], saved["numpy"][1])
