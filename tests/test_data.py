@@ -491,8 +491,70 @@ def test_real_cifar10_subset(cifar10_root):
     train, test, k, names = build_loaders(cfg, seed=0, device="cpu")
     assert k == 10 and len(train.labels) == 2000 and len(test.labels) == 500
     assert (torch.bincount(test.labels, minlength=10) == 50).all()
-    x = torch.cat([b[0] for b in test])
-    assert x.mean((0, 2, 3)).abs().max() < 0.1
-    assert (x.std((0, 2, 3)) - 1).abs().max() < 0.1
     xb, yb = next(iter(train))
     assert xb.shape == (128, 3, 32, 32) and yb.dtype == torch.int64
+
+
+def _pickled_images(folder: Path, names: list[str]) -> np.ndarray:
+    """uint8 N x 3 x 32 x 32 read straight from the official pickles (independently of okd's reader)."""
+    batches = []
+    for name in names:
+        with open(folder / name, "rb") as f:
+            d = pickle.load(f, encoding="bytes")
+        batches.append(np.asarray(d[b"data"] if b"data" in d else d["data"], dtype=np.uint8))
+    return np.concatenate(batches).reshape(-1, 3, 32, 32)
+
+
+def test_cifar10_normalisation_matches_the_data(cifar10_root):
+    """The mean/std the default CIFAR-10 loader normalises with are those of the training images (within 0.01)."""
+    folder = cifar10_root / "cifar-10-batches-py"
+    pixels = _pickled_images(folder, [f"data_batch_{i}" for i in range(1, 6)]) / 255.0
+    data_mean, data_std = pixels.mean((0, 2, 3)), pixels.std((0, 2, 3))
+    raw_test = torch.from_numpy(_pickled_images(folder, ["test_batch"])).double() / 255.0
+    _, test, _, _ = build_loaders(DataConfig(dataset="cifar10", root=str(cifar10_root), download=False), 0, "cpu")
+    x = torch.cat([b[0] for b in test]).double()
+    assert x.shape == raw_test.shape
+    # x = (p - mean) / std per channel: recover the loader's mean and std from two pixel levels' fit
+    for c in range(3):
+        p, v = raw_test[:, c].flatten(), x[:, c].flatten()
+        slope = ((p - p.mean()) * (v - v.mean())).sum() / ((p - p.mean()) ** 2).sum()
+        std = 1.0 / slope.item()
+        mean = (p.mean() - v.mean() * std).item()
+        assert abs(mean - data_mean[c]) < 0.01, (c, mean, data_mean[c])
+        assert abs(std - data_std[c]) < 0.01, (c, std, data_std[c])
+
+
+def test_reflect_padding_is_the_default():
+    assert DataConfig().padding_mode == "reflect" and DataConfig().pad == 4
+    n = 512
+    loader = DeviceLoader(coord_images(n), torch.arange(n), n, train=True, seed=1, **RAW)  # no padding_mode given
+    x, _ = next(iter(loader))
+    dy, _, _ = recover(x, 4)
+    assert set(dy.tolist()) == set(range(9))  # pad 4: offsets 0..8
+    top = x[dy == 0][:, 0, :4].round()  # rows from the padding: reflected source rows 4, 3, 2, 1
+    assert (top == (100 + torch.arange(4, 0, -1)).view(1, 4, 1)).all()
+
+
+def test_default_config_builds_reflect_padded_training_batches(tmp_path):
+    write_cifar10(tmp_path, per_batch=8, n_test=4)
+    train, _, _, _ = build_loaders(DataConfig(dataset="cifar10", root=str(tmp_path), download=False), 0, "cpu")
+    assert train.train and train.padding_mode == "reflect" and train.pad == 4
+
+
+def test_holdout_is_the_last_images_in_order_and_unaugmented():
+    from okd.data.device_loader import split_holdout
+
+    n = 40
+    imgs = coord_images(n)
+    loader = DeviceLoader(imgs, torch.arange(n), 16, train=True, views=3, drop_last=True, seed=2, **RAW)
+    train, held = split_holdout(loader, 12)
+    assert torch.equal(train.labels, torch.arange(28)) and train.train and train.views == 3
+    for epoch in (0, 5):
+        held.set_epoch(epoch)
+        batches = list(held)
+        assert [len(y) for _, y in batches] == [12]  # no drop_last on the held-out split
+        x, y = batches[0]
+        assert isinstance(x, torch.Tensor)  # one view
+        assert torch.equal(y, torch.arange(28, 40))  # in order
+        torch.testing.assert_close(x, imgs[28:].float())  # no crop, no flip: the pixels themselves
+    assert loader.train and loader.views == 3 and len(loader.labels) == n  # the original is untouched
