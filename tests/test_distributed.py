@@ -103,11 +103,14 @@ def test_ddp_run_writes_one_folder_and_resumes_exactly(method, cifar10_root, tmp
             assert abs(value * 90 / 100 - round(value * 90 / 100)) < 1e-6, key
 
 
-def test_resume_with_another_process_count_is_refused(cifar10_root, tmp_path):
+def test_resume_with_another_process_count_is_refused(cifar10_root, tmp_path, capsys):
     from okd.cli import main
 
     torchrun(METHOD_CONFIGS["baseline"], overrides(cifar10_root, tmp_path, "two", epochs=1, steps=1))
+    before = (tmp_path / "two" / "last.pt").read_bytes()
     assert main(["train", "--resume", str(tmp_path / "two"), "train.epochs=2"]) == 2
+    assert helpers.mentions(capsys.readouterr().err, "2 process")  # the message says why
+    assert (tmp_path / "two" / "last.pt").read_bytes() == before
 
 
 def test_imagenet_ffsd_under_torchrun_writes_one_run_folder(tmp_path):

@@ -100,6 +100,8 @@ def test_no_leaked_state_and_backward(name):
     assert all(a is not b for a, b in zip(taps1, taps2, strict=True))
     loss = logits1.sum() + sum(t.mean() for t in taps1) + logits2.sum()
     loss.backward()
+    unreached = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not unreached, f"no gradient reaches {unreached[:5]}"
     model.eval()
     with torch.no_grad():
         again = model.forward_taps(x1)
@@ -188,12 +190,15 @@ def test_vgg_init():
 
 
 def test_resnet_trunk_and_branch_reuse():
-    trunk, branch = create_model("resnet32", 10).eval(), create_model("resnet32", 10).eval()
+    """The trunk (stem, layer1, layer2) and a branch (layer3, pool, fc) compose to the whole network."""
+    model = create_model("resnet32", 10).eval()
     x = _input("resnet32")
     with torch.no_grad():
-        h = trunk.layer2(trunk.layer1(trunk.relu(trunk.bn1(trunk.conv1(x)))))
-        out = branch.fc(branch.avgpool(branch.layer3(h)).flatten(1))
+        h = model.layer2(model.layer1(model.relu(model.bn1(model.conv1(x)))))
+        out = model.fc(model.avgpool(model.layer3(h)).flatten(1))
+        whole = model(x)
     assert h.shape == (2, 32, 16, 16) and out.shape == (2, 10)
+    torch.testing.assert_close(out, whole)
 
 
 def test_vgg_split():

@@ -130,7 +130,9 @@ def test_single_branch_of_every_family_loads_into_the_backbone():
             net = MultiBranchNet(model, 10, 2)
             single = net.single_branch(1)
             ref = create_model(model, 10)
-        assert list(single.state_dict()) == list(ref.state_dict()), model
+        ours, theirs = single.state_dict(), ref.state_dict()
+        assert list(ours) == list(theirs), model
+        assert all(ours[k].shape == theirs[k].shape and ours[k].dtype == theirs[k].dtype for k in ours), model
 
 
 def test_no_split_for_other_families():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from pathlib import Path
 
 import helpers
@@ -250,7 +251,7 @@ def test_pcl_best_of_branches_metric():
 
 def test_pcl_params_validation():
     for bad in ("method.deploy_branch=3", "method.num_branches=1", "method.ema_decay=1.0", "method.temperature=0"):
-        with pytest.raises(ConfigError):
+        with pytest.raises(ConfigError, match=re.escape(bad.split("=")[0])):
             load_config(None, ["method.name=pcl", bad])
 
 
@@ -412,7 +413,7 @@ def test_kdcl_params_validation():
         "method.models=[resnet20,resnet20] method.num_students=3",
     ]
     for item in bad:
-        with pytest.raises(ConfigError):
+        with pytest.raises(ConfigError, match=re.escape(item.split("=")[0])):
             load_config(None, ["method.name=kdcl", *item.split()])
     if not hasattr(Method, "fit_on_holdout"):
         with pytest.raises(ConfigError, match="held-out"):

@@ -464,7 +464,10 @@ def test_kd_teacher_checkpoint_formats(teacher_file, tmp_path):
     for i, obj in enumerate((deploy, wrapped)):
         torch.save(obj, tmp_path / f"{i}.pt")
         m = make("kd", teacher_model="resnet20", teacher_checkpoint=str(tmp_path / f"{i}.pt"))
-        assert torch.equal(m.teacher.fc.weight, state["fc.weight"])
+        loaded = m.teacher.state_dict()
+        assert loaded.keys() == state.keys()
+        assert all(torch.equal(loaded[k], v) for k, v in state.items())  # every tensor, BN buffers included
+        assert not m.teacher.training and not any(p.requires_grad for p in m.teacher.parameters())
 
 
 def test_kd_teacher_mismatch_is_a_clear_error(teacher_file, tmp_path):
@@ -514,8 +517,10 @@ def test_kd_teacher_mismatch_is_a_clear_error(teacher_file, tmp_path):
     ],
 )
 def test_bad_values_fail_at_config_time(name, bad):
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError) as err:
         build_config({"method": {"name": name, **bad}})
+    message = str(err.value)  # it names the offending key (or quotes the unknown value)
+    assert any(f"method.{k}" in message or f"{v!r}" in message for k, v in bad.items()), message
 
 
 def test_registered_with_description_and_paper():
