@@ -42,8 +42,9 @@ def test_corrupt_and_foreign_checkpoints_give_clear_errors(tmp_path):
 
 def test_mismatched_state_dict_is_explained():
     net = torch.nn.Linear(4, 3)
-    with pytest.raises(CheckpointError, match="shape mismatches"):
+    with pytest.raises(CheckpointError, match="shape mismatches") as err:
         load_state_checked(net, torch.nn.Linear(4, 5).state_dict(), "x.pt")
+    assert "(5, 4)" in str(err.value) and "(3, 4)" in str(err.value)  # the first mismatch, both shapes
     with pytest.raises(CheckpointError, match="missing keys"):
         load_state_checked(net, {"weight": net.weight.detach()}, "x.pt")
 
