@@ -82,3 +82,26 @@ def test_the_file_is_fsynced_before_it_is_renamed_into_place(tmp_path, monkeypat
         assert load_checkpoint(path)["epoch"] == 3
     else:
         assert path.read_text() == "epoch: 3\n"
+
+
+def test_atomic_save_creates_missing_folders(tmp_path):
+    path = tmp_path / "runs" / "new" / "last.pt"
+    atomic_save({"epoch": 1}, path)
+    assert load_checkpoint(path)["epoch"] == 1
+
+
+def test_an_interrupt_after_the_rename_keeps_the_new_file_and_propagates(tmp_path, monkeypatch):
+    """Ctrl-C between the rename and the folder sync: the new file stands and the interrupt is what surfaces."""
+    from okd.engine import checkpoint
+
+    def interrupted(folder):
+        raise KeyboardInterrupt
+
+    path = tmp_path / "last.pt"
+    atomic_save({"epoch": 1}, path)
+    monkeypatch.setattr(checkpoint, "_fsync_dir", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_save({"epoch": 2}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["epoch"] == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
