@@ -558,3 +558,7 @@ def test_holdout_is_the_last_images_in_order_and_unaugmented():
         assert torch.equal(y, torch.arange(28, 40))  # in order
         torch.testing.assert_close(x, imgs[28:].float())  # no crop, no flip: the pixels themselves
     assert loader.train and loader.views == 3 and len(loader.labels) == n  # the original is untouched
+    for bad in (0, n):  # nothing held out, or nothing left to train on
+        with pytest.raises(ValueError, match="holdout"):
+            split_holdout(loader, bad)
+    assert len(split_holdout(loader, n - 1)[0].labels) == 1

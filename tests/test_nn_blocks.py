@@ -52,7 +52,8 @@ def test_sd_channel_rules_reproduce_the_official_lists():
     assert sd_channels_for((32, 64, 128)) == [128, 64, 32]  # WRN-x-2: generic rule
     assert sd_channels_for((168, 312, 456)) == [456, 312, 168]  # DenseNet-40-12: official hard-coded list
     assert sd_channels_for((480, 832, 1024)) == [1024, 832, 480]  # GoogLeNet: official hard-coded list
-    with pytest.raises(ValueError):
+    assert sd_channels_for((16, 32)) == [32, 16]  # two taps: the smallest SD module (one block)
+    with pytest.raises(ValueError, match="at least 2 taps"):
         sd_channels_for((64,))
 
 
