@@ -107,6 +107,8 @@ def test_sd_training_terms_by_hand():
     assert att.item() == pytest.approx(49 / 337, rel=1e-5)
     (feat + att).backward()
     assert o.grad is not None and t.grad is None  # the taps are targets only
+    with pytest.raises(ValueError):  # one output per tap: a missing tap is an error, not a shorter sum
+        sd_training_terms([o, o], [t])
 
 
 def test_warmup_factor_is_one_based_and_applied_to_lambda_terms():
