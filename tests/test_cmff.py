@@ -465,6 +465,17 @@ def test_configs_load_and_build(path):
     build_method(cfg, 200 if "tinyimagenet" in path else 100)
 
 
+def test_cross_attention_rejects_bad_head_counts_and_choices():
+    for heads in (0, -2, 3):  # none, negative, or not a divisor of dim = 8
+        with pytest.raises(ValueError, match="multiple of num_heads"):
+            CrossAttentionFusion(8, num_heads=heads)
+    with pytest.raises(ValueError, match="layout"):
+        CrossAttentionFusion(8, num_heads=2, layout="tokens")
+    with pytest.raises(ValueError, match="query_from"):
+        CrossAttentionFusion(8, num_heads=2, query_from="both")
+    assert CrossAttentionFusion(8, num_heads=8).num_heads == 8
+
+
 # ------------------------------------------------------------------------------------------- end to end
 
 

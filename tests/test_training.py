@@ -188,7 +188,8 @@ def tiny(root: Path, out: Path, name: str, epochs: int) -> list[str]:
 
 
 def test_best_checkpoint_is_the_first_epoch_with_the_top_score(cifar10_root, tmp_path, monkeypatch):
-    """Scores 50, 70, 70, 60: best.pt is epoch 2 (1-based, as in metrics.csv; a tie does not replace it)."""
+    """Scores 50, 70, 70, 60: best.pt is epoch 2 (1-based, as in metrics.csv; a tie does not replace it).
+    (The patched hook reads ``scores`` when called, so rebinding it scripts the next run.)"""
     from okd.methods.baseline import Baseline
 
     scores = iter([50.0, 70.0, 70.0, 60.0])
@@ -198,6 +199,10 @@ def test_best_checkpoint_is_the_first_epoch_with_the_top_score(cifar10_root, tmp
     last, best = load_checkpoint(run / "last.pt"), load_checkpoint(run / "best.pt")
     assert last["best"]["epoch"] == 2 and last["best"]["top1"] == 70.0
     assert best["epoch"] == 2 and len(best["history"]) == 2
+    # a first epoch that scores 0 % is still the best so far (best.pt exists from epoch 1 on)
+    scores = iter([0.0])
+    zero = train(load_config(CONFIG, tiny(cifar10_root, tmp_path, "zero", epochs=1)))
+    assert load_checkpoint(zero / "best.pt")["epoch"] == 1 and load_checkpoint(zero / "last.pt")["best"]["top1"] == 0.0
 
 
 def test_epoch_means_are_per_image_and_speed_counts_images(cifar10_root, tmp_path, monkeypatch):
