@@ -348,6 +348,21 @@ def test_crop_matches_reference_and_borders(mode):
     assert seen_top
 
 
+def test_one_pixel_zero_padding_and_single_image_batches():
+    img = torch.full((8, 3, 6, 6), 200, dtype=torch.uint8)
+    loader = DeviceLoader(img, torch.arange(8), 1, train=True, pad=1, padding_mode="zeros", seed=0, **RAW)
+    batches = list(loader)
+    assert len(batches) == 8 and all(x.shape == (1, 3, 6, 6) for x, _ in batches)
+    x = torch.cat([b[0] for b in batches])
+    dy, dx = (x[:, 0] == 0).all(2), (x[:, 0] == 0).all(1)  # rows / columns that are all padding
+    assert dy.any() or dx.any()  # some crop shifted by one pixel: its border row or column is 0, not 200
+    assert set(x.unique().tolist()) == {0.0, 200.0}
+    for bad in ({"batch_size": 0}, {"views": 0}, {"pad": -1}):
+        args = {"batch_size": 2, "views": 1, "pad": 1} | bad
+        with pytest.raises(ValueError, match="positive"):
+            DeviceLoader(img, torch.arange(8), args.pop("batch_size"), train=True, **args, **RAW)
+
+
 def test_zero_padding_is_zero_in_pixel_space():
     img = torch.full((64, 3, 8, 8), 200, dtype=torch.uint8)
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)

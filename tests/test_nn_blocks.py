@@ -128,6 +128,19 @@ def test_transfusion_decoder_forward_and_init():
     assert dec.conv2.weight.std().item() == pytest.approx(math.sqrt(2 / 192), rel=0.1)
 
 
+def test_smallest_sd_module_and_attention_map_shape():
+    from okd.nn.losses import attention_map
+
+    sd = SelfDistillationModule([8, 4])  # two taps: one up-sampling block
+    assert [tuple(o.shape) for o in sd(torch.randn(2, 8, 4, 4))] == [(2, 4, 8, 8)]
+    with pytest.raises(ValueError, match="length >= 2"):
+        SelfDistillationModule([8])
+    f = torch.randn(2, 3, 4, 5)
+    att = attention_map(f)
+    assert att.shape == (2, 1, 4, 5)  # B x 1 x H x W
+    torch.testing.assert_close(att, (f**2).mean(1, keepdim=True))
+
+
 def test_batchnorm_of_fusion_decoder_and_sd_modules_uses_momentum_0_1():
     torch.manual_seed(0)
     assert helpers.assert_bn_updates_with_momentum_0_1(FusionModule(8, 10, num_inputs=2), torch.randn(4, 16, 4, 4)) == 2

@@ -491,6 +491,7 @@ def test_kd_teacher_mismatch_is_a_clear_error(teacher_file, tmp_path):
 # ---------------------------------------------------------------------------------- config validation
 def test_okddip_without_self_attention_needs_three_branches():
     build_config({"method": {"name": "okddip", "num_branches": 3, "self_attention": False}})
+    build_config({"method": {"name": "okddip", "num_branches": 2}})  # with self-attention two suffice
     assert make("okddip", num_branches=3, self_attention=False).attention.self_attention is False
 
 
