@@ -21,6 +21,8 @@ import torch
 import yaml
 from torch import Tensor
 
+REPO = Path(__file__).resolve().parent.parent  # the checkout (examples/, benchmarks/)
+
 
 # ------------------------------------------------------------------------------------------- loss references
 def ref_kl(student: Tensor, target: Tensor, T: float, eps: float = 0.0) -> Tensor:

@@ -16,7 +16,7 @@ from okd.errors import CheckpointError
 from okd.methods.kd import load_teacher
 from okd.models import create_model
 
-FFSD = "configs/cifar10/ffsd_resnet20.yaml"
+FFSD = "cifar10/ffsd_resnet20"
 
 
 class Marker:
