@@ -211,8 +211,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: DistContext, store: R
         resume_policy.restore_optimization(plan, ckpt)
         runner.load_state_dict(ckpt.get("runner", {}))
         start_epoch, history, best = ckpt["epoch"], ckpt["history"], ckpt["best"]
-        rngs = ckpt["rng_per_rank"]
-        restore_rng_state(rngs[dist.rank] if dist.rank < len(rngs) else rngs[0])
+        restore_rng_state(rank_rng_state(ckpt["rng_per_rank"], dist.rank))
         log.info(f"resuming {run_dir} after epoch {start_epoch}")
     elif dist.enabled:
         torch.manual_seed(r.seed + 1000003 * dist.rank)  # per-rank streams (dropout etc.)
@@ -292,6 +291,12 @@ def _log_summary(run_dir: Path, history: list[dict], head: str | None, wall_s: f
     )
     for line in summary.splitlines():
         log.info(line)
+
+
+def rank_rng_state(rngs: list[dict], rank: int) -> dict:
+    """The saved generator states a resuming process restores: its own rank's, or rank 0's when the run was
+    saved by fewer processes than now resume it."""
+    return rngs[rank] if rank < len(rngs) else rngs[0]
 
 
 def _check_finite(method, row: dict[str, float], epoch: int) -> None:
