@@ -216,9 +216,15 @@ def test_epoch_means_are_per_image_and_speed_counts_images(cifar10_root, tmp_pat
         seen.append((labels.shape[0], total.item(), losses["net/ce"].item()))
         return losses, total
 
+    from okd.engine import trainer as trainer_mod
+
+    paces: list[list[float]] = []
+    real_eta = trainer_mod.run_eta
+    monkeypatch.setattr(trainer_mod, "run_eta", lambda p, left: paces.append(list(p)) or real_eta(p, left))
     monkeypatch.setattr(StepRunner, "step", recording_step)
     run = train(load_config(CONFIG, tiny(cifar10_root, tmp_path, "means", epochs=1)))
     row = read_metrics_csv(run / "metrics.csv")[0]
+    assert paces == [[pytest.approx(row["time/epoch_s"] + row["time/eval_s"], rel=1e-8)]]  # ETA pace: train + eval
     assert [n for n, _, _ in seen] == [16, 16, 8]
     assert row["train/loss"] == pytest.approx(sum(n * t for n, t, _ in seen) / 40, rel=1e-7)
     assert row["train/net/ce"] == pytest.approx(sum(n * c for n, _, c in seen) / 40, rel=1e-7)

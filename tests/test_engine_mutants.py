@@ -1,0 +1,175 @@
+"""Fast unit checks of the trainer's pieces whose effect shows only in logs, resumes or later epochs."""
+
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+
+import torch
+
+from okd.config import load_config
+from okd.engine.distributed import DistContext
+from okd.engine.trainer import _log_start, rank_rng_state
+
+
+def test_start_line_gives_the_per_process_batch(tmp_path, caplog, monkeypatch):
+    """A global batch of 64 over 2 processes is logged as 32 images per process (an integer); the thread-count
+    warning is given on the CPU only."""
+    from okd.engine import trainer as trainer_mod
+
+    warned = []
+    monkeypatch.setattr(trainer_mod, "warn_threads_once", lambda: warned.append(True))
+    cfg = load_config("cifar10/baseline_resnet20", ["data.batch_size=64"])
+    two, plan = DistContext(rank=0, world_size=2), SimpleNamespace(lr_factor=1.0)
+    with caplog.at_level(logging.INFO, logger="okd"):
+        _log_start(cfg, tmp_path, two, plan, torch.device("cpu"))
+    assert "global batch 64 (32 per process)" in caplog.text
+    assert " x2;" in caplog.text and warned == [True]
+    _log_start(cfg, tmp_path, two, plan, torch.device("cuda", 0))  # a device object only: nothing runs on it
+    assert warned == [True]
+
+
+def test_resume_picks_the_rank_rng_state():
+    """Each rank restores its own saved generators; a rank the saved run did not have takes rank 0's."""
+    saved = [{"rank": 0}, {"rank": 1}]
+    assert rank_rng_state(saved, 0) == {"rank": 0}
+    assert rank_rng_state(saved, 1) == {"rank": 1}
+    assert rank_rng_state(saved[:1], 1) == {"rank": 0}  # one process saved, two resume
+    assert rank_rng_state(saved, 2) == {"rank": 0}
+
+
+# --------------------------------------------------------------------- one epoch's step loop (fakes, no data)
+class _Loader(list):
+    """Batches of (images, labels); remembers the epoch it was set to."""
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+
+def _batches(sizes: list[int]) -> _Loader:
+    return _Loader((torch.zeros(n, 1), torch.zeros(n, dtype=torch.long)) for n in sizes)
+
+
+class _Runner:
+    """Step i returns losses a = i + 1 and b = 10 (i + 1), total = a + b (or ``totals[i]`` when given)."""
+
+    def __init__(self, totals=None):
+        self.method, self.device, self.steps, self.totals = torch.nn.Linear(1, 1), torch.device("cpu"), 0, totals
+
+    def step(self, images, labels, epoch):
+        i, self.steps = self.steps, self.steps + 1
+        a, b = torch.tensor(i + 1.0), torch.tensor(10.0 * (i + 1))
+        total = a + b if self.totals is None else torch.tensor(self.totals[i])
+        return {"a": a, "b": b}, total
+
+
+def _train_cfg(**kw):
+    return SimpleNamespace(**{"max_steps_per_epoch": None, "progress": "none", "epochs": 5, **kw})
+
+
+class _Clock:
+    """time.perf_counter of okd.engine.epoch: 100, 102, 104, ... seconds at successive calls."""
+
+    def __init__(self):
+        self.now = 98.0
+
+    def perf_counter(self) -> float:
+        self.now += 2.0
+        return self.now
+
+
+def test_train_epoch_sums_per_image_per_key(monkeypatch):
+    from okd.engine import epoch as epoch_mod
+
+    monkeypatch.setattr(epoch_mod, "time", _Clock())
+    loader = _batches([4, 4, 2])
+    row = epoch_mod.train_epoch(_Runner(), loader, 2, _train_cfg(), DistContext())
+    assert loader.epoch == 2 and row["epoch"] == 3
+    assert row["train/a"] == (4 * 1 + 4 * 2 + 2 * 3) / 10
+    assert row["train/b"] == (4 * 10 + 4 * 20 + 2 * 30) / 10
+    assert row["train/loss"] == (4 * 11 + 4 * 22 + 2 * 33) / 10
+    assert row["time/epoch_s"] == 2.0 and row["time/images_per_s"] == 5.0  # clock read at start and end
+
+
+def test_train_epoch_caps_steps_and_counts_nonfinite_steps(monkeypatch):
+    import pytest
+
+    from okd.engine import epoch as epoch_mod
+    from okd.errors import NonFiniteError
+
+    runner = _Runner()
+    row = epoch_mod.train_epoch(runner, _batches([4, 4, 2]), 0, _train_cfg(max_steps_per_epoch=2), DistContext())
+    assert runner.steps == 2 and row["train/a"] == (4 * 1 + 4 * 2) / 8
+    assert epoch_mod.steps_per_epoch(_batches([4, 4, 2]), _train_cfg(max_steps_per_epoch=2)) == 2
+    assert epoch_mod.steps_per_epoch(_batches([4, 4, 2]), _train_cfg(max_steps_per_epoch=5)) == 3
+    assert epoch_mod.steps_per_epoch(_batches([4, 4, 2]), _train_cfg()) == 3
+    bad = _Runner(totals=[1.0, float("nan"), float("inf")])
+    with pytest.raises(NonFiniteError, match=r"epoch 4: .* in 2 step\(s\)"):
+        epoch_mod.train_epoch(bad, _batches([4, 4, 2]), 3, _train_cfg(), DistContext())
+
+
+def test_train_epoch_bar_shows_epoch_and_run_eta(monkeypatch):
+    """The bar reads "epoch k/N"; each step passes the ETA its step time and the steps/epochs still to come."""
+    import tqdm
+
+    from okd.engine import epoch as epoch_mod
+
+    bars, etas = [], []
+
+    class Bar:
+        def __init__(self, iterable, **kw):
+            self.iterable, self.kw = iterable, kw
+            bars.append(self)
+
+        def __iter__(self):
+            return iter(self.iterable)
+
+        def set_postfix_str(self, text, refresh=True):
+            self.text = text
+
+    monkeypatch.setattr(tqdm, "tqdm", Bar)
+    monkeypatch.setattr(epoch_mod, "time", _Clock())
+    monkeypatch.setattr(epoch_mod, "live_eta", lambda *args: etas.append(args) or 0.0)
+    epoch_mod.train_epoch(_Runner(), _batches([4, 4, 2]), 1, _train_cfg(progress="bar"), DistContext(), [7.0])
+    assert bars[0].kw["desc"] == "epoch 2/5" and bars[0].kw["total"] == 3
+    assert etas == [([7.0], 3, 2.0, 2, 3), ([7.0], 3, 2.0, 1, 3), ([7.0], 3, 2.0, 0, 3)]
+    etas.clear()
+    epoch_mod.train_epoch(_Runner(), _batches([4]), 1, _train_cfg(progress="bar"), DistContext(rank=1), [7.0])
+    assert etas == [] and len(bars) == 1  # only the main process draws a bar
+
+
+def test_interactive_progress(monkeypatch):
+    from okd.engine import epoch as epoch_mod
+
+    for tty, expected in ((False, (True, False, False)), (True, (True, True, False))):
+        monkeypatch.setattr(epoch_mod.sys.stderr, "isatty", lambda tty=tty: tty, raising=False)
+        assert tuple(epoch_mod.interactive(p) for p in ("bar", "auto", "none")) == expected
+
+
+def test_stop_message_says_what_the_folder_holds(tmp_path):
+    from okd.engine.trainer import _stop_message
+
+    def message(done: int) -> str:
+        return _stop_message(SimpleNamespace(committed_epoch=done), tmp_path, 3)
+
+    assert message(0).startswith("stopped before the first epoch was committed")
+    assert message(1).startswith("stopped after epoch 1 (committed in last.pt); continue with: okd train --resume")
+    assert message(2).startswith("stopped after epoch 2 ")
+    assert message(3).startswith("stopped after its last epoch (3) was committed")
+
+
+def test_summary_reports_the_deployed_head(tmp_path, caplog):
+    """The closing summary names the deployed head (not the first head of the row); without one, the first."""
+    from okd.engine.trainer import _log_summary
+
+    history = [
+        {"epoch": 1, "test/a/top1": 10.0, "test/b/top1": 40.0},
+        {"epoch": 2, "test/a/top1": 20.0, "test/b/top1": 30.0},
+    ]
+    with caplog.at_level(logging.INFO, logger="okd"):
+        _log_summary(tmp_path, history, "b", 5.0)
+        assert "deployed head: b, top-1 30.00 at epoch 2" in caplog.text
+        assert "best top-1 of b: 40.00 at epoch 1" in caplog.text and "deploy.pt: (none)" in caplog.text
+        caplog.clear()
+        _log_summary(tmp_path, history, None, 5.0)
+        assert "deployed head: a, top-1 20.00 at epoch 2" in caplog.text
