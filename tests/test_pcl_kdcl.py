@@ -159,6 +159,17 @@ def test_pcl_gradient_flow():
     assert all(p.grad is None for p in method.ema.parameters())
 
 
+def assert_ema_step_blends(method: PCL, shift: float, alpha: float) -> None:
+    """Shift the student by ``shift``, take one mean-teacher step, check ema = alpha*ema + (1-alpha)*student."""
+    with torch.no_grad():
+        for p in method.student.parameters():
+            p.add_(shift)
+    before = [q.clone() for q in method.ema.parameters()]
+    method.after_optimizer_step()
+    for p, q, q0 in zip(method.student.parameters(), method.ema.parameters(), before, strict=True):
+        torch.testing.assert_close(q, alpha * q0 + (1 - alpha) * p, rtol=1e-5, atol=1e-6)
+
+
 def test_pcl_mean_teacher_update_and_buffers():
     method = make_pcl()
     student, ema = method.student, method.ema
@@ -171,24 +182,12 @@ def test_pcl_mean_teacher_update_and_buffers():
         assert torch.equal(p, q)
     assert torch.equal(ema.net.shared["bn1"].running_mean, ema_rm)  # buffers are not averaged
     assert not torch.equal(ema_rm, student.net.shared["bn1"].running_mean)
-    with torch.no_grad():
-        for p in student.parameters():
-            p.add_(1.0)
-    before = [q.clone() for q in ema.parameters()]
-    method.after_optimizer_step()  # t = 1: alpha = 1/2
-    for p, q, q0 in zip(student.parameters(), ema.parameters(), before, strict=True):
-        assert torch.allclose(q, 0.5 * q0 + 0.5 * p)
+    assert_ema_step_blends(method, 1.0, 0.5)  # t = 1: alpha = 1/2
     assert int(method.ema_step) == 2
     # the step resumes from the state dict (a fresh method continues at t = 2, alpha = 2/3)
     other = make_pcl(seed=5)
     other.load_state_dict(method.state_dict())
-    with torch.no_grad():
-        for p in other.student.parameters():
-            p.add_(3.0)
-    before = [q.clone() for q in other.ema.parameters()]
-    other.after_optimizer_step()
-    for p, q, q0 in zip(other.student.parameters(), other.ema.parameters(), before, strict=True):
-        assert torch.allclose(q, (2 / 3) * q0 + (1 / 3) * p)
+    assert_ema_step_blends(other, 3.0, 2 / 3)
     assert int(other.ema_step) == 3
 
 
@@ -228,13 +227,7 @@ def test_pcl_mean_teacher_decay_is_capped_at_0_999_by_default():
     method = make_pcl()
     method.ema_step.fill_(1500)
     method.load_state_dict(method.state_dict())  # a resumed run: the step comes from the buffer
-    with torch.no_grad():
-        for p in method.student.parameters():
-            p.add_(1.0)
-    before = [q.clone() for q in method.ema.parameters()]
-    method.after_optimizer_step()
-    for p, q, q0 in zip(method.student.parameters(), method.ema.parameters(), before, strict=True):
-        torch.testing.assert_close(q, 0.999 * q0 + 0.001 * p, rtol=1e-5, atol=1e-6)
+    assert_ema_step_blends(method, 1.0, 0.999)
     assert int(method.ema_step) == 1501
 
 
