@@ -9,20 +9,26 @@ from okd.engine.checkpoint import atomic_save, load_checkpoint, load_state_check
 from okd.errors import CheckpointError
 
 
-def test_atomic_save_keeps_old_file_when_writing_fails(tmp_path, monkeypatch):
+def second_save_fails(tmp_path, monkeypatch, owner, name: str, replacement, error: type[BaseException]):
+    """Save epoch 1 to ``tmp_path/last.pt``, then save epoch 2 with ``owner.name`` replaced so that it raises
+    ``error``; checks that no temporary file is left beside it and returns the path."""
     path = tmp_path / "last.pt"
     atomic_save({"epoch": 1}, path)
+    monkeypatch.setattr(owner, name, replacement)
+    with pytest.raises(error):
+        atomic_save({"epoch": 2}, path)
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+    return path
 
+
+def test_atomic_save_keeps_old_file_when_writing_fails(tmp_path, monkeypatch):
     def broken_save(obj, f):
         f.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError):
-        atomic_save({"epoch": 2}, path)
-    monkeypatch.undo()
+    path = second_save_fails(tmp_path, monkeypatch, torch, "save", broken_save, OSError)
     assert load_checkpoint(path)["epoch"] == 1
-    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 
 
 def test_corrupt_and_foreign_checkpoints_give_clear_errors(tmp_path):
@@ -97,11 +103,5 @@ def test_an_interrupt_after_the_rename_keeps_the_new_file_and_propagates(tmp_pat
     def interrupted(folder):
         raise KeyboardInterrupt
 
-    path = tmp_path / "last.pt"
-    atomic_save({"epoch": 1}, path)
-    monkeypatch.setattr(checkpoint, "_fsync_dir", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        atomic_save({"epoch": 2}, path)
-    monkeypatch.undo()
+    path = second_save_fails(tmp_path, monkeypatch, checkpoint, "_fsync_dir", interrupted, KeyboardInterrupt)
     assert load_checkpoint(path)["epoch"] == 2
-    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
