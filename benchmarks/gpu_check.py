@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--data", default=None, help="CIFAR-10 root (official layout, or cifar10-jpeg.npz + make_cifar10.py)"
     )
-    p.add_argument("--work", default=None, help="folder for the run folders (default: OUT/../gpu_check_work)")
+    p.add_argument("--work", default=None, help="folder for the run folders (default: OUT_work next to OUT)")
     p.add_argument("--verify", action="store_true", help="only check that OUT holds every section's results")
     p.add_argument("--section", choices=SECTIONS, default=None, help=argparse.SUPPRESS)
     p.add_argument("--budget", type=float, default=None, help=argparse.SUPPRESS)

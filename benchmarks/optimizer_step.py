@@ -4,7 +4,7 @@ Times (1) ``optimizer.step()`` of every parameter group of the config's method a
 (2) with ``--full-step``, the whole okd training step (``StepRunner.step``) with each implementation, interleaved
 so that machine load hits all of them alike. Medians over repeats; nothing is written to results/.
 
-    python benchmarks/optimizer_step.py configs/cifar100/ffsd_resnet32.yaml --threads 1 --full-step
+    python benchmarks/optimizer_step.py cifar100/ffsd_resnet32 --threads 1 --full-step
 """
 
 from __future__ import annotations

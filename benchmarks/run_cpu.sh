@@ -40,7 +40,7 @@ for ((r = 1; r <= REPEATS; r++)); do
       EXTRA=()
       if [[ "$variant" == *compile* ]]; then EXTRA=(--also-eager); fi  # compiled/eager ratio from the same run
       # shellcheck disable=SC2086
-      $BENCH "configs/cifar100/${method}_resnet32.yaml" train.device=cpu ${FLAGS[$variant]} "${DATA[@]}" \
+      $BENCH "cifar100/${method}_resnet32" train.device=cpu ${FLAGS[$variant]} "${DATA[@]}" \
         --steps "${STEPS[$method]}" --warmup 3 --windows "${WINDOWS[$method]}" --threads "$THREADS" "${EXTRA[@]}" --csv "$CSV"
     done
   done

@@ -16,11 +16,12 @@ from pathlib import Path
 import torch
 import yaml
 
+from okd.config import TrainConfig
 from okd.report.published import PublishedRow
 
 #: classes of the datasets published figures are reported on (okd ``data.dataset`` keys)
 DATASET_CLASSES = {"cifar10": 10, "cifar100": 100, "imagenet": 1000, "tinyimagenet": 200}
-DEFAULT_EPOCHS = 300  # TrainConfig.epochs, for a packaged config that does not set train.epochs
+DEFAULT_EPOCHS = TrainConfig.epochs  # for a packaged config that does not set train.epochs
 
 
 def _get(cfg: dict, dotted: str):
