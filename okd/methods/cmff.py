@@ -140,7 +140,7 @@ from okd.models.cmff_net import CMFFNet
 from okd.models.cmff_vgg import CMFFVGG16
 from okd.nn.cross_attention import LAYOUTS, QUERY_FROM
 from okd.nn.fusion import FusionModule
-from okd.nn.losses import cross_entropy, kl_div_t, ramped_kl_weight, rampup_0based
+from okd.nn.losses import cross_entropy, kl_div_t, ramped_kl_weight
 from okd.nn.rotation import joint_labels, rotate_batch, similarity_ce
 
 __all__ = [
@@ -251,7 +251,7 @@ def cmff_losses(
     z1, z2 = out.logits
     zf = out.fused
     if w is None:
-        w = hp.kl_weight * rampup_0based(epoch, hp.rampup_length)
+        w = ramped_kl_weight(hp, epoch)["kl_weight"]
     T, eps = hp.temperature, hp.target_eps
 
     def kl(student: Tensor, target: Tensor) -> Tensor:

@@ -54,6 +54,11 @@ class SLParams:
                 raise ConfigError(f"method.{key} must be >= 0, got {getattr(self, key)}")
 
 
+def fusion_weight(hp: SLParams, epoch: int) -> float:
+    """The fused-map weight of ``epoch`` (0-based): ``fusion_weight`` times FFSD's warm-up."""
+    return hp.fusion_weight * ffsd_warmup(epoch + 1, hp.warmup_epochs)
+
+
 class LeaderStrategy(nn.Module):
     """The leader network (+ TransFusion decoder) and the fusion module over ``num_peers`` detached peer maps."""
 
@@ -87,7 +92,7 @@ class LeaderStrategy(nn.Module):
         a_l = taps[-1]
         T = hp.sl_temperature
         if lam is None:  # the fused-map weight of ``epoch`` (given when the caller computed it)
-            lam = hp.fusion_weight * ffsd_warmup(epoch + 1, hp.warmup_epochs)
+            lam = fusion_weight(hp, epoch)
         losses = {
             "fusion/ce": cross_entropy(z_f, labels),
             "fusion/kl": kl_div_t(z_f, logit_mean(peer_logits), T, detach_target=True),
@@ -146,7 +151,7 @@ class DMLSL(DML):
         return [z for z, _ in outs], [taps[-1] for _, taps in outs]
 
     def epoch_scalars(self, epoch: int) -> dict[str, float]:
-        return {"fusion_weight": self.hp.fusion_weight * ffsd_warmup(epoch + 1, self.hp.warmup_epochs)}
+        return {"fusion_weight": fusion_weight(self.hp, epoch)}
 
     def training_step(
         self, images: Tensor, labels: Tensor, epoch: int, scalars: dict[str, float] | None = None
@@ -185,11 +190,7 @@ class ONESL(ONE):
         return [peers, *self.sl.param_groups(self.ctx.optim, self.hp)]
 
     def epoch_scalars(self, epoch: int) -> dict[str, float]:
-        hp = self.hp
-        return {
-            **super().epoch_scalars(epoch),
-            "fusion_weight": hp.fusion_weight * ffsd_warmup(epoch + 1, hp.warmup_epochs),
-        }
+        return {**super().epoch_scalars(epoch), "fusion_weight": fusion_weight(self.hp, epoch)}
 
     def training_step(
         self, images: Tensor, labels: Tensor, epoch: int, scalars: dict[str, float] | None = None

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from okd.methods.base import MethodContext, register_method
 from okd.methods.branch_base import BranchMethod, BranchParams, check_distillation, check_int, scalar
 from okd.models.multibranch import BranchOutputs, pool
-from okd.nn.losses import cross_entropy, kl_div_t, ramped_kl_weight, rampup_0based
+from okd.nn.losses import cross_entropy, kl_div_t, ramped_kl_weight
 
 
 @dataclass
@@ -72,7 +72,7 @@ def one_losses(
     when the caller computed it (:meth:`ONE.epoch_scalars`)."""
     z_e = gated_logits(out.logits, gate)
     if w is None:
-        w = hp.kl_weight * rampup_0based(epoch, hp.rampup_length)
+        w = ramped_kl_weight(hp, epoch)["kl_weight"]
     losses: dict[str, Tensor] = {}
     for i, z in enumerate(out.logits):
         losses[f"{prefix}{i}/ce"] = cross_entropy(z, labels)

@@ -133,6 +133,11 @@ class PeerNet(nn.Module):
         return out.logits, self.peer_logits(out.features)
 
 
+def pcl_kl_weight(hp: PCLParams, epoch: int) -> float:
+    """The KL weight of ``epoch``: ``kl_weight`` times PCL's ramp-up."""
+    return hp.kl_weight * pcl_rampup(epoch, hp.rampup_length, hp.rampup_divides_by_lambda_bug)
+
+
 def pcl_losses(
     logits: list[Tensor],
     peer: Tensor,
@@ -146,7 +151,7 @@ def pcl_losses(
     when the caller computed it (:meth:`PCL.epoch_scalars`)."""
     m, T = len(logits), hp.temperature
     if w is None:
-        w = hp.kl_weight * pcl_rampup(epoch, hp.rampup_length, hp.rampup_divides_by_lambda_bug)
+        w = pcl_kl_weight(hp, epoch)
     losses: dict[str, Tensor] = {"peer_ensemble/ce": cross_entropy(peer, labels)}
     for i, z in enumerate(logits):
         losses[f"branch{i}/ce"] = cross_entropy(z, labels)
@@ -195,8 +200,7 @@ class PCL(Method):
         return [sgd_group("net", self.student.parameters(), self.ctx.optim)]
 
     def epoch_scalars(self, epoch: int) -> dict[str, float]:
-        hp = self.hp
-        return {"kl_weight": hp.kl_weight * pcl_rampup(epoch, hp.rampup_length, hp.rampup_divides_by_lambda_bug)}
+        return {"kl_weight": pcl_kl_weight(self.hp, epoch)}
 
     def training_step(
         self, images: Tensor | list[Tensor], labels: Tensor, epoch: int, scalars: dict[str, float] | None = None
