@@ -53,6 +53,7 @@ from torch import Tensor, nn
 
 from okd.errors import ConfigError
 from okd.methods.base import Method, MethodContext, ParamGroup, adam_group, register_method, sgd_group
+from okd.methods.branch_base import scalar
 from okd.models import create_model
 from okd.models.taps import check_halving_taps, require_taps
 from okd.nn.diversity import diversity_feature_target, diversity_loss, l2_diversity_loss
@@ -319,7 +320,7 @@ class FFSD(Method):
             losses["sdL/feature"] = lam_sd * feat
             losses["sdL/attention"] = lam_sd * att
 
-        losses["stat/warmup"] = z_leader.new_ones((), dtype=torch.float32) * warm  # an input when compiled
+        losses["stat/warmup"] = scalar(warm, z_leader)
         return losses
 
     # ------------------------------------------------------------------------------------------ evaluation

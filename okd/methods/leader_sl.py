@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from okd.errors import ConfigError
 from okd.methods.base import MethodContext, ParamGroup, register_method, sgd_group
+from okd.methods.branch_base import scalar
 from okd.methods.dml import DML, DMLParams, dml_losses
 from okd.methods.one import ONE, ONEParams, gated_logits, one_losses
 from okd.models import create_model
@@ -102,7 +103,7 @@ class LeaderStrategy(nn.Module):
         }
         if self.decoder is not None:
             losses["leader/decoder"] = lam * normalized_l2(attention_map(self.decoder(a_l)), attention_map(u))
-        losses["stat/fusion_weight"] = z_l.new_ones((), dtype=torch.float32) * lam  # an input when compiled
+        losses["stat/fusion_weight"] = scalar(lam, z_l)
         return losses
 
     def heads(self, images: Tensor, peer_maps: list[Tensor]) -> dict[str, Tensor]:
