@@ -40,10 +40,15 @@ def prepare_method(method: Method, cfg: TrainConfig, compile_backend: str | Call
     if cfg.compile and method.manual_optimization:
         for module in method.modules():
             if hasattr(module, "forward_taps"):
-                options = {"mode": cfg.compile_mode} if compile_backend == "inductor" else {"backend": compile_backend}
+                options = compile_options(cfg.compile_mode, compile_backend)
                 module.compile(**options)
                 module.forward_taps = torch.compile(module.forward_taps, **options)
     return method
+
+
+def compile_options(mode: str, backend: str | Callable) -> dict:
+    """``torch.compile`` keywords: ``mode`` for the inductor backend, else the ``backend`` itself."""
+    return {"mode": mode} if backend == "inductor" else {"backend": backend}
 
 
 def sum_losses(losses: dict[str, Tensor]) -> Tensor:
@@ -71,10 +76,7 @@ def compile_loss_function(
 ) -> LossFunction:
     """``torch.compile`` of :func:`loss_function` (``mode`` applies to the inductor backend; ``reduce-overhead``
     captures CUDA graphs, which needs the whole step in one graph: every registered method's is)."""
-    if backend == "inductor":
-        compiled = torch.compile(fn, mode=mode, fullgraph=fullgraph)
-    else:
-        compiled = torch.compile(fn, backend=backend, fullgraph=fullgraph)
+    compiled = torch.compile(fn, fullgraph=fullgraph, **compile_options(mode, backend))
     if "reduce-overhead" not in mode or backend != "inductor":
         return compiled
 
