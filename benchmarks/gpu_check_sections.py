@@ -61,7 +61,7 @@ def section_env(out: Path, args) -> None:
 
 def section_speed(out: Path, args) -> None:
     from okd.bench import bench
-    from okd.config import load_config
+    from okd.methods.build import load_config
 
     deadline = Deadline(args.budget)
     device = "cpu" if args.dry_run else "cuda"
@@ -223,8 +223,8 @@ def smoke_item(method: str, precision: str, root: Path, work: Path, args, determ
     """One epoch (a checkpoint), a resume to epoch 2, and (where planned) a straight 2-epoch run to compare."""
     import torch
 
-    from okd.config import load_config
-    from okd.engine.checkpoint import load_checkpoint
+    from okd.methods.build import load_config
+    from okd.io import load_checkpoint
     from okd.engine.trainer import config_from_run, train
 
     name = f"{method}_{precision}" + ("" if deterministic else "_nondet")

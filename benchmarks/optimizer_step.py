@@ -15,8 +15,9 @@ import time
 
 import torch
 
-from okd.config import load_config
-from okd.engine.builder import build_method, resolve_device
+from okd.methods.build import load_config
+from okd.engine.builder import resolve_device
+from okd.methods.build import build_method
 from okd.engine.step import StepRunner
 from okd.methods.base import ParamGroup
 

@@ -11,8 +11,23 @@ import re
 import signal
 import sys
 import textwrap
+import time
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as dist_version
 
+from okd import __version__, bench
+from okd.configs import packaged_configs
+from okd.engine.run_log import ordered_heads, run_summary
+from okd.engine.threads import warn_threads_once
+from okd.engine.trainer import config_from_run, train
 from okd.errors import OKDError
+from okd.methods import METHODS
+from okd.methods.build import load_config
+from okd.models import count_macs, count_parameters, create_model, list_models
+from okd.models.registry import MODELS
+from okd.report import commands as report_commands
+from okd.report.scoring import score_checkpoint
+from okd.runs.metrics import best_in_history
 
 DESCRIPTION = """\
 okd: online knowledge distillation (FFSD, DML, KD, ONE, CL-ILR, OKDDip, FFL, ...).
@@ -44,8 +59,6 @@ def _split_config_and_overrides(items: list[str]) -> tuple[str | None, list[str]
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from okd.config import load_config
-    from okd.engine.trainer import config_from_run, train
 
     config_path, overrides = _split_config_and_overrides(args.items)
     if args.resume:
@@ -64,12 +77,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_test(args: argparse.Namespace) -> int:
-    import time
-    from pathlib import Path
 
-    from okd.engine.run_log import best_in_history, ordered_heads, read_metrics_csv, run_summary
-    from okd.engine.scoring import score_checkpoint
-    from okd.engine.threads import warn_threads_once
 
     started = time.perf_counter()
     warn_threads_once()
@@ -86,36 +94,28 @@ def cmd_test(args: argparse.Namespace) -> int:
         top5_text = f"{top5:7.2f}" if top5 is not None else f"{'-':>7}"
         label = f"*{name}" if name == head else name
         print(f"{label:<{width}}  {metrics[f'{name}/top1']:7.2f}  {top5_text}")
-    run_dir = Path(info["path"]).parent
-    history = read_metrics_csv(run_dir / "metrics.csv") if (run_dir / "metrics.csv").is_file() else []
-    deploy = run_dir / "deploy.pt"
-    best = best_in_history(history, head)
+    run = info["run"]  # the run folder as last.pt commits it; None for a file outside a run folder
+    best = best_in_history(run.history, head) if run is not None else None
+    deploy = run.dir / "deploy.pt" if run is not None and (run.dir / "deploy.pt").is_file() else None
     wall = time.perf_counter() - started
-    summary = run_summary(
-        head, metrics[f"{head}/top1"], info["epoch"], best, deploy if deploy.is_file() else None, wall
-    )
+    summary = run_summary(head, metrics[f"{head}/top1"], info["epoch"], best, deploy, wall)
     print("\n" + summary)
     return 0
 
 
 def cmd_configs(args: argparse.Namespace) -> int:
-    from okd.configs import packaged_configs
 
     print("\n".join(packaged_configs()))
     return 0
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from okd.config import load_config
 
     print(load_config(args.name, args.overrides).to_yaml(), end="")
     return 0
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from okd.engine.threads import warn_threads_once
-    from okd.models import count_macs, count_parameters, create_model, list_models
-    from okd.models.registry import MODELS
 
     warn_threads_once()
 
@@ -129,7 +129,6 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    from okd.methods import METHODS
 
     for name in METHODS.names():
         info = METHODS.info(name)
@@ -139,13 +138,10 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 def version() -> str:
     """The installed distribution's version, else the source tree's ``okd.__version__``."""
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as dist_version
 
     try:
         return dist_version("okd")
     except PackageNotFoundError:
-        from okd import __version__
 
         return __version__
 
@@ -187,8 +183,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("methods", help="list the registered methods")
     p.set_defaults(func=cmd_methods)
 
-    from okd import bench
-    from okd.report import commands as report_commands
 
     bench.register_cli(sub)
     report_commands.register_cli(sub)

@@ -1,7 +1,8 @@
-"""Typed run configuration: dataclass defaults, short YAML files and ``key=value`` overrides.
+"""The config schema: typed dataclass defaults, short YAML files and ``key=value`` overrides.
 
-The ``method`` section is validated against the chosen method's own ``Params`` dataclass, so every
-method owns its knobs and an unknown key fails before training with the valid keys named.
+This module holds the run sections (data, model, optim, train) and their checks only. Building a
+:class:`Config` with the method's own typed ``Params`` (an unknown ``method.*`` key fails before training with
+the valid keys named) sits above the methods: :func:`okd.methods.build.build_config`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from okd.configs import resolve_config
 from okd.errors import ConfigError
 
 
@@ -134,7 +136,7 @@ def _field_names(cls) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
 
 
-def _typed(schema_cls, raw: dict, where: str):
+def typed_section(schema_cls, raw: dict, where: str):
     """``raw`` merged into ``schema_cls``; ``where`` prefixes the dotted key in messages ("" or "method")."""
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema_cls), raw)
@@ -192,7 +194,7 @@ def _validate_optim(o: OptimConfig) -> None:
         raise ConfigError(f"optim.milestones are epochs and must be positive, got {list(o.milestones)}")
 
 
-def _validate(run: RunConfig) -> None:
+def validate_run(run: RunConfig) -> None:
     check_finite(run, "")
     for (section, key), choices in _CHOICES.items():
         value = getattr(getattr(run, section), key)
@@ -229,9 +231,6 @@ def _validate(run: RunConfig) -> None:
             f"data.image_size must be positive and data.resize (null or >= image_size) not smaller than it; got "
             f"image_size={run.data.image_size}, resize={run.data.resize}"
         )
-    from okd.models.spec import check_model_config
-
-    check_model_config(run.model)
     if run.train.device not in ("auto", "cpu") and not run.train.device.startswith("cuda"):
         raise ConfigError(f"train.device={run.train.device!r}: use auto, cpu, cuda or cuda:N")
 
@@ -249,8 +248,6 @@ def parse_overrides(overrides: list[str]) -> DictConfig:
 def load_raw(path: str | Path | None) -> DictConfig:
     if path is None:
         return OmegaConf.create({})
-    from okd.configs import resolve_config
-
     found = resolve_config(path)
     if found is None:
         raise ConfigError(
@@ -265,30 +262,3 @@ def load_raw(path: str | Path | None) -> DictConfig:
     if not isinstance(raw, DictConfig):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections (data, model, ...)")
     return raw
-
-
-def build_config(raw: DictConfig | dict) -> Config:
-    """Validate a raw mapping into a :class:`Config`."""
-    from okd.methods import METHODS  # the registry is filled on import
-
-    raw = OmegaConf.to_container(OmegaConf.create(raw), resolve=True)
-    method_raw = raw.pop("method", None) or {}
-    if not isinstance(method_raw, dict):
-        raise ConfigError("the method section must be a mapping, e.g. method: {name: ffsd}")
-    method_raw = dict(method_raw)
-    name = method_raw.pop("name", "baseline")
-    method_cls = METHODS.get(name)
-    run = _typed(RunConfig, raw, "")
-    _validate(run)
-    params = _typed(method_cls.Params, method_raw, "method")
-    check_finite(params, "method.")
-    check = getattr(params, "validate", None)
-    if check is not None:
-        check()
-    return Config(run=run, method_name=name, method_params=params)
-
-
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Load a YAML config, apply ``key=value`` overrides and validate everything."""
-    raw = OmegaConf.merge(load_raw(path), parse_overrides(list(overrides)))
-    return build_config(raw)

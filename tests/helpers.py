@@ -83,8 +83,8 @@ def train_and_resume(config: str | Path | None, overrides: Callable[[str, int], 
     """Train ``epochs`` epochs straight (run ``full``) and ``epochs - 1`` then resumed to ``epochs`` (run ``split``).
 
     ``overrides(name, epochs)`` gives the overrides of each run. Returns both run folders."""
-    from okd.config import load_config
     from okd.engine.trainer import config_from_run, train
+    from okd.methods.build import load_config
 
     full = train(load_config(config, overrides("full", epochs)))
     split = train(load_config(config, overrides("split", epochs - 1)))
@@ -118,8 +118,8 @@ def assert_same(a, b, where: str = "") -> None:
 def assert_same_runs(a: Path, b: Path, metrics: bool = True) -> tuple[dict, dict]:
     """Two run folders ended at the same epoch with bitwise-equal method state (every tensor of ``a``'s) and,
     with ``metrics``, the same metric rows but for timings. Returns both ``last.pt`` checkpoints."""
-    from okd.engine.checkpoint import load_checkpoint
-    from okd.engine.run_log import read_metrics_csv
+    from okd.io import load_checkpoint
+    from okd.runs.metrics import read_metrics_csv
 
     sa, sb = load_checkpoint(a / "last.pt"), load_checkpoint(b / "last.pt")
     assert sa["epoch"] == sb["epoch"]
@@ -154,10 +154,9 @@ def cli(*argv) -> str:
 def trained(tmp_path_factory, cifar10_root: Path, config: str, name: str, extra: Sequence[str] = ()) -> Path:
     """A short real run of the packaged ``config``, trained once per session for each (config, name, extra)
     and shared by the test files through the base temp dir; the folder name carries a key of all three."""
-    from okd.config import load_config
     from okd.configs import resolve_config
     from okd.engine.trainer import train
-    from okd.report.runs import method_class
+    from okd.methods.build import load_config, method_class
 
     key = hashlib.sha256(repr((str(config), name, tuple(str(e) for e in extra))).encode()).hexdigest()[:10]
     out, run = tmp_path_factory.getbasetemp() / "okd_runs", f"{name}_{key}"

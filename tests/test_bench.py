@@ -19,9 +19,8 @@ from okd.bench import (
     register_cli,
     window_plan,
 )
-from okd.config import load_config
-from okd.engine.builder import build_method
 from okd.errors import OKDError
+from okd.methods.build import build_method, load_config
 
 CONFIG = "cifar100/baseline_resnet20"
 TINY = ["train.device=cpu", "data.batch_size=4", "data.root=/nonexistent"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from okd.engine.checkpoint import atomic_save, load_checkpoint, load_state_checked
 from okd.errors import CheckpointError
+from okd.io import atomic_save, load_checkpoint, load_state_checked
 
 
 def second_save_fails(tmp_path, monkeypatch, owner, name: str, replacement, error: type[BaseException]):

@@ -14,9 +14,9 @@ import yaml
 
 import okd
 from okd.cli import _subcommands, build_parser, main, parse_args, version
-from okd.config import load_config
 from okd.configs import packaged_configs
 from okd.errors import ConfigError
+from okd.methods.build import load_config
 
 # subcommand -> (positional tokens in their order, option units); every subcommand has one
 SAMPLES: dict[str, tuple[list[str], list[list[str]]]] = {

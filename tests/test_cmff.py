@@ -13,12 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from okd.config import OptimConfig, load_config
+from okd.config import OptimConfig
 from okd.configs import packaged_configs
-from okd.engine.builder import build_method, build_optimization
-from okd.engine.checkpoint import load_checkpoint
+from okd.engine.builder import build_optimization
 from okd.errors import ConfigError
+from okd.io import load_checkpoint
 from okd.methods.base import MethodContext, ParamGroup
+from okd.methods.build import build_method, load_config
 from okd.methods.cmff import (
     CMFF,
     CMFFVGG16,

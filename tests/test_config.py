@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from okd.config import load_config
 from okd.errors import ConfigError
+from okd.methods.build import load_config
 
 BASE = "cifar10/baseline_resnet20"
 

@@ -12,13 +12,13 @@ import pytest
 import torch
 
 import okd.methods  # noqa: F401  (registers every method)
-from okd.config import load_config
 from okd.data import build_loaders
-from okd.engine.builder import build_method, build_optimization
-from okd.engine.checkpoint import load_checkpoint
-from okd.engine.run_log import read_metrics_csv
+from okd.engine.builder import build_optimization
 from okd.engine.seeding import seed_everything
 from okd.engine.step import prepare_method
+from okd.io import load_checkpoint
+from okd.methods.build import build_method, load_config
+from okd.runs.metrics import read_metrics_csv
 
 METHOD_CONFIGS = {
     "baseline": "cifar10/baseline_resnet20",

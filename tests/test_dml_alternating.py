@@ -9,12 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from okd.config import OptimConfig, TrainConfig, load_config
+from okd.config import OptimConfig, TrainConfig
 from okd.engine.builder import build_optimization
 from okd.engine.distributed import DistContext
 from okd.engine.step import StepRunner
 from okd.errors import ConfigError
 from okd.methods.base import MethodContext
+from okd.methods.build import load_config
 from okd.methods.dml import DML, DMLParams
 
 CONFIG = "cifar100/dml_resnet32"

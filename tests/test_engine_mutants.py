@@ -7,9 +7,9 @@ from types import SimpleNamespace
 
 import torch
 
-from okd.config import load_config
 from okd.engine.distributed import DistContext
 from okd.engine.trainer import _log_start, rank_rng_state
+from okd.methods.build import load_config
 
 
 def test_start_line_gives_the_per_process_batch(tmp_path, caplog, monkeypatch):

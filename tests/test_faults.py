@@ -1,7 +1,7 @@
 """Faults against the run folder: a process stopped (SIGKILL, SIGTERM) at every boundary of the epoch-end save,
 divergence, a second writer, a full disk, unwritable folders; each run compared with an uninterrupted one.
 
-The stops use the test hook of okd/engine/run_store.py (``OKD_FAULT_AT=<before|after>:<file>:<epoch>:<SIGNAL>``)
+The stops use the test hook of okd/runs/store.py (``OKD_FAULT_AT=<before|after>:<file>:<epoch>:<SIGNAL>``)
 in a forked child (no second torch import), which then dies by the signal as a real run would.
 """
 
@@ -22,9 +22,9 @@ import pytest
 import torch
 
 from okd.cli import main
-from okd.engine.checkpoint import load_checkpoint
-from okd.engine.run_log import read_metrics_csv
-from okd.engine.run_store import BEST_BACKUP, FAULT_ENV, LOCK_NAME
+from okd.io import load_checkpoint
+from okd.runs.metrics import read_metrics_csv
+from okd.runs.store import BEST_BACKUP, FAULT_ENV, LOCK_NAME
 
 CONFIG = "cifar10/baseline_resnet20"
 RUN = Path("runs/run")  # relative: config.yaml is then the same for every run of these tests
@@ -166,8 +166,8 @@ def test_stop_at_every_boundary_of_the_save_then_resume_matches(fault, reference
 def test_readers_see_the_committed_epoch_after_a_kill_in_mid_save(reference, cifar10_root, tmp_path, monkeypatch):
     """Killed after best.pt and deploy.pt of epoch 2 were renamed, before last.pt: okd test --checkpoint best and
     okd export read epoch 1 (what last.pt commits), not the uncommitted epoch 2."""
-    from okd.engine.scoring import score_checkpoint
     from okd.report.export import load_deployable
+    from okd.report.scoring import score_checkpoint
 
     monkeypatch.chdir(tmp_path)
     assert fork_okd(args(cifar10_root), "before:last.pt:2:SIGKILL", tmp_path / "child.log") == -signal.SIGKILL
@@ -196,8 +196,8 @@ def test_finished_run_with_lagging_best_and_deploy_is_repaired_on_resume(referen
 
 def test_a_best_epoch_that_is_gone_is_refused_not_scored(reference, tmp_path):
     """best.pt lagging behind a best epoch older than last.pt cannot be rebuilt: okd test says so."""
-    from okd.engine.scoring import score_checkpoint
     from okd.errors import CheckpointError
+    from okd.report.scoring import score_checkpoint
 
     run = tmp_path / "run"
     shutil.copytree(reference, run)

@@ -10,8 +10,8 @@ from pathlib import Path
 import helpers
 import pytest
 
-from okd.engine.run_log import read_metrics_csv
 from okd.errors import ConfigError, OKDError
+from okd.runs.metrics import read_metrics_csv
 
 pytest.importorskip("submitit")
 

@@ -24,9 +24,9 @@ import pytest
 import torch
 
 from okd.bench import graph_nodes
-from okd.config import load_config
 from okd.engine import step as step_module
 from okd.engine.trainer import train
+from okd.methods.build import load_config
 
 BATCH, STEPS, WARMUP = 8, 6, 2
 

@@ -15,12 +15,13 @@ import torch.nn.functional as F
 
 import okd.methods.kdcl  # noqa: F401  (registers "kdcl")
 import okd.methods.pcl  # noqa: F401  (registers "pcl")
-from okd.config import OptimConfig, load_config
+from okd.config import OptimConfig
 from okd.engine.builder import build_optimization
-from okd.engine.checkpoint import load_checkpoint
 from okd.engine.trainer import train
 from okd.errors import ConfigError
+from okd.io import load_checkpoint
 from okd.methods.base import Method, MethodContext
+from okd.methods.build import load_config
 from okd.methods.kdcl import (
     KDCL,
     KDCLParams,
@@ -529,9 +530,9 @@ GOLDEN_KDCL_STEP = {
 
 
 def test_kdcl_general_rule_fits_weights_on_the_holdout_split(cifar10_root, tmp_path):
-    from okd.config import load_config
-    from okd.engine.checkpoint import load_checkpoint
     from okd.errors import ConfigError
+    from okd.io import load_checkpoint
+    from okd.methods.build import load_config
 
     base = [
         f"data.root={cifar10_root}",

@@ -16,10 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from okd.config import OptimConfig, build_config, load_config
+from okd.config import OptimConfig
 from okd.errors import CheckpointError, ConfigError
 from okd.methods import cl_ilr, dml, ffl, individual, kd, leader_sl, okddip, one  # noqa: F401
 from okd.methods.base import METHODS, MethodContext
+from okd.methods.build import build_config, load_config
 from okd.models import create_model
 from okd.nn.losses import rampup_0based
 
@@ -720,9 +721,9 @@ def e2e_overrides(root: Path, out: Path, name: str, method: str, teacher: Path, 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", PEER_METHODS)
 def test_trains_evaluates_every_head_and_resumes_exactly(name, cifar10_root, teacher_file, tmp_path):
-    from okd.engine.checkpoint import load_checkpoint
-    from okd.engine.run_log import read_metrics_csv
     from okd.engine.trainer import train
+    from okd.io import load_checkpoint
+    from okd.runs.metrics import read_metrics_csv
 
     config = f"cifar100/{name}_resnet32"
 

@@ -204,7 +204,7 @@ def test_report_three_seeds(seed_runs, tmp_path):
     md_path, csv_path = tmp_path / "r.md", tmp_path / "r.csv"
     text = helpers.cli("report", *seed_runs, "--markdown", md_path, "--csv", csv_path)
     assert md_path.read_text() in text
-    from okd.engine.run_log import read_metrics_csv
+    from okd.runs.metrics import read_metrics_csv
 
     hist = [read_metrics_csv(p / "metrics.csv") for p in seed_runs]
     for metric in ("top1", "top5"):
@@ -267,7 +267,7 @@ def test_tap_networks_are_named_like_heads():
     from torch import nn
 
     from okd.models import create_model
-    from okd.report.runs import tap_networks
+    from okd.report.attention import tap_networks
 
     class Cohort(nn.Module):
         def __init__(self):

@@ -14,12 +14,12 @@ import torch
 import yaml
 
 from okd.cli import main
-from okd.config import build_config, load_config
-from okd.engine.checkpoint import load_checkpoint
-from okd.engine.resume_policy import MAY_CHANGE, check_changes, read_history
-from okd.engine.run_log import read_metrics_csv
 from okd.engine.trainer import train
 from okd.errors import ConfigError
+from okd.io import load_checkpoint
+from okd.methods.build import build_config, load_config
+from okd.runs.metrics import read_metrics_csv
+from okd.runs.resume_policy import MAY_CHANGE, check_changes, read_history
 
 CONFIG = "cifar10/baseline_resnet20"
 

@@ -14,20 +14,13 @@ import numpy as np
 import pytest
 
 from okd.cli import main
-from okd.config import load_config
 from okd.data.cifar import load_cifar
 from okd.engine import threads
-from okd.engine.run_log import (
-    best_in_history,
-    epoch_line,
-    format_duration,
-    live_eta,
-    read_metrics_csv,
-    run_eta,
-    run_summary,
-    setup_logging,
-)
+from okd.engine.run_log import epoch_line, format_duration, live_eta, run_eta, run_summary
 from okd.engine.trainer import train
+from okd.log import setup_logging
+from okd.methods.build import load_config
+from okd.runs.metrics import best_in_history, read_metrics_csv
 
 EPOCHS = 2
 
@@ -250,7 +243,7 @@ def test_a_wrong_cifar10_folder_or_none_says_how_to_enable(tmp_path, monkeypatch
 def test_a_deploy_pt_is_scored_under_its_training_head_name(config, head):
     import torch
 
-    from okd.engine.scoring import _deployed_head_name
+    from okd.report.scoring import _deployed_head_name
 
     batch = [(torch.zeros(2, 3, 32, 32), torch.zeros(2, dtype=torch.long))]
     assert _deployed_head_name(load_config(config), 10, batch) == head

@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from okd.engine.evaluate import evaluate
-from okd.engine.run_store import LOCK_NAME, RunStore, deferred_signals, first_nonfinite
 from okd.errors import RunFolderError, StopRequested
+from okd.runs.records import first_nonfinite
+from okd.runs.store import LOCK_NAME, RunStore, deferred_signals
 
 
 def records(epoch: int) -> tuple[dict, bool, dict]:
@@ -119,7 +120,7 @@ def test_nonfinite_logits_never_count_as_correct():
 
 
 def test_a_run_folder_path_given_as_its_checkpoint_file(tmp_path):
-    from okd.engine.run_store import run_folder_of
+    from okd.runs.reader import run_folder_of
 
     (tmp_path / "last.pt").write_bytes(b"")
     assert run_folder_of(tmp_path / "last.pt") == tmp_path

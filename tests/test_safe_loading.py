@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from okd.cli import main
-from okd.engine.checkpoint import load_checkpoint
 from okd.errors import CheckpointError
+from okd.io import load_checkpoint
 from okd.methods.kd import load_teacher
 from okd.models import create_model
 

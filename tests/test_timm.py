@@ -18,9 +18,11 @@ pytest.importorskip("PIL")
 
 from folder_fixtures import quick_folder_run, write_class_folder  # noqa: E402
 
-from okd.config import load_config  # noqa: E402
-from okd.engine.builder import build_method  # noqa: E402
 from okd.errors import ConfigError  # noqa: E402
+from okd.methods.build import (
+    build_method,  # noqa: E402
+    load_config,  # noqa: E402
+)
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +85,7 @@ def test_the_core_imports_neither_timm_nor_torchvision():
 
     code = (
         "import sys; import okd.cli, okd.methods, okd.models, okd.data, okd.report.export; "
-        "from okd.config import load_config; from okd.engine.builder import build_method; "
+        "from okd.methods.build import build_method, load_config; "
         "build_method(load_config(None, ['method.name=ffsd', 'model.name=resnet20']), 10); "
         "bad = [m for m in ('timm', 'torchvision') if m in sys.modules]; assert not bad, bad"
     )

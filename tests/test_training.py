@@ -16,11 +16,11 @@ import pytest
 import torch
 
 from okd.cli import main
-from okd.config import load_config
-from okd.engine.checkpoint import load_checkpoint
-from okd.engine.run_log import read_metrics_csv
-from okd.engine.scoring import score_checkpoint
 from okd.engine.trainer import config_from_run, train
+from okd.io import load_checkpoint
+from okd.methods.build import load_config
+from okd.report.scoring import score_checkpoint
+from okd.runs.metrics import read_metrics_csv
 
 CONFIG = "cifar10/baseline_resnet20"
 

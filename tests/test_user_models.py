@@ -11,13 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from okd.config import load_config
-from okd.engine.builder import build_method
-from okd.engine.run_log import read_metrics_csv
-from okd.engine.run_store import current_file
-from okd.engine.scoring import score_checkpoint
 from okd.engine.trainer import config_from_run
 from okd.errors import ConfigError, OKDError
+from okd.methods.build import build_method, load_config
+from okd.report.scoring import score_checkpoint
+from okd.runs.metrics import read_metrics_csv
+from okd.runs.reader import Run
 
 pytest.importorskip("PIL")
 from folder_fixtures import quick_folder_run, write_class_folder  # noqa: E402
@@ -151,10 +150,11 @@ def test_ffsd_example_config_on_the_example_cnn(user_env, example_module, tmp_pa
     assert all(k.startswith("net.") for k in deploy["state_dict"])  # the leader alone, the user's module inside
     text = helpers.cli("attention", full, "--out", full / "att.png")
     assert "leader" in text
-    # a deploy.pt lost in a stop is rebuilt from last.pt with the same rebuild and preprocessing fields
+    # a deploy.pt lost in a stop is rebuilt (in memory, by the reader) from last.pt with the same rebuild and
+    # preprocessing fields
     (full / "deploy.pt").unlink()
-    current_file(full, "deploy")
-    again = torch.load(full / "deploy.pt", map_location="cpu", weights_only=True)
+    again, source = Run(full).deploy_record()
+    assert "rebuilt" in source and not (full / "deploy.pt").exists()
     for key in ("model_spec", "classes", "mean", "std", "size", "resize"):
         assert again[key] == deploy[key], key
 

@@ -8,8 +8,8 @@ import sys
 
 from okd.bench.run import bench
 from okd.bench.table import format_table
-from okd.config import load_config
 from okd.errors import OKDError
+from okd.methods.build import load_config
 
 DESCRIPTION = "time a config's training step, side by side with the standard-recipe reference path"
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from okd.config import Config
+from okd.data import build_loaders
 from okd.data.cifar import DATASET_STATS, get_spec
 from okd.data.device_loader import DeviceLoader
 from okd.errors import DataError, OKDError
@@ -31,7 +32,6 @@ class Split:
 def load_split(cfg: Config, min_images: int, synthetic: bool = False) -> Split:
     """The config's training split (never downloaded: ``build_loaders`` with ``download=false``), or synthetic
     uniform uint8 images of CIFAR shape with the dataset's class count when it is absent or ``synthetic``."""
-    from okd.data import build_loaders
 
     data = cfg.run.data
     if data.dataset not in DATASET_STATS:

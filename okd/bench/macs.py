@@ -10,6 +10,9 @@ from torch import Tensor, nn
 
 from okd.bench.data import Split, num_classes_of, okd_loader
 from okd.config import Config
+from okd.methods import METHODS
+from okd.methods.build import build_method
+from okd.models.complexity import _layer_macs
 
 
 @dataclass
@@ -29,7 +32,6 @@ def count_step_macs(
     networks and auxiliary modules). The step runs on ``method`` itself (its BN running statistics move); with
     ``backward`` the summed loss is backpropagated too (initialises the backward kernels, no optimizer step).
     """
-    from okd.models.complexity import _layer_macs
 
     total = no_grad = 0
 
@@ -56,8 +58,6 @@ def count_step_macs(
 
 def cohort_macs(cfg: Config, split: Split, device: torch.device) -> MacCount:
     """:func:`count_step_macs` of the config's method on one batch of ``split`` (fp32, eager, contiguous)."""
-    from okd.engine.builder import build_method
-    from okd.methods import METHODS
 
     views = METHODS.get(cfg.method_name).views
     loader = okd_loader(split, dataclasses.replace(cfg, run=contiguous_run(cfg)), device, views)

@@ -9,14 +9,15 @@ from okd.bench.data import Split, cycle_device, num_classes_of, okd_loader
 from okd.bench.env import PeakMemory
 from okd.bench.timing import LivePath
 from okd.config import Config
+from okd.engine.builder import build_optimization
+from okd.engine.seeding import seed_everything
+from okd.engine.step import StepRunner, configure_backends, prepare_method
+from okd.methods import METHODS
+from okd.methods.build import build_method
 
 
 def start_okd(cfg: Config, split: Split, device: torch.device, warmup: int, name: str = "okd") -> LivePath:
     """Build the okd path (named ``name``) and run its warm-up (compile included) while tracking its peak memory."""
-    from okd.engine.builder import build_method
-    from okd.engine.seeding import seed_everything
-    from okd.engine.step import StepRunner, configure_backends, prepare_method
-    from okd.methods import METHODS
 
     t = cfg.run.train
     mem = PeakMemory(device)
@@ -50,7 +51,6 @@ def start_okd(cfg: Config, split: Split, device: torch.device, warmup: int, name
 
 def build_optimizers(method: nn.Module, cfg: Config) -> tuple[list[str], list[torch.optim.Optimizer]]:
     """The group names and optimizers ``okd.engine.builder.build_optimization`` makes (schedules unused)."""
-    from okd.engine.builder import build_optimization
 
     built = build_optimization(method, cfg)
     if isinstance(built, tuple):  # (names, optimizers, schedulers)

@@ -12,6 +12,9 @@ from okd.bench.env import PeakMemory
 from okd.bench.okd_path import build_optimizers
 from okd.bench.timing import LivePath
 from okd.config import Config
+from okd.engine.seeding import seed_everything
+from okd.methods import METHODS
+from okd.methods.build import build_method
 
 
 def graph_nodes(*tensors: Tensor) -> dict[int, object]:
@@ -85,9 +88,6 @@ class ReferenceStep:
 
 def start_reference(cfg: Config, split: Split, device: torch.device, warmup: int, workers: int) -> LivePath:
     """Build the reference path and run its warm-up while tracking its peak memory."""
-    from okd.engine.builder import build_method
-    from okd.engine.seeding import seed_everything
-    from okd.methods import METHODS
 
     mem = PeakMemory(device)
     mem.start()

@@ -16,6 +16,7 @@ from okd.bench.rows import append_csv, check_csv, make_row
 from okd.bench.syncs import count_syncs
 from okd.bench.timing import BenchReport, window_plan
 from okd.config import Config
+from okd.engine.builder import resolve_device
 from okd.errors import OKDError
 
 
@@ -58,7 +59,6 @@ def bench(
 
 def _bench(cfg, config_name, steps, warmup, windows, reference, workers, synthetic, check_syncs, csv_path, command,
            also_eager=False):  # fmt: skip
-    from okd.engine.builder import resolve_device
 
     if csv_path is not None:
         check_csv(csv_path)  # fail before the run, not after it (an empty path is refused there)

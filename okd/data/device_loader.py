@@ -14,6 +14,8 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
+from okd.errors import DataError
+
 PADDING_MODES = ("reflect", "zeros")
 
 
@@ -192,8 +194,6 @@ def split_loader(
 ) -> DeviceLoader:
     """The :class:`DeviceLoader` of one split with the settings of ``data_cfg`` (a ``DataConfig``; ``pad``
     overrides ``data.pad``); a training split smaller than one batch under ``drop_last`` is a ``DataError``."""
-    from okd.errors import DataError
-
     loader = DeviceLoader(
         images,
         labels,

@@ -9,8 +9,7 @@ import torch
 from okd.config import Config
 from okd.engine.schedules import build_scheduler
 from okd.errors import CheckpointError, ConfigError
-from okd.methods import METHODS, Method, MethodContext, ParamGroup
-from okd.models.spec import model_ref
+from okd.methods import Method, ParamGroup
 
 
 def resolve_device(name: str) -> torch.device:
@@ -19,19 +18,6 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"train.device={name!r} but no CUDA device is available; use train.device=cpu")
     return torch.device(name)
-
-
-def build_method(cfg: Config, num_classes: int) -> Method:
-    cls = METHODS.get(cfg.method_name)
-    ctx = MethodContext(
-        model=model_ref(cfg),
-        num_classes=num_classes,
-        optim=cfg.run.optim,
-        params=cfg.method_params,
-        epochs=cfg.run.train.epochs,
-        extra={"holdout": cfg.run.data.holdout},
-    )
-    return cls(ctx)
 
 
 def _check_groups(method: Method, groups: list[ParamGroup]) -> None:

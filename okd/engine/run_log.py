@@ -1,47 +1,8 @@
-"""The run folder's human-readable history: metrics.csv (one row per epoch) and per-epoch log lines."""
+"""What a run says while it trains and when it ends: epoch lines, durations, ETAs and the closing summary."""
 
 from __future__ import annotations
 
-import csv
-import io
-import logging
-import sys
 from pathlib import Path
-
-log = logging.getLogger("okd")
-
-
-def metrics_csv_text(history: list[dict[str, float]]) -> str:
-    """metrics.csv of the full history (columns in first-seen order)."""
-    columns: list[str] = []
-    for row in history:
-        for key in row:
-            if key not in columns:
-                columns.append(key)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, restval="")
-    writer.writeheader()
-    for row in history:
-        writer.writerow({k: _fmt(v) for k, v in row.items()})
-    return buf.getvalue()
-
-
-def read_metrics_csv(path: str | Path) -> list[dict[str, float]]:
-    with open(path, newline="", encoding="utf-8") as f:
-        return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
-
-
-def _fmt(value: float) -> str:
-    return str(value) if isinstance(value, int) else format(value, ".10g")
-
-
-def setup_logging() -> None:
-    if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-        log.propagate = False
 
 
 def ordered_heads(heads: list[str], deployed: str | None) -> list[str]:
@@ -90,16 +51,6 @@ def live_eta(paces: list[float], epochs_after: int, step_s: float, steps_left: i
     ``epochs_after`` epochs at the mean pace so far (before any epoch is timed: this epoch's training pace)."""
     pace = sum(paces) / len(paces) if paces else step_s * steps_total
     return step_s * steps_left + pace * epochs_after
-
-
-def best_in_history(history: list[dict[str, float]], head: str) -> tuple[float, int] | None:
-    """The highest ``test/<head>/top1`` of a run's history and its epoch (the first such epoch)."""
-    key = f"test/{head}/top1"
-    scored = [(row[key], int(row["epoch"])) for row in history if key in row]
-    if not scored:
-        return None
-    top = max(s for s, _ in scored)
-    return top, next(e for s, e in scored if s == top)
 
 
 def run_summary(

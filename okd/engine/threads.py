@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from okd.engine.run_log import log, setup_logging
+from okd.log import log, setup_logging
 
 _warned = False
 

@@ -9,13 +9,12 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
-from okd.config import Config, build_config
+from okd.config import Config
 from okd.data import build_loaders
 from okd.data.device_loader import split_holdout
-from okd.engine import resume_policy
-from okd.engine.builder import build_method, build_optimization, resolve_device
-from okd.engine.checkpoint import load_checkpoint, load_state_checked, require_keys
+from okd.engine.builder import build_optimization, resolve_device
 from okd.engine.distributed import (
     DistContext,
     all_gather_objects,
@@ -27,31 +26,23 @@ from okd.engine.distributed import (
 )
 from okd.engine.epoch import interactive, steps_per_epoch, sync, train_epoch
 from okd.engine.evaluate import evaluate
-from okd.engine.run_log import (
-    best_in_history,
-    epoch_line,
-    log,
-    run_eta,
-    run_summary,
-    setup_logging,
-)
-from okd.engine.run_store import (
-    CHECKPOINT_FORMAT,
-    RunStore,
-    deploy_record,
-    first_nonfinite,
-    last_record,
-    nonfinite_values,
-    run_folder_of,
-)
+from okd.engine.run_log import epoch_line, run_eta, run_summary
 from okd.engine.seeding import restore_rng_state, rng_state, seed_everything, set_deterministic
 from okd.engine.step import StepRunner, autocast, configure_backends, prepare_method
 from okd.engine.tensorboard import TensorBoardLogger
 from okd.engine.threads import warn_threads_once
 from okd.errors import CheckpointError, ConfigError, NonFiniteError, StopRequested
-from okd.models.spec import check_stored_config, deploy_fields
+from okd.io import load_state_checked
+from okd.log import log, setup_logging
+from okd.methods import METHODS
+from okd.methods.build import build_method
+from okd.models.spec import deploy_fields
+from okd.runs import resume_policy
+from okd.runs.metrics import best_in_history
+from okd.runs.reader import Run, run_folder_of
+from okd.runs.records import deploy_record, first_nonfinite, last_record, nonfinite_values
+from okd.runs.store import RunStore
 
-RUN_KEYS = ("config", "epoch", "method", "optimizers", "schedulers", "history", "best", "rng_per_rank")
 DIVERGED_HINT = (
     "Training diverged: lower optim.lr (or check optim.milestones/optim.gamma and the method's loss weights) "
     "and train again."
@@ -70,29 +61,7 @@ def run_dir_for(cfg: Config) -> Path:
 
 def config_from_run(run_dir: str | Path, overrides: list[str] = ()) -> Config:
     """The resolved config stored in a run folder (its ``last.pt``), with optional overrides."""
-    from omegaconf import OmegaConf
-
-    from okd.config import parse_overrides
-
-    ckpt = _load_run_checkpoint(run_folder_of(run_dir))
-    check_stored_config(ckpt["config"])
-    raw = OmegaConf.merge(OmegaConf.create(ckpt["config"]), parse_overrides(list(overrides)))
-    return build_config(raw)
-
-
-def _load_run_checkpoint(run_dir: Path) -> dict:
-    if not run_dir.is_dir():
-        raise CheckpointError(f"run folder {str(run_dir)!r} does not exist; nothing to resume")
-    if not (run_dir / "last.pt").exists():
-        raise CheckpointError(
-            f"run folder {str(run_dir)!r} holds no committed epoch (no last.pt): nothing to resume; "
-            "start the run again with the same `okd train CONFIG ...` command"
-        )
-    ckpt = load_checkpoint(run_dir / "last.pt")
-    if ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{run_dir / 'last.pt'} is not an okd run checkpoint (format {ckpt.get('format')!r})")
-    require_keys(ckpt, RUN_KEYS, run_dir / "last.pt")
-    return ckpt
+    return Run(run_dir).config(overrides)
 
 
 def _identity(cfg_dict: dict) -> tuple:
@@ -124,7 +93,7 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: bool = False) 
     """Train ``cfg`` into ``run_dir`` (default ``output_dir/name``); with ``resume``, continue its last.pt.
 
     Under ``torchrun`` every process calls this; the cohort is wrapped in DistributedDataParallel and only
-    rank 0 writes the run folder, holding its lock (okd/engine/run_store.py) from before anything is built.
+    rank 0 writes the run folder, holding its lock (okd/runs/store.py) from before anything is built.
     """
     setup_logging()
     r = cfg.run
@@ -134,6 +103,9 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: bool = False) 
     try:
         with store.lock(create=not resume):
             return _train(cfg, run_dir, resume, dist, store)
+    except KeyboardInterrupt:
+        log.info(_stop_message(store, run_dir, r.train.epochs))  # in start-up, training or the save alike
+        raise
     except NonFiniteError as exc:
         raise NonFiniteError(
             f"{exc}; the run stops, and nothing of that epoch was saved. {store.intact()} {DIVERGED_HINT}"
@@ -154,16 +126,18 @@ def _stop_message(store: RunStore, run_dir: Path, epochs: int) -> str:
     return f"stopped after epoch {done} (committed in last.pt); continue with: okd train --resume {run_dir}"
 
 
-def _check_start(cfg: Config, run_dir: Path, resume: bool, dist: DistContext) -> dict | None:
+def _check_start(cfg: Config, store: RunStore, resume: bool, dist: DistContext) -> dict | None:
+    run_dir = store.dir
     if not resume:
         if (run_dir / "last.pt").exists():
             raise ConfigError(
                 f"run folder {str(run_dir)!r} already holds a run; continue it with `okd train --resume {run_dir}` "
                 "or choose another name (name=...)"
             )
+        if store.writer:
+            store.refuse_orphaned_results()
         return None
-    ckpt = _load_run_checkpoint(run_dir)
-    resume_policy.check_belongs_to_folder(run_dir, ckpt)
+    ckpt = Run(run_dir).last  # checked: an okd run checkpoint of this folder
     if _identity(ckpt["config"]) != _identity(cfg.to_dict()):
         saved, asked = "/".join(_identity(ckpt["config"])), "/".join(_identity(cfg.to_dict()))
         raise CheckpointError(
@@ -184,7 +158,8 @@ def _check_start(cfg: Config, run_dir: Path, resume: bool, dist: DistContext) ->
 def _train(cfg: Config, run_dir: Path, resume: bool, dist: DistContext, store: RunStore) -> Path:
     r = cfg.run
     started = time.perf_counter()
-    ckpt = _check_start(cfg, run_dir, resume, dist)
+    ckpt = _check_start(cfg, store, resume, dist)
+    store.committed_epoch = int(ckpt["epoch"]) if ckpt is not None else 0  # what a stop in start-up leaves
     set_deterministic(r.train.deterministic)
     seed_everything(r.seed)  # identical initial weights on every rank
     device = rank_device(dist, resolve_device(r.train.device))
@@ -234,43 +209,39 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: DistContext, store: R
     paces: list[float] = []  # seconds per epoch (training + evaluation) in this process
     board = TensorBoardLogger(run_dir) if r.train.tensorboard and dist.is_main else None
     with _GracefulStop(), board or contextlib.nullcontext():
-        try:
-            for epoch in range(start_epoch, r.train.epochs):
-                if holdout_loader is not None:
-                    with torch.no_grad(), autocast(r.train, device):
-                        method.fit_on_holdout(holdout_loader)
-                row = train_epoch(runner, train_loader, epoch, r.train, dist, paces)
-                plan.end_of_epoch()
-                eval_start = time.perf_counter()
-                with autocast(r.train, device):
-                    metrics = evaluate(method, test_loader, dist=dist, progress=bars)
-                sync(device)
-                row["time/eval_s"] = time.perf_counter() - eval_start
-                paces.append(row["time/epoch_s"] + row["time/eval_s"])
-                metrics.update(method.derived_metrics(metrics))
-                deploy_head = deploy_head or next(iter(metrics)).split("/")[0]
-                row.update({f"test/{k}": v for k, v in metrics.items()})
-                row.update(plan.learning_rates())
-                _check_finite(method, row, epoch + 1)
-                history.append(row)
-                score = metrics.get(f"{deploy_head}/top1", -1.0)
-                improved = score > best["top1"]
-                if improved:
-                    best = {"top1": score, "epoch": epoch + 1, "head": deploy_head}
-                rngs = all_gather_objects(rng_state(), dist)
-                if dist.is_main:
-                    last = last_record(cfg, runner, plan, epoch + 1, history, best, rngs)
-                    store.commit(last, improved, deploy_record(cfg, method, epoch + 1, rebuild))
-                    eta = run_eta(paces, r.train.epochs - epoch - 1)
-                    _report_epoch(row, r.train.progress, r.train.epochs, deploy_head, eta)
-                    if board is not None:
-                        board.log_row(row, epoch + 1)
-                else:
-                    store.committed_epoch = epoch + 1
-                barrier(dist)
-        except KeyboardInterrupt:
-            log.info(_stop_message(store, run_dir, r.train.epochs))
-            raise
+        for epoch in range(start_epoch, r.train.epochs):
+            if holdout_loader is not None:
+                with torch.no_grad(), autocast(r.train, device):
+                    method.fit_on_holdout(holdout_loader)
+            row = train_epoch(runner, train_loader, epoch, r.train, dist, paces)
+            plan.end_of_epoch()
+            eval_start = time.perf_counter()
+            with autocast(r.train, device):
+                metrics = evaluate(method, test_loader, dist=dist, progress=bars)
+            sync(device)
+            row["time/eval_s"] = time.perf_counter() - eval_start
+            paces.append(row["time/epoch_s"] + row["time/eval_s"])
+            metrics.update(method.derived_metrics(metrics))
+            deploy_head = deploy_head or next(iter(metrics)).split("/")[0]
+            row.update({f"test/{k}": v for k, v in metrics.items()})
+            row.update(plan.learning_rates())
+            _check_finite(method, row, epoch + 1)
+            history.append(row)
+            score = metrics.get(f"{deploy_head}/top1", -1.0)
+            improved = score > best["top1"]
+            if improved:
+                best = {"top1": score, "epoch": epoch + 1, "head": deploy_head}
+            rngs = all_gather_objects(rng_state(), dist)
+            if dist.is_main:
+                last = last_record(cfg, runner, plan, epoch + 1, history, best, rngs)
+                store.commit(last, improved, deploy_record(cfg, method, epoch + 1, rebuild))
+                eta = run_eta(paces, r.train.epochs - epoch - 1)
+                _report_epoch(row, r.train.progress, r.train.epochs, deploy_head, eta)
+                if board is not None:
+                    board.log_row(row, epoch + 1)
+            else:
+                store.committed_epoch = epoch + 1
+            barrier(dist)
     if dist.is_main:
         _log_summary(run_dir, history, deploy_head, time.perf_counter() - started)
     return run_dir
@@ -320,8 +291,6 @@ def _log_start(cfg: Config, run_dir: Path, dist: DistContext, plan, device: torc
 
 
 def _method_views(cfg: Config) -> int:
-    from okd.methods import METHODS
-
     return METHODS.get(cfg.method_name).views_for(cfg.method_params)
 
 
@@ -331,8 +300,6 @@ def _report_epoch(row: dict, progress: str, epochs: int, deployed: str | None, e
     heads = sorted({k.split("/")[1] for k in row if k.startswith("test/") and k.endswith("/top1")})
     line = epoch_line(row, heads, epochs, deployed, eta_s)
     if interactive(progress):
-        from tqdm import tqdm
-
         tqdm.write(line, file=sys.stderr)
     else:
         log.info(line)

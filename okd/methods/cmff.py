@@ -5,7 +5,7 @@ from the README's example (``train_vgg.py`` with ``CrossVGG16``) and carries the
 ImageNet/TinyImageNet ResNets. Every choice §10 leaves open is listed under "Decisions" below.
 
 This file holds the method: its parameters, the loss, the training and evaluation steps, the optimizer groups
-and the registration. The network is :class:`okd.models.cmff_net.CMFFNet` (per-backbone stage access in
+and the registration. The network is :class:`okd.methods.cmff_net.CMFFNet` (per-backbone stage access in
 :mod:`okd.models.cmff_backbone`), the rotation expansion and the similarity CE are in :mod:`okd.nn.rotation`,
 the cross-attention and the fusion module in :mod:`okd.nn.cross_attention` and :mod:`okd.nn.fusion`.
 
@@ -136,7 +136,7 @@ from okd.methods.branch_base import (
     ensemble_heads,
     scalar,
 )
-from okd.models.cmff_net import CMFFNet
+from okd.methods.cmff_net import CMFFNet
 from okd.models.cmff_vgg import CMFFVGG16
 from okd.nn.cross_attention import LAYOUTS, QUERY_FROM
 from okd.nn.fusion import FusionModule

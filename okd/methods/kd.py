@@ -22,12 +22,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from okd.engine.checkpoint import load_checkpoint
-from okd.engine.deploy_file import check_class_count, read_deploy
 from okd.errors import CheckpointError, ConfigError
+from okd.io import load_checkpoint
 from okd.methods.base import Method, MethodContext, ParamGroup, register_method, sgd_group
 from okd.methods.branch_base import check_choice, check_distillation
 from okd.models import create_model
+from okd.models.deploy_file import check_class_count, read_deploy
+from okd.models.registry import MODELS
 from okd.models.spec import build_from_spec, model_kind
 from okd.nn.losses import cross_entropy, kl_div_t
 
@@ -49,8 +50,6 @@ class KDParams:
     target_eps: float = 0.0
 
     def validate(self) -> None:
-        from okd.models.registry import MODELS
-
         if not self.teacher_model:
             raise ConfigError("method.teacher_model is required for kd (a model name, e.g. resnet110_bottleneck)")
         if model_kind(self.teacher_model) == "registered":

@@ -10,6 +10,7 @@ from okd.models import (  # noqa: F401  (each import fills the registry)
     wide_resnet,
 )
 from okd.models.complexity import count_macs, count_parameters
-from okd.models.registry import create_model, list_models, register_model
+from okd.models.factory import create_model
+from okd.models.registry import list_models, register_model
 
 __all__ = ["count_macs", "count_parameters", "create_model", "list_models", "register_model"]

@@ -30,29 +30,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from okd.errors import ConfigError
+from okd.models.branch_split import BranchSplit
 from okd.models.densenet import CifarDenseNet
-from okd.models.registry import create_model
+from okd.models.factory import create_model
 from okd.models.resnet_cifar import CifarResNet
 from okd.models.vgg import VGG16
 from okd.models.wide_resnet import WideResNet
 
 Parts = nn.ModuleDict
-
-
-@dataclass(frozen=True)
-class BranchSplit:
-    """Where a backbone family is cut: module names of the trunk and of each branch, in the order they run."""
-
-    trunk: tuple[str, ...]  # run in this order on the input
-    branch: tuple[str, ...]  # all but ``head`` run in this order on the trunk output; ``head`` runs last
-    head: str  # the classifier module (input: the pooled, flattened final map)
-    block: str  # the branch's main block (the one ``share_branch_block`` shares)
-    trunk_channels: Callable[[nn.Module], int]
-
-    @property
-    def branch_body(self) -> tuple[str, ...]:
-        """The branch modules that produce its final map (every branch module but the classifier)."""
-        return tuple(n for n in self.branch if n != self.head)
 
 
 def _run_in_order(parts: Parts, names: tuple[str, ...], x: Tensor) -> Tensor:

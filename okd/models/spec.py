@@ -25,7 +25,12 @@ from typing import Any
 
 from torch import nn
 
-from okd.errors import ConfigError
+from okd.data.folder import geometry, image_size_of, preprocessing
+from okd.errors import ConfigError, DataError
+from okd.models.external import ExternalNet, TappedNet, call_factory, load_factory
+from okd.models.registry import MODELS
+from okd.models.staged import StagedNet
+from okd.models.timm_models import create_timm, with_default_taps
 
 TIMM_PREFIX = "timm:"
 ALLOW_ENV = "OKD_ALLOW_IMPORT"
@@ -37,7 +42,6 @@ def model_kind(name: str) -> str:
     """``registered`` | ``timm`` | ``import``."""
     if name.startswith(TIMM_PREFIX):
         return "timm"
-    from okd.models.registry import MODELS
 
     if name in MODELS or ":" not in name:
         return "registered"
@@ -61,7 +65,6 @@ class ModelRef(str):
 def input_size_of(data_cfg) -> int:
     """The image side the run feeds its network (the probe's size)."""
     if data_cfg.dataset == "folder":
-        from okd.data.folder import image_size_of
 
         return image_size_of(data_cfg)
     return _INPUT_SIZE.get(data_cfg.dataset, 32)
@@ -144,29 +147,24 @@ def build_from_spec(spec: dict[str, Any], num_classes: int, *, from_file: bool =
     name, kind = str(spec["name"]), spec.get("kind") or model_kind(str(spec["name"]))
     kwargs, taps, size = dict(spec.get("kwargs") or {}), spec.get("taps"), int(spec.get("input_size") or 32)
     if kind == "registered":
-        from okd.models.registry import MODELS
 
         return MODELS.get(name)(num_classes=num_classes, **kwargs)
-    from okd.models.external import ExternalNet, TappedNet, call_factory, load_factory
 
     if kind == "import":
         if from_file:
             check_import_allowed(name)
         user = call_factory(load_factory(name), num_classes, kwargs, f"model.name={name!r}")
     elif kind == "timm":
-        from okd.models.timm_models import create_timm
 
         user = create_timm(name[len(TIMM_PREFIX) :], num_classes, kwargs, spec)
     else:
         raise ConfigError(f"unknown model kind {kind!r} in the stored model spec of {name!r}")
     if spec.get("branch_from"):
-        from okd.models.staged import StagedNet
 
         return StagedNet(user, num_classes, spec["branch_from"], name=name, input_size=size)
     if taps:
         return TappedNet(user, num_classes, taps, name=name, input_size=size)
     if kind == "timm":
-        from okd.models.timm_models import with_default_taps
 
         return with_default_taps(user, num_classes, name, size)
     return ExternalNet(user, num_classes, name=name, input_size=size)
@@ -181,8 +179,6 @@ def deploy_fields(cfg, train_loader=None, classes: list[str] | None = None) -> d
     out: dict[str, Any] = {"model_spec": model_spec(cfg)}
     data = cfg.run.data
     if data.dataset in ("folder", "imagenet", "tinyimagenet"):
-        from okd.data.folder import geometry, preprocessing
-        from okd.errors import DataError
 
         if train_loader is None:
             try:

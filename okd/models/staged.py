@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from okd.errors import ConfigError
+from okd.models.branch_split import BranchSplit
 from okd.models.external import _first_line, _probe
 
 
@@ -117,8 +118,6 @@ class StagedNet(nn.Module):
                 "pooling + flatten without parameters, then the classifier as the last stage (e.g. "
                 "nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(C, num_classes))"
             )
-        from okd.models.multibranch import BranchSplit
-
         trunk_channels = int(outputs[start - 1].shape[1])
         self.trunk_shape = tuple(int(s) for s in outputs[start - 1].shape[1:])
         self.feature_dim = int(pooled.shape[1])

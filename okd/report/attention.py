@@ -18,6 +18,7 @@ import csv
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -25,8 +26,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from okd.data.cifar import SPECS, load_cifar
+from okd.data.facts import class_names, normalization
+from okd.data.folder import FolderDataset, build_transforms, scan, split_statistics
+from okd.extras import pyplot
 from okd.nn.losses import attention_map
-from okd.report.runs import class_names, load_run_method, normalization, pyplot, tap_networks
+from okd.runs.reader import Run, load_run_method
 
 
 @dataclass
@@ -96,17 +100,12 @@ def _display(att: Tensor, size: tuple[int, int]) -> np.ndarray:
 def _folder_test_images(data, run_dir: Path, count: int):
     """The first ``count`` validation images of a class-folder run (its test transform, uint8) and its
     normalisation (``deploy.pt``'s, which holds statistics computed with ``data.compute_stats``)."""
-    from types import SimpleNamespace
-
-    from okd.data.folder import FolderDataset, build_transforms, scan, split_statistics
-    from okd.engine.checkpoint import load_checkpoint
-
     train_split, val = scan(data.dataset, data.root)
     ds = FolderDataset(val, build_transforms(data, train=False), train=False)
     picked = [ds[i] for i in range(min(count, len(ds)))]
     images = np.stack([x.numpy() for x, _, _ in picked if x is not None])
     labels = np.array([y for x, y, _ in picked if x is not None])
-    deploy = load_checkpoint(run_dir / "deploy.pt") if (run_dir / "deploy.pt").is_file() else {}
+    deploy = Run(run_dir).deploy_record()[0]
     if deploy.get("mean") and deploy.get("std"):
         mean, std = list(deploy["mean"]), list(deploy["std"])
     elif data.compute_stats:
@@ -217,3 +216,48 @@ def _draw_similarity(plt, result: AttentionResult, title: str) -> None:
     fig.tight_layout(rect=(0, 0, 1, 0.93))
     fig.savefig(result.similarity_figure, dpi=120, bbox_inches="tight")
     plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------- networks
+def _has_taps(module: nn.Module) -> bool:
+    return callable(getattr(module, "forward_taps", None))
+
+
+def _singular(name: str) -> str:
+    return name[:-1] if name.endswith("s") and len(name) > 1 else name
+
+
+def tap_networks(method: nn.Module) -> dict[str, nn.Module]:
+    """The networks of a method that expose ``forward_taps``, named like its heads.
+
+    A method may define ``attention_networks() -> dict``; otherwise its children are searched: a network
+    attribute keeps its name (``leader``, ``net``), a list of networks is numbered (``students`` ->
+    ``student0``, ``student1``), a multi-branch network gives each branch (``branch0``, ...). Falls back to
+    ``deployable()``.
+    """
+    custom = getattr(method, "attention_networks", None)
+    if callable(custom):
+        return dict(custom())
+    found: dict[str, nn.Module] = {}
+
+    def add(name: str, prefix: str, net: nn.Module) -> None:
+        found[name if name not in found else f"{prefix.replace('.', '_')}{name}"] = net  # PCL: ema_branch0
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        for name, child in module.named_children():
+            if _has_taps(child):
+                add(name, prefix, child)
+            elif callable(getattr(child, "single_branch", None)) and hasattr(child, "num_branches"):
+                head = getattr(method, "head_prefix", "branch")
+                for i in range(int(child.num_branches)):
+                    add(f"{head}{i}", prefix, child.single_branch(i))
+            elif isinstance(child, nn.ModuleList) and len(child) and all(_has_taps(c) for c in child):
+                for i, c in enumerate(child):
+                    add(f"{_singular(name)}{i}", prefix, c)
+            else:
+                visit(child, f"{prefix}{name}.")
+
+    visit(method, "")
+    if not found:
+        found["deployed"] = method.deployable()
+    return found

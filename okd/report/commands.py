@@ -9,10 +9,17 @@ from __future__ import annotations
 import argparse
 
 from okd.errors import ConfigError
+from okd.extras import require
+from okd.report.attention import draw_attention
+from okd.report.export import FORMATS, TOLERANCE, export
+from okd.report.launch import ClusterOptions, launch_sweep
+from okd.report.plots import plot_curves
+from okd.report.predict import load_predictor, predict_with
+from okd.report.sweep import run_sweep, sweep_commands
+from okd.report.tables import report
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from okd.report.tables import report
 
     print(report(args.run_dirs, markdown=args.markdown, csv_path=args.csv))
     for label, path in (("Markdown", args.markdown), ("CSV", args.csv)):
@@ -39,7 +46,6 @@ CLUSTER_OPTIONS = ("partition", "time", "gpus_per_node", "cpus_per_task", "array
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from okd.report.sweep import run_sweep, sweep_commands
 
     seeds, extra = _split_seeds(args.seeds)
     configs = [args.config, *(i for i in args.overrides if "=" not in i)]  # okd sweep A B ... key=value
@@ -61,10 +67,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _launch(args: argparse.Namespace, configs: list[str], seeds: list[int], overrides: list[str]) -> int:
-    from okd.report.runs import require
 
     require("submitit", "slurm")
-    from okd.report.launch import ClusterOptions, launch_sweep
 
     values = {k: getattr(args, k) for k in CLUSTER_OPTIONS}
     opts = ClusterOptions(time_min=values.pop("time"), **values)
@@ -79,14 +83,12 @@ def _launch(args: argparse.Namespace, configs: list[str], seeds: list[int], over
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from okd.report.plots import plot_curves
 
     print(f"wrote {plot_curves(args.run_dir, args.out)}")
     return 0
 
 
 def cmd_attention(args: argparse.Namespace) -> int:
-    from okd.report.attention import draw_attention
 
     res = draw_attention(
         args.run_dir,
@@ -105,7 +107,6 @@ def cmd_attention(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from okd.report.export import TOLERANCE, export
 
     res = export(args.run_dir, args.format, args.out, which=args.checkpoint, overrides=args.overrides)
     print(f"wrote {res.path} ({res.format})")
@@ -122,7 +123,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from okd.report.predict import load_predictor, predict_with
 
     pred = load_predictor(args.model)
     print("\n".join(pred.describe()))
@@ -186,7 +186,6 @@ def register_cli(subparsers) -> None:
     p = subparsers.add_parser("export", help="write the deployable network alone, with a round-trip check")
     p.add_argument("run_dir", help="run folder, deploy.pt or run checkpoint")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (rebuilding from a checkpoint)")
-    from okd.report.export import FORMATS
 
     p.add_argument("--format", required=True, choices=FORMATS, help="safetensors: pickle-free (okd[safetensors])")
     p.add_argument("--out", help="output file (default RUN_DIR/export/<model>_<format>)")

@@ -17,6 +17,7 @@ import torch
 import yaml
 
 from okd.config import TrainConfig
+from okd.configs import PACKAGED
 from okd.report.published import PublishedRow
 
 #: classes of the datasets published figures are reported on (okd ``data.dataset`` keys)
@@ -37,7 +38,6 @@ def recipe_epochs(dataset: str, method: str, model: str) -> tuple[str, int] | No
     The config named ``<dataset>/<method>_<model>`` when it exists, else the packaged config of that dataset
     with this method and model that trains the fewest epochs; None when okd ships none.
     """
-    from okd.configs import PACKAGED
 
     found = []
     for path in sorted((PACKAGED / dataset).glob(f"{method}_*.yaml")):

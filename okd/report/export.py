@@ -16,7 +16,6 @@ loaded by ``okd predict`` when it is a TorchScript archive; ONNX is the format t
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import warnings
@@ -29,28 +28,20 @@ import torch
 from torch import Tensor, nn
 
 from okd.data.cifar import SPECS
-from okd.engine.checkpoint import atomic_save, load_checkpoint
-from okd.engine.deploy_file import (
+from okd.data.facts import class_names, input_geometry, normalization
+from okd.errors import CheckpointError, OKDError
+from okd.extras import require
+from okd.io import atomic_save, atomic_write_bytes, load_checkpoint
+from okd.methods.build import method_class
+from okd.models.deploy_file import (
     DEPLOY_FORMAT,
-    atomic_write_bytes,
     build_network,
     check_class_count,
     read_deploy,
     safetensors_metadata,
 )
-from okd.engine.run_store import current_file
-from okd.errors import CheckpointError, OKDError
 from okd.models.spec import model_spec
-from okd.report.runs import (
-    class_names,
-    deploy_head_of,
-    input_geometry,
-    load_run_method,
-    method_class,
-    normalization,
-    read_run_config,
-    require,
-)
+from okd.runs.reader import Run, deploy_head_of, load_run_method, read_run_config
 
 FORMATS = ("state_dict", "safetensors", "torchscript", "onnx")
 SUFFIX = {
@@ -124,18 +115,19 @@ def _finish(net: nn.Module, cfg_dict: dict | None, dataset: str | None = None, *
     )
 
 
-def _training_head(run_dir: Path, which: str, overrides) -> Callable[[Tensor], Tensor] | None:
-    try:
-        method, cfg, _ = load_run_method(run_dir, which, overrides)
-    except OKDError:
+def _training_head(method) -> Callable[[Tensor], Tensor] | None:
+    """The method's deployed head as scored in training (what the exported network must reproduce)."""
+    head = getattr(method, "deploy_head", None)
+    if head is None:
         return None
-    size = input_geometry(cfg.run.data.dataset, dataclasses.asdict(cfg.run.data))[0]
-    head = getattr(method, "deploy_head", None) or next(iter(method.eval_outputs(torch.zeros(1, 3, size, size))))
     return lambda x: method.eval_outputs(x)[head]
 
 
 def _from_deploy_file(path: Path, cfg: dict | None) -> Deployable:
-    ckpt = read_deploy(path)
+    return _from_deploy_record(read_deploy(path), str(path), path.parent, cfg)
+
+
+def _from_deploy_record(ckpt: dict, path: str, folder: Path, cfg: dict | None) -> Deployable:
     dataset = ((cfg or {}).get("data") or {}).get("dataset") or ckpt.get("dataset")
     if dataset in SPECS:  # a 100-class network where 10 classes are expected, or the reverse
         where = f"the run's data set ({dataset})" if cfg else f"its data set ({dataset})"
@@ -149,13 +141,13 @@ def _from_deploy_file(path: Path, cfg: dict | None) -> Deployable:
         method=ckpt.get("method"),
         epoch=ckpt.get("epoch"),
         dataset=ckpt.get("dataset"),
-        source=str(path),
+        source=path,
     )
     dep.spec = ckpt["model_spec"] if isinstance(ckpt.get("model_spec"), dict) else None
     dep.classes = list(ckpt.get("classes") or dep.classes)
     dep.mean, dep.std = list(ckpt.get("mean") or dep.mean), list(ckpt.get("std") or dep.std)
     dep.size, dep.resize = int(ckpt.get("size") or dep.size), ckpt.get("resize", dep.resize)
-    dep.head = ckpt.get("head") or (deploy_head_of(path.parent, cfg) if cfg is not None else None)
+    dep.head = ckpt.get("head") or (deploy_head_of(folder, cfg) if cfg is not None else None)
     if dep.head is None and dep.method:
         dep.head = getattr(method_class(dep.method), "deploy_head", None)  # a head its params do not change
     return dep
@@ -178,23 +170,26 @@ def _from_run_method(method, cfg, epoch: int | None, source: str) -> Deployable:
 
 
 def load_deployable(path: str | Path, which: str = "last", overrides: list[str] = (), check: bool = True) -> Deployable:
-    """The deployable network of a run folder (``deploy.pt`` for ``last``; ``best.pt`` rebuilt), a deploy.pt or
-    exported state_dict file, or a run checkpoint file. With ``check``, keeps the method's deployed head to
-    compare with."""
+    """The deployable network of a run folder as its last.pt commits it (the committed deploy record for
+    ``last``; best.pt's method for ``best``), a deploy.pt or exported file, or a run checkpoint file outside a
+    run folder. With ``check``, keeps the method's deployed head to compare with."""
     path = Path(path)
-    if path.is_dir():
-        cfg = read_run_config(path) if (path / "config.yaml").is_file() else None
-        source = current_file(path, "deploy") if which == "last" else None  # in line with last.pt
-        if source is not None and source.name == "deploy.pt" and source.is_file():
-            dep = _from_deploy_file(source, cfg)
+    if path.is_dir() or (path.name in ("last.pt", "best.pt", "deploy.pt") and (path.parent / "last.pt").exists()):
+        run = Run(path)
+        which = {"last.pt": "last", "best.pt": "best", "deploy.pt": "last"}.get(path.name, which)
+        if which == "last":
+            record, source = run.deploy_record()
+            dep = _from_deploy_record(record, source, run.dir, run.config_dict)
         else:
-            method, c, ckpt_path = load_run_method(path, which, overrides)
-            dep = _from_run_method(method, c, load_checkpoint(ckpt_path).get("epoch"), str(ckpt_path))
-        if check and (path / f"{which}.pt").is_file():
-            dep.training_head = _training_head(path, which, overrides)
+            method, cfg, source = load_run_method(run.dir, which, overrides)
+            dep = _from_run_method(method, cfg, run.checkpoint(which)[0].get("epoch"), source)
+        if check:
+            dep.training_head = _training_head(load_run_method(run.dir, which, overrides)[0])
         return dep
     if not path.is_file():
         raise CheckpointError(f"{str(path)!r} does not exist; give a run folder, a deploy.pt or an exported file")
+    if path.name in ("best.pt", "deploy.pt") and (path.parent / "config.yaml").is_file():
+        Run(path.parent)  # refuses: a run folder's results with no committed epoch
     cfg = read_run_config(path.parent) if (path.parent / "config.yaml").is_file() else None
     if path.suffix == ".safetensors":
         return _from_deploy_file(path, cfg)
@@ -205,8 +200,7 @@ def load_deployable(path: str | Path, which: str = "last", overrides: list[str] 
         method, c, _ = load_run_method(path, overrides=overrides)
         dep = _from_run_method(method, c, ckpt.get("epoch"), str(path))
         if check:
-            head = method.deploy_head
-            dep.training_head = (lambda x: method.eval_outputs(x)[head]) if head else None
+            dep.training_head = _training_head(method)
         return dep
     raise CheckpointError(f"{path} is neither a deploy.pt nor an okd run checkpoint")
 

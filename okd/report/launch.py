@@ -19,7 +19,10 @@ from pathlib import Path
 import submitit
 from submitit.helpers import Checkpointable, DelayedSubmission
 
+from okd.engine import trainer
+from okd.engine.trainer import run_dir_for
 from okd.errors import ConfigError, OKDError
+from okd.methods.build import load_config
 from okd.report.sweep import sweep_plan
 
 LAUNCHERS = ("slurm", "local")
@@ -75,8 +78,6 @@ class TrainJob(Checkpointable):
         self.config, self.overrides, self.run_dir = str(config), list(overrides), str(run_dir)
 
     def __call__(self) -> str:
-        from okd.config import load_config
-        from okd.engine import trainer
 
         run_dir = Path(self.run_dir)
         resume = (run_dir / "last.pt").exists()
@@ -118,7 +119,6 @@ def launch_sweep(
     opts = opts or ClusterOptions()
     opts.validate(launcher)
     plan = sweep_plan(configs, seeds, overrides)
-    from okd.engine.trainer import run_dir_for
 
     jobs = [TrainJob(config, items, str(run_dir_for(cfg))) for config, _, items, cfg in plan]
     folder = Path(opts.job_dir) if opts.job_dir else Path(plan[0][3].run.output_dir) / "submitit"

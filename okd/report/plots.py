@@ -8,18 +8,12 @@ learning rate of every group.
 
 from __future__ import annotations
 
-import csv
 import math
 from pathlib import Path
 
-from okd.engine.run_log import read_metrics_csv
 from okd.errors import CheckpointError
-from okd.report.runs import pyplot
-
-
-def _columns(path: Path) -> list[str]:
-    with open(path, encoding="utf-8") as f:
-        return next(csv.reader(f), [])
+from okd.extras import pyplot
+from okd.runs.reader import Run
 
 
 def curve_panels(columns: list[str]) -> list[tuple[str, list[str], str]]:
@@ -49,17 +43,15 @@ def curve_panels(columns: list[str]) -> list[tuple[str, list[str], str]]:
 
 def plot_curves(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Draw every curve of ``run_dir/metrics.csv`` into a PNG (default ``run_dir/curves.png``)."""
-    run_dir = Path(run_dir)
-    path = run_dir / "metrics.csv"
-    if not path.is_file():
-        raise CheckpointError(f"{str(run_dir)!r} has no metrics.csv; is it an okd run folder?")
-    rows = read_metrics_csv(path)
+    run = Run(run_dir)
+    run_dir = run.dir
+    rows = run.history  # up to the committed epoch
     if not rows:
-        raise CheckpointError(f"{path} has no epoch yet")
+        raise CheckpointError(f"{run_dir} has no epoch yet")
     plt = pyplot()
     from matplotlib.ticker import MaxNLocator
 
-    panels = curve_panels(_columns(path))
+    panels = curve_panels(list(dict.fromkeys(k for row in rows for k in row)))
     ncols = min(3, len(panels))
     nrows = math.ceil(len(panels) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 3.6 * nrows), squeeze=False)

@@ -17,9 +17,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from okd.data.facts import default_class_names, input_geometry, normalization
 from okd.errors import CheckpointError, OKDError
+from okd.extras import require
 from okd.report.export import _no_jit_deprecation, load_deployable
-from okd.report.runs import default_class_names, input_geometry, normalization, require
 
 
 def _numbers(values: list[float]) -> str:

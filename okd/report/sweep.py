@@ -11,8 +11,10 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
-from okd.config import Config, load_config
+from okd.config import Config
+from okd.engine.trainer import run_dir_for, train
 from okd.errors import ConfigError
+from okd.methods.build import load_config
 
 
 def _strip(overrides: list[str], key: str) -> tuple[list[str], str | None]:
@@ -57,7 +59,6 @@ def sweep_plan(
         for seed in seeds:
             items = [*rest, f"seed={seed}", f"name={base}_s{seed}"]
             plan.append((str(config), seed, items, load_config(config, items)))
-    from okd.engine.trainer import run_dir_for
 
     folders = [run_dir_for(cfg) for *_, cfg in plan]
     if len(set(folders)) != len(folders):
@@ -75,7 +76,6 @@ def sweep_commands(configs: str | Path | list[str | Path], seeds: list[int], ove
 
 def run_sweep(configs: str | Path | list[str | Path], seeds: list[int], overrides: list[str] = ()) -> list[Path]:
     """Train every config and seed in turn (resuming folders that already hold a run); returns the run folders."""
-    from okd.engine.trainer import run_dir_for, train
 
     done = []
     for _, seed, _, cfg in sweep_plan(configs, seeds, overrides):

@@ -18,11 +18,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from okd.engine.run_log import read_metrics_csv
 from okd.errors import CheckpointError
+from okd.methods.build import method_defaults
 from okd.report.comparability import caveats
 from okd.report.published import PublishedRow, find_published
-from okd.report.runs import deploy_head_of, expand_run_dirs, method_defaults, read_run_config
+from okd.runs.reader import Run, expand_run_dirs
 
 METRICS = ("top1", "top5")
 #: head families averaged per epoch into ``avg(<prefix>*)`` (FFSD Table IV's "2-net average")
@@ -134,14 +134,14 @@ def _heads_of(columns: Iterable[str]) -> list[str]:
 
 
 def read_run(run_dir: str | Path) -> RunResult:
-    """Read a run folder's config.yaml and metrics.csv."""
-    run_dir = Path(run_dir)
-    cfg = read_run_config(run_dir)
-    rows = read_metrics_csv(run_dir / "metrics.csv")
+    """A run folder's config and history as its last.pt commits them (:class:`~okd.runs.reader.Run`)."""
+    run = Run(run_dir)
+    run_dir = run.dir
+    cfg = run.config_dict
+    rows = run.history
     if not rows:
-        raise CheckpointError(f"{run_dir / 'metrics.csv'} has no epoch yet")
-    with open(run_dir / "metrics.csv", encoding="utf-8") as f:
-        heads = _heads_of(next(csv.reader(f)))
+        raise CheckpointError(f"{run_dir} has no epoch yet")
+    heads = _heads_of(list(dict.fromkeys(k for row in rows for k in row)))
     series = _series(rows, heads)
     method_cfg = dict(cfg.get("method") or {})
     method = method_cfg.pop("name", "baseline")
@@ -154,7 +154,7 @@ def read_run(run_dir: str | Path) -> RunResult:
         epochs=(cfg.get("train") or {}).get("epochs"),
         epochs_done=int(rows[-1].get("epoch", len(rows))),
         seed=cfg.get("seed"),
-        deploy_head=deploy_head_of(run_dir, cfg, heads),
+        deploy_head=run.deploy_head or (heads[0] if heads else None),
         heads=heads + [h for h in _avg_families(heads)],
         final={k: v[-1] for k, v in series.items()},
         best={k: max(v) for k, v in series.items()},

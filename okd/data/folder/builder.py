@@ -10,6 +10,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from okd.data.device_loader import split_loader
 from okd.data.folder.dataset import FolderDataset
 from okd.data.folder.loader import IMAGENET_MEAN, IMAGENET_STD, FolderLoader
 from okd.data.folder.presets import PRESETS
@@ -140,8 +141,6 @@ def in_memory_loaders(data_cfg, train_split, test_split, mean, std, seed, device
     (``center``); so for square images ``pad_crop`` draws the same crops as the streaming path (not the same
     random numbers), and for non-square ones only from the central square.
     """
-    from okd.data.device_loader import split_loader
-
     size, resize, crop = geometry(data_cfg)
     if crop == "random_resized":
         raise ConfigError(

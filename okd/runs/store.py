@@ -1,100 +1,45 @@
-"""The run folder's files: one writer per folder, and an epoch-end save that is one commit.
+"""The writer of a run folder: one process per folder, and an epoch-end save that is one commit.
 
-A run folder holds ``config.yaml``, ``metrics.csv``, ``best.pt``, ``deploy.pt`` and ``last.pt``. At the end of
-an epoch the writer saves, in this order, metrics.csv, best.pt (when the epoch improved), deploy.pt and, last,
-last.pt; each file goes to a temporary file, is fsync'd and renamed over the old one, so every file is either
-its old or its new version. ``last.pt`` is the commit point: its ``epoch`` is the epoch the folder holds and
-says what the other files hold (deploy.pt and metrics.csv: that epoch; best.pt: ``best["epoch"]``). A process
-stopped anywhere in the save (kill -9, SIGTERM, a full disk) leaves files at most one epoch ahead of last.pt;
-the next writer (resume), and ``okd test``/``export``/``predict``, put them back in line with last.pt
-(:meth:`RunStore.reconcile`, :func:`current_file`). SIGINT/SIGTERM that arrive during a save are held until it
-is complete (:func:`deferred_signals`). The previous best.pt is kept as a hard link until last.pt commits its
-replacement, so a stop in mid-save never loses the best epoch.
+At the end of an epoch the writer saves, in this order, metrics.csv, best.pt (when the epoch improved),
+deploy.pt and, last, last.pt; each file goes to a temporary file, is fsync'd and renamed over the old one, so
+every file is either its old or its new version. ``last.pt`` is the commit point (:mod:`okd.runs.records`):
+its ``epoch`` is the epoch the folder holds. A process stopped anywhere in the save (kill -9, SIGTERM, a full
+disk) leaves files at most one epoch ahead of last.pt; the next writer (resume) puts them back in line
+(:meth:`RunStore.reconcile`), and readers (:class:`okd.runs.reader.Run`) never trust them meanwhile.
+SIGINT/SIGTERM that arrive during a save are held until it is complete (:func:`deferred_signals`). The
+previous best.pt is kept as a hard link until last.pt commits its replacement.
 
-One process writes a folder: the writer holds an exclusive ``flock`` on ``.okd.lock`` in it, which the operating
-system releases when the process ends, however it ends (so ``kill -9`` leaves no stale lock).
+One process writes a folder: the writer holds an exclusive ``flock`` on ``.okd.lock``, which the operating
+system releases when the process ends, however it ends (``kill -9`` leaves no stale lock). A lock file deleted
+under a running writer (a cleanup script) cannot let a second writer in unnoticed: the writer checks before
+every commit that the file it locked is still the file on disk, and stops otherwise.
+
+A new run's writer marks the folder ``.okd.uncommitted`` until its first last.pt: files left beside that mark
+are an attempt that never committed and are cleared by the next start; run files *without* it and without
+last.pt (a run whose last.pt was lost) are never deleted: the start is refused with what the folder holds.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import math
 import os
 import signal
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import torch
+from okd.errors import ConfigError, RunFolderError
+from okd.io import atomic_save, atomic_write_text
+from okd.log import log
+from okd.runs.metrics import metrics_csv_text
+from okd.runs.records import best_lost_message, best_record, epoch_of
 
-from okd.engine.checkpoint import atomic_save, atomic_write_text, load_checkpoint
-from okd.engine.deploy_file import DEPLOY_FORMAT
-from okd.engine.run_log import log, metrics_csv_text
-from okd.errors import CheckpointError, RunFolderError, UnsafeCheckpointError
-
-CHECKPOINT_FORMAT = "okd-run-v1"
-BEST_NOTE = (
-    "best.pt holds the epoch with the highest test top-1 of the deployable head: it is selected on the "
-    "test split (as the reference papers report), so its accuracy is optimistic; last.pt is the honest number"
-)
 LOCK_NAME = ".okd.lock"
 BEST_BACKUP = ".best.pt.prev"  # the committed best.pt while its replacement is not yet committed
+UNCOMMITTED = ".okd.uncommitted"  # a new run's mark until its first commit
+RESULT_FILES = ("metrics.csv", "best.pt", "deploy.pt", BEST_BACKUP)
 FAULT_ENV = "OKD_FAULT_AT"
-
-
-# ------------------------------------------------------------------------------------------------ records
-def last_record(cfg, runner, plan, epoch: int, history: list[dict], best: dict, rngs: list) -> dict:
-    """last.pt: everything a resume needs, and (``epoch``, ``best``) what the other files hold."""
-    return {
-        "format": CHECKPOINT_FORMAT,
-        "config": cfg.to_dict(),
-        "epoch": epoch,
-        "num_classes": int(runner.method.ctx.num_classes),
-        "method": runner.method.state_dict(),
-        **plan.state_dict(),
-        "runner": runner.state_dict(),
-        "rng_per_rank": rngs,
-        "world_size": len(rngs),
-        "history": history,
-        "best": best,
-    }
-
-
-def best_record(last: dict) -> dict:
-    """best.pt: the last.pt record of the best epoch, marked as selected on the test split."""
-    return {"format": CHECKPOINT_FORMAT + "-best", "note": BEST_NOTE, "selected_on": "test", **last}
-
-
-def deploy_record(cfg, method, epoch: int, rebuild: dict | None = None) -> dict:
-    """deploy.pt: the method's deployable network alone, with what rebuilds and feeds it (``rebuild``, else
-    :func:`okd.models.spec.deploy_fields` from the config: the model spec, a folder dataset's preprocessing)."""
-    from okd.models.spec import deploy_fields
-
-    deploy = method.deployable()
-    return {
-        "format": DEPLOY_FORMAT,
-        "model": cfg.run.model.name,
-        "method": cfg.method_name,
-        "num_classes": int(method.ctx.num_classes),
-        "epoch": epoch,
-        **(rebuild if rebuild is not None else deploy_fields(cfg)),
-        "state_dict": {k: v.detach().cpu() for k, v in deploy.state_dict().items()},
-    }
-
-
-def first_nonfinite(state: dict[str, torch.Tensor]) -> str | None:
-    """The name of the first floating tensor of ``state`` holding a NaN or inf (one host sync), else None."""
-    names = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and v.numel()]
-    if not names:
-        return None
-    flags = torch.stack([torch.isfinite(state[k]).all() for k in names]).cpu()
-    bad = (~flags).nonzero()
-    return names[int(bad[0])] if len(bad) else None
-
-
-def nonfinite_values(row: dict[str, float]) -> list[str]:
-    return [k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)]
 
 
 # ------------------------------------------------------------------------------------------------ signals
@@ -150,7 +95,7 @@ class RunStore:
         if self.dir.exists() and not self.dir.is_dir():
             raise RunFolderError(f"{where!r} is a file, not a run folder; choose another output_dir or name")
         if not create and not self.dir.is_dir():
-            raise CheckpointError(f"run folder {where!r} does not exist; nothing to resume")
+            raise RunFolderError(f"run folder {where!r} does not exist; nothing to resume")
         try:
             if not self.dir.exists():
                 self.dir.mkdir(parents=True)
@@ -174,9 +119,46 @@ class RunStore:
                 "wait until that run ends, or train into another folder (name=...)"
             ) from None
         self._lock_fd = fd
+        if not self._holds_lock_file():  # replaced between our open and our flock: lock the file on disk
+            os.close(fd)
+            self._lock_fd = None
+            return self.lock(create)
         for tmp in self.dir.glob(".*.tmp"):  # fully or partly written files of a writer stopped before the rename
             tmp.unlink(missing_ok=True)
         return self
+
+    def _holds_lock_file(self) -> bool:
+        """The file this store locked is still the folder's ``.okd.lock`` (not deleted, not replaced)."""
+        try:
+            on_disk, held = os.stat(self.dir / LOCK_NAME), os.fstat(self._lock_fd)
+        except OSError:
+            return False
+        return (on_disk.st_dev, on_disk.st_ino) == (held.st_dev, held.st_ino)
+
+    def _check_lock(self, epoch: int) -> None:
+        if self._lock_fd is not None and not self._holds_lock_file():
+            raise RunFolderError(
+                f"{self.dir / LOCK_NAME} was deleted or replaced while this run was writing the folder, so another "
+                f"okd process may be writing it now; this run stops without saving epoch {epoch}. {self.intact()} "
+                "Do not delete .okd.lock while a run writes the folder; once no other okd process writes it, "
+                f"resume with `okd train --resume {self.dir}`."
+            )
+
+    def refuse_orphaned_results(self) -> None:
+        """Refuse to start a new run in a folder whose results were committed once but whose last.pt is gone.
+
+        Files beside the ``.okd.uncommitted`` mark are an attempt that never committed (they are cleared by
+        :meth:`begin`); result files without it belong to a run that did commit: they are never deleted."""
+        if (self.dir / "last.pt").exists() or (self.dir / UNCOMMITTED).exists():
+            return
+        found = [name for name in RESULT_FILES if (self.dir / name).exists()]
+        if found:
+            raise ConfigError(
+                f"run folder {str(self.dir)!r} holds results of an earlier run ({', '.join(found)}) but no last.pt, "
+                "so it cannot be resumed, and okd does not delete results to start over. Keep them and train "
+                "into another folder (name=...), or remove the folder yourself (rm -r "
+                f"{self.dir}) to start anew there."
+            )
 
     def release(self) -> None:
         """Release the lock; a folder this store created and never wrote to is removed again."""
@@ -216,8 +198,11 @@ class RunStore:
             with deferred_signals():
                 if last is not None:
                     self.reconcile(last, deploy)
+                    (self.dir / UNCOMMITTED).unlink(missing_ok=True)  # a stop right after the first commit
                 else:
-                    for name in ("metrics.csv", "best.pt", "deploy.pt", BEST_BACKUP):
+                    self.refuse_orphaned_results()
+                    self._write_text("a new run: no epoch committed yet\n", UNCOMMITTED, 0)
+                    for name in RESULT_FILES:
                         (self.dir / name).unlink(missing_ok=True)
                 self._write_text(cfg.to_yaml(), "config.yaml", self.committed_epoch)
         except OSError as exc:
@@ -228,6 +213,7 @@ class RunStore:
         epoch = last["epoch"]
         if self.writer:
             with deferred_signals():
+                self._check_lock(epoch)
                 try:
                     self._write_text(metrics_csv_text(last["history"]), "metrics.csv", epoch)
                     if improved:
@@ -248,6 +234,7 @@ class RunStore:
                         )
                     ) from None
                 (self.dir / BEST_BACKUP).unlink(missing_ok=True)
+                (self.dir / UNCOMMITTED).unlink(missing_ok=True)
         else:
             self.committed_epoch = epoch
 
@@ -284,7 +271,7 @@ class RunStore:
             if not path.is_file() or path.read_bytes() != text.encode("utf-8"):
                 self._write_text(text, "metrics.csv", epoch)
                 fixed.append("metrics.csv")
-            if _epoch_of(self.dir / "deploy.pt") != epoch:
+            if epoch_of(self.dir / "deploy.pt") != epoch:
                 self._save(deploy(), "deploy.pt", epoch)
                 fixed.append("deploy.pt")
             best = self._reconcile_best(last)
@@ -299,10 +286,10 @@ class RunStore:
     def _reconcile_best(self, last: dict) -> str | None:
         want = int(last["best"].get("epoch", 0))
         best, backup = self.dir / "best.pt", self.dir / BEST_BACKUP
-        if want == 0 or _epoch_of(best) == want:
+        if want == 0 or epoch_of(best) == want:
             backup.unlink(missing_ok=True)
             return None
-        if _epoch_of(backup) == want:
+        if epoch_of(backup) == want:
             self._wrote = True
             os.replace(backup, best)
             return "best.pt"
@@ -311,74 +298,3 @@ class RunStore:
             backup.unlink(missing_ok=True)
             return "best.pt"
         return "best.pt lost"
-
-
-def best_lost_message(run_dir: Path, last: dict) -> str:
-    held = _epoch_of(run_dir / "best.pt")
-    return (
-        f"best.pt holds epoch {held if held is not None else 'none'}, but last.pt says the best epoch is "
-        f"{last['best']['epoch']}, whose weights are no longer on disk (best.pt was not saved with it); "
-        "use last.pt (--checkpoint last), or train on to a new best epoch"
-    )
-
-
-def _epoch_of(path: Path) -> int | None:
-    if not path.is_file():
-        return None
-    try:
-        epoch = load_checkpoint(path).get("epoch")
-    except UnsafeCheckpointError:
-        raise  # a file holding code is refused, not repaired over
-    except CheckpointError:
-        return None  # missing or truncated: rebuilt from last.pt where it can be
-    return int(epoch) if epoch is not None else None
-
-
-# ------------------------------------------------------------------------------------------------ readers
-def run_folder_of(path: str | Path) -> Path:
-    """A run folder given as itself or as one of its checkpoint files (``RUN/last.pt`` -> ``RUN``)."""
-    path = Path(path)
-    return path.parent if path.is_file() and path.suffix == ".pt" else path
-
-
-def current_file(run_dir: str | Path, which: str) -> Path:
-    """The file of ``run_dir`` that holds ``which`` (``last``, ``best`` or ``deploy``) as last.pt commits it.
-
-    A best.pt or deploy.pt that a stop in mid-save left out of line with last.pt is rebuilt on disk when no
-    writer holds the folder; where the folder cannot be written, last.pt is returned where it holds the same
-    state (a caller rebuilds the deployable network from it). A best.pt that cannot be rebuilt is refused."""
-    run_dir = Path(run_dir)
-    path, last_path = run_dir / f"{which}.pt", run_dir / "last.pt"
-    if which == "last" or not last_path.is_file():
-        return path
-    try:
-        last = load_checkpoint(last_path)
-    except CheckpointError:
-        return path  # an unreadable last.pt commits nothing: read the file as it is
-    if last.get("format") != CHECKPOINT_FORMAT or "best" not in last:
-        return path
-    epoch, best_epoch = last["epoch"], int(last["best"].get("epoch", 0))
-    want = epoch if which == "deploy" else best_epoch
-    if want == 0 or _epoch_of(path) == want:
-        return path
-    store = RunStore(run_dir)
-    try:
-        store.lock(create=False)
-    except RunFolderError as exc:
-        if "another okd process" in str(exc):
-            return path  # the writer puts the folder in line itself
-        if which == "deploy" or best_epoch == epoch:
-            return last_path  # read-only: last.pt holds the same state
-        raise CheckpointError(f"{run_dir}: {best_lost_message(run_dir, last)}") from None
-    with store:
-        fixed = store.reconcile(last, lambda: _deploy_from_last(run_dir, epoch))
-    if which == "best" and "best.pt lost" in fixed:
-        raise CheckpointError(f"{run_dir}: {best_lost_message(run_dir, last)}")
-    return path
-
-
-def _deploy_from_last(run_dir: Path, epoch: int) -> dict:
-    from okd.report.runs import load_run_method
-
-    method, cfg, _ = load_run_method(run_dir, "last")
-    return deploy_record(cfg, method, epoch)

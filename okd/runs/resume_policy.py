@@ -42,7 +42,11 @@ from typing import Any
 
 import yaml
 
+from okd.data.cifar import SPECS
 from okd.errors import CheckpointError, ConfigError
+from okd.methods.build import build_config
+from okd.models.deploy_file import read_deploy
+from okd.runs.metrics import read_metrics_csv
 
 #: keys that only say where and how the run executes; applied on resume as given
 MAY_CHANGE = frozenset(
@@ -129,8 +133,6 @@ def check_changes(saved: dict, asked: dict, epochs_done: int) -> dict[str, tuple
 def resume_changes(ckpt: dict, cfg) -> dict[str, tuple[Any, Any]]:
     """:func:`check_changes` of the resolved config ``cfg`` (a :class:`~okd.config.Config`) over the one the
     run checkpoint ``ckpt`` was trained with (with today's defaults for keys it predates)."""
-    from okd.config import build_config
-
     return check_changes(build_config(ckpt["config"]).to_dict(), cfg.to_dict(), int(ckpt["epoch"]))
 
 
@@ -164,7 +166,8 @@ def _as_list(milestones) -> list[int]:
 
 
 # --------------------------------------------------------------------------------- the checkpoint and its folder
-def _identity(cfg: dict) -> dict[str, Any]:
+def identity(cfg: dict) -> dict[str, Any]:
+    """What tells one run from another: method, model, data set and seed."""
     return {
         "method": (cfg.get("method") or {}).get("name"),
         "model": (cfg.get("model") or {}).get("name"),
@@ -177,7 +180,7 @@ def check_belongs_to_folder(run_dir: Path, ckpt: dict) -> None:
     """Refuse a ``last.pt`` that another run wrote: its method, model, dataset, seed or class count differs
     from the folder's ``config.yaml``/``deploy.pt``, or its epochs disagree with ``metrics.csv``."""
     last = run_dir / "last.pt"
-    mine = _identity(ckpt["config"])
+    mine = identity(ckpt["config"])
     where = (
         f"{last} does not belong to the run in {run_dir}"
         " (copied from another run?); nothing was changed. Put the run's own last.pt back, or resume the "
@@ -186,7 +189,7 @@ def check_belongs_to_folder(run_dir: Path, ckpt: dict) -> None:
     folder_cfg = run_dir / "config.yaml"
     if folder_cfg.is_file():
         try:
-            theirs = _identity(yaml.safe_load(folder_cfg.read_text(encoding="utf-8")) or {})
+            theirs = identity(yaml.safe_load(folder_cfg.read_text(encoding="utf-8")) or {})
         except (yaml.YAMLError, AttributeError):
             theirs = None
         if theirs is not None:
@@ -200,18 +203,14 @@ def check_belongs_to_folder(run_dir: Path, ckpt: dict) -> None:
 
 
 def _class_counts(run_dir: Path, ckpt: dict) -> dict[str, int]:
-    from okd.data.cifar import SPECS
-
     counts: dict[str, int] = {}
     if isinstance(ckpt.get("num_classes"), int):
         counts["last.pt"] = ckpt["num_classes"]
-    dataset = _identity(ckpt["config"])["dataset"]
+    dataset = identity(ckpt["config"])["dataset"]
     if dataset in SPECS:
         counts[f"{dataset}"] = SPECS[dataset].num_classes
     deploy = run_dir / "deploy.pt"
     if deploy.is_file():
-        from okd.engine.deploy_file import read_deploy
-
         try:
             counts["deploy.pt"] = int(read_deploy(deploy)["num_classes"])
         except CheckpointError:
@@ -220,8 +219,6 @@ def _class_counts(run_dir: Path, ckpt: dict) -> dict[str, int]:
 
 
 def _check_metrics(run_dir: Path, ckpt: dict, where: str) -> None:
-    from okd.engine.run_log import read_metrics_csv
-
     path = run_dir / "metrics.csv"
     history = ckpt.get("history") or []
     if not path.is_file() or not history:

@@ -15,8 +15,11 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from okd.engine.checkpoint import _atomic_write, load_checkpoint, load_state_checked, require_keys
 from okd.errors import CheckpointError, ConfigError
+from okd.extras import require
+from okd.io import load_checkpoint, load_state_checked, require_keys
+from okd.models.factory import create_model
+from okd.models.spec import build_from_spec, check_stored_config
 
 DEPLOY_FORMAT = "okd-deploy-v1"
 DEPLOY_HINT = "Give a run's deploy.pt, a run folder, or a file written by `okd export`."
@@ -42,11 +45,6 @@ def read_deploy(path: str | Path, what: str = "deploy file") -> dict:
     return ckpt
 
 
-def atomic_write_bytes(data: bytes, path: str | Path) -> None:
-    """Write ``data`` atomically (tmp + fsync + rename), like every okd output file."""
-    _atomic_write(path, "wb", lambda f: f.write(data))
-
-
 def safetensors_metadata(info: dict) -> dict[str, str]:
     """The ``okd`` metadata entry of a safetensors export: every header field but the tensors, as JSON."""
     return {"okd": json.dumps({k: v for k, v in info.items() if k != "state_dict"})}
@@ -54,8 +52,6 @@ def safetensors_metadata(info: dict) -> dict[str, str]:
 
 def read_safetensors(path: str | Path, what: str = "deploy file") -> dict:
     """A ``.safetensors`` export as a deploy dict (no pickle involved: tensors and a JSON header)."""
-    from okd.report.runs import require
-
     require("safetensors", "safetensors")
     from safetensors import safe_open
 
@@ -91,9 +87,6 @@ def check_class_count(num_classes: int, expected: int, path: str | Path, expecte
 def build_network(info: dict, path: str | Path, what: str = "deploy file") -> nn.Module:
     """``create_model(info['model'], info['num_classes'])`` with the file's weights, checked: a ``model`` field
     that does not match the weights is named as such (not a raw ``load_state_dict`` error)."""
-    from okd.models import create_model
-    from okd.models.spec import build_from_spec, check_stored_config
-
     spec = info.get("model_spec")  # how the run built its network (okd.models.spec.model_spec), when recorded
     if not isinstance(spec, dict) or spec.get("name") != info["model"]:
         spec = None  # none recorded, or a file edited by hand: the model field rules

@@ -1,4 +1,5 @@
-"""Atomic checkpoint writes and checked loads."""
+"""Safe file I/O, the leaf every layer may use: atomic writes, checkpoint loads that never run code, key and
+shape checks. Every unreadable file (missing, empty, truncated, a folder, foreign) gets okd's own message."""
 
 from __future__ import annotations
 
@@ -58,6 +59,11 @@ def atomic_write_text(text: str, path: str | Path, on_boundary: Callable[[str], 
     _atomic_write(path, "w", lambda f: f.write(text), on_boundary)
 
 
+def atomic_write_bytes(data: bytes, path: str | Path) -> None:
+    """Write ``data`` atomically (tmp + fsync + rename), like every okd output file."""
+    _atomic_write(path, "wb", lambda f: f.write(data))
+
+
 def _fsync_dir(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -87,6 +93,12 @@ def _weights_only_refusal(exc: Exception) -> str | None:
     return found.group(1) if found else None
 
 
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (``""`` for an empty one), for okd's own messages."""
+    lines = str(exc).splitlines()
+    return lines[0][:limit] if lines else ""
+
+
 def load_checkpoint(path: str | Path, map_location: Any = "cpu", what: str = "checkpoint", hint: str = "") -> dict:
     """Load a ``torch.save`` file okd reads (last.pt, best.pt, deploy.pt, a teacher) as a dict of tensors and
     plain values, with ``weights_only=True``: a pickled object (code) is refused, never run.
@@ -96,8 +108,12 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu", what: str = "ch
     """
     path = Path(path)
     hint = hint or "Use another checkpoint (last.pt, best.pt) of the run."
+    if path.is_dir():
+        raise CheckpointError(f"{what} {str(path)!r} is a folder, not a file. {hint}")
     if not path.is_file():
         raise CheckpointError(f"{what} {str(path)!r} does not exist")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{what} {str(path)!r} is empty (0 bytes): its write never completed. {hint}")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
@@ -109,7 +125,7 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu", what: str = "ch
                 f"plain values (a state_dict); otherwise ask for the run's deploy.pt, or an `okd export "
                 f"--format safetensors` file. {hint}"
             ) from None
-        detail = str(exc).splitlines()[0][:200] if "Weights only" not in str(exc) else "not a weights-only pickle"
+        detail = first_line(exc) if "Weights only" not in str(exc) else "not a weights-only pickle"
         raise CheckpointError(
             f"{what} {str(path)!r} cannot be read ({type(exc).__name__}: {detail}); it is truncated, not a "
             f"PyTorch file, or holds pickled objects ({NO_CODE}). {hint}"

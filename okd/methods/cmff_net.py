@@ -25,7 +25,8 @@ from okd.models.cmff_backbone import (
     run_stem,
     stage_list,
 )
-from okd.models.registry import MODELS, create_model
+from okd.models.factory import create_model
+from okd.models.registry import MODELS
 from okd.nn.cross_attention import CrossAttentionFusion
 
 if TYPE_CHECKING:
