@@ -223,9 +223,9 @@ def smoke_item(method: str, precision: str, root: Path, work: Path, args, determ
     """One epoch (a checkpoint), a resume to epoch 2, and (where planned) a straight 2-epoch run to compare."""
     import torch
 
-    from okd.methods.build import load_config
-    from okd.io import load_checkpoint
     from okd.engine.trainer import config_from_run, train
+    from okd.io import load_checkpoint
+    from okd.methods.build import load_config
 
     name = f"{method}_{precision}" + ("" if deterministic else "_nondet")
     extra = [f"train.deterministic={str(deterministic).lower()}"]

@@ -15,11 +15,10 @@ import time
 
 import torch
 
-from okd.methods.build import load_config
 from okd.engine.builder import resolve_device
-from okd.methods.build import build_method
 from okd.engine.step import StepRunner
 from okd.methods.base import ParamGroup
+from okd.methods.build import build_method, load_config
 
 IMPLS = {"for-loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
 

@@ -6,14 +6,13 @@ Every subcommand takes its options and ``key=value`` overrides in any order (:fu
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
 import re
 import signal
 import sys
 import textwrap
 import time
-from importlib.metadata import PackageNotFoundError
-from importlib.metadata import version as dist_version
 
 from okd import __version__, bench
 from okd.configs import packaged_configs
@@ -78,7 +77,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_test(args: argparse.Namespace) -> int:
 
-
     started = time.perf_counter()
     warn_threads_once()
     metrics, info = score_checkpoint(args.path, which=args.checkpoint, overrides=args.overrides)
@@ -140,9 +138,8 @@ def version() -> str:
     """The installed distribution's version, else the source tree's ``okd.__version__``."""
 
     try:
-        return dist_version("okd")
-    except PackageNotFoundError:
-
+        return importlib.metadata.version("okd")
+    except importlib.metadata.PackageNotFoundError:
         return __version__
 
 
@@ -182,7 +179,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("methods", help="list the registered methods")
     p.set_defaults(func=cmd_methods)
-
 
     bench.register_cli(sub)
     report_commands.register_cli(sub)

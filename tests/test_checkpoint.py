@@ -62,7 +62,7 @@ def test_the_file_is_fsynced_before_it_is_renamed_into_place(tmp_path, monkeypat
     import os
     import stat
 
-    from okd.engine import checkpoint
+    from okd import io as checkpoint
 
     calls: list[tuple[str, str]] = []
     real_fsync, real_replace = os.fsync, os.replace
@@ -98,7 +98,7 @@ def test_atomic_save_creates_missing_folders(tmp_path):
 
 def test_an_interrupt_after_the_rename_keeps_the_new_file_and_propagates(tmp_path, monkeypatch):
     """Ctrl-C between the rename and the folder sync: the new file stands and the interrupt is what surfaces."""
-    from okd.engine import checkpoint
+    from okd import io as checkpoint
 
     def interrupted(folder):
         raise KeyboardInterrupt

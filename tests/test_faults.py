@@ -24,7 +24,7 @@ import torch
 from okd.cli import main
 from okd.io import load_checkpoint
 from okd.runs.metrics import read_metrics_csv
-from okd.runs.store import BEST_BACKUP, FAULT_ENV, LOCK_NAME
+from okd.runs.store import BEST_BACKUP, FAULT_ENV, LOCK_NAME, UNCOMMITTED
 
 CONFIG = "cifar10/baseline_resnet20"
 RUN = Path("runs/run")  # relative: config.yaml is then the same for every run of these tests
@@ -45,6 +45,11 @@ def args(root: Path, epochs: int = 2, **extra: object) -> list[str]:
 def one_line(text: str) -> str:
     """A CLI message with its line wrapping undone."""
     return " ".join(text.split())
+
+
+def _snapshot(run: Path) -> dict[str, bytes]:
+    """Every file of a run folder and its bytes (to show a reader wrote nothing)."""
+    return {p.name: p.read_bytes() for p in sorted(run.iterdir()) if p.is_file()}
 
 
 class _Log:
@@ -165,19 +170,22 @@ def test_stop_at_every_boundary_of_the_save_then_resume_matches(fault, reference
 
 def test_readers_see_the_committed_epoch_after_a_kill_in_mid_save(reference, cifar10_root, tmp_path, monkeypatch):
     """Killed after best.pt and deploy.pt of epoch 2 were renamed, before last.pt: okd test --checkpoint best and
-    okd export read epoch 1 (what last.pt commits), not the uncommitted epoch 2."""
+    okd export read epoch 1 (what last.pt commits: the kept previous best.pt), not the uncommitted epoch 2, and
+    leave the folder as it is; the next writer puts it back in line."""
     from okd.report.export import load_deployable
     from okd.report.scoring import score_checkpoint
 
     monkeypatch.chdir(tmp_path)
     assert fork_okd(args(cifar10_root), "before:last.pt:2:SIGKILL", tmp_path / "child.log") == -signal.SIGKILL
     assert load_checkpoint(RUN / "best.pt")["epoch"] == 2 and (RUN / BEST_BACKUP).exists()
+    before = _snapshot(RUN)
     metrics, info = score_checkpoint(RUN, "best")
-    assert info["epoch"] == 1
+    assert info["epoch"] == 1 and info["path"] == str(RUN / BEST_BACKUP)
     assert metrics["net/top1"] == read_metrics_csv(reference / "metrics.csv")[0]["test/net/top1"]
     assert load_deployable(RUN, check=False).epoch == 1
-    assert load_checkpoint(RUN / "deploy.pt")["epoch"] == 1 and not (RUN / BEST_BACKUP).exists()
-    assert len(read_metrics_csv(RUN / "metrics.csv")) == 1
+    assert _snapshot(RUN) == before
+    recover(cifar10_root)
+    assert_same_folder(reference, tmp_path / RUN)
 
 
 def test_finished_run_with_lagging_best_and_deploy_is_repaired_on_resume(reference, tmp_path):
@@ -238,7 +246,7 @@ def test_divergence_stops_the_run_and_keeps_the_good_files(cifar10_root, tmp_pat
     assert main(args(cifar10_root, **{"optim.lr": 1e20})) == 2
     err = one_line(capsys.readouterr().err)
     assert "not finite" in err and "No epoch was committed" in err
-    assert sorted(p.name for p in RUN.iterdir()) == [LOCK_NAME, "config.yaml"]
+    assert sorted(p.name for p in RUN.iterdir()) == [LOCK_NAME, UNCOMMITTED, "config.yaml"]
 
     shutil.rmtree(RUN)
     late = {"optim.milestones": "[2]", "optim.gamma": 1e20, "train.epochs": 3}
@@ -323,3 +331,166 @@ def test_unwritable_output_dir_is_refused_before_data_is_read(kind, tmp_path, mo
     assert "cannot write the run folder" in err and "no-data" not in err
     if kind == "read-only":
         assert list(out.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------------ the reading side
+def test_every_reader_answers_from_the_commit_between_metrics_and_last(reference, cifar10_root, tmp_path, monkeypatch):
+    """Killed after metrics.csv, best.pt and deploy.pt of epoch 2 were renamed, before last.pt: okd test (last and
+    best, the folder and its files), report, plot, export and predict answer from epoch 1, the history stops at
+    epoch 1, and no reader writes a byte (the next writer repairs the folder)."""
+    from okd.report.export import load_deployable
+    from okd.report.predict import load_predictor
+    from okd.report.scoring import score_checkpoint
+    from okd.report.tables import read_run
+    from okd.runs.reader import Run
+
+    monkeypatch.chdir(tmp_path)
+    assert fork_okd(args(cifar10_root), "before:last.pt:2:SIGKILL", tmp_path / "child.log") == -signal.SIGKILL
+    assert len(read_metrics_csv(RUN / "metrics.csv")) == 2 and load_checkpoint(RUN / "deploy.pt")["epoch"] == 2
+    before = _snapshot(RUN)
+    epoch1 = read_metrics_csv(reference / "metrics.csv")[0]["test/net/top1"]
+    run = Run(RUN)
+    assert run.epoch == 1 and [int(r["epoch"]) for r in run.history] == [1]
+    for target, which in ((RUN, "last"), (RUN, "best"), (RUN / "best.pt", "last"), (RUN / "deploy.pt", "last")):
+        metrics, info = score_checkpoint(target, which)
+        assert info["epoch"] == 1 and metrics["net/top1"] == epoch1, (target, which)
+    result = read_run(RUN)
+    assert result.epochs_done == 1 and result.final["net/top1"] == epoch1
+    assert load_deployable(RUN, check=False).epoch == 1
+    assert load_deployable(RUN / "deploy.pt", check=False).epoch == 1
+    assert load_predictor(RUN).epoch == 1
+    assert _snapshot(RUN) == before, "a reader wrote into the run folder"
+    recover(cifar10_root)
+    assert_same_folder(reference, tmp_path / RUN)
+
+
+def test_concurrent_readers_agree_after_a_kill_in_mid_save(reference, cifar10_root, tmp_path, monkeypatch):
+    """Three okd predict processes at once on a folder killed before its last.pt rename answer from the same,
+    committed epoch (readers take no lock and never repair, so none can see another half-way)."""
+    monkeypatch.chdir(tmp_path)
+    assert fork_okd(args(cifar10_root), "before:last.pt:2:SIGKILL", tmp_path / "child.log") == -signal.SIGKILL
+    image = tmp_path / "image.png"
+    pytest.importorskip("PIL.Image").new("RGB", (32, 32), (120, 30, 200)).save(image)
+    pids = [fork_okd(["predict", str(RUN), str(image)], "", tmp_path / f"predict{i}.log", wait=False) for i in range(3)]
+    codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids]
+    logs = [(tmp_path / f"predict{i}.log").read_text() for i in range(3)]
+    assert codes == [0, 0, 0], logs
+    assert len(set(logs)) == 1 and "epoch 1" in logs[0], logs
+
+
+def test_results_without_a_commit_are_refused_by_every_reader(reference, cifar10_root, tmp_path, monkeypatch, capsys):
+    """Killed in the first save after best.pt and deploy.pt were written, before any last.pt: okd test (folder, best,
+    deploy.pt), export and predict refuse, saying that nothing is committed; no traceback."""
+    monkeypatch.chdir(tmp_path)
+    assert fork_okd(args(cifar10_root), "before:last.pt:1:SIGKILL", tmp_path / "child.log") == -signal.SIGKILL
+    assert (RUN / "deploy.pt").exists() and (RUN / "best.pt").exists() and not (RUN / "last.pt").exists()
+    for argv in (
+        ["test", str(RUN)],
+        ["test", str(RUN), "--checkpoint", "best"],
+        ["test", str(RUN / "deploy.pt")],
+        ["test", str(RUN / "best.pt")],
+        ["export", str(RUN), "--format", "state_dict"],
+        ["predict", str(RUN), str(RUN / "config.yaml")],
+        ["report", str(RUN)],
+    ):
+        assert main(argv) == 2, argv
+        err = one_line(capsys.readouterr().err)
+        assert "no committed epoch" in err and "Traceback" not in err, (argv, err)
+
+
+def test_a_foreign_last_pt_is_refused_by_every_reader(reference, tmp_path, capsys):
+    """A last.pt of another run (another seed) copied into the folder: test, report and export refuse it as resume
+    does, and nothing is mixed with the folder's own files."""
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    last = load_checkpoint(run / "last.pt")
+    torch.save({**last, "config": {**last["config"], "seed": 7}}, run / "last.pt")
+    for argv in (["test", str(run)], ["report", str(run)], ["export", str(run), "--format", "state_dict"],
+                 ["train", "--resume", str(run)]):  # fmt: skip
+        assert main(argv) == 2, argv
+        err = one_line(capsys.readouterr().err)
+        assert "does not belong to the run" in err and "seed 7" in err, (argv, err)
+
+
+def test_a_run_whose_last_pt_was_lost_is_never_emptied(reference, cifar10_root, tmp_path, monkeypatch, capsys):
+    """A finished run whose last.pt was deleted: `okd train` with the same name refuses, naming what the folder
+    holds, and deletes nothing."""
+    monkeypatch.chdir(tmp_path)
+    RUN.parent.mkdir()
+    shutil.copytree(reference, RUN)
+    (RUN / "last.pt").unlink()
+    before = _snapshot(RUN)
+    assert main(args(cifar10_root)) == 2
+    err = one_line(capsys.readouterr().err)
+    assert "holds results of an earlier run" in err and "metrics.csv, best.pt, deploy.pt" in err
+    assert _snapshot(RUN) == before
+
+
+def test_a_deleted_lock_file_does_not_let_a_second_writer_commit(reference, cifar10_root, tmp_path, monkeypatch):
+    """A run frozen in its epoch-2 save; its .okd.lock is deleted (a cleanup script) and a resume takes a new lock
+    and finishes. The frozen writer, continued, refuses to commit over it (exit 2) and the folder is the resumed
+    run's, the same as an uninterrupted one."""
+    monkeypatch.chdir(tmp_path)
+    pid = fork_okd(args(cifar10_root), "before:metrics.csv:2:SIGSTOP", tmp_path / "child.log", wait=False)
+    _, status = os.waitpid(pid, os.WUNTRACED)
+    assert os.WIFSTOPPED(status)
+    try:
+        (RUN / LOCK_NAME).unlink()
+        assert main(["train", "--resume", str(RUN)]) == 0
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    log = one_line((tmp_path / "child.log").read_text())
+    assert code == 2 and "was deleted or replaced while this run was writing" in log, log
+    assert_same_folder(reference, tmp_path / RUN)
+
+
+@pytest.mark.parametrize("name", ["last.pt", "deploy.pt"])
+@pytest.mark.parametrize("damage", ["empty", "folder"])
+def test_an_empty_or_folder_shaped_file_gets_okds_message(name, damage, reference, tmp_path, capsys):
+    """A 0-byte or folder-shaped last.pt is refused with okd's message by resume and test; a damaged deploy.pt is
+    a lagging file: readers rebuild the committed one from last.pt, and resume rewrites it."""
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    (run / name).unlink()
+    if damage == "empty":
+        (run / name).touch()
+    else:
+        (run / name).mkdir()
+    if name == "last.pt":
+        for argv in (["train", "--resume", str(run)], ["test", str(run)]):
+            assert main(argv) == 2
+            err = one_line(capsys.readouterr().err)
+            want = "is empty (0 bytes)" if damage == "empty" else "is a folder, not a file"
+            assert want in err and "Traceback" not in err, err
+        return
+    from okd.report.export import load_deployable
+
+    assert load_deployable(run, check=False).epoch == 2
+    assert main(["test", str(run)]) == 0
+    capsys.readouterr()
+    if damage == "folder":
+        (run / name).rmdir()
+    assert main(["train", "--resume", str(run)]) == 0
+    assert load_checkpoint(run / "deploy.pt")["epoch"] == 2
+
+
+def test_a_stop_during_start_up_says_what_the_folder_holds(reference, cifar10_root, tmp_path, monkeypatch):
+    """Ctrl-C while the data is read: exit 130 with the stop message (a new run: nothing to resume; a resume: the
+    committed epoch and the resume command)."""
+    import okd.engine.trainer as trainer
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(trainer, "build_loaders", interrupted)
+    with _Log() as log:
+        assert main(args(cifar10_root)) == 130
+    assert "nothing to resume" in log.text
+    RUN.parent.mkdir(exist_ok=True)
+    shutil.rmtree(RUN, ignore_errors=True)
+    shutil.copytree(reference, RUN)
+    with _Log() as log:
+        assert main(["train", "--resume", str(RUN), "train.epochs=3"]) == 130
+    assert "stopped after epoch 2 (committed in last.pt)" in log.text and "--resume" in log.text

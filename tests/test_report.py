@@ -18,6 +18,8 @@ import yaml
 from okd.errors import OKDError
 from okd.report.published import find_published, load_published
 from okd.report.tables import build_report, to_csv, to_markdown
+from okd.runs.metrics import metrics_csv_text
+from okd.runs.records import CHECKPOINT_FORMAT, RUN_KEYS
 
 SPEC = Path(__file__).resolve().parent.parent.parent / "shared" / "spec" / "reported-results.md"
 CONFIG = "cifar10/baseline_resnet20"
@@ -88,12 +90,10 @@ def _fake_run(
     cfg = {"name": folder.name, "seed": seed, "data": {"dataset": "cifar100", **(data or {})}}
     cfg |= {"model": {"name": "resnet32"}, "train": {"epochs": len(epochs)}, "method": {"name": method}}
     (folder / "config.yaml").write_text(yaml.safe_dump(cfg))
-    columns = list(epochs[0])
-    with open(folder / "metrics.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["epoch", *columns])
-        writer.writeheader()
-        for i, row in enumerate(epochs, start=1):
-            writer.writerow({"epoch": i, **row})
+    history = [{"epoch": i, **row} for i, row in enumerate(epochs, start=1)]
+    (folder / "metrics.csv").write_text(metrics_csv_text(history))
+    last = {"format": CHECKPOINT_FORMAT, "config": cfg, "epoch": len(history), "history": history}
+    torch.save(last | {k: {} for k in RUN_KEYS if k not in last} | {"best": {"epoch": 0}}, folder / "last.pt")
     return folder
 
 

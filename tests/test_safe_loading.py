@@ -159,7 +159,7 @@ def test_a_100_class_deploy_in_a_10_class_run_names_both_counts(ffsd_run, tmp_pa
     (run / "config.yaml").unlink()  # no config to tell the data set: the run's checkpoint still does
     assert main(["export", str(run), "--format", "state_dict"]) == 2
     err = " ".join(capsys.readouterr().err.split())
-    assert "100-class network, but the run's checkpoint (last.pt/best.pt) has 10 classes" in err
+    assert "100-class network, but the run's data set (cifar10) has 10 classes" in err
 
 
 def test_kd_teacher_given_the_wrong_file_gets_okds_hint(ffsd_run, tmp_path):

@@ -19,10 +19,7 @@ pytest.importorskip("PIL")
 from folder_fixtures import quick_folder_run, write_class_folder  # noqa: E402
 
 from okd.errors import ConfigError  # noqa: E402
-from okd.methods.build import (
-    build_method,  # noqa: E402
-    load_config,  # noqa: E402
-)
+from okd.methods.build import build_method, load_config  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,6 @@ def resolve_config(name: str | Path) -> Path | None:
     text = path.as_posix()
     for prefix in ("./", "configs/", "okd/configs/"):
         if text.startswith(prefix):
-            text = text[len(prefix):]
+            text = text[len(prefix) :]
     candidate = PACKAGED / (text if text.endswith((".yaml", ".yml")) else f"{text}.yaml")
     return candidate if candidate.is_file() else None

@@ -65,7 +65,6 @@ class ModelRef(str):
 def input_size_of(data_cfg) -> int:
     """The image side the run feeds its network (the probe's size)."""
     if data_cfg.dataset == "folder":
-
         return image_size_of(data_cfg)
     return _INPUT_SIZE.get(data_cfg.dataset, 32)
 
@@ -147,7 +146,6 @@ def build_from_spec(spec: dict[str, Any], num_classes: int, *, from_file: bool =
     name, kind = str(spec["name"]), spec.get("kind") or model_kind(str(spec["name"]))
     kwargs, taps, size = dict(spec.get("kwargs") or {}), spec.get("taps"), int(spec.get("input_size") or 32)
     if kind == "registered":
-
         return MODELS.get(name)(num_classes=num_classes, **kwargs)
 
     if kind == "import":
@@ -155,17 +153,14 @@ def build_from_spec(spec: dict[str, Any], num_classes: int, *, from_file: bool =
             check_import_allowed(name)
         user = call_factory(load_factory(name), num_classes, kwargs, f"model.name={name!r}")
     elif kind == "timm":
-
         user = create_timm(name[len(TIMM_PREFIX) :], num_classes, kwargs, spec)
     else:
         raise ConfigError(f"unknown model kind {kind!r} in the stored model spec of {name!r}")
     if spec.get("branch_from"):
-
         return StagedNet(user, num_classes, spec["branch_from"], name=name, input_size=size)
     if taps:
         return TappedNet(user, num_classes, taps, name=name, input_size=size)
     if kind == "timm":
-
         return with_default_taps(user, num_classes, name, size)
     return ExternalNet(user, num_classes, name=name, input_size=size)
 
@@ -179,7 +174,6 @@ def deploy_fields(cfg, train_loader=None, classes: list[str] | None = None) -> d
     out: dict[str, Any] = {"model_spec": model_spec(cfg)}
     data = cfg.run.data
     if data.dataset in ("folder", "imagenet", "tinyimagenet"):
-
         if train_loader is None:
             try:
                 classes, mean, std = preprocessing(data)

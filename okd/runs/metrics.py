@@ -42,5 +42,3 @@ def best_in_history(history: list[dict[str, float]], head: str) -> tuple[float, 
         return None
     top = max(s for s, _ in scored)
     return top, next(e for s, e in scored if s == top)
-
-

@@ -233,9 +233,10 @@ class Run:
         for _ in range(3):
             if epoch_of(path) == self.epoch:
                 record = read_deploy(path)
-                if record.get("method") in (None, self.config_dict["method"]["name"]) and record.get(
-                    "num_classes"
-                ) == self.num_classes:
+                if (
+                    record.get("method") in (None, self.config_dict["method"]["name"])
+                    and record.get("num_classes") == self.num_classes
+                ):
                     return record, str(path)
             if not self.refresh():
                 break

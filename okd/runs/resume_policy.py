@@ -197,8 +197,17 @@ def check_belongs_to_folder(run_dir: Path, ckpt: dict) -> None:
             if diff:
                 raise CheckpointError(f"{where}: {'; '.join(diff)}")
     classes = _class_counts(run_dir, ckpt)
+    deployed = classes.pop("deploy.pt", None)
     if len(set(classes.values())) > 1:
         raise CheckpointError(f"{where}: class counts differ ({', '.join(f'{k}: {v}' for k, v in classes.items())})")
+    expected = next(iter(classes.values()), None)
+    if deployed is not None and expected is not None and deployed != expected:
+        source = next((f"the run's data set ({k})" for k in classes if k != "last.pt"), "the run's last.pt")
+        raise CheckpointError(
+            f"{run_dir / 'deploy.pt'} holds a {deployed}-class network, but {source} has {expected} classes: "
+            "that deploy.pt is not this run's (copied from another run?). Put the run's own deploy.pt back, or "
+            f"remove it and resume (`okd train --resume {run_dir}` rewrites it from last.pt)"
+        )
     _check_metrics(run_dir, ckpt, where)
 
 

@@ -11,8 +11,8 @@ previous best.pt is kept as a hard link until last.pt commits its replacement.
 
 One process writes a folder: the writer holds an exclusive ``flock`` on ``.okd.lock``, which the operating
 system releases when the process ends, however it ends (``kill -9`` leaves no stale lock). A lock file deleted
-under a running writer (a cleanup script) cannot let a second writer in unnoticed: the writer checks before
-every commit that the file it locked is still the file on disk, and stops otherwise.
+under a running writer (a cleanup script) cannot let a second writer in unnoticed: before every rename of a save
+the writer checks that the file it locked is still the file on disk, and stops otherwise.
 
 A new run's writer marks the folder ``.okd.uncommitted`` until its first last.pt: files left beside that mark
 are an attempt that never committed and are cleared by the next start; run files *without* it and without
@@ -180,13 +180,23 @@ class RunStore:
         return False
 
     # -- writes
+    def _boundary(self, name: str, epoch: int) -> Callable[[str], None]:
+        """What runs at each rename of a save: the test hook, then (before the rename) the lock check."""
+
+        def at(when: str) -> None:
+            fault_point(when, name, epoch)
+            if when == "before":
+                self._check_lock(epoch)
+
+        return at
+
     def _save(self, obj: dict, name: str, epoch: int) -> None:
         self._wrote = True
-        atomic_save(obj, self.dir / name, lambda when: fault_point(when, name, epoch))
+        atomic_save(obj, self.dir / name, self._boundary(name, epoch))
 
     def _write_text(self, text: str, name: str, epoch: int) -> None:
         self._wrote = True
-        atomic_write_text(text, self.dir / name, lambda when: fault_point(when, name, epoch))
+        atomic_write_text(text, self.dir / name, self._boundary(name, epoch))
 
     def begin(self, cfg, last: dict | None, deploy: Callable[[], dict]) -> None:
         """Open the run for training: a resumed folder is put in line with its last.pt (``last``), a new one
@@ -213,7 +223,6 @@ class RunStore:
         epoch = last["epoch"]
         if self.writer:
             with deferred_signals():
-                self._check_lock(epoch)
                 try:
                     self._write_text(metrics_csv_text(last["history"]), "metrics.csv", epoch)
                     if improved:
