@@ -8,7 +8,7 @@ Two paths run in the same process, on the same device and data:
 - **reference**: the standard recipe of the reference repositories: a ``torch.utils.data.DataLoader`` over a CPU
   dataset with per-sample transforms (pad, random crop, flip, normalise; written in torch), fp32, eager,
   contiguous layout, and one ``zero_grad -> backward -> step`` per cohort component in the loss dict's order
-  (FFSD: students one by one, fusion, leader, SD modules; ``methods.md`` §1.5), with a ``.item()`` per
+  (FFSD: students one by one, fusion, leader, SD modules; ``docs/methods.md#ffsd``, FFSD.5), with a ``.item()`` per
   component as the reference code's loss meters do.
 
 Each path is built and runs ``warmup`` untimed steps (compile warm-up included there; its peak memory is measured

@@ -85,7 +85,7 @@ SPECS: dict[str, CifarSpec] = {
     ),
 }
 
-# Standard per-channel statistics on [0, 1] (models.md §13).
+# Standard per-channel statistics on [0, 1] (docs/models.md#data-side-constants).
 DATASET_STATS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),

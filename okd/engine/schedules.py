@@ -1,4 +1,4 @@
-"""Learning-rate schedules (``optim.schedule``; ``methods.md`` §1.6 and §1.10 item 6).
+"""Learning-rate schedules (``optim.schedule``; FFSD's ImageNet recipe: ``docs/methods.md#ffsd``, FFSD.9).
 
 - ``multistep``: ``MultiStepLR(milestones, gamma)``, stepped once per epoch (the CIFAR recipes).
 - ``ffsd_imagenet_code``: the official FFSD ImageNet trainer (``adjust_learning_rates``), set every iteration.

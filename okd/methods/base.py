@@ -1,8 +1,9 @@
 """The method contract: a method is an ``nn.Module`` that owns its cohort and knows how it is optimised.
 
 The generic trainer calls, per step, ``training_step`` and backpropagates the sum of the returned losses
-once; then it steps one optimizer per :class:`ParamGroup` (each with its own MultiStepLR schedule).
-Keys of the loss dict that start with ``stat/`` are logged but not summed.
+once; then it steps one optimizer per :class:`ParamGroup` (each with its own lr schedule).
+Keys of the loss dict that start with ``stat/`` are logged but not summed. The whole contract, with the optional
+hooks and the tests a method needs: docs/add-a-method.md.
 """
 
 from __future__ import annotations
@@ -130,7 +131,7 @@ class Method(nn.Module):
 
     def manual_step(self, images: Tensor | list[Tensor], labels: Tensor, epoch: int, runner) -> dict[str, Tensor]:
         """One step for methods whose reference algorithm steps some optimizers before later forwards (DML's
-        alternating updates). Use ``runner.zero_grad(i)``, ``runner.backward(loss)`` and ``runner.step(i)``
+        alternating updates). Use ``runner.zero_grad(i)``, ``runner.backward(loss)`` and ``runner.step_optimizer(i)``
         (optimizer ``i`` = the i-th ParamGroup); return detached losses for logging."""
         raise NotImplementedError
 

@@ -1,5 +1,5 @@
 """CL-ILR: Collaborative Learning with Intermediate-Level Representation sharing (Song & Chai, NeurIPS 2018),
-as in the OKDDip repo (``train_one.py --avg --bpscale``; ``methods.md`` §4).
+as in the OKDDip repo (``train_one.py --avg --bpscale``; ``docs/methods.md#cl_ilr``).
 
 The ONE multi-branch network without the gate. Branch i learns from the mean of the *other* branches' logits:
 
@@ -10,7 +10,7 @@ passes through :class:`GradScale`, the identity forward whose backward multiplie
 trunk receives the mean rather than the sum of the branches' gradients.
 
 ``target='mean_probs'`` is the CL paper's reading (the mean of the other heads' softened probabilities);
-the paper's beta weighting and T = 2 are unverified (``methods.md`` §4) and not provided.
+the paper's beta weighting and T = 2 are unverified (``docs/methods.md#cl_ilr``) and not provided.
 """
 
 from __future__ import annotations

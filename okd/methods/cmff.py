@@ -1,8 +1,9 @@
-"""CMFF: self-supervised learning and cross-modal feature fusion (official code Coralmss/CMFF; ``methods.md`` §10).
+"""CMFF: self-supervised learning and cross-modal feature fusion (official code Coralmss/CMFF;
+``docs/methods.md#cmff``).
 
-The released code is internally inconsistent (§10, "Inconsistencies"); okd builds the design §10 specifies
-from the README's example (``train_vgg.py`` with ``CrossVGG16``) and carries the same recipe to the CIFAR and
-ImageNet/TinyImageNet ResNets. Every choice §10 leaves open is listed under "Decisions" below.
+The released code is internally inconsistent; okd builds the design of the README's example (``train_vgg.py``
+with ``CrossVGG16``) and carries the same recipe to the CIFAR and ImageNet/TinyImageNet ResNets. Every choice
+the release leaves open is a documented decision ("Decisions" below).
 
 This file holds the method: its parameters, the loss, the training and evaluation steps, the optimizer groups
 and the registration. The network is :class:`okd.methods.cmff_net.CMFFNet` (per-backbone stage access in
@@ -15,7 +16,7 @@ the cross-attention and the fusion module in :mod:`okd.nn.cross_attention` and :
   ``cmff_vgg16``: conv3x3(3->64)-BN-ReLU-conv3x3(64->64)-BN-ReLU-maxpool (-> 64x16x16); CIFAR ResNets:
   conv3x3(3->16)-BN-ReLU; ImageNet ResNets: conv7x7/2-BN-ReLU-maxpool (or the CIFAR stem of ``*_cifar_stem``).
 - **Stages**, per net: ``cmff_vgg16`` has 4 stages of 3 x [conv3x3(bias)-BN-ReLU] + maxpool with 128, 256, 512,
-  512 channels (so stage 1 has 3 convs: 14 convs per net, not VGG-16's 13, ``models.md`` §0); a CIFAR ResNet
+  512 channels (so stage 1 has 3 convs: 14 convs per net, not VGG-16's 13, ``docs/models.md``); a CIFAR ResNet
   has its ``layer1..3``, an ImageNet ResNet its ``layer1..4``.
 - **Classifier**: ``cmff_vgg16``: flatten 512x1x1 -> Linear 512-512-K (ReLU, Dropout(``dropout``) after the
   first two); ResNets: global average pool -> Linear(C -> K). ``shared_classifier`` (default: true for the VGG,
@@ -43,7 +44,7 @@ the cross-attention and the fusion module in :mod:`okd.nn.cross_attention` and :
   -> ReLU -> GAP -> Linear(C -> K)) on concat(f'_1, f'_2) as 2C x 1 x 1 maps -> z_f. Its input is **not**
   detached (``detach_fusion_input`` = false), so CE(z_f) and the KL terms into z_f train both nets and the stem.
 
-**Loss** (0-based epoch e; KL_T(t -> s) of ``methods.md`` §0 with T = ``temperature`` = 3, the target
+**Loss** (0-based epoch e; KL_T(t -> s) of ``docs/methods.md`` (notation) with T = ``temperature`` = 3, the target
 **detached** and 1e-7 (``target_eps``) added to it, as the released ``KLLoss``):
 
     L = CE(z_1, y) + CE(z_2, y) + CE(z_f, y)
@@ -69,8 +70,8 @@ student's path.
 cross-attention; it sits inside the released model): SGD Nesterov with the run's lr, momentum and weight decay
 (the configs: 0.1, 0.9, 2e-4). Group ``fusion``: SGD with weight decay ``fusion_weight_decay`` = 1e-5. The
 release comments out the fusion scheduler's step, so its lr stays at 0.1; ``freeze_fusion_lr`` (default true)
-asks for that by setting ``schedule = "constant"`` on the group, which the trainer's builder must honour (a
-``ParamGroup.schedule`` field; until then the builder ignores it and the fusion lr follows the run's schedule).
+asks for that by setting ``schedule = "constant"`` on the group (``ParamGroup.schedule``), which the optimizer
+builder honours.
 
 **Heads** (evaluation, no rotation): ``net1``, ``net2``, ``fusion`` (z_f; needs both nets), ``mean_logits``
 (mean of z_1, z_2), ``ensemble`` (mean softmax of z_1, z_2); ``oracle_any_net``; derived ``net_avg`` (the
@@ -79,44 +80,9 @@ registered backbone ``cfg.model.name``: for ``cmff_vgg16`` that is :class:`CMFFV
 keys ``stem.*``, ``stages.{0..3}.*``, ``classifier.*``), for the ResNets the stock ``resnet32``/``resnet18``...
 (keys ``conv1``, ``bn1``, ``layer*``, ``fc``), with the shared stem (and classifier) included.
 
-**Decisions** where §10 or the release is ambiguous (the knob that changes each, if any):
-
-1. The cross-attention's token layout (``attn_layout``): ``"chunks"`` (default, as released: the projected
-   512-d vector is cut into 4 chunks of 128 that act as 4 tokens of a single attention, a 4x4 map per sample) or
-   ``"single"`` (each net's feature is one token of a textbook 4-head attention, which then reduces to the
-   partner's value projection). Who queries (``attn_query_from``): ``"other"`` (default, as released: net i's
-   update uses the partner's queries over its own keys/values) or ``"own"`` (textbook: net i queries the
-   partner's keys/values).
-2. The similarity loss: rotated views are the queries and unrotated views the candidates (as released);
-   ``sim_temperature`` = 1 (released: none). Cosine similarities are computed as normalised dot products (eps
-   1e-8 on each norm) instead of the release's broadcast ``F.cosine_similarity`` over a 3B x D x B tensor: the
-   same values, without the memory.
-3. The stem runs once per step (the release runs the same shared stem twice, which updates its BN running
-   statistics twice per step; the forward values are identical).
-4. Modules the release builds but never uses are not built: the projections into stage 1 and into the last
-   stage (they only feed unused "fused knowledge"), ``net2_2_classifier``, two SE layers and two
-   Linear(1024 -> 512) inside the cross-attention, and the model's ``LN3``/``LN4``. At K = 100 the VGG build
-   therefore has 48,855,868 parameters (plus the fusion module's 587,876) against ``models.md`` §11's
-   67,750,604 (the released model without its fusion module); the difference, 18,894,736, is exactly those
-   modules: 263,168 + 14,686,208 (projections), 2,828,176, 65,536, 1,049,600 and 2,048 (``tests/test_cmff.py``
-   checks the sum).
-5. Init: the plain backbones keep their own init (``cmff_vgg16``: the VGG init of ``models.md`` §7, as the
-   release's loop); the CMFF extras (projections, auxiliary heads, cross-attention) get conv He fan_out, BN 1/0,
-   Linear N(0, ``linear_init_std`` = 0.01) with bias 0 (the VGG release's loop; its ResNet file leaves the heads
-   at PyTorch's default and the attention at N(0, 0.001)). The fusion module is FFL's (``okd.nn.fusion``).
-6. The ResNet variant is an **interpretation** (the released ``cross_resnet`` cannot run, ``methods.md`` §10):
-   the stem is shared (``share_stem``; the release gives each net its own stem: ``share_stem=false``), each net
-   its own ``fc`` (``shared_classifier``), projections between the 3 (or 4) stages, fused knowledge at stage 2
-   (as every released script: the last stage of a CIFAR ResNet, 64x8x8 = 4096 for ResNet-32; the release's
-   ResNet heads are 4096-2048-1024-512-4K and 4096-4096-4096: the ResNet configs set
-   ``rot_hidden=[2048, 1024, 512]``, whose null default D/2, D/4 gives 4096-2048-1024-4K), and the
-   cross-attention and fusion module on the pooled C-d features (64 for ResNet-32) instead of the release's
-   4096-d flattened map (which feeds a fusion module built for 256 channels and fails). ``aux_pool``
-   average-pools the fused knowledge to ``aux_pool`` x ``aux_pool`` first (for large maps, e.g. TinyImageNet's
-   CIFAR-stem ResNet-18).
-7. The auxiliary heads' input width needs the input resolution: ``image_size`` (default: 32, or 64 for the
-   ImageNet ResNet family, i.e. TinyImageNet); a batch of another size fails with a clear error.
-8. The release's loop runs epochs 0..N inclusive (N + 1 epochs); the configs use N (400 or 300).
+**Decisions** where the release is ambiguous (the cross-attention's token layout and who queries, the
+similarity loss, one stem pass per step, unused released modules not built, init, the ResNet variant,
+input size, epoch count), each with the knob that changes it: ``docs/methods.md#cmff`` (CMFF.6).
 """
 
 from __future__ import annotations
@@ -284,7 +250,7 @@ def cmff_losses(
     description="CMFF: two nets (shared stem) with rotation self-supervision, cross-stage knowledge and a "
     "cross-attention fusion classifier teach each other",
     paper="Self-Supervised Learning and Cross-Modal Feature Fusion for Online Knowledge Distillation "
-    "(CMFF README (Coralmss/CMFF); methods.md §10)",
+    "(CMFF README (Coralmss/CMFF); docs/methods.md#cmff)",
 )
 class CMFF(Method):
     Params = CMFFParams

@@ -1,4 +1,4 @@
-"""The CMFF network (``methods.md`` §10; the method is :mod:`okd.methods.cmff`): two registered backbones run
+"""The CMFF network (``docs/methods.md#cmff``; the method is :mod:`okd.methods.cmff`): two registered backbones run
 stage by stage (a shared stem and, optionally, a shared classifier), the cross-stage knowledge projections into
 ``aux_stage``, the two self-supervised auxiliary heads (rotation classifier, similarity projection) and the
 cross-attention between the nets' final features. The fusion module is not part of it: it has its own
@@ -64,7 +64,7 @@ class CMFFNet(nn.Module):
         if model == "vgg16":
             raise ConfigError(
                 "cmff's CrossVGG16 is model.name=cmff_vgg16 (a shared 2-conv stem and 4 stages of 3 convs per net, "
-                "methods.md §10), not the OKDDip/PCL vgg16"
+                "docs/methods.md#cmff), not the OKDDip/PCL vgg16"
             )
         if family not in ("cmff_vgg", "resnet_cifar", "resnet_imagenet"):
             raise ConfigError(f"cmff supports {SUPPORTED}; got model.name={model!r}")

@@ -1,4 +1,4 @@
-"""DML: Deep Mutual Learning (Zhang et al., CVPR 2018), ``methods.md`` §2.
+"""DML: Deep Mutual Learning (Zhang et al., CVPR 2018), ``docs/methods.md#dml``.
 
 ``num_nets`` independent networks; net i minimises
 

@@ -1,4 +1,4 @@
-"""FFL: Feature Fusion Learning (Kim et al., arXiv 1904.09058), as in the official code (``methods.md`` §9).
+"""FFL: Feature Fusion Learning (Kim et al., arXiv 1904.09058), as in the official code (``docs/methods.md#ffl``).
 
 A two-branch network (shared trunk up to stage 2) plus FFSD's fusion module over the branches' final maps,
 concatenated (``okd.nn.fusion.FusionModule``). The fusion input is *not* detached, so the fusion losses

@@ -1,15 +1,15 @@
 """FFSD: Feature Fusion and Self-Distillation (Li et al., arXiv 2103.14473; official code SJLeo/FFSD).
 
-``methods.md`` §1, as the official CIFAR trainer computes it. The cohort: M common students S_0..S_{M-1}, a
+``docs/methods.md#ffsd``, as the official CIFAR trainer computes it. The cohort: M common students S_0..S_{M-1}, a
 leader L (same backbone) with a TransFusion decoder on its deepest tap, a fusion module F over the detached
 deepest student maps, and SD modules G_1..G_{M-1} (none for student 0) and G_L.
 
-Loss dict (every term of §1.4, weights applied, so the sum is the total; e = epoch + 1, λ(e) the 5-epoch
+Loss dict (every term of FFSD.3, weights applied, so the sum is the total; e = epoch + 1, λ(e) the 5-epoch
 warm-up of λ_div, λ_fusion and λ_sd):
 
 - ``student{i}/ce``       CE(z_i, y)
 - ``student{i}/kl``       (1/(M-1)) Σ_{j≠i} KL_T(z_j.detach() -> z_i)                  (T² inside KL_T)
-- ``student{i}/div``      i ≥ 1: λ_div(e) · D(att(T_i^K), att(T_{i-1}^K).detach())      (§1.4.3)
+- ``student{i}/div``      i ≥ 1: λ_div(e) · D(att(T_i^K), att(T_{i-1}^K).detach())      (FFSD.4)
 - ``student{i}/sd_div``   i ≥ 1: λ_div(e) · Σ_j NL2(att(T_i^j), att(G_i(Ψ(T_{i-1}^K.detach()))^j).detach())
 - ``fusion/ce``           CE(z_F, y)
 - ``fusion/kl``           KL_T(z_ens.detach() -> z_F), z_ens the mean of the students' logits
@@ -37,7 +37,7 @@ distils from the students' mean logits z_ens instead of z_F.
 
 Evaluation heads: ``leader`` (deployed), ``student{i}``, ``fusion``, ``students_mean_logits``, ``ensemble`` (mean
 of softmax), plus the oracle ``oracle_any_student_correct``, which is what the official code logs as
-"Ensemble" (§1.8); its "Average" is the mean of the ``student{i}`` accuracies. Epochs: the configs train 299
+"Ensemble" (FFSD.7); its "Average" is the mean of the ``student{i}`` accuracies. Epochs: the configs train 299
 epochs like the official ``range(1, 300)`` loop; ``train.epochs=300`` is the paper's count.
 Not reproduced: the official trainer's one train-mode forward of student 0 on random noise at construction
 (it only nudges that student's BN running statistics once).
@@ -80,7 +80,7 @@ SD_NEEDS = (
 
 @dataclass
 class FFSDParams:
-    """FFSD's knobs; defaults are the official CIFAR values (``methods.md`` §1.7)."""
+    """FFSD's knobs; defaults are the official CIFAR values (``docs/methods.md#ffsd``, FFSD.6)."""
 
     num_students: int = 2  # M common students (the leader is extra)
     temperature: float = 2.0
@@ -173,7 +173,7 @@ def sd_training_terms(outputs: list[Tensor], taps: list[Tensor]) -> tuple[Tensor
     "arXiv 2103.14473 (code: SJLeo/FFSD)",
 )
 class FFSD(Method):
-    """FFSD's cohort (``methods.md`` §1). ``deployable()`` is the leader backbone without its decoder."""
+    """FFSD's cohort (``docs/methods.md#ffsd``). ``deployable()`` is the leader backbone without its decoder."""
 
     Params = FFSDParams
     deploy_head = "leader"

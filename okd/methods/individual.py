@@ -1,6 +1,7 @@
 """Individual branches: the ONE/CL multi-branch network trained with the sum of the branches' CEs only.
 
-The OKDDip repo's ``train_one.py --ind`` baseline (``methods.md`` §4): no distillation, no gradient rescaling.
+The OKDDip repo's ``train_one.py --ind`` baseline (``docs/methods.md#individual``): no distillation, no gradient
+rescaling.
 """
 
 from __future__ import annotations

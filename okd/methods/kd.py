@@ -1,12 +1,12 @@
-"""Classic KD (Hinton et al., 2015), ``methods.md`` §6: a frozen, pre-trained teacher in eval mode.
+"""Classic KD (Hinton et al., 2015), ``docs/methods.md#kd``: a frozen, pre-trained teacher in eval mode.
 
     form='hinton' (default):  L = (1 - alpha) * CE(z_s, y) + alpha * KL_T(z_t -> z_s)      alpha = 0.9
     form='okddip' (the repo): L = CE(z_s, y) + alpha * KL_T(z_t -> z_s)                    alpha = 1
 
 KL_T includes T^2; T = 3 (the repo's default). The repo also adds 1e-7 to the teacher's probabilities inside
 KL_T: its full form is ``form=okddip target_eps=1e-7`` (``target_eps`` defaults to 0, the Hinton form).
-``alpha: null`` picks the form's default above (0.9 for the Hinton form is this library's choice; the spec
-leaves it open). The teacher is ``create_model(teacher_model)``
+``alpha: null`` picks the form's default above (0.9 for the Hinton form is this library's choice; the
+sources leave it open). The teacher is ``create_model(teacher_model)``
 loaded from ``teacher_checkpoint``: an okd ``deploy.pt`` or a plain state_dict file (optionally under a
 ``state_dict``/``model``/``net`` key, ``module.`` prefixes stripped) or an ``okd export --format
 safetensors`` file, read with ``weights_only=True`` (a pickled object is refused, never run). Its outputs are

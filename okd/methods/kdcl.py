@@ -1,4 +1,4 @@
-"""KDCL: Knowledge Distillation via Collaborative Learning (Guo et al., CVPR 2020), ``methods.md`` §8.
+"""KDCL: Knowledge Distillation via Collaborative Learning (Guo et al., CVPR 2020), ``docs/methods.md#kdcl``.
 
 m students, architectures may differ (``models``; empty: m copies of ``model.name``). **Each student sees its
 own augmented view** of the batch (``views`` = m). A soft target z_t is built from the students' logits by an
@@ -9,10 +9,9 @@ ensembling rule and every student learns from it, detached:
 (the shaoeric re-implementation's form and defaults; the paper's lambda and T are unverified). Rules
 (the paper's four; their exact formulas are unverified, so each choice below is documented here):
 
-- ``naive``: z_t = mean_i z_i (the paper's rule as the spec states it, and what the re-implementation's code
-  computes at the commit the spec names). ``naive_target=sum`` sums the logits instead (a sharper target, m
-  times the mean), as only an older revision of the re-implementation did; it does not reproduce the spec's
-  commit.
+- ``naive``: z_t = mean_i z_i (the paper's rule, and what the re-implementation's code computes at the
+  commit okd follows). ``naive_target=sum`` sums the logits instead (a sharper target, m times the mean), as
+  only an older revision of the re-implementation did; it does not reproduce that commit.
 - ``linear``: z_t = sum_i w_i z_i with w on the probability simplex (w >= 0, sum w = 1) minimising
   CE(sum_i w_i z_i, y) on the batch (T = 1). The simplex keeps the problem bounded (unconstrained weights
   can drive the CE to 0 by scaling). Solver (:func:`fit_linear_weights`): the problem is convex; float64,

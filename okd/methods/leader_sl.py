@@ -1,6 +1,6 @@
 """FFSD's leader-student strategy added to DML or ONE: "DML+SL" and "ONE+SL" (FFSD paper, Table V).
 
-No code exists for these variants (``methods.md`` §1.9, §13.4); this is the spec's "likely reading", built
+No code exists for these variants (``docs/methods.md#dml_sl-one_sl``); this is the likeliest reading, built
 from FFSD's own pieces with FFSD's settings. **Interpreted:**
 
 - The peers (DML's networks, or ONE's branches with its gate) train exactly as in plain DML / ONE.

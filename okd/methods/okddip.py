@@ -1,4 +1,4 @@
-"""OKDDip: Online Knowledge Distillation with Diverse Peers (Chen et al., AAAI 2020), ``methods.md`` §5.
+"""OKDDip: Online Knowledge Distillation with Diverse Peers (Chen et al., AAAI 2020), ``docs/methods.md#okddip``.
 
 A multi-branch network with ``num_branches`` = m + 1 branches: m auxiliary peers and, last, the group leader
 (the deployed model). Peer attention with projections shared by all peers (Linear d -> d/8, no bias):

@@ -1,4 +1,4 @@
-"""ONE: On-the-fly Native Ensemble (Lan et al., NeurIPS 2018), as in the OKDDip repo (``methods.md`` §3).
+"""ONE: On-the-fly Native Ensemble (Lan et al., NeurIPS 2018), as in the OKDDip repo (``docs/methods.md#one``).
 
 A multi-branch network (shared trunk, ``num_branches`` branches) and a gate over the trunk output:
 g = softmax(ReLU(BN1d(Linear(GAP(h))))), B x m. The teacher logit is z_e = sum_i g_i z_i, and

@@ -1,6 +1,6 @@
-"""PCL: Peer Collaborative Learning (Wu & Gong, AAAI 2021), as in shaoeric's reproduction (``methods.md`` §7).
+"""PCL: Peer Collaborative Learning (Wu & Gong, AAAI 2021), as in shaoeric's reproduction (``docs/methods.md#pcl``).
 
-A multi-branch network (split of §3, ``num_branches`` = 3 peers). **Each branch gets its own augmented view**
+A multi-branch network (branch split, ``num_branches`` = 3 peers). **Each branch gets its own augmented view**
 (``views`` = 3): the trunk runs once per view, branch i on view i. The **peer ensemble teacher** is a Linear
 (m·d -> K) on the concatenated pooled branch features (not detached: its CE trains the branches and the
 trunk). The **peer mean teacher** is an EMA copy of the whole network (branches, trunk and ensemble Linear):
@@ -12,7 +12,7 @@ no-grad, so its BN layers use batch statistics and keep their own running buffer
     L = CE(z_pe) + sum_i [ CE(z_i) + w(e) KL_T(z_pe.detach() -> z_i) + w(e) 1/(m-1) sum_{j != i} KL_T(zt_j -> z_i) ]
 
 zt_j = the EMA branch j on view j. w(e) = kl_weight * exp(-5 (1 - e/80)^2) (0-based epoch, 1 from epoch 80);
-``rampup_divides_by_lambda_bug=true`` reproduces the reproduction's ramp-up instead (§7: it divides the
+``rampup_divides_by_lambda_bug=true`` reproduces the reproduction's ramp-up instead (it divides the
 clipped epoch by lambda = 1 instead of by 80, so w = e^-5, 1, e^-5, ~0 ... ~0 for epochs 0, 1, 2, 3..80 and 1
 from 81 on; its README numbers were produced with it).
 
@@ -20,11 +20,12 @@ Heads: ``branch<i>``, ``peer_ensemble`` (z_pe), ``mean_logits``/``ensemble`` of 
 and ``ema_mean_logits``/``ema_ensemble``. ``deploy.pt`` holds the mean-teacher trunk plus mean-teacher branch
 ``deploy_branch`` (the PCL paper: branch 1, index 0). The reproduction instead reports the best of the three
 EMA branches on the test split each epoch (optimistic): :meth:`PCL.derived_metrics` gives it as
-``ema_best_of_<m>``, and ``deploy_best_of_branches=true`` deploys and selects on it once the trainer calls
-that hook (rejected until then).
+``ema_best_of_<m>``, and ``deploy_best_of_branches=true`` deploys and selects ``best.pt`` on it (the trainer
+calls that hook after every evaluation).
 
 Known difference: the reproduction's DenseNet-BC branches have no final BN (dense block -> ReLU -> pool -> fc,
-``models.md`` §6); :class:`~okd.models.multibranch.MultiBranchNet` keeps it (2 x 132 more parameters per branch).
+``docs/models.md#densenets``); :class:`~okd.models.multibranch.MultiBranchNet` keeps it (2 x 132 more parameters
+per branch).
 """
 
 from __future__ import annotations

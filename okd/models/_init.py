@@ -1,4 +1,4 @@
-"""Weight initialisers shared by the backbone families (``models.md``)."""
+"""Weight initialisers shared by the backbone families (``docs/models.md``)."""
 
 from __future__ import annotations
 

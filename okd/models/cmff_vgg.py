@@ -1,4 +1,4 @@
-"""CrossVGG16 for CMFF (``methods.md`` §10): one of CMFF's two VGG networks as a standalone backbone.
+"""CrossVGG16 for CMFF (``docs/methods.md#cmff``): one of CMFF's two VGG networks as a standalone backbone.
 
 A shared-style stem of two conv3x3-BN-ReLU layers (64 channels) and a max-pool, then 4 stages of 3 conv3x3-BN-ReLU
 layers + max-pool (128, 256, 512, 512; 14 convs in all, one more than VGG-16 in stage 1) and the 512-512-K
@@ -17,11 +17,11 @@ CMFF_VGG_PLAN = ((128, 128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 5
 
 
 class CMFFVGG16(nn.Module):
-    """One network of CMFF's CrossVGG16 as a plain backbone (``methods.md`` §10).
+    """One network of CMFF's CrossVGG16 as a plain backbone (``docs/methods.md#cmff``).
 
     ``stem``: conv3x3(3->64, bias)-BN-ReLU-conv3x3(64->64)-BN-ReLU-maxpool (64x16x16); ``stages``: 4 x [3 x
     conv3x3(bias)-BN-ReLU, maxpool] with 128/256/512/512 channels (-> 512x1x1); ``classifier``: Linear 512-512-K
-    (ReLU, Dropout(p) after the first two). Init as the release (= ``models.md`` §7): conv kaiming fan_out with
+    (ReLU, Dropout(p) after the first two). Init as the release (= ``vgg16``'s): conv kaiming fan_out with
     bias 0, BN 1/0, Linear N(0, 0.01) with bias 0. Taps: outputs of stages 2, 3, 4 (256x4x4, 512x2x2, 512x1x1).
     """
 

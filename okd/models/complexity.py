@@ -1,4 +1,4 @@
-"""Parameter and multiply-accumulate (MAC) counts, as ``models.md`` defines them.
+"""Parameter and multiply-accumulate (MAC) counts (``docs/models.md#counting-parameters-and-macs``).
 
 MACs count Conv2d, ConvTranspose2d and Linear only, one multiply-add per weight use:
 - Conv2d: output elements x (C_in / groups) x kh x kw;

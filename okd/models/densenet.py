@@ -1,4 +1,4 @@
-"""CIFAR DenseNets (``models.md`` §5-§6).
+"""CIFAR DenseNets (``docs/models.md#densenets``).
 
 - ``densenet40_12``: FFSD's non-BC DenseNet-40-12 (no bottleneck, no compression, 456 final channels).
   Taps (FFSD): output of dense block 1 (before transition 1), of dense block 2, and the final BN->ReLU.

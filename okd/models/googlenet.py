@@ -1,4 +1,4 @@
-"""CIFAR GoogLeNet (kuangliu-style Inception-v1 for 32x32) as in FFSD (``models.md`` §8): ``googlenet``.
+"""CIFAR GoogLeNet (kuangliu-style Inception-v1 for 32x32) as in FFSD (``docs/models.md#googlenet``): ``googlenet``.
 
 The "5x5" path is 1x1 -> 3x3 -> 3x3. All convs have bias. Taps (FFSD): outputs of inception b3
 (480x32x32), e4 (832x16x16) and b5 (1024x8x8).

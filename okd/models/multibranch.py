@@ -1,14 +1,15 @@
 """Multi-branch networks: a shared trunk and m branches, built from the registered backbones.
 
-The split points follow ``methods.md`` §3 (ONE, CL-ILR, OKDDip, FFL); no model code is copied: the trunk is
-taken from instance 0 of ``create_model(backbone)`` and branch i from instance i.
+The split points are those of the ONE, CL-ILR, OKDDip and FFL code
+(``docs/models.md#branch-methods-trunk-and-branches``); no model code is copied: the trunk is taken from
+instance 0 of ``create_model(backbone)`` and branch i from instance i.
 
 | family | trunk | each branch (own weights) |
 |---|---|---|
 | CIFAR ResNets (basic, ``resnet110_bottleneck``, ``wrn20_8``) | conv1, bn1, relu, layer1, layer2 | layer3, fc |
 | DenseNet (``densenet40_12_bc``; also non-BC) | conv1, dense1, trans1, dense2, trans2 | dense3, final bn + ReLU, fc |
 | VGG-16 | conv layers 1-10 (``trunk_features``, 512x2x2) | conv layers 11-13 + pool, 3-layer classifier |
-| WRN-16-2 / WRN-40-2 (not in the spec; by analogy) | conv1, layer1, layer2 | layer3, final bn + ReLU, fc |
+| WRN-16-2 / WRN-40-2 (no reference split; by analogy) | conv1, layer1, layer2 | layer3, final bn + ReLU, fc |
 
 Every branch ends with global average pooling of its final map and its classifier. ``share_branch_block``
 reproduces the OKDDip repo's DenseNet bug (all branches hold the same dense-block object, only the final BN
@@ -121,7 +122,7 @@ class BranchOutputs:
 
 
 class MultiBranchNet(nn.Module):
-    """A shared trunk and ``num_branches`` branches of ``backbone_name`` (split of ``methods.md`` §3)."""
+    """A shared trunk and ``num_branches`` branches of ``backbone_name`` (the split table above)."""
 
     def __init__(
         self,

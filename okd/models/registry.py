@@ -3,7 +3,7 @@
 Every registered backbone is an ``nn.Module`` with
   - ``forward(x) -> logits``;
   - ``forward_taps(x) -> (logits, taps)``: ``taps`` is the list of tapped feature maps, shallow to deep,
-    exactly those of ``methods.md`` §1.1 (the deepest tap is the map that feeds global pooling);
+    those ``docs/models.md`` lists per backbone (the deepest tap is the map that feeds global pooling);
   - attributes ``num_classes``, ``feature_dim`` (classifier input width) and ``tap_channels``.
 Taps are returned explicitly (no forward hooks), so no state leaks between calls.
 """

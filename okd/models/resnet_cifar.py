@@ -1,4 +1,4 @@
-"""CIFAR ResNets (``models.md`` §1-§3).
+"""CIFAR ResNets (``docs/models.md#cifar-resnets``).
 
 - ``resnet20/32/56/110``: 6n+2 basic-block ResNets with the 1x1-conv+BN projection ("option B") in the
   first block of stages 2 and 3. Taps (FFSD): post-ReLU outputs of ``layer1``, ``layer2``, ``layer3``.

@@ -1,11 +1,11 @@
-"""ImageNet ResNet-18/34 (``models.md`` §9) and their TinyImageNet variants (§10).
+"""ImageNet ResNet-18/34 and their TinyImageNet variants (``docs/models.md#imagenet-and-tinyimagenet-resnets``).
 
 - ``resnet18`` / ``resnet34``: the torchvision layout (stem conv7x7/2 + BN + ReLU + max-pool 3/2, BasicBlock
   stages of 64/128/256/512 channels with [2,2,2,2] / [3,4,6,3] blocks, 1x1-conv+BN projections, global
   average pool, Linear 512 -> K). State-dict keys match torchvision's. At 64x64 (TinyImageNet) these are the
-  "ImageNet stem" variants of §10 (last map 512x2x2).
+  "ImageNet stem" variants (last map 512x2x2).
 - ``resnet18_cifar_stem`` / ``resnet34_cifar_stem``: the same stages behind a CIFAR stem (conv3x3/1 + BN +
-  ReLU, no max-pool), the other TinyImageNet choice of §10 (last map 512x8x8 at 64x64). CMFF's released code
+  ReLU, no max-pool), the other TinyImageNet choice (last map 512x8x8 at 64x64). CMFF's released code
   does not define its TinyImageNet ResNets, so neither variant is "the" CMFF one.
 
 Init (torchvision's): convs kaiming-normal (fan_out, relu), BN 1/0, Linear at the PyTorch default, no

@@ -1,6 +1,6 @@
-"""CIFAR VGG-16-BN as in OKDDip/PCL (``models.md`` §7): ``vgg16``.
+"""CIFAR VGG-16-BN as in OKDDip/PCL (``docs/models.md#vgg-16``): ``vgg16``.
 
-Layout for the multi-branch split (``methods.md`` §3):
+Layout for the multi-branch split (``docs/models.md#branch-methods-trunk-and-branches``):
 - ``trunk_features``: conv layers 1-10 with 4 max-pools (64,64,M,128,128,M,256x3,M,512x3,M) -> 512x2x2;
 - ``branch_features``: conv layers 11-13 + max-pool -> 512x1x1;
 - ``classifier``: Linear 512-512-K with ReLU and Dropout(p) after the first two.

@@ -1,4 +1,5 @@
-"""Zagoruyko-Komodakis pre-activation Wide ResNets as in FFSD (``models.md`` §4): ``wrn16_2``, ``wrn40_2``.
+"""Zagoruyko-Komodakis pre-activation Wide ResNets as in FFSD (``docs/models.md#wide-resnets``): ``wrn16_2``,
+``wrn40_2``.
 
 Conv biases on; the stride sits on the *second* conv of a block; the final BN uses momentum 0.9 (a porting
 quirk of the reference code, kept because the published numbers come from it). Taps (FFSD): the raw

@@ -1,4 +1,4 @@
-"""CMFF's two-way cross-attention block over two networks' feature vectors (``methods.md`` §10).
+"""CMFF's two-way cross-attention block over two networks' feature vectors (``docs/methods.md#cmff``).
 
 :class:`CrossAttentionFusion` takes one d-dimensional feature per network, x_1 and x_2 (B x d each), and
 returns one updated feature per network. For network i (and its partner j = 1 - i):

@@ -1,4 +1,4 @@
-"""FFSD's attention-diversity target, loss D and feature-space target Ψ (``methods.md`` §1.4.3).
+"""FFSD's attention-diversity target, loss D and feature-space target Ψ (``docs/methods.md#ffsd``, FFSD.4).
 
 This reproduces the official arithmetic exactly, quirks included (do not "fix" them):
 - the threshold τ is the k-th smallest *normalised* attention value, k = floor(N/3), N = H·W;

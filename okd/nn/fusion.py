@@ -1,4 +1,4 @@
-"""Feature-fusion blocks (``methods.md`` §1.2, reused by FFL §9).
+"""Feature-fusion blocks (FFSD: ``docs/methods.md#ffsd``, FFSD.2; reused by FFL, ``docs/methods.md#ffl``).
 
 - :class:`FusionModule` F: depthwise 3x3 + BN + ReLU over the M·C concatenated maps, 1x1 M·C -> C + BN + ReLU
   (the fused map Φ), global average pool, Linear(C -> K). Returns ``(logits, Φ)``.

@@ -1,4 +1,4 @@
-"""Loss building blocks shared by every method (``methods.md`` §0).
+"""Loss building blocks shared by every method (``docs/methods.md#notation-and-shared-blocks``).
 
 No function here detaches anything implicitly: ``kl_div_t`` takes an explicit ``detach_target``.
 """

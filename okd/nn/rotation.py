@@ -1,5 +1,5 @@
 """Rotation self-supervision: the 4x rotated batch, its joint labels and the similarity CE over its views
-(CMFF, ``methods.md`` §10; :mod:`okd.methods.cmff`)."""
+(CMFF, ``docs/methods.md#cmff``; :mod:`okd.methods.cmff`)."""
 
 from __future__ import annotations
 

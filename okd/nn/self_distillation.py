@@ -1,4 +1,4 @@
-"""FFSD's self-distillation (SD) module G (``methods.md`` §1.2).
+"""FFSD's self-distillation (SD) module G (``docs/methods.md#ffsd``, FFSD.2).
 
 G is a stack of K-1 up-sampling blocks, ConvTranspose2d(k3, s2, p1, op1, no bias) -> BN -> ReLU, each doubling
 the spatial size. Its channel list runs deep -> shallow, ``[C_K, C_{K-1}, ..., C_1]``; its outputs are

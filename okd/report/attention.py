@@ -1,7 +1,8 @@
 """``okd attention``: attention maps of every network of a run on test images (FFSD paper Figs. 2 and 7),
 and the cosine similarity between the students' attention maps (as the paper's Table IV compares).
 
-att(F) = channel mean of F² on the deepest tap (the map that feeds global pooling; ``methods.md`` §0),
+att(F) = channel mean of F² on the deepest tap (the map that feeds global pooling; see
+``docs/methods.md#notation-and-shared-blocks``),
 upsampled bilinearly to the image size for display. Works for any method whose networks expose
 ``forward_taps``: FFSD's students and leader, DML's nets, KD's student and teacher, each branch of a
 multi-branch method, or the single net of the baseline.

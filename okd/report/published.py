@@ -1,7 +1,7 @@
 """The published accuracy figures of the reference documents, shipped as data (``published.csv``).
 
-One row per printed number, transcribed from ``reported-results.md`` (its row number is ``spec_row``; cells
-holding several numbers, e.g. the three FFSD README runs, became one row each). Columns:
+One row per printed number, transcribed from those documents (``spec_row`` numbers the rows of that
+transcription; cells holding several numbers, e.g. the three FFSD README runs, became one row each). Columns:
 
 - ``source``, ``table``, ``dataset``, ``method``, ``backbone``, ``metric``, ``value``, ``std``, ``note``: as printed
   (``value``/``std`` are strings, so trailing zeros survive; ``std`` is empty where none is printed);
@@ -13,7 +13,7 @@ holding several numbers, e.g. the three FFSD README runs, became one row each). 
 - ``head``: the okd eval head the number corresponds to: a head name, ``@deploy`` (the run's deployed head),
   or ``avg(<prefix>*)`` (the per-epoch mean top-1 of the heads ``<prefix>0``, ``<prefix>1``, ...).
 
-Every repository reports the best test epoch; see ``reported-results.md`` for the caveats (same names for
+Every repository reports the best test epoch; see ``docs/methods.md#published-figures`` for the caveats (same names for
 different networks, the FFSD "Ens" oracle, CMFF's misaligned table).
 """
 
@@ -55,7 +55,7 @@ VARIANT_KEYS: dict[str, tuple[str, ...]] = {
     "kdcl": ("models",),  # the published KDCL rows are homogeneous cohorts
 }
 
-#: preferred source when several rows match (lower first), then the spec's order
+#: preferred source when several rows match (lower first), then the transcription's order (``spec_row``)
 SOURCE_RANK = {"FFSD paper": 0, "FFSD README": 1, "PCL reproduction README": 2, "CMFF README": 3}
 
 

@@ -20,7 +20,8 @@ Preset layouts (nothing has to be moved):
   (``file<TAB>wnid<TAB>box...``). A ``val/`` already sorted into ``val/<wnid>/`` folders is accepted too.
 Class indices follow the sorted class (wnid) names, as torchvision's ``ImageFolder`` on ``train/``.
 
-Transforms (``methods.md`` §1.7, §10), all with Pillow bilinear resampling as torchvision's PIL path:
+Transforms (the FFSD ImageNet and CMFF TinyImageNet recipes, ``docs/methods.md``), all with Pillow bilinear
+resampling as torchvision's PIL path:
 - ImageNet train: RandomResizedCrop 224 (scale 0.08-1, ratio 3/4-4/3, torchvision's sampling) -> flip.
   Test: Resize 256 (shorter side) -> CenterCrop 224.
 - TinyImageNet (CMFF): train Resize 64 (shorter side) -> RandomCrop 64 with ``data.pad`` (4) padding of

@@ -93,7 +93,7 @@ class Preset:
     train_crop: str  # random_resized | pad_crop
 
 
-#: ImageNet (methods.md §10): RandomResizedCrop 224 + flip; test Resize 256, CenterCrop 224.
+#: ImageNet (FFSD's recipe, docs/methods.md#ffsd): RandomResizedCrop 224 + flip; test Resize 256, CenterCrop 224.
 #: TinyImageNet (CMFF): Resize 64, RandomCrop 64 with data.pad of data.padding_mode, flip; test 64/64.
 PRESETS: dict[str, Preset] = {
     "imagenet": Preset(scan_imagenet, 224, 256, "random_resized"),
