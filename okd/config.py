@@ -217,6 +217,8 @@ def validate_run(run: RunConfig) -> None:
         raise ConfigError("train.max_steps_per_epoch must be positive or null")
     if run.data.holdout < 0:
         raise ConfigError(f"data.holdout must be >= 0, got {run.data.holdout}")
+    if run.data.workers < 0:
+        raise ConfigError(f"data.workers must be >= 0 (0: load in the main process), got {run.data.workers}")
     if run.data.pad < 0:
         raise ConfigError(f"data.pad must be >= 0, got {run.data.pad}")
     for key in ("mean", "std"):

@@ -80,6 +80,7 @@ def test_every_shipped_config_validates():
         ("optim.milestones=[0,5]", "optim.milestones are epochs"),
         ("optim.warmup_epochs=-1", "optim.warmup_epochs must be >= 0"),
         ("data.pad=-2", "data.pad must be >= 0"),
+        ("data.workers=-1", "data.workers must be >= 0"),
         ("data.std=[0.2,0,0.2]", "data.std must be positive"),
         ("data.mean=[0.5,nan,0.5]", "data.mean=.* is not a finite number"),
     ],
