@@ -58,7 +58,6 @@ def _split_config_and_overrides(items: list[str]) -> tuple[str | None, list[str]
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-
     config_path, overrides = _split_config_and_overrides(args.items)
     if args.resume:
         cfg = load_config(config_path, overrides) if config_path else config_from_run(args.resume, overrides)
@@ -76,7 +75,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_test(args: argparse.Namespace) -> int:
-
     started = time.perf_counter()
     warn_threads_once()
     metrics, info = score_checkpoint(args.path, which=args.checkpoint, overrides=args.overrides)
@@ -102,19 +100,16 @@ def cmd_test(args: argparse.Namespace) -> int:
 
 
 def cmd_configs(args: argparse.Namespace) -> int:
-
     print("\n".join(packaged_configs()))
     return 0
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-
     print(load_config(args.name, args.overrides).to_yaml(), end="")
     return 0
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-
     warn_threads_once()
 
     print(f"{'model':<22} {'params (K=' + str(args.num_classes) + ')':>16} {'MACs per image':>16}  input")
@@ -127,7 +122,6 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-
     for name in METHODS.names():
         info = METHODS.info(name)
         print(f"{name:<12} {info['description']}  [{info['paper']}]")
@@ -136,7 +130,6 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 def version() -> str:
     """The installed distribution's version, else the source tree's ``okd.__version__``."""
-
     try:
         return importlib.metadata.version("okd")
     except importlib.metadata.PackageNotFoundError:

@@ -494,3 +494,20 @@ def test_a_stop_during_start_up_says_what_the_folder_holds(reference, cifar10_ro
     with _Log() as log:
         assert main(["train", "--resume", str(RUN), "train.epochs=3"]) == 130
     assert "stopped after epoch 2 (committed in last.pt)" in log.text and "--resume" in log.text
+
+
+def test_a_kd_teacher_deploy_that_lags_its_run_is_refused(reference, cifar10_root, tmp_path, monkeypatch, capsys):
+    """KD's teacher given as a run's deploy.pt is read as that run commits it: a deploy.pt a stop left one epoch
+    behind last.pt is refused before any data is read, naming the fix; in line, it trains."""
+    monkeypatch.chdir(tmp_path)
+    teacher = tmp_path / "teacher"
+    shutil.copytree(reference, teacher)
+    kd = ["method.name=kd", "method.teacher_model=resnet20", f"method.teacher_checkpoint={teacher / 'deploy.pt'}"]
+    stale = load_checkpoint(teacher / "deploy.pt")
+    torch.save({**stale, "epoch": 1}, teacher / "deploy.pt")
+    assert main([*args(cifar10_root, epochs=1), *kd]) == 2
+    err = one_line(capsys.readouterr().err)
+    assert "does not hold the epoch its run commits" in err and f"okd train --resume {teacher}" in err, err
+    assert not RUN.exists()
+    torch.save(stale, teacher / "deploy.pt")
+    assert main([*args(cifar10_root, epochs=1), *kd]) == 0

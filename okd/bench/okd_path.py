@@ -18,7 +18,6 @@ from okd.methods.build import build_method
 
 def start_okd(cfg: Config, split: Split, device: torch.device, warmup: int, name: str = "okd") -> LivePath:
     """Build the okd path (named ``name``) and run its warm-up (compile included) while tracking its peak memory."""
-
     t = cfg.run.train
     mem = PeakMemory(device)
     mem.start()
@@ -51,7 +50,6 @@ def start_okd(cfg: Config, split: Split, device: torch.device, warmup: int, name
 
 def build_optimizers(method: nn.Module, cfg: Config) -> tuple[list[str], list[torch.optim.Optimizer]]:
     """The group names and optimizers ``okd.engine.builder.build_optimization`` makes (schedules unused)."""
-
     built = build_optimization(method, cfg)
     if isinstance(built, tuple):  # (names, optimizers, schedulers)
         return list(built[0]), list(built[1])

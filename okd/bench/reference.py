@@ -88,7 +88,6 @@ class ReferenceStep:
 
 def start_reference(cfg: Config, split: Split, device: torch.device, warmup: int, workers: int) -> LivePath:
     """Build the reference path and run its warm-up while tracking its peak memory."""
-
     mem = PeakMemory(device)
     mem.start()
     seed_everything(cfg.run.seed)

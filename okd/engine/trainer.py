@@ -136,6 +136,7 @@ def _check_start(cfg: Config, store: RunStore, resume: bool, dist: DistContext) 
             )
         if store.writer:
             store.refuse_orphaned_results()
+        _check_teacher_file(cfg)
         return None
     ckpt = Run(run_dir).last  # checked: an okd run checkpoint of this folder
     if _identity(ckpt["config"]) != _identity(cfg.to_dict()):
@@ -153,6 +154,28 @@ def _check_start(cfg: Config, store: RunStore, resume: bool, dist: DistContext) 
             "train.allow_world_size_change=true to accept a run that is no longer bitwise reproducible."
         )
     return ckpt
+
+
+def _check_teacher_file(cfg: Config) -> None:
+    """A teacher given as a run's deploy.pt (KD's ``method.teacher_checkpoint``) is read as its run commits it:
+    a deploy.pt that a stop left out of line with the teacher run's last.pt is refused with the reason."""
+    given = getattr(cfg.method_params, "teacher_checkpoint", None)
+    if not given:
+        return
+    path = Path(given).expanduser()
+    if path.is_dir():
+        raise ConfigError(
+            f"method.teacher_checkpoint={given} is a folder; give the teacher run's deploy.pt ({path / 'deploy.pt'})"
+        )
+    if path.name != "deploy.pt" or not (path.parent / "last.pt").exists():
+        return  # a file of its own (an export, a state_dict): read as it is
+    _, source = Run(path.parent).deploy_record()
+    if source != str(path):
+        raise CheckpointError(
+            f"method.teacher_checkpoint={given} does not hold the epoch its run commits in last.pt (the teacher run "
+            f"was stopped in mid-save); resume the teacher run once (`okd train --resume {path.parent}`) to put it "
+            "back in line, or export its network (`okd export RUN --format safetensors`) and give that file"
+        )
 
 
 def _train(cfg: Config, run_dir: Path, resume: bool, dist: DistContext, store: RunStore) -> Path:

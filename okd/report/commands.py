@@ -20,7 +20,6 @@ from okd.report.tables import report
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-
     print(report(args.run_dirs, markdown=args.markdown, csv_path=args.csv))
     for label, path in (("Markdown", args.markdown), ("CSV", args.csv)):
         if path:
@@ -46,7 +45,6 @@ CLUSTER_OPTIONS = ("partition", "time", "gpus_per_node", "cpus_per_task", "array
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-
     seeds, extra = _split_seeds(args.seeds)
     configs = [args.config, *(i for i in args.overrides if "=" not in i)]  # okd sweep A B ... key=value
     overrides = [*(i for i in args.overrides if "=" in i), *extra]
@@ -67,7 +65,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _launch(args: argparse.Namespace, configs: list[str], seeds: list[int], overrides: list[str]) -> int:
-
     require("submitit", "slurm")
 
     values = {k: getattr(args, k) for k in CLUSTER_OPTIONS}
@@ -83,13 +80,11 @@ def _launch(args: argparse.Namespace, configs: list[str], seeds: list[int], over
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-
     print(f"wrote {plot_curves(args.run_dir, args.out)}")
     return 0
 
 
 def cmd_attention(args: argparse.Namespace) -> int:
-
     res = draw_attention(
         args.run_dir,
         args.out,
@@ -107,7 +102,6 @@ def cmd_attention(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-
     res = export(args.run_dir, args.format, args.out, which=args.checkpoint, overrides=args.overrides)
     print(f"wrote {res.path} ({res.format})")
     if res.max_abs_diff is None:
@@ -123,7 +117,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-
     pred = load_predictor(args.model)
     print("\n".join(pred.describe()))
     results = predict_with(pred, args.images, top=args.top)

@@ -78,7 +78,6 @@ class TrainJob(Checkpointable):
         self.config, self.overrides, self.run_dir = str(config), list(overrides), str(run_dir)
 
     def __call__(self) -> str:
-
         run_dir = Path(self.run_dir)
         resume = (run_dir / "last.pt").exists()
         print(f"okd sweep job: {self.config} -> {run_dir}{' (resuming)' if resume else ''}", flush=True)

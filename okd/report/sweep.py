@@ -76,7 +76,6 @@ def sweep_commands(configs: str | Path | list[str | Path], seeds: list[int], ove
 
 def run_sweep(configs: str | Path | list[str | Path], seeds: list[int], overrides: list[str] = ()) -> list[Path]:
     """Train every config and seed in turn (resuming folders that already hold a run); returns the run folders."""
-
     done = []
     for _, seed, _, cfg in sweep_plan(configs, seeds, overrides):
         run_dir = run_dir_for(cfg)
