@@ -197,10 +197,10 @@ def check_belongs_to_folder(run_dir: Path, ckpt: dict) -> None:
             if diff:
                 raise CheckpointError(f"{where}: {'; '.join(diff)}")
     classes = _class_counts(run_dir, ckpt)
-    deployed = classes.pop("deploy.pt", None)
-    if len(set(classes.values())) > 1:
+    others = {k: v for k, v in classes.items() if k != "deploy.pt"}
+    if len(set(others.values())) > 1 or (len(others) == 1 and len(set(classes.values())) > 1 and "last.pt" in others):
         raise CheckpointError(f"{where}: class counts differ ({', '.join(f'{k}: {v}' for k, v in classes.items())})")
-    expected = next(iter(classes.values()), None)
+    deployed, expected = classes.get("deploy.pt"), next(iter(others.values()), None)
     if deployed is not None and expected is not None and deployed != expected:
         source = next((f"the run's data set ({k})" for k in classes if k != "last.pt"), "the run's last.pt")
         raise CheckpointError(
