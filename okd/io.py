@@ -99,9 +99,13 @@ def first_line(exc: BaseException, limit: int = 200) -> str:
     return lines[0][:limit] if lines else ""
 
 
-def load_checkpoint(path: str | Path, map_location: Any = "cpu", what: str = "checkpoint", hint: str = "") -> dict:
+def load_checkpoint(
+    path: str | Path, map_location: Any = "cpu", what: str = "checkpoint", hint: str = "", mmap: bool = False
+) -> dict:
     """Load a ``torch.save`` file okd reads (last.pt, best.pt, deploy.pt, a teacher) as a dict of tensors and
-    plain values, with ``weights_only=True``: a pickled object (code) is refused, never run.
+    plain values, with ``weights_only=True``: a pickled object (code) is refused, never run. ``mmap``: map the
+    tensors' storage instead of reading it (a reader that needs a record's epoch or history, not its weights,
+    then reads a few kilobytes of a large file).
 
     Raises :class:`CheckpointError` naming ``what`` for a missing, truncated, foreign or refused file; ``hint``
     (what to give instead) ends the message of an unreadable file.
@@ -115,7 +119,7 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu", what: str = "ch
     if path.stat().st_size == 0:
         raise CheckpointError(f"{what} {str(path)!r} is empty (0 bytes): its write never completed. {hint}")
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
+        obj = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as exc:
         refused = _weights_only_refusal(exc)
         if refused is not None:

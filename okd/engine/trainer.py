@@ -138,7 +138,7 @@ def _check_start(cfg: Config, store: RunStore, resume: bool, dist: DistContext) 
             store.refuse_orphaned_results()
         _check_teacher_file(cfg)
         return None
-    ckpt = Run(run_dir).last  # checked: an okd run checkpoint of this folder
+    ckpt = Run(run_dir, mmap=False).last  # checked: an okd run checkpoint of this folder
     if _identity(ckpt["config"]) != _identity(cfg.to_dict()):
         saved, asked = "/".join(_identity(ckpt["config"])), "/".join(_identity(cfg.to_dict()))
         raise CheckpointError(

@@ -87,8 +87,11 @@ def read_run_config(run_dir: str | Path) -> dict:
 class Run:
     """One run folder, read as its last.pt commits it (see the module docstring). Never writes."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, mmap: bool = True) -> None:
+        """``mmap``: map last.pt's tensors rather than read them (readers; a resume, which trains on them for
+        hours, reads them into memory)."""
         self.dir = run_folder_of(path)
+        self._mmap = mmap
         where = str(self.dir)
         if not self.dir.exists():
             raise CheckpointError(f"run folder {where!r} does not exist")
@@ -120,7 +123,9 @@ class Run:
         path = self.dir / "last.pt"
         if not path.exists():
             raise CheckpointError(self._no_commit_message())
-        ckpt = load_checkpoint(path, what="last.pt", hint="The run's commit is unreadable; resume cannot use it.")
+        ckpt = load_checkpoint(
+            path, what="last.pt", hint="The run's commit is unreadable; resume cannot use it.", mmap=self._mmap
+        )
         if ckpt.get("format") != CHECKPOINT_FORMAT:
             raise CheckpointError(f"{path} is not an okd run checkpoint (format {ckpt.get('format')!r})")
         require_keys(ckpt, RUN_KEYS, path)

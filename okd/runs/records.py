@@ -87,7 +87,7 @@ def epoch_of(path: Path) -> int | None:
     if not path.is_file():
         return None
     try:
-        epoch = load_checkpoint(path).get("epoch")
+        epoch = load_checkpoint(path, mmap=True).get("epoch")
     except UnsafeCheckpointError:
         raise  # a file holding code is refused, not repaired over
     except CheckpointError:
