@@ -45,7 +45,9 @@ def test_a_folder_without_a_commit_is_refused_naming_what_it_holds(tmp_path):
     run.mkdir()
     (run / "config.yaml").write_text("seed: 0\n")
     (run / "deploy.pt").write_bytes(b"")
-    with pytest.raises(CheckpointError, match=r"no last.pt \(it holds config.yaml, deploy.pt, none of them committed\)"):
+    with pytest.raises(
+        CheckpointError, match=r"no last.pt \(it holds config.yaml, deploy.pt, none of them committed\)"
+    ):
         Run(run)
     with pytest.raises(CheckpointError, match="holds no committed epoch yet"):
         expand_run_dirs([run])
@@ -61,13 +63,13 @@ def test_a_foreign_or_unreadable_last_pt_is_refused(tmp_path):
     last = torch.load(run / "last.pt", weights_only=True)
     torch.save({**last, "config": {**last["config"], "seed": 5}}, run / "last.pt")
     with pytest.raises(CheckpointError, match="does not belong to the run"):
-        Run(run).last
+        _ = Run(run).last
     torch.save({**last, "format": "something-else"}, run / "last.pt")
     with pytest.raises(CheckpointError, match="is not an okd run checkpoint"):
-        Run(run).last
+        _ = Run(run).last
     (run / "last.pt").write_bytes(b"")
     with pytest.raises(CheckpointError, match=r"is empty \(0 bytes\)"):
-        Run(run).last
+        _ = Run(run).last
 
 
 def test_a_reader_takes_no_lock_and_reads_beside_a_writer(tmp_path):
