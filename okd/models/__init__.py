@@ -4,10 +4,15 @@ from okd.models import (  # noqa: F401  (each import fills the registry)
     cmff_vgg,
     densenet,
     googlenet,
+    hcgnet,
+    mobilenet,
     resnet_cifar,
     resnet_imagenet,
+    shufflenetv2,
     vgg,
     wide_resnet,
+    wide_resnet_crd,
+    wide_resnet_switokd,
 )
 from okd.models.complexity import count_macs, count_parameters
 from okd.models.factory import create_model
