@@ -1,4 +1,4 @@
-"""Shared fixtures."""
+"""Shared fixtures (the only conftest.py: tests import it as ``conftest``, so no folder below has its own)."""
 
 from __future__ import annotations
 
@@ -82,6 +82,19 @@ def cifar10_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     once per session from ``$OKD_CIFAR10`` (the folder containing the user's ``cifar-10-batches-py/``) or
     from ``../shared/data`` beside the repository (:func:`prepare_cifar10`)."""
     return prepare_cifar10(tmp_path_factory.mktemp("cifar10"), os.environ.get(CIFAR10_ENV))
+
+
+@pytest.fixture(scope="module")
+def teacher_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A teacher checkpoint for ``kd`` in the method tests: the state dict of a ``resnet20`` for 10 classes (seed 5)."""
+    import torch
+
+    from okd.models import create_model
+
+    torch.manual_seed(5)
+    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
+    torch.save(create_model("resnet20", 10).state_dict(), path)
+    return path
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -1,10 +1,12 @@
-"""Helpers shared by the test files (``import helpers``: pytest puts ``tests/`` on ``sys.path``).
+"""Helpers shared by the test files in every folder under ``tests/`` (``import helpers``: pytest puts ``tests/``, the
+folder of the top ``conftest.py``, on ``sys.path``).
 
 - independent loss references written out by hand (``ref_kl``, ``ref_ce``);
 - short deterministic runs on the ``cifar10_root`` fixture (``quick_overrides``, ``train_and_resume``) and bitwise
   comparisons of two runs (``assert_same``, ``assert_same_runs``);
 - messages whatever their wrapping (``mentions``);
-- the report commands (``cli``) and the short runs that test_export.py and test_report.py share (``trained``).
+- the report commands (``cli``) and the short runs that report/test_export.py and report/test_report.py share
+  (``trained``).
 """
 
 from __future__ import annotations

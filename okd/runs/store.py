@@ -66,7 +66,7 @@ def fault_point(when: str, name: str, epoch: int) -> None:
     """Test hook: ``OKD_FAULT_AT=<before|after>:<file>:<epoch>:<SIGNAL>`` (e.g. ``before:last.pt:2:SIGKILL``)
     sends SIGNAL to this process just before/after the rename of ``file`` in the save of ``epoch``.
 
-    tests/test_faults.py stops runs this way at every boundary of the epoch-end save; unset, it does nothing."""
+    tests/runs/test_faults.py stops runs this way at every boundary of the epoch-end save; unset, it does nothing."""
     spec = os.environ.get(FAULT_ENV)
     if spec and spec.rsplit(":", 1)[0] == f"{when}:{name}:{epoch}":
         os.kill(os.getpid(), getattr(signal, spec.rsplit(":", 1)[1]))

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from pathlib import Path
 
+import helpers
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = helpers.REPO
 
 
 @pytest.fixture(scope="module")

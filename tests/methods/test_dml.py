@@ -1,4 +1,6 @@
-"""DML's alternating updates (the DML paper's algorithm) through the manual-step contract."""
+"""DML (``docs/methods.md``, ``dml``): the KL terms against their equations, the detach switch, one backward of the
+summed dict against per-net backwards, and the alternating updates (the DML paper's algorithm) through the
+manual-step contract (its loss dict against the reference: ``test_shared.py``)."""
 
 from __future__ import annotations
 
@@ -8,12 +10,14 @@ import helpers
 import pytest
 import torch
 import torch.nn.functional as F
+from method_helpers import batch, close, grads_of, make, no_grad_in, ref_ce, ref_kl, some_grad_in, summed
 
 from okd.config import OptimConfig, TrainConfig
 from okd.engine.builder import build_optimization
 from okd.engine.distributed import DistContext
 from okd.engine.step import StepRunner
 from okd.errors import ConfigError
+from okd.methods import dml
 from okd.methods.base import MethodContext
 from okd.methods.build import load_config
 from okd.methods.dml import DML, DMLParams
@@ -21,6 +25,62 @@ from okd.methods.dml import DML, DMLParams
 CONFIG = "cifar100/dml_resnet32"
 
 
+# ------------------------------------------------------------------------------- tiny-tensor equations
+def test_dml_terms_pairwise_and_mean_of_others():
+    z = [torch.tensor([[1.0, 0.0, 0.0]]), torch.tensor([[0.0, 2.0, 0.0]]), torch.tensor([[0.0, 0.0, 3.0]])]
+    hp = dml.DMLParams(num_nets=3, temperature=2.0)
+    close(dml.dml_kl(z, 0, hp), (ref_kl(z[0], z[1], 2.0) + ref_kl(z[0], z[2], 2.0)) / 2)
+    hp = dml.DMLParams(num_nets=3, temperature=2.0, target="mean_of_others", target_eps=1e-7)
+    close(dml.dml_kl(z, 1, hp), ref_kl(z[1], (z[0] + z[2]) / 2, 2.0, eps=1e-7))
+
+
+def test_dml_kl_weight_and_unscaled_kl():
+    """``kl_weight`` multiplies each net's KL; ``scale_t2=false`` drops the T^2 factor (CE unchanged)."""
+    z = [torch.tensor([[1.0, 0.0, 0.0]]), torch.tensor([[0.0, 2.0, 0.0]]), torch.tensor([[0.5, 0.0, 3.0]])]
+    y = torch.tensor([2])
+    kl0 = (ref_kl(z[0], z[1], 2.0) + ref_kl(z[0], z[2], 2.0)) / 2
+    losses = dml.dml_losses(z, y, dml.DMLParams(num_nets=3, temperature=2.0, kl_weight=0.3))
+    close(losses["net0/kl"], 0.3 * kl0)
+    close(losses["net0/ce"], ref_ce(z[0], y))
+    losses = dml.dml_losses(z, y, dml.DMLParams(num_nets=3, temperature=2.0, kl_weight=0.3, scale_t2=False))
+    close(losses["net0/kl"], 0.3 * kl0 / 4.0)
+    hp = dml.DMLParams(num_nets=3, temperature=2.0, target="mean_of_others", scale_t2=False)
+    close(dml.dml_kl(z, 2, hp), ref_kl(z[2], (z[0] + z[1]) / 2, 2.0) / 4.0)
+    # through the method's own training step: the same weights applied to the nets' logits
+    m = make("dml", kl_weight=0.3, temperature=2.0)
+    x, y = batch()
+    m.train()
+    losses = m.training_step(x, y, 0)
+    logits = [net(x) for net in m.nets]  # train mode again: the same batch statistics, the same logits
+    for i in range(2):
+        close(losses[f"net{i}/kl"], 0.3 * ref_kl(logits[i], logits[1 - i].detach(), 2.0))
+
+
+# --------------------------------------------------------------------------------------- gradient flow
+def test_dml_detached_targets_give_no_gradient_to_peers():
+    x, y = batch()
+    m = make("dml")
+    summed(m.training_step(x, y, 0), lambda k: k.startswith("net0/")).backward()
+    assert some_grad_in(m.nets[0]) and no_grad_in(m.nets[1])
+    m = make("dml", detach_targets=False)
+    summed(m.training_step(x, y, 0), lambda k: k.startswith("net0/")).backward()
+    assert some_grad_in(m.nets[1])
+
+
+def test_dml_summed_backward_equals_per_net_backward():
+    x, y = batch()
+    m = make("dml", num_nets=3)
+    losses = m.training_step(x, y, 0)
+    summed(losses).backward(retain_graph=True)
+    joint = [grads_of(net) for net in m.nets]
+    for i, net in enumerate(m.nets):
+        m.zero_grad(set_to_none=True)
+        summed(losses, lambda k, i=i: k.startswith(f"net{i}/")).backward(retain_graph=True)
+        for a, b in zip(joint[i], grads_of(net), strict=True):
+            close(a, b)
+
+
+# --------------------------------------------------------------------------------- alternating updates
 def make_dml(**params) -> DML:
     torch.manual_seed(0)
     hp = DMLParams(alternate_updates=True, **params)

@@ -21,7 +21,7 @@ from okd.report.tables import build_report, to_csv, to_markdown
 from okd.runs.metrics import metrics_csv_text
 from okd.runs.records import CHECKPOINT_FORMAT, RUN_KEYS
 
-SPEC = Path(__file__).resolve().parent.parent.parent / "shared" / "spec" / "reported-results.md"
+SPEC = helpers.REPO.parent / "shared" / "spec" / "reported-results.md"
 CONFIG = "cifar10/baseline_resnet20"
 
 

@@ -1,0 +1,180 @@
+"""The method contract (``docs/add-a-method.md``), checked for every registered method.
+
+Each entry of ``METHODS`` is built the way ``okd train`` builds it (``load_config`` + ``build_method``) on a small
+backbone, from its defaults plus, where it needs more (KD's teacher), its row of ``SETUP``. A method that cannot be
+built from its defaults and has no row fails here: it is not skipped. Then:
+
+- ``build_optimization`` builds its optimizers (it refuses a trainable parameter in two groups or in none), and
+  every trainable parameter is in exactly one optimizer;
+- one ``StepRunner`` step on a CIFAR-sized batch (``views_for`` views) gives finite losses named
+  ``<component>/<term>`` and changes the trained parameters;
+- ``eval_outputs`` gives named heads of ``num_classes`` logits, the ``deploy_head`` (or the first head) among them;
+- ``deployable()`` is a network that scores exactly as the deploy head in eval mode;
+- the ``deploy.pt`` written from it (``deploy_record``) reads back (``read_deploy`` + ``build_network``) into a
+  network with the same logits.
+
+The last tests break a method on purpose and check that the same helpers fail it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from okd.config import Config
+from okd.engine.builder import build_optimization
+from okd.engine.step import StepRunner
+from okd.methods import METHODS, Method
+from okd.methods.build import build_method, load_config
+from okd.models import create_model
+from okd.models.deploy_file import build_network, read_deploy
+from okd.runs.records import deploy_record
+
+K = 10
+BATCH = 4
+MODEL = "resnet20"
+DEFAULTS = ["data.dataset=cifar10", f"model.name={MODEL}", "train.device=cpu", "train.channels_last=false"]
+#: config overrides of the methods that need more than their defaults ({teacher}: a resnet20 checkpoint file)
+SETUP: dict[str, list[str]] = {
+    "kd": [f"method.teacher_model={MODEL}", "method.teacher_checkpoint={teacher}"],
+}
+LOSS_KEY = re.compile(r"[A-Za-z0-9_]+/[A-Za-z0-9_]+")
+
+
+def build(name: str, teacher: Path) -> tuple[Config, Method]:
+    overrides = [item.format(teacher=teacher) for item in SETUP.get(name, [])]
+    cfg = load_config(None, [f"method.name={name}", *DEFAULTS, *overrides])
+    torch.manual_seed(0)
+    return cfg, build_method(cfg, num_classes=K)
+
+
+def inputs(method: Method, seed: int = 1) -> tuple[Tensor | list[Tensor], Tensor]:
+    """A training batch: one tensor, or a list of ``views_for`` independently drawn views."""
+    g = torch.Generator().manual_seed(seed)
+    views = [torch.randn(BATCH, 3, 32, 32, generator=g) for _ in range(type(method).views_for(method.hp))]
+    return (views[0] if len(views) == 1 else views), torch.randint(0, K, (BATCH,), generator=g)
+
+
+def check_optimization(method: Method, cfg: Config):
+    """The method's optimizers, built as the trainer builds them; every trainable parameter in exactly one."""
+    plan = build_optimization(method, cfg)
+    optimized = [id(p) for opt in plan.optimizers for group in opt.param_groups for p in group["params"]]
+    assert len(optimized) == len(set(optimized)), "a parameter is in two optimizers"
+    trainable = {id(p): n for n, p in method.named_parameters() if p.requires_grad}
+    missing = [n for i, n in trainable.items() if i not in set(optimized)]
+    assert not missing, f"trainable parameters in no optimizer: {missing[:5]}"
+    assert set(optimized) <= set(trainable), "an optimizer holds a parameter the method does not train"
+    return plan
+
+
+def check_step(method: Method, cfg: Config, plan) -> dict[str, Tensor]:
+    """One step through the trainer's StepRunner: finite losses named <component>/<term>; the weights move."""
+    runner = StepRunner(method, plan.optimizers, cfg.run.train, torch.device("cpu"), schedulers=plan.step_schedulers)
+    before = {n: p.detach().clone() for n, p in method.named_parameters() if p.requires_grad}
+    method.train()
+    losses, total = runner.step(*inputs(method), 0)
+    assert losses, "the step returned no losses"
+    bad_keys = [k for k in losses if not isinstance(k, str) or not LOSS_KEY.fullmatch(k)]
+    assert not bad_keys, f"loss keys must be named <component>/<term>: {bad_keys}"
+    assert any(not k.startswith("stat/") for k in losses), "every loss is a stat/ entry: nothing is trained"
+    values = {k: float(v.detach()) for k, v in losses.items()}
+    assert all(math.isfinite(v) for v in values.values()), f"non-finite losses: {values}"
+    assert math.isfinite(float(total.detach())), f"non-finite total {float(total)}"
+    moved = [n for n, p in method.named_parameters() if n in before and not torch.equal(p, before[n])]
+    assert moved, "the step changed no trained parameter"
+    return losses
+
+
+def check_heads(method: Method, x: Tensor) -> tuple[dict[str, Tensor], str]:
+    """``eval_outputs`` in eval mode: named heads of K logits; the deploy head (None: the first) among them."""
+    method.eval()
+    with torch.no_grad():
+        heads = method.eval_outputs(x)
+    assert heads and all(isinstance(k, str) and k for k in heads), f"heads must be named: {list(heads)}"
+    for head, z in heads.items():
+        assert tuple(z.shape) == (x.shape[0], K), f"head {head!r} gives shape {tuple(z.shape)}, not ({x.shape[0]}, {K})"
+        assert torch.isfinite(z).all(), f"head {head!r} gives non-finite outputs"
+    deploy_head = method.deploy_head or next(iter(heads))
+    assert deploy_head in heads, f"deploy_head {deploy_head!r} is not one of the heads {sorted(heads)}"
+    return heads, deploy_head
+
+
+def check_deployable(method: Method, x: Tensor, expected: Tensor) -> nn.Module:
+    """``deployable()`` is one network whose logits (eval mode) are the deploy head's."""
+    net = method.deployable()
+    assert isinstance(net, nn.Module) and not isinstance(net, Method), f"deployable() gave {type(net).__name__}"
+    with torch.no_grad():
+        torch.testing.assert_close(net.eval()(x), expected, rtol=0, atol=1e-5, msg="deployable() vs the deploy head")
+    return net
+
+
+def check_deploy_file(cfg: Config, method: Method, x: Tensor, expected: Tensor, path: Path) -> None:
+    """deploy.pt as the trainer writes it, read back the way every command reads it: the same network."""
+    torch.save(deploy_record(cfg, method, epoch=1), path)
+    info = read_deploy(path)
+    assert (info["model"], info["num_classes"], info["method"]) == (cfg.run.model.name, K, cfg.method_name)
+    with torch.no_grad():
+        logits = build_network(info, path).eval()(x)
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5, msg="the network rebuilt from deploy.pt")
+
+
+def check_contract(cfg: Config, method: Method, tmp_path: Path) -> None:
+    """Every check above, in the order the trainer meets them (optimizers, a step, evaluation, deploy.pt)."""
+    plan = check_optimization(method, cfg)
+    check_step(method, cfg, plan)
+    x = torch.randn(BATCH, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    heads, deploy_head = check_heads(method, x)
+    check_deployable(method, x, heads[deploy_head])
+    check_deploy_file(cfg, method, x, heads[deploy_head], tmp_path / "deploy.pt")
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_every_registered_method_keeps_the_contract(name, teacher_file, tmp_path):
+    cfg, method = build(name, teacher_file)
+    check_contract(cfg, method, tmp_path)
+
+
+def test_setup_rows_name_registered_methods():
+    assert set(SETUP) <= set(METHODS.names()), sorted(set(SETUP) - set(METHODS.names()))
+
+
+# --------------------------------------------------------------------------- the contract fails broken methods
+def deploys_a_fresh_network(method):
+    return lambda: create_model(MODEL, K)  # a freshly initialised network, not the deploy head's
+
+
+def leaves_a_group_out(method):
+    groups = method.param_groups()
+    return lambda: groups[:-1]
+
+
+def returns_a_nonfinite_loss(method):
+    step = method.training_step
+    return lambda *args, **kwargs: {k: v * math.inf for k, v in step(*args, **kwargs).items()}
+
+
+def returns_an_unnamed_loss(method):
+    step = method.training_step
+    return lambda *args, **kwargs: {"loss": sum(step(*args, **kwargs).values())}
+
+
+BROKEN = [
+    pytest.param("deployable", deploys_a_fresh_network, "deployable\\(\\) vs the deploy head", id="deployable"),
+    pytest.param("param_groups", leaves_a_group_out, "in no optimizer group", id="param_groups"),
+    pytest.param("training_step", returns_a_nonfinite_loss, "non-finite losses", id="nonfinite_loss"),
+    pytest.param("training_step", returns_an_unnamed_loss, "<component>/<term>", id="unnamed_loss"),
+]
+
+
+@pytest.mark.parametrize(("hook", "breaks", "message"), BROKEN)
+def test_the_contract_fails_a_broken_method(hook, breaks, message, teacher_file, tmp_path, monkeypatch):
+    """DML with one hook broken: the helpers of the contract test fail it, naming what is wrong."""
+    cfg, method = build("dml", teacher_file)
+    monkeypatch.setattr(method, hook, breaks(method))
+    with pytest.raises((AssertionError, RuntimeError), match=message):
+        check_contract(cfg, method, tmp_path)
