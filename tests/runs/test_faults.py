@@ -153,7 +153,7 @@ def test_stop_at_every_boundary_of_the_save_then_resume_matches(fault, reference
     rc = fork_okd(args(cifar10_root), fault, tmp_path / "child.log")
     log = (tmp_path / "child.log").read_text()
     if signame == "SIGKILL":
-        assert rc == -signal.SIGKILL
+        assert rc == -signal.SIGKILL, log
         committed = epoch if fault.startswith("after:last.pt") else epoch - 1
     else:  # held until the save is complete, then the run stops: 143, naming the epoch last.pt holds
         assert rc == 143, log
