@@ -16,7 +16,7 @@ import time
 
 from okd import __version__, bench
 from okd.configs import packaged_configs
-from okd.engine.run_log import ordered_heads, run_summary
+from okd.engine.run_log import head_label, ordered_heads, run_summary
 from okd.engine.threads import warn_threads_once
 from okd.engine.trainer import config_from_run, train
 from okd.errors import OKDError
@@ -81,15 +81,15 @@ def cmd_test(args: argparse.Namespace) -> int:
     print(f"{info['path']} (epoch {info['epoch']})")
     if info.get("note"):
         print(textwrap.fill(f"note: {info['note']}", 100))
-    head = info["deploy_head"]
+    head, networks = info["deploy_head"], info.get("labels") or {}
     heads = ordered_heads(list({k.rsplit("/", 1)[0] for k in metrics}), head)
-    width = max(len(h) for h in heads) + 1
+    labels = {h: ("*" if h == head else "") + head_label(h, networks, " ") for h in heads}
+    width = max(len(head_label(h, networks, " ")) for h in heads) + 1
     print(f"{'head':<{width}}  {'top1':>7}  {'top5':>7}   (* deployed)")
     for name in heads:
         top5 = metrics.get(f"{name}/top5")
         top5_text = f"{top5:7.2f}" if top5 is not None else f"{'-':>7}"
-        label = f"*{name}" if name == head else name
-        print(f"{label:<{width}}  {metrics[f'{name}/top1']:7.2f}  {top5_text}")
+        print(f"{labels[name]:<{width}}  {metrics[f'{name}/top1']:7.2f}  {top5_text}")
     run = info["run"]  # the run folder as last.pt commits it; None for a file outside a run folder
     best = best_in_history(run.history, head) if run is not None else None
     deploy = run.dir / "deploy.pt" if run is not None and (run.dir / "deploy.pt").is_file() else None

@@ -57,6 +57,10 @@ class ModelConfig:
     branch_from: str | None = None  # branch methods: the first stage that is replicated per branch
     pretrained: bool = False  # timm: load model.weights (a local file; nothing is downloaded)
     weights: str | None = None
+    #: the cohort, network by network (null: copies of the network above). Each entry is a name of the three
+    #: kinds model.name takes, or a mapping with this section's keys ({name: ..., kwargs: ..., taps: ...});
+    #: docs/cohorts.md. Methods whose structure needs equal networks refuse different members before training.
+    members: list[Any] | None = None
 
 
 @dataclass
@@ -113,6 +117,8 @@ class Config:
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self.run)
+        if out["model"]["members"] is None:
+            del out["model"]["members"]  # a cohort of copies reads (and is stored) as before members existed
         out["method"] = {"name": self.method_name, **dataclasses.asdict(self.method_params)}
         return out
 

@@ -58,7 +58,7 @@ def count_step_macs(
 
 def cohort_macs(cfg: Config, split: Split, device: torch.device) -> MacCount:
     """:func:`count_step_macs` of the config's method on one batch of ``split`` (fp32, eager, contiguous)."""
-    views = METHODS.get(cfg.method_name).views
+    views = METHODS.get(cfg.method_name).views_for(cfg.method_params)
     loader = okd_loader(split, dataclasses.replace(cfg, run=contiguous_run(cfg)), device, views)
     x, y = next(iter(loader))
     method = build_method(cfg, num_classes_of(cfg)).to(device)

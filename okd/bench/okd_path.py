@@ -22,7 +22,7 @@ def start_okd(cfg: Config, split: Split, device: torch.device, warmup: int, name
     mem = PeakMemory(device)
     mem.start()
     seed_everything(cfg.run.seed)
-    loader = okd_loader(split, cfg, device, METHODS.get(cfg.method_name).views)
+    loader = okd_loader(split, cfg, device, METHODS.get(cfg.method_name).views_for(cfg.method_params))
     configure_backends(t, device)
     method = build_method(cfg, num_classes_of(cfg)).to(device)
     _, optimizers = build_optimizers(method, cfg)

@@ -91,7 +91,7 @@ def start_reference(cfg: Config, split: Split, device: torch.device, warmup: int
     mem = PeakMemory(device)
     mem.start()
     seed_everything(cfg.run.seed)
-    loader = reference_loader(split, cfg, device, METHODS.get(cfg.method_name).views, workers)
+    loader = reference_loader(split, cfg, device, METHODS.get(cfg.method_name).views_for(cfg.method_params), workers)
     method = build_method(cfg, num_classes_of(cfg)).to(device)
     names, optimizers = build_optimizers(method, cfg)
     ref = ReferenceStep(method, names, optimizers)

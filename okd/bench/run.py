@@ -18,6 +18,7 @@ from okd.bench.timing import BenchReport, window_plan
 from okd.config import Config
 from okd.engine.builder import resolve_device
 from okd.errors import OKDError
+from okd.models.members import cohort_label
 
 
 def bench(
@@ -67,7 +68,8 @@ def _bench(cfg, config_name, steps, warmup, windows, reference, workers, synthet
     workers = default_workers(device) if workers is None else workers
     split = load_split(cfg, min_images=batch * (warmup + steps + 2), synthetic=synthetic)
     macs = cohort_macs(cfg, split, device)
-    report = BenchReport(config_name, cfg.method_name, cfg.run.model.name, batch, device, macs, split)
+    model = cohort_label(cfg.to_dict()["model"])  # a cohort of different networks: its members joined by +
+    report = BenchReport(config_name, cfg.method_name, model, batch, device, macs, split)
     if also_eager and not cfg.run.train.compile:
         raise OKDError("--also-eager times the uncompiled step next to the compiled one: add train.compile=true")
     paths = [start_okd(cfg, split, device, warmup)]

@@ -12,11 +12,17 @@ def ordered_heads(heads: list[str], deployed: str | None) -> list[str]:
 
 
 def epoch_line(
-    row: dict[str, float], heads: list[str], epochs: int, deployed: str | None = None, eta_s: float | None = None
+    row: dict[str, float],
+    heads: list[str],
+    epochs: int,
+    deployed: str | None = None,
+    eta_s: float | None = None,
+    labels: dict[str, str] | None = None,
 ) -> str:
-    """One epoch's log line: loss, every head's top-1 (the deployed head first, marked ``*``), times, run ETA."""
+    """One epoch's log line: loss, every head's top-1 (the deployed head first, marked ``*``; a head of a cohort
+    of different networks with its network, ``net1(wrn16_2)``), times, run ETA."""
     shown = [h for h in ordered_heads(heads, deployed) if f"test/{h}/top1" in row]
-    accs = " ".join(f"{'*' if h == deployed else ''}{h}={row[f'test/{h}/top1']:.2f}" for h in shown)
+    accs = " ".join(f"{'*' if h == deployed else ''}{head_label(h, labels)}={row[f'test/{h}/top1']:.2f}" for h in shown)
     times = f"train {row['time/epoch_s']:.1f}s ({row['time/images_per_s']:.0f} img/s)"
     if "time/eval_s" in row:
         times += f" + eval {row['time/eval_s']:.1f}s"
@@ -24,6 +30,13 @@ def epoch_line(
     return (
         f"epoch {int(row['epoch'])}/{epochs}: loss={row.get('train/loss', float('nan')):.4f} top1 [{accs}] {times}{eta}"
     )
+
+
+def head_label(head: str, labels: dict[str, str] | None, sep: str = "") -> str:
+    """``head`` with its network when ``labels`` (``Method.head_networks``) names one: ``net1(wrn16_2)``
+    (``sep=" "``: ``net1 (wrn16_2)``)."""
+    network = (labels or {}).get(head)
+    return f"{head}{sep}({network})" if network else head
 
 
 def format_duration(seconds: float) -> str:

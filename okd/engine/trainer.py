@@ -36,6 +36,7 @@ from okd.io import load_state_checked
 from okd.log import log, setup_logging
 from okd.methods import METHODS
 from okd.methods.build import build_method
+from okd.models.members import cohort_label
 from okd.models.spec import deploy_fields
 from okd.runs import resume_policy
 from okd.runs.metrics import best_in_history
@@ -51,7 +52,7 @@ DIVERGED_HINT = (
 
 def default_run_name(cfg: Config) -> str:
     r = cfg.run
-    model = r.model.name.replace(":", "-")  # import paths and timm: names make no ':' in folder names
+    model = cohort_label(cfg.to_dict()["model"]).replace(":", "-")  # import paths, timm: no ':' in folder names
     return r.name or f"{r.data.dataset}_{cfg.method_name}_{model}_s{r.seed}"
 
 
@@ -65,7 +66,7 @@ def config_from_run(run_dir: str | Path, overrides: list[str] = ()) -> Config:
 
 
 def _identity(cfg_dict: dict) -> tuple:
-    return (cfg_dict["method"]["name"], cfg_dict["model"]["name"], cfg_dict["data"]["dataset"])
+    return (cfg_dict["method"]["name"], cohort_label(cfg_dict["model"]), cfg_dict["data"]["dataset"])
 
 
 class _GracefulStop:
@@ -144,6 +145,7 @@ def _check_start(cfg: Config, store: RunStore, resume: bool, dist: DistContext) 
         raise CheckpointError(
             f"cannot resume {str(run_dir)!r}: it was trained as method/model/dataset {saved}, "
             f"but the config asks for {asked}. Resume without a config, or start a new run."
+            + _members_note(ckpt["config"], cfg.to_dict())
         )
     resume_policy.resume_changes(ckpt, cfg)  # refuses a recipe change the restored state cannot take
     saved_world = ckpt.get("world_size", 1)
@@ -154,6 +156,17 @@ def _check_start(cfg: Config, store: RunStore, resume: bool, dist: DistContext) 
             "train.allow_world_size_change=true to accept a run that is no longer bitwise reproducible."
         )
     return ckpt
+
+
+def _members_note(saved: dict, asked: dict) -> str:
+    """What a resume that changes the cohort changes, by key (the cohort's networks are not the restored ones)."""
+    old, new = saved["model"].get("members"), asked["model"].get("members")
+    if old == new:
+        return ""
+    return (
+        f" The cohort changed: model.members={old if old is not None else 'unset'} in the run, "
+        f"{new if new is not None else 'unset'} asked; the restored weights are the run's own networks'."
+    )
 
 
 def _check_teacher_file(cfg: Config) -> None:
@@ -220,7 +233,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: DistContext, store: R
     if dist.is_main:
         if ckpt is not None:
             resume_policy.record_resume(run_dir, ckpt["epoch"], resume_policy.resume_changes(ckpt, cfg))
-        _log_start(cfg, run_dir, dist, plan, device)
+        _log_start(cfg, run_dir, dist, plan, device, method.head_networks())
     if start_epoch >= r.train.epochs:
         log.info(f"{run_dir}: all {r.train.epochs} epochs already trained")
         if dist.is_main and history:
@@ -259,7 +272,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: DistContext, store: R
                 last = last_record(cfg, runner, plan, epoch + 1, history, best, rngs)
                 store.commit(last, improved, deploy_record(cfg, method, epoch + 1, rebuild))
                 eta = run_eta(paces, r.train.epochs - epoch - 1)
-                _report_epoch(row, r.train.progress, r.train.epochs, deploy_head, eta)
+                _report_epoch(row, r.train.progress, r.train.epochs, deploy_head, eta, method.head_networks())
                 if board is not None:
                     board.log_row(row, epoch + 1)
             else:
@@ -300,11 +313,14 @@ def _check_finite(method, row: dict[str, float], epoch: int) -> None:
         raise NonFiniteError(f"epoch {epoch}: {bad} is not finite (NaN or inf) after training")
 
 
-def _log_start(cfg: Config, run_dir: Path, dist: DistContext, plan, device: torch.device) -> None:
+def _log_start(
+    cfg: Config, run_dir: Path, dist: DistContext, plan, device: torch.device, heads: dict | None = None
+) -> None:
     r = cfg.run
     per_rank = r.data.batch_size // dist.world_size
+    model = ", ".join(f"{h}={n}" for h, n in heads.items()) if heads else cohort_label(cfg.to_dict()["model"])
     log.info(
-        f"{run_dir}: {cfg.method_name} / {r.model.name} / {r.data.dataset} on {device}"
+        f"{run_dir}: {cfg.method_name} / {model} / {r.data.dataset} on {device}"
         f" x{dist.world_size}; global batch {r.data.batch_size} ({per_rank} per process); "
         f"lr scaling {r.optim.lr_scaling} (x{plan.lr_factor:g}); {r.train.precision}; "
         f"{r.train.epochs} epochs; torch threads {torch.get_num_threads()}"
@@ -317,11 +333,13 @@ def _method_views(cfg: Config) -> int:
     return METHODS.get(cfg.method_name).views_for(cfg.method_params)
 
 
-def _report_epoch(row: dict, progress: str, epochs: int, deployed: str | None, eta_s: float | None) -> None:
+def _report_epoch(
+    row: dict, progress: str, epochs: int, deployed: str | None, eta_s: float | None, labels: dict[str, str]
+) -> None:
     if progress == "none":
         return
     heads = sorted({k.split("/")[1] for k in row if k.startswith("test/") and k.endswith("/top1")})
-    line = epoch_line(row, heads, epochs, deployed, eta_s)
+    line = epoch_line(row, heads, epochs, deployed, eta_s, labels)
     if interactive(progress):
         tqdm.write(line, file=sys.stderr)
     else:

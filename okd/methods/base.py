@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 from torch import Tensor, nn
 
 from okd.config import OptimConfig
+from okd.errors import ConfigError
 from okd.registry import Registry
 
 
@@ -68,6 +69,17 @@ class MethodContext:
     params: Any
     epochs: int
     extra: dict = field(default_factory=dict)
+    #: ``model.members`` resolved, one network per member in order (names or ModelRefs for ``create_model``);
+    #: None: the cohort is copies of ``model``. Only methods whose ``mixed_cohort`` is None see different ones.
+    members: list[str] | None = None
+
+    def cohort(self, size: int) -> list[str]:
+        """The networks of a cohort of ``size``: the members, or ``size`` copies of ``model``."""
+        if self.members is None:
+            return [self.model] * size
+        if len(self.members) != size:
+            raise ConfigError(f"model.members lists {len(self.members)} networks, but the method builds {size}")
+        return list(self.members)
 
 
 class Method(nn.Module):
@@ -78,6 +90,16 @@ class Method(nn.Module):
     views: ClassVar[int] = 1
     #: the eval head that scores ``deployable()`` (used to select best.pt); None: the first head
     deploy_head: ClassVar[str | None] = None
+    #: None: the method trains a cohort of different networks (``model.members``, read from ``ctx.members``);
+    #: a reason: why it cannot, which ``build_config`` gives before training when the members differ
+    mixed_cohort: ClassVar[str | None] = (
+        "it builds every network of its cohort from the model section (model.name), so all are copies of one network"
+    )
+    #: the ``Params`` field that counts the networks built from the model section (DML: num_nets), filled from
+    #: ``model.members`` when the config leaves it out; None: :meth:`cohort_size` says
+    cohort_key: ClassVar[str | None] = None
+    #: a ``Params`` field that lists the cohort in the method's own older spelling (KDCL: ``models``)
+    members_key: ClassVar[str | None] = None
 
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__()
@@ -150,6 +172,23 @@ class Method(nn.Module):
     def views_for(cls, params) -> int:
         """Augmented views per training image for these parameters (default: the class's ``views``)."""
         return cls.views
+
+    @classmethod
+    def cohort_size(cls, params) -> int:
+        """How many networks the method builds from the model section (``model.members`` lists that many): the
+        ``cohort_key`` field, else one."""
+        return int(getattr(params, cls.cohort_key)) if cls.cohort_key else 1
+
+    @property
+    def deployed_member(self) -> int | None:
+        """The index in ``ctx.members`` of the network ``deployable()`` returns; None: a copy of ``ctx.model``
+        (every method whose ``mixed_cohort`` is None says which member it deploys)."""
+        return None
+
+    def head_networks(self) -> dict[str, str]:
+        """The network of each per-network head when the cohort mixes networks (``{"net1": "wrn16_2"}``): the log,
+        ``okd test`` and ``okd report`` show it beside the head. ``{}`` for copies of one network."""
+        return {}
 
 
 METHODS: Registry[type[Method]] = Registry("method")

@@ -11,6 +11,8 @@ from okd.nn.losses import cross_entropy
 
 @register_method("baseline", description="one network, cross-entropy only", paper="-")
 class Baseline(Method):
+    mixed_cohort = "it trains one network (the model section, or a model.members of one entry)"
+
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)
         self.net = create_model(ctx.model, ctx.num_classes)

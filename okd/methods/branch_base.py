@@ -93,6 +93,11 @@ class BranchMethod(Method):
     """A method over one multi-branch network; subclasses write ``training_step``."""
 
     head_prefix = "branch"
+    mixed_cohort = (
+        "its branches share one trunk (the stages before the branch split) and repeat the same later stages, so "
+        "every branch is the same network"
+    )
+    cohort_key = "num_branches"
 
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)

@@ -20,7 +20,8 @@ from okd.config import (
 )
 from okd.errors import ConfigError
 from okd.methods.base import METHODS, Method, MethodContext
-from okd.models.spec import check_model_config, model_ref
+from okd.methods.cohort import check_cohort, fill_cohort_size, member_refs
+from okd.models.spec import check_model_config, input_size_of, model_ref
 
 
 def build_config(raw: DictConfig | dict) -> Config:
@@ -35,12 +36,14 @@ def build_config(raw: DictConfig | dict) -> Config:
     method_cls = METHODS.get(name)
     run = typed_section(RunConfig, raw, "")
     validate_run(run)
+    method_raw = fill_cohort_size(run.model, method_cls, method_raw)  # checks the members first
     check_model_config(run.model)
     params = typed_section(method_cls.Params, method_raw, "method")
     check_finite(params, "method.")
     check = getattr(params, "validate", None)
     if check is not None:
         check()
+    check_cohort(run, name, method_cls, params)
     return Config(run=run, method_name=name, method_params=params)
 
 
@@ -53,13 +56,15 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
 def build_method(cfg: Config, num_classes: int) -> Method:
     """The method ``cfg`` names, with its networks built for ``num_classes`` classes (weights untrained)."""
     cls = METHODS.get(cfg.method_name)
+    members = member_refs(cfg)
     ctx = MethodContext(
-        model=model_ref(cfg),
+        model=model_ref(cfg) if members is None else members[0],
         num_classes=num_classes,
         optim=cfg.run.optim,
         params=cfg.method_params,
         epochs=cfg.run.train.epochs,
-        extra={"holdout": cfg.run.data.holdout},
+        extra={"holdout": cfg.run.data.holdout, "input_size": input_size_of(cfg.run.data)},
+        members=members,
     )
     return cls(ctx)
 

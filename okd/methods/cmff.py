@@ -254,6 +254,15 @@ def cmff_losses(
 )
 class CMFF(Method):
     Params = CMFFParams
+    mixed_cohort = (
+        "its two networks exchange feature maps stage by stage (cross-model fusion), which ties them to one "
+        "backbone's stages"
+    )
+
+    @classmethod
+    def cohort_size(cls, params: CMFFParams) -> int:
+        """Two networks of one backbone."""
+        return 2
 
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)

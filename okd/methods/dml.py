@@ -1,6 +1,6 @@
 """DML: Deep Mutual Learning (Zhang et al., CVPR 2018), ``docs/methods.md#dml``.
 
-``num_nets`` independent networks; net i minimises
+``num_nets`` independent networks, of any architectures (``model.members``: net i is member i); net i minimises
 
     L_i = CE(z_i, y) + kl_weight * (1/(M-1)) sum_{j != i} KL_T(z_j -> z_i)        (target='pairwise')
     L_i = CE(z_i, y) + kl_weight * KL_T(mean_{j != i} z_j -> z_i)                 (target='mean_of_others')
@@ -28,6 +28,7 @@ from okd.errors import ConfigError
 from okd.methods.base import Method, MethodContext, ParamGroup, register_method, sgd_group
 from okd.methods.branch_base import average_accuracy, check_choice, check_distillation, check_int, ensemble_heads
 from okd.models import create_model
+from okd.models.members import head_labels
 from okd.nn.losses import cross_entropy, kl_div_t, logit_mean
 
 
@@ -86,11 +87,21 @@ def dml_losses(logits: list[Tensor], labels: Tensor, hp: DMLParams, prefix: str 
 )
 class DML(Method):
     Params = DMLParams
+    mixed_cohort = None  # any networks: only their logits meet
+    cohort_key = "num_nets"
 
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)
-        self.nets = nn.ModuleList(create_model(ctx.model, ctx.num_classes) for _ in range(self.hp.num_nets))
+        self.networks = ctx.cohort(self.hp.num_nets)
+        self.nets = nn.ModuleList(create_model(model, ctx.num_classes) for model in self.networks)
         self.deploy_head = f"net{self.hp.deploy_net}"
+
+    @property
+    def deployed_member(self) -> int:
+        return self.hp.deploy_net
+
+    def head_networks(self) -> dict[str, str]:
+        return head_labels([f"net{i}" for i in range(len(self.nets))], self.networks)
 
     def param_groups(self) -> list[ParamGroup]:
         return [sgd_group(f"net{i}", net.parameters(), self.ctx.optim) for i, net in enumerate(self.nets)]

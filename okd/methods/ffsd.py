@@ -177,6 +177,11 @@ class FFSD(Method):
 
     Params = FFSDParams
     deploy_head = "leader"
+    mixed_cohort = (
+        "its fusion module concatenates the students' feature maps channel by channel (maps of equal shapes), "
+        "and its leader is one more copy of the students' network"
+    )
+    cohort_key = "num_students"
 
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)

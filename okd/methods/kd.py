@@ -16,8 +16,10 @@ computed under no-grad, it never leaves eval mode and is in no optimizer group; 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -28,8 +30,8 @@ from okd.methods.base import Method, MethodContext, ParamGroup, register_method,
 from okd.methods.branch_base import check_choice, check_distillation
 from okd.models import create_model
 from okd.models.deploy_file import check_class_count, read_deploy
-from okd.models.registry import MODELS
-from okd.models.spec import build_from_spec, model_kind
+from okd.models.members import check_member, entry_spec, member_entry
+from okd.models.spec import build_from_spec, spec_ref
 from okd.nn.losses import cross_entropy, kl_div_t
 
 FORM_ALPHA = {"hinton": 0.9, "okddip": 1.0}
@@ -37,8 +39,10 @@ FORM_ALPHA = {"hinton": 0.9, "okddip": 1.0}
 
 @dataclass
 class KDParams:
-    #: a registered model name (e.g. resnet110_bottleneck, the OKDDip README's teacher for ResNet-32)
-    teacher_model: str = ""
+    #: the teacher's network, in any form of a model.members entry: a registered name (e.g. resnet110_bottleneck,
+    #: the OKDDip README's teacher for ResNet-32), package.module:function, timm:<name>, or a mapping with the
+    #: model section's keys ({name: ..., kwargs: ...}); docs/cohorts.md
+    teacher_model: Any = ""
     #: path of the teacher's okd deploy.pt or state_dict file
     teacher_checkpoint: str = ""
     #: hinton: (1-alpha) CE + alpha KL | okddip: CE + alpha KL
@@ -52,8 +56,7 @@ class KDParams:
     def validate(self) -> None:
         if not self.teacher_model:
             raise ConfigError("method.teacher_model is required for kd (a model name, e.g. resnet110_bottleneck)")
-        if model_kind(self.teacher_model) == "registered":
-            MODELS.get(self.teacher_model)  # ConfigError listing the models
+        check_member(member_entry(self.teacher_model, "method.teacher_model"), "method.teacher_model")
         if not self.teacher_checkpoint:
             raise ConfigError(
                 "method.teacher_checkpoint is required for kd: the teacher's deploy.pt (from `okd train` of "
@@ -99,7 +102,9 @@ def _extract_state_dict(obj: object, path: str, model: str) -> dict[str, Tensor]
 
 
 def load_teacher(model: str, num_classes: int, checkpoint: str) -> nn.Module:
-    """``create_model(model, num_classes)`` with the checkpoint's weights, frozen and in eval mode."""
+    """``create_model(model, num_classes)`` with the checkpoint's weights, frozen and in eval mode. A plain name
+    is built as the checkpoint's ``model_spec`` says when it records one of that name (the teacher as its run
+    built it: kwargs, taps); a :class:`~okd.models.spec.ModelRef` (the teacher given as a mapping) as it says."""
     path = Path(checkpoint).expanduser()
     if not path.is_file():
         raise CheckpointError(
@@ -120,7 +125,7 @@ def load_teacher(model: str, num_classes: int, checkpoint: str) -> nn.Module:
         check_class_count(obj["num_classes"], num_classes, path, "the student's data set")
     state = _extract_state_dict(obj, str(path), model)
     spec = obj.get("model_spec")
-    same = isinstance(spec, dict) and spec.get("name") == model  # the teacher as its run built it (kwargs, ...)
+    same = not hasattr(model, "spec") and isinstance(spec, dict) and spec.get("name") == model  # as its run built it
     teacher = build_from_spec(spec, num_classes) if same else create_model(model, num_classes)
     own = teacher.state_dict()
     missing = [k for k in own if k not in state]
@@ -152,11 +157,19 @@ def load_teacher(model: str, num_classes: int, checkpoint: str) -> nn.Module:
 class KD(Method):
     Params = KDParams
     deploy_head = "student"
+    mixed_cohort = (
+        "it trains one student (the model section, or a model.members of one entry) from a fixed teacher; the "
+        "teacher may be any network (method.teacher_model)"
+    )
 
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)
         self.student = create_model(ctx.model, ctx.num_classes)
-        self.teacher = load_teacher(self.hp.teacher_model, ctx.num_classes, self.hp.teacher_checkpoint)
+        given = self.hp.teacher_model
+        teacher = str(given)
+        if isinstance(given, Mapping):  # its own kwargs, taps, ...: built as the mapping says
+            teacher = spec_ref(entry_spec(member_entry(given, "method.teacher_model"), ctx.extra.get("input_size", 32)))
+        self.teacher = load_teacher(teacher, ctx.num_classes, self.hp.teacher_checkpoint)
 
     def train(self, mode: bool = True) -> KD:
         super().train(mode)

@@ -1,7 +1,8 @@
 """KDCL: Knowledge Distillation via Collaborative Learning (Guo et al., CVPR 2020), ``docs/methods.md#kdcl``.
 
-m students, architectures may differ (``models``; empty: m copies of ``model.name``). **Each student sees its
-own augmented view** of the batch (``views`` = m). A soft target z_t is built from the students' logits by an
+m students, architectures may differ (``model.members``, student i being member i; ``method.models`` is the
+older spelling of the same list; neither: m copies of ``model.name``). **Each student sees its own augmented
+view** of the batch (``views`` = m). A soft target z_t is built from the students' logits by an
 ensembling rule and every student learns from it, detached:
 
     L_i = (1 - alpha) CE(z_i, y) + alpha T^2 KL_T(z_t.detach() -> z_i),    alpha = 0.5, T = 4
@@ -32,14 +33,16 @@ wd 5e-4, no Nesterov, batch 64, 240 epochs, x0.1 at 150/180/210). The re-impleme
 one after another from one forward; with detached targets one backward of the summed loss is the same. It
 zeroes the gradients every step, as the trainer does.
 Heads: ``student<i>``, ``mean_logits`` and ``ensemble`` (the naive teacher; the other rules need labels or a
-held-out fit). ``deploy.pt`` holds student ``deploy_student`` (default: the first whose architecture is
-``model.name``, which is what ``deploy.pt`` records).
+held-out fit). ``deploy.pt`` holds student ``deploy_student`` and describes that student's network. Its default:
+student 0 with ``model.members``; with ``method.models`` (or copies), as before members existed, the first
+student whose architecture is ``model.name``, and an explicit ``deploy_student`` must be one of that architecture.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +52,9 @@ from okd.errors import ConfigError
 from okd.methods.base import Method, MethodContext, ParamGroup, register_method, sgd_group
 from okd.methods.branch_base import check_choice, ensemble_heads
 from okd.methods.pcl import as_views
-from okd.models import create_model, list_models
+from okd.models import create_model
+from okd.models.members import entry_spec, head_labels, member_entries
+from okd.models.spec import spec_ref
 from okd.nn.losses import cross_entropy, kl_div_t, logit_mean
 
 RULES = ("naive", "linear", "min_logit", "general")
@@ -57,9 +62,10 @@ RULES = ("naive", "linear", "min_logit", "general")
 
 @dataclass
 class KDCLParams:
-    #: the students' architectures (heterogeneous allowed); empty: ``num_students`` copies of model.name
-    models: list[str] = field(default_factory=list)
-    #: null: len(models), or 2 when ``models`` is empty
+    #: the students' networks, the older spelling of model.members (same entry forms; give one of the two);
+    #: empty: model.members, else ``num_students`` copies of model.name
+    models: list[Any] = field(default_factory=list)
+    #: null: len(models) (or len(model.members)), or 2 when neither is given
     num_students: int | None = None
     #: naive | linear | min_logit | general
     ensemble: str = "naive"
@@ -73,7 +79,7 @@ class KDCLParams:
     linear_iters: int = 20
     #: ridge of the general rule's error covariance, relative to tr(C)/m
     general_ridge: float = 1e-6
-    #: null: the first student whose architecture is model.name
+    #: null: student 0 with model.members; with method.models, the first student whose architecture is model.name
     deploy_student: int | None = None
 
     def student_count(self) -> int:
@@ -90,10 +96,8 @@ class KDCLParams:
                 f"method.models lists {len(self.models)} students but method.num_students={self.num_students}; "
                 "leave num_students null to use len(models)"
             )
-        known = set(list_models())
-        for name in self.models:
-            if name not in known:
-                raise ConfigError(f"method.models: unknown model {name!r}; choose from {', '.join(sorted(known))}")
+        if self.models:
+            member_entries(list(self.models), "method.models")
         check_choice("ensemble", self.ensemble, RULES)
         check_choice("naive_target", self.naive_target, ("mean", "sum"))
         if self.temperature <= 0:
@@ -229,19 +233,32 @@ def kdcl_losses(logits: list[Tensor], target: Tensor, labels: Tensor, hp: KDCLPa
 class KDCL(Method):
     Params = KDCLParams
     views = 2
+    mixed_cohort = None  # any networks: only their logits meet
+    cohort_key = "num_students"
+    members_key = "models"
 
     @classmethod
     def views_for(cls, params: KDCLParams) -> int:
         """One view per student."""
         return params.student_count()
 
+    @classmethod
+    def cohort_size(cls, params: KDCLParams) -> int:
+        return params.student_count()
+
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)
         hp: KDCLParams = ctx.params
         m = hp.student_count()
-        self.names = list(hp.models) if hp.models else [ctx.model] * m
+        if ctx.members is not None:
+            self.names = ctx.cohort(m)
+            self.deploy_index = hp.deploy_student or 0
+        else:
+            size = ctx.extra.get("input_size", 32)
+            entries = member_entries(list(hp.models), "method.models") if hp.models else None
+            self.names = [spec_ref(entry_spec(e, size)) for e in entries] if entries else [ctx.model] * m
+            self.deploy_index = self._deploy_index(hp, ctx.model)
         self.students = nn.ModuleList(create_model(name, ctx.num_classes) for name in self.names)
-        self.deploy_index = self._deploy_index(hp, ctx.model)
         self.deploy_head = f"student{self.deploy_index}"
         self.register_buffer("general_weights", torch.full((m,), 1.0 / m, dtype=torch.float64))
         if hp.ensemble == "general" and ctx.extra.get("holdout", 0) <= 0:
@@ -251,19 +268,29 @@ class KDCL(Method):
             )
 
     def _deploy_index(self, hp: KDCLParams, model: str) -> int:
+        """With ``method.models`` (the older spelling), ``model.name`` names the deployed student's network."""
+        names = [str(n) for n in self.names]
         if hp.deploy_student is None:
-            if model not in self.names:
+            if model not in names:
                 raise ConfigError(
-                    f"model.name={model!r} is none of the students {self.names}; deploy.pt records model.name, "
-                    "so set model.name to the architecture of the student to deploy"
+                    f"model.name={model!r} is none of the students {names}; with method.models, model.name names "
+                    "the network of the student to deploy (or give the cohort as model.members and pick the "
+                    "student with method.deploy_student)"
                 )
-            return self.names.index(model)
-        if self.names[hp.deploy_student] != model:
+            return names.index(model)
+        if names[hp.deploy_student] != model:
             raise ConfigError(
-                f"method.deploy_student={hp.deploy_student} is a {self.names[hp.deploy_student]}, but deploy.pt "
-                f"records model.name={model!r}; set model.name={self.names[hp.deploy_student]}"
+                f"method.deploy_student={hp.deploy_student} is a {names[hp.deploy_student]}, but model.name={model!r}; "
+                f"with method.models, set model.name={names[hp.deploy_student]} (or give the cohort as model.members)"
             )
         return hp.deploy_student
+
+    @property
+    def deployed_member(self) -> int:
+        return self.deploy_index
+
+    def head_networks(self) -> dict[str, str]:
+        return head_labels([f"student{i}" for i in range(len(self.students))], self.names)
 
     def param_groups(self) -> list[ParamGroup]:
         return [sgd_group(f"student{i}", s.parameters(), self.ctx.optim) for i, s in enumerate(self.students)]

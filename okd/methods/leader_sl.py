@@ -137,6 +137,14 @@ class ONESLParams(SLParams, ONEParams):
 )
 class DMLSL(DML):
     Params = DMLSLParams
+    mixed_cohort = (
+        "its fusion module concatenates the nets' last feature maps channel by channel (maps of equal shapes), "
+        "and its leader is one more copy of the nets' network"
+    )
+
+    @property
+    def deployed_member(self) -> None:
+        return None  # the leader: a copy of the (equal) nets' network
 
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)

@@ -171,6 +171,11 @@ def pcl_losses(
 class PCL(Method):
     Params = PCLParams
     views = 3
+    mixed_cohort = (
+        "its peers are the branches of one multi-branch network over a shared trunk, with a temporal-mean (EMA) "
+        "copy of that network, so every peer is the same network"
+    )
+    cohort_key = "num_branches"
 
     @classmethod
     def views_for(cls, params: PCLParams) -> int:

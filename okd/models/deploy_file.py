@@ -2,8 +2,10 @@
 
 A deploy file is a dict of plain values and tensors (loaded with ``weights_only=True``): ``format``
 (``okd-deploy-v1``), ``model`` (the model name), ``num_classes``, ``state_dict``, and optionally
-``method``, ``epoch``, ``dataset``, ``classes``, ``mean``, ``std``, ``size``, ``resize`` and ``model_spec`` (how to
-rebuild a network that is not a registered backbone with defaults: :mod:`okd.models.spec`). A ``.safetensors``
+``method``, ``epoch``, ``dataset``, ``classes``, ``mean``, ``std``, ``size``, ``resize``, ``model_spec`` (how to
+rebuild a network that is not a registered backbone with defaults: :mod:`okd.models.spec`) and ``head`` (the
+head that scored it; written for a member of a ``model.members`` cohort, whose ``model`` and ``model_spec``
+describe that member: docs/cohorts.md). A ``.safetensors``
 file (``okd export --format safetensors``) holds the same: the tensors, and the rest as the JSON of its
 ``okd`` metadata entry; :func:`read_deploy` reads both.
 """

@@ -71,49 +71,61 @@ def input_size_of(data_cfg) -> int:
 
 def model_spec(cfg) -> dict[str, Any]:
     """The plain-types description of the run's network (``deploy.pt`` key ``model_spec``)."""
-    m = cfg.run.model
+    return section_spec(cfg.run.model, input_size_of(cfg.run.data))
+
+
+def section_spec(m, input_size: int) -> dict[str, Any]:
+    """The spec of a model section or of one ``model.members`` entry (anything with the section's attributes)."""
     spec: dict[str, Any] = {"name": str(m.name), "kind": model_kind(m.name), "kwargs": dict(m.kwargs or {})}
     spec["taps"] = list(m.taps) if m.taps is not None else None
     spec["branch_from"] = m.branch_from
     spec["pretrained"] = bool(m.pretrained)
     spec["weights"] = m.weights
-    spec["input_size"] = int(input_size_of(cfg.run.data))
+    spec["input_size"] = int(input_size)
     return spec
 
 
 def model_ref(cfg) -> str:
     """``model.name`` for the method context: a plain str for a registered backbone built with defaults,
     else a :class:`ModelRef` carrying the spec."""
-    spec = model_spec(cfg)
+    return spec_ref(model_spec(cfg))
+
+
+def spec_ref(spec: dict[str, Any]) -> str:
+    """A spec as methods pass it to ``create_model``: the plain name for a registered backbone with its defaults,
+    else a :class:`ModelRef`."""
     plain = spec["kind"] == "registered" and not spec["kwargs"] and spec["taps"] is None
     return str(spec["name"]) if plain and spec["branch_from"] is None else ModelRef(spec)
 
 
-def check_model_config(m) -> None:
-    """What can be checked of the model section (a ``ModelConfig``) before any data is read."""
+def check_model_config(m, where: str = "model") -> None:
+    """What can be checked of the model section (a ``ModelConfig``), or of one ``model.members`` entry (``where``
+    names it), before any data is read."""
     kind = model_kind(m.name)
     if kind == "registered":
         if m.taps is not None or m.branch_from is not None:
             raise ConfigError(
-                f"model.taps and model.branch_from are for your own or timm networks; the registered {m.name} "
+                f"{where}.taps and {where}.branch_from are for your own or timm networks; the registered {m.name} "
                 "has its taps and branch split built in"
             )
         if m.pretrained or m.weights:
-            raise ConfigError("model.pretrained/model.weights are for timm: models")
+            raise ConfigError(f"{where}.pretrained/{where}.weights are for timm: models")
     if m.taps is not None and m.branch_from is not None:
         raise ConfigError(
-            "model.taps (feature taps: FFSD, DML with a leader, ...) and model.branch_from (branch methods: ONE, "
+            f"{where}.taps (feature taps: FFSD, DML with a leader, ...) and {where}.branch_from (branch methods: ONE, "
             "OKDDip, ...) serve different methods; set the one your method needs"
         )
     if kind == "import" and (m.pretrained or m.weights):
-        raise ConfigError("model.pretrained/model.weights are for timm: models; load your own weights in your factory")
+        raise ConfigError(
+            f"{where}.pretrained/{where}.weights are for timm: models; load your own weights in your factory"
+        )
     if m.pretrained and not m.weights:
         raise ConfigError(
-            "model.pretrained=true needs model.weights=PATH, a local weights file of that timm model "
+            f"{where}.pretrained=true needs {where}.weights=PATH, a local weights file of that timm model "
             "(okd downloads nothing at run time)"
         )
     if m.weights and not m.pretrained:
-        raise ConfigError("model.weights is read only with model.pretrained=true")
+        raise ConfigError(f"{where}.weights is read only with {where}.pretrained=true")
 
 
 def check_import_allowed(path: str) -> None:
@@ -129,12 +141,28 @@ def check_import_allowed(path: str) -> None:
     )
 
 
+#: the method keys that name networks in a stored config (KDCL's older spelling of model.members, KD's teacher)
+METHOD_NETWORK_KEYS = ("models", "teacher_model")
+
+
+def stored_network_names(config: dict) -> list[str]:
+    """Every network name a stored config holds: ``model.name``, each ``model.members`` entry's and those of the
+    method keys that name networks (:data:`METHOD_NETWORK_KEYS`)."""
+    model, method = (config or {}).get("model") or {}, (config or {}).get("method") or {}
+    entries = [model.get("name")] + list(model.get("members") or [])
+    for key in METHOD_NETWORK_KEYS:
+        value = method.get(key)
+        entries += list(value) if isinstance(value, list | tuple) else [value]
+    names = [e.get("name") if isinstance(e, dict) else e for e in entries]
+    return [str(n) for n in names if isinstance(n, str) and n]
+
+
 def check_stored_config(config: dict) -> None:
-    """A run's stored config (``last.pt``) read back by resume, ``okd test``, export, ... names its network:
+    """A run's stored config (``last.pt``) read back by resume, ``okd test``, export, ... names its networks:
     an import path there is imported only with the user's consent (:func:`check_import_allowed`)."""
-    name = str(((config or {}).get("model") or {}).get("name", ""))
-    if name and model_kind(name) == "import":
-        check_import_allowed(name)
+    for name in stored_network_names(config):
+        if model_kind(name) == "import":
+            check_import_allowed(name)
 
 
 def build_from_spec(spec: dict[str, Any], num_classes: int, *, from_file: bool = False) -> nn.Module:

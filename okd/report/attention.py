@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from okd.data.cifar import SPECS, load_cifar
 from okd.data.facts import class_names, normalization
 from okd.data.folder import FolderDataset, build_transforms, scan, split_statistics
+from okd.engine.run_log import head_label
 from okd.extras import pyplot
 from okd.nn.losses import attention_map
 from okd.runs.reader import Run, load_run_method
@@ -72,9 +73,13 @@ def attention_maps(networks: dict[str, nn.Module], images: Tensor) -> tuple[dict
 
 
 def similarity(maps: dict[str, Tensor]) -> tuple[np.ndarray, np.ndarray]:
-    """Pairwise per-image cosine (raw and mean-centered) of flattened attention maps, averaged over images."""
+    """Pairwise per-image cosine (raw and mean-centered) of flattened attention maps, averaged over images; maps
+    of different sizes (a cohort of different networks) are first resized bilinearly to the largest."""
     names = list(maps)
-    flat = [maps[n].flatten(1).double() for n in names]
+    h, w = max(tuple(m.shape[-2:]) for m in maps.values())
+    same = {n: m if tuple(m.shape[-2:]) == (h, w) else F.interpolate(m.float(), size=(h, w), mode="bilinear")
+            for n, m in maps.items()}  # fmt: skip
+    flat = [same[n].flatten(1).double() for n in names]
     n = len(names)
     cos, cen = np.eye(n), np.eye(n)
     for i, j in itertools.combinations(range(n), 2):
@@ -128,7 +133,8 @@ def draw_attention(
     """Write the attention figure (and, with 2+ networks, the similarity figure and CSV) of a run."""
     run_dir = Path(run_dir)
     method, cfg, _ = load_run_method(run_dir, which, overrides)
-    networks = tap_networks(method)
+    labels = method.head_networks()  # a cohort of different networks: each network's name beside its head
+    networks = {head_label(n, labels, " "): net for n, net in tap_networks(method).items()}
     data = cfg.run.data
     if data.dataset in SPECS:
         split = load_cifar(data.root, data.dataset, train=False, download=data.download)
@@ -252,9 +258,10 @@ def tap_networks(method: nn.Module) -> dict[str, nn.Module]:
                 head = getattr(method, "head_prefix", "branch")
                 for i in range(int(child.num_branches)):
                     add(f"{head}{i}", prefix, child.single_branch(i))
-            elif isinstance(child, nn.ModuleList) and len(child) and all(_has_taps(c) for c in child):
-                for i, c in enumerate(child):
-                    add(f"{_singular(name)}{i}", prefix, c)
+            elif isinstance(child, nn.ModuleList) and any(_has_taps(c) for c in child):
+                for i, c in enumerate(child):  # a cohort of different networks: those that have taps
+                    if _has_taps(c):
+                        add(f"{_singular(name)}{i}", prefix, c)
             else:
                 visit(child, f"{prefix}{name}.")
 

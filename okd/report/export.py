@@ -33,6 +33,7 @@ from okd.errors import CheckpointError, OKDError
 from okd.extras import require
 from okd.io import atomic_save, atomic_write_bytes, load_checkpoint
 from okd.methods.build import method_class
+from okd.methods.cohort import deployed_spec
 from okd.models.deploy_file import (
     DEPLOY_FORMAT,
     build_network,
@@ -42,6 +43,7 @@ from okd.models.deploy_file import (
 )
 from okd.models.spec import model_spec
 from okd.runs.reader import Run, deploy_head_of, load_run_method, read_run_config
+from okd.runs.records import deploy_record
 
 FORMATS = ("state_dict", "safetensors", "torchscript", "onnx")
 SUFFIX = {
@@ -154,19 +156,28 @@ def _from_deploy_record(ckpt: dict, path: str, folder: Path, cfg: dict | None) -
 
 
 def _from_run_method(method, cfg, epoch: int | None, source: str) -> Deployable:
-    """The deployable network of a method rebuilt by ``load_run_method`` from the checkpoint ``source``."""
+    """The deployable network of a method rebuilt by ``load_run_method`` from the checkpoint ``source`` (of a
+    cohort given by members: the member the method deploys)."""
+    spec = deployed_spec(cfg, method) or model_spec(cfg)
     dep = _finish(
         method.deployable(),
         cfg.to_dict(),
-        model=cfg.run.model.name,
+        model=spec["name"],
         num_classes=int(method.ctx.num_classes),
         method=cfg.method_name,
         epoch=epoch,
         head=method.deploy_head,
         source=source,
     )
-    dep.spec = model_spec(cfg)
+    dep.spec = spec
     return dep
+
+
+def _rebuild_fields(record: dict) -> dict:
+    """What a deploy record holds beyond the network (preprocessing, class names), to rebuild it for another
+    member: everything but the header, the weights and the network's description."""
+    skip = {"format", "model", "method", "num_classes", "epoch", "state_dict", "model_spec", "head"}
+    return {k: v for k, v in record.items() if k not in skip}
 
 
 def load_deployable(path: str | Path, which: str = "last", overrides: list[str] = (), check: bool = True) -> Deployable:
@@ -177,14 +188,19 @@ def load_deployable(path: str | Path, which: str = "last", overrides: list[str] 
     if path.is_dir() or (path.name in ("last.pt", "best.pt", "deploy.pt") and (path.parent / "last.pt").exists()):
         run = Run(path)
         which = {"last.pt": "last", "best.pt": "best", "deploy.pt": "last"}.get(path.name, which)
+        method = None
         if which == "last":
             record, source = run.deploy_record()
+            if overrides:  # e.g. method.deploy_net=1: the committed epoch's network that the overrides deploy
+                method, cfg, _ = load_run_method(run.dir, "last", overrides)
+                record = deploy_record(cfg, method, run.epoch, rebuild=_rebuild_fields(record))
+                record["head"], source = method.deploy_head, f"{run.dir / 'last.pt'} ({' '.join(overrides)})"
             dep = _from_deploy_record(record, source, run.dir, run.config_dict)
         else:
             method, cfg, source = load_run_method(run.dir, which, overrides)
             dep = _from_run_method(method, cfg, run.checkpoint(which)[0].get("epoch"), source)
         if check:
-            dep.training_head = _training_head(load_run_method(run.dir, which, overrides)[0])
+            dep.training_head = _training_head(method or load_run_method(run.dir, which, overrides)[0])
         return dep
     if not path.is_file():
         raise CheckpointError(f"{str(path)!r} does not exist; give a run folder, a deploy.pt or an exported file")

@@ -17,6 +17,7 @@ from okd.io import load_checkpoint, load_state_checked
 from okd.methods import METHODS
 from okd.methods.build import build_config, build_method
 from okd.models.deploy_file import DEPLOY_FORMAT, build_network, read_deploy
+from okd.models.members import is_mixed, member_entries
 from okd.models.spec import check_stored_config
 from okd.runs.reader import Run
 
@@ -53,6 +54,7 @@ def score_checkpoint(path: str | Path, which: str = "last", overrides: list[str]
     metrics.update(method.derived_metrics(metrics))
     head = method.deploy_head or next(iter(metrics)).split("/")[0]
     info = {"path": source, "epoch": record.get("epoch"), "note": record.get("note"), "deploy_head": head, "run": run}
+    info["labels"] = method.head_networks()
     return metrics, info
 
 
@@ -101,10 +103,13 @@ def _score_deploy_record(
     torch.manual_seed(cfg.run.seed)
     device = resolve_device(cfg.run.train.device)
     _, test_loader, num_classes, _ = build_loaders(cfg.run.data, cfg.run.seed, device, views=1)
-    head = _deployed_head_name(cfg, num_classes, test_loader)
+    head = record.get("head") or _deployed_head_name(cfg, num_classes, test_loader)
     net = build_network(record, source).eval().to(device)
     metrics = evaluate(_DeployedNetwork(net, head), test_loader)
-    return metrics, {"path": source, "epoch": record.get("epoch"), "note": None, "deploy_head": head, "run": run}
+    mixed = is_mixed(member_entries(cfg.run.model.members))  # the network of a member of a mixed cohort
+    labels = {head: record["model"]} if mixed and record.get("head") else {}
+    info = {"path": source, "epoch": record.get("epoch"), "note": None, "deploy_head": head, "run": run}
+    return metrics, {**info, "labels": labels}
 
 
 def _deployed_head_name(cfg, num_classes: int, loader) -> str:

@@ -18,8 +18,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from okd.engine.run_log import head_label
 from okd.errors import CheckpointError
 from okd.methods.build import method_defaults
+from okd.models.members import cohort_label
 from okd.report.comparability import caveats
 from okd.report.published import PublishedRow, find_published
 from okd.runs.reader import Run, expand_run_dirs
@@ -59,6 +61,8 @@ class RunResult:
     final: dict[str, float]  # "<head>/<metric>" -> value at the last epoch
     best: dict[str, float]  # "<head>/<metric>" -> max over epochs
     config: dict = field(repr=False, default_factory=dict)
+    #: a cohort of different networks: each per-network head's network (last.pt's ``head_networks``)
+    networks: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -77,6 +81,7 @@ class HeadRow:
     stats: dict[str, tuple[float, float]]  # "final/top1" etc. -> (mean, std)
     published: PublishedRow | None = None
     others: list[PublishedRow] = field(default_factory=list)
+    network: str | None = None  # the head's network, in a cohort of different networks
 
     def diff(self, which: str) -> float | None:
         mean = self.stats.get(f"{which}/top1")
@@ -148,7 +153,7 @@ def read_run(run_dir: str | Path) -> RunResult:
     return RunResult(
         path=run_dir,
         dataset=(cfg.get("data") or {}).get("dataset", "?"),
-        model=(cfg.get("model") or {}).get("name", "?"),
+        model=cohort_label(cfg.get("model") or {}),
         method=method,
         params=method_cfg,
         epochs=(cfg.get("train") or {}).get("epochs"),
@@ -159,6 +164,7 @@ def read_run(run_dir: str | Path) -> RunResult:
         final={k: v[-1] for k, v in series.items()},
         best={k: max(v) for k, v in series.items()},
         config=cfg,
+        networks=dict(run.last.get("head_networks") or {}),
     )
 
 
@@ -249,6 +255,7 @@ def aggregate(runs: list[RunResult]) -> list[Group]:
                     stats=stats,
                     published=published[0] if published else None,
                     others=published[1:],
+                    network=members[0].networks.get(head),
                 )
             )
         shown = [p for r in rows for p in ([r.published] if r.published else []) + r.others]
@@ -308,7 +315,8 @@ def to_markdown(groups: list[Group]) -> str:
         )
         lines.append("|---|---|---|---|---|---|---|---|---|")
         for r in g.rows:
-            name = f"**{r.head}** (deployed)" if r.deployed else r.head
+            head = head_label(r.head, {r.head: r.network} if r.network else None, " ")
+            name = f"**{head}** (deployed)" if r.deployed else head
             pub = r.published.text() if r.published else "—"
             where = f"{r.published.where} ({r.published.metric})" if r.published else ""
             if others := _other_sources(r):
@@ -327,7 +335,7 @@ def to_markdown(groups: list[Group]) -> str:
 
 
 CSV_COLUMNS = (
-    "dataset model method variant epochs head deployed n_runs seeds "
+    "dataset model method variant epochs head network deployed n_runs seeds "
     "final_top1_mean final_top1_std best_top1_mean best_top1_std "
     "final_top5_mean final_top5_std best_top5_mean best_top5_std "
     "published_top1 published_std published_source published_metric published_spec_row "
@@ -353,6 +361,7 @@ def to_csv(groups: list[Group]) -> str:
                 "variant": r.variant,
                 "epochs": r.epochs,
                 "head": r.head,
+                "network": r.network or "",
                 "deployed": int(r.deployed),
                 "n_runs": r.n,
                 "seeds": " ".join(map(str, r.seeds)),

@@ -9,6 +9,7 @@ import torch
 
 from okd.errors import CheckpointError, UnsafeCheckpointError
 from okd.io import load_checkpoint
+from okd.methods.cohort import deployed_spec
 from okd.models.deploy_file import DEPLOY_FORMAT
 from okd.models.spec import deploy_fields
 
@@ -22,8 +23,11 @@ RUN_KEYS = ("config", "epoch", "method", "optimizers", "schedulers", "history", 
 
 
 def last_record(cfg, runner, plan, epoch: int, history: list[dict], best: dict, rngs: list) -> dict:
-    """last.pt: everything a resume needs, and (``epoch``, ``best``) what the other files hold."""
+    """last.pt: everything a resume needs, and (``epoch``, ``best``) what the other files hold; for a cohort of
+    different networks also ``head_networks`` (each per-network head's network, for the readers' labels)."""
+    heads = runner.method.head_networks()
     return {
+        **({"head_networks": heads} if heads else {}),
         "format": CHECKPOINT_FORMAT,
         "config": cfg.to_dict(),
         "epoch": epoch,
@@ -45,15 +49,24 @@ def best_record(last: dict) -> dict:
 
 def deploy_record(cfg, method, epoch: int, rebuild: dict | None = None) -> dict:
     """deploy.pt: the method's deployable network alone, with what rebuilds and feeds it (``rebuild``, else
-    :func:`okd.models.spec.deploy_fields` from the config: the model spec, a folder dataset's preprocessing)."""
+    :func:`okd.models.spec.deploy_fields` from the config: the model spec, a folder dataset's preprocessing).
+
+    A cohort given by ``model.members`` (or KDCL's ``method.models``) deploys one member: ``model`` and
+    ``model_spec`` describe that member, and ``head`` names the head that scored it."""
     deploy = method.deployable()
+    fields = dict(rebuild if rebuild is not None else deploy_fields(cfg))
+    model, member = cfg.run.model.name, deployed_spec(cfg, method)
+    if member is not None:
+        model, fields["model_spec"] = member["name"], member
+        if cfg.run.model.members is not None and method.deploy_head:
+            fields["head"] = method.deploy_head
     return {
         "format": DEPLOY_FORMAT,
-        "model": cfg.run.model.name,
+        "model": model,
         "method": cfg.method_name,
         "num_classes": int(method.ctx.num_classes),
         "epoch": epoch,
-        **(rebuild if rebuild is not None else deploy_fields(cfg)),
+        **fields,
         "state_dict": {k: v.detach().cpu() for k, v in deploy.state_dict().items()},
     }
 

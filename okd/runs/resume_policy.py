@@ -14,8 +14,9 @@ key=value``, or a config file given with ``--resume``) is therefore one of three
 - **applied to the restored state** (:data:`APPLIED`): ``optim.milestones``. The restored schedulers take the
   new milestones, so the next epochs' learning rates follow them (extending a run with later decays); the
   milestones that fall within the epochs already trained must stay as they were.
-- **refused**: every other key (the recipe: ``seed``, ``model.*``, the data set and its augmentation and
-  batch size, ``optim.lr``/``momentum``/``weight_decay``/``gamma``/``schedule``..., ``train.precision``,
+- **refused**: every other key (the recipe: ``seed``, ``model.*`` with the cohort's ``model.members``, the data
+  set and its augmentation and batch size, ``optim.lr``/``momentum``/``weight_decay``/``gamma``/``schedule``...,
+  ``train.precision``,
   ``train.max_steps_per_epoch``, ``train.sync_bn``, every ``method.*`` key). The restored state was trained
   with the saved value; the error names the key and both values. A key okd adds later is refused until it
   is listed here.
@@ -167,10 +168,12 @@ def _as_list(milestones) -> list[int]:
 
 # --------------------------------------------------------------------------------- the checkpoint and its folder
 def identity(cfg: dict) -> dict[str, Any]:
-    """What tells one run from another: method, model, data set and seed."""
+    """What tells one run from another: method, model (or the cohort's members), data set and seed."""
+    model = cfg.get("model") or {}
     return {
         "method": (cfg.get("method") or {}).get("name"),
-        "model": (cfg.get("model") or {}).get("name"),
+        "model": model.get("name"),
+        "model.members": model.get("members"),
         "dataset": (cfg.get("data") or {}).get("dataset"),
         "seed": cfg.get("seed"),
     }
