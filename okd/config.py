@@ -361,3 +361,23 @@ def recipe_deviations(run: RunConfig) -> dict[str, tuple[Any, Any]]:
     theirs = recipe_run(run.data.dataset, run.recipe)
     base = flatten({s: dataclasses.asdict(getattr(theirs, s)) for s in RECIPE_SECTIONS})
     return {k: (base[k], v) for k, v in mine.items() if k not in NOT_COMPARED and base.get(k) != v}
+
+
+def recipe_summary(run: RunConfig) -> str:
+    """One line naming the run's recipe and every recipe setting the run changed (the start line, reports)."""
+    if run.recipe is None:
+        return f"recipe {CUSTOM}: the run names no recipe; its settings are its config file's and overrides' own"
+    changed = recipe_deviations(run)
+    text = f"recipe {run.recipe} ({run.data.dataset}; docs/recipes.md)"
+    if not changed:
+        return f"{text}, as the recipe gives it"
+    return f"{text}, changed by this run: {describe_changes(changed)}"
+
+
+def describe_changes(changed: dict[str, tuple[Any, Any]]) -> str:
+    """``key=new (recipe: old), ...`` of :func:`recipe_deviations`."""
+    return ", ".join(f"{k}={_text(new)} (recipe: {_text(old)})" for k, (old, new) in changed.items())
+
+
+def _text(value: Any) -> str:
+    return "null" if value is None else str(value)
