@@ -88,13 +88,12 @@ def read_recipe(dataset: str, name: str) -> dict:
 
 
 def packaged_recipe(dataset: str, method: str, model: str) -> str | None:
-    """The recipe okd's own config for this method uses on ``dataset``: that of ``<dataset>/<method>_<model>``
-    when it exists, else the one most of the dataset's ``<method>_*`` configs name; None without any."""
-    exact = PACKAGED / dataset / f"{method}_{model}.yaml"
-    paths = [exact] if exact.is_file() else sorted((PACKAGED / dataset).glob(f"{method}_*.yaml"))
-    counts: dict[str, int] = {}
-    for path in paths:
+    """The recipe okd's own configs of this method use on ``dataset``: the one most of its configs for ``model``
+    name, else the one most of its configs for any backbone name; None without any."""
+    found: list[tuple[str, str]] = []  # (recipe, model) of each config of the method
+    for path in sorted((PACKAGED / dataset).glob("*.yaml")) if dataset != RECIPES.name else []:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         if (raw.get("method") or {}).get("name") == method and raw.get("recipe"):
-            counts[raw["recipe"]] = counts.get(raw["recipe"], 0) + 1
-    return max(sorted(counts), key=counts.__getitem__) if counts else None
+            found.append((raw["recipe"], (raw.get("model") or {}).get("name")))
+    chosen = [r for r, m in found if m == model] or [r for r, _ in found]
+    return max(sorted(set(chosen)), key=chosen.count) if chosen else None
