@@ -367,7 +367,10 @@ def recipe_summary(run: RunConfig) -> str:
     """One line naming the run's recipe and every recipe setting the run changed (the start line, reports)."""
     if run.recipe is None:
         return f"recipe {CUSTOM}: the run names no recipe; its settings are its config file's and overrides' own"
-    changed = recipe_deviations(run)
+    try:
+        changed = recipe_deviations(run)
+    except ConfigError:  # a run of a recipe this okd does not ship (made by another version)
+        return f"recipe {run.recipe}: not shipped with this okd, so what the run changed in it is unknown"
     text = f"recipe {run.recipe} ({run.data.dataset}; docs/recipes.md)"
     if not changed:
         return f"{text}, as the recipe gives it"

@@ -60,10 +60,10 @@ def recipe_names(dataset: str) -> list[str]:
 
 def recipe_file(dataset: str, name: str) -> Path:
     """The file of recipe ``name`` for ``dataset``, or a :class:`ConfigError` listing the known ones."""
-    path = RECIPES / dataset / f"{name}.yaml"
-    if isinstance(name, str) and name and "/" not in name and path.is_file():
+    known = recipe_names(dataset) if dataset in recipe_datasets() else []
+    path = RECIPES / str(dataset) / f"{name}.yaml"
+    if known and isinstance(name, str) and name in known and path.is_file():
         return path
-    known = recipe_names(dataset)
     if not known:
         have = ", ".join(recipe_datasets())
         raise ConfigError(

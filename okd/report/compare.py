@@ -77,7 +77,21 @@ def compared_settings(run: RunResult) -> dict:
 
 
 def _fingerprint(run: RunResult) -> str:
-    return json.dumps(compared_settings(run), sort_keys=True, default=str)
+    """What tells runs of one recipe name apart: how each departs from its recipe (so the recipe's own
+    settings for other datasets do not count), or, without a known recipe, the settings themselves."""
+    changes = _changes(run)
+    return json.dumps(changes if changes is not None else compared_settings(run), sort_keys=True, default=str)
+
+
+def _changes(run: RunResult) -> dict | None:
+    """:func:`~okd.config.recipe_deviations` of the run; None without a recipe this okd ships."""
+    if run.recipe is None:
+        return None
+    try:
+        cfg = typed_section(RunConfig, {k: v for k, v in run.config.items() if k != "method"}, "")
+        return recipe_deviations(cfg)
+    except OKDError:  # a recipe or key this okd does not know (another version's run)
+        return None
 
 
 def _labels(runs: list[RunResult]) -> dict[str, str]:
@@ -100,10 +114,8 @@ def _departures(run: RunResult) -> str:
     """How a run departs from the recipe it names (``key=value (recipe: value)``), as one phrase."""
     if run.recipe is None:
         return "no recipe named: the runs' own settings"
-    try:
-        cfg = typed_section(RunConfig, {k: v for k, v in run.config.items() if k != "method"}, "")
-        changed = recipe_deviations(cfg)
-    except OKDError:  # a recipe or key this okd does not know (a newer okd's run)
+    changed = _changes(run)
+    if changed is None:
         return f"recipe {run.recipe} is not shipped with this okd: its departures are unknown"
     if not changed:
         return "as the recipe gives it"

@@ -198,6 +198,10 @@ def test_deviations_name_every_recipe_setting_a_run_changed():
     assert text.startswith("recipe ffsd (cifar100; docs/recipes.md), changed by this run: ")
     assert "data.limit_train=64 (recipe: null)" in text and "optim.weight_decay=0.0005 (recipe: 0.0001)" in text
     assert recipe_summary(load_config("cifar100/ffsd_resnet32").run).endswith(", as the recipe gives it")
+    other_version = dataclasses.replace(run, recipe="not_shipped")  # a saved run of a recipe this okd lacks
+    assert recipe_summary(other_version) == (
+        "recipe not_shipped: not shipped with this okd, so what the run changed in it is unknown"
+    )
 
 
 def test_a_run_under_another_recipe_is_named_after_it():

@@ -109,6 +109,19 @@ def test_one_recipe_with_changed_settings_is_mixed_too(tmp_path):
     assert "optim.weight_decay=0.0005 (recipe: 0.0001)" in comparison.recipes["ffsd#2"]
 
 
+def test_one_recipe_on_two_datasets_is_one_recipe(tmp_path):
+    """PCL's recipe normalises CIFAR-100 its own way and CIFAR-10 the standard way: still the one recipe."""
+    rows = [timed({"test/net/top1": 50.0})]
+    fake_run(tmp_path / "runs" / "c10", "cifar10/baseline_resnet32", ["recipe=pcl"], rows)
+    fake_run(tmp_path / "runs" / "c100", "cifar100/baseline_resnet32", ["recipe=pcl"], rows)
+    comparison = build_comparison([tmp_path / "runs"])
+    assert not comparison.mixed and [(r.dataset, r.recipe) for r in comparison.rows] == [
+        ("cifar10", "pcl"),
+        ("cifar100", "pcl"),
+    ]
+    assert "## cifar10\n" in to_markdown(comparison) and "## cifar100\n" in to_markdown(comparison)
+
+
 def test_the_compare_command_writes_its_files(tmp_path):
     runs = tmp_path / "runs"
     _baseline(runs / "b1", 1, 60.0)
