@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()  # a closed pipe (okd models | head) raises here, not at interpreter exit
         return code
     except OKDError as exc:
-        print(textwrap.fill(f"okd: error: {exc}", 100), file=sys.stderr)
+        print(textwrap.fill(f"okd: error: {exc}", 100, break_on_hyphens=False), file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:  # Ctrl-C: 130; SIGTERM (StopRequested): 143
         return 128 + getattr(exc, "signum", signal.SIGINT)
