@@ -40,7 +40,7 @@ Typical use:
   okd train --resume runs/<name>                                continue a stopped run exactly
   okd test runs/<name> [--checkpoint best]                      top-1/top-5 of every head on the test split
   okd configs | okd config cifar10/ffsd_resnet20 seed=3         packaged configs; one resolved config
-  okd recipes | okd train cifar100/dml_resnet32 recipe=ffsd      recipes; a method under another paper's recipe
+  okd recipes | okd train cifar100/dml_resnet32 recipe=ffsd     recipes; a method under another paper's recipe
   okd models | okd methods                                      what can be trained
   okd bench cifar100/ffsd_resnet32                              speed, side by side with the reference recipe
   okd sweep CONFIG --seeds 1 2 3 ; okd report runs/...          seeds, mean ± std next to published numbers
