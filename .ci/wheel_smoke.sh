@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # CI: the wheel holds everything okd needs. Builds a wheel (not editable), checks that it ships the packaged
-# configs and the published figures, installs it into a fresh virtual environment (torch CPU build first)
+# configs, their recipes and the published figures, installs it into a fresh virtual environment (torch CPU build first)
 # and, from an empty directory, trains a packaged config for two steps on a small CIFAR-10 subset.
 # Usage: .ci/wheel_smoke.sh   (from anywhere; needs python3; the training step needs ../shared/data)
 set -euo pipefail
@@ -20,14 +20,15 @@ python3 - "${wheel[0]}" "$repo" <<'EOF'
 import pathlib, sys, zipfile
 names = set(zipfile.ZipFile(sys.argv[1]).namelist())
 repo = pathlib.Path(sys.argv[2])
-want = {p.relative_to(repo).as_posix() for p in (repo / "okd" / "configs").glob("*/*.yaml")}
-if not want:
-    sys.exit("wheel smoke: the sources hold no okd/configs/*/*.yaml")
+configs = repo / "okd" / "configs"
+want = {p.relative_to(repo).as_posix() for p in [*configs.glob("*/*.yaml"), *configs.glob("recipes/*/*.yaml")]}
+if not any("/recipes/" in w for w in want) or len(want) == sum("/recipes/" in w for w in want):
+    sys.exit("wheel smoke: the sources hold no okd/configs/*/*.yaml or no okd/configs/recipes/*/*.yaml")
 want.add("okd/report/published.csv")
 missing = sorted(want - names)
 if missing:
     sys.exit(f"wheel smoke: the wheel lacks {len(missing)} packaged files, e.g. {missing[:5]}")
-print(f"wheel smoke: the wheel holds all {len(want) - 1} packaged configs and okd/report/published.csv")
+print(f"wheel smoke: the wheel holds all {len(want) - 1} packaged configs and recipes and okd/report/published.csv")
 EOF
 
 python3 -m venv "$work/venv"

@@ -6,7 +6,9 @@ Every subcommand takes its options and ``key=value`` overrides in any order (:fu
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.metadata
+import json
 import os
 import re
 import signal
@@ -15,7 +17,8 @@ import textwrap
 import time
 
 from okd import __version__, bench
-from okd.configs import packaged_configs
+from okd.config import EXECUTION_KEYS, flatten, recipe_run
+from okd.configs import packaged_configs, read_recipe, recipe_datasets, recipe_names
 from okd.engine.run_log import head_label, ordered_heads, run_summary
 from okd.engine.threads import warn_threads_once
 from okd.engine.trainer import config_from_run, train
@@ -37,14 +40,16 @@ Typical use:
   okd train --resume runs/<name>                                continue a stopped run exactly
   okd test runs/<name> [--checkpoint best]                      top-1/top-5 of every head on the test split
   okd configs | okd config cifar10/ffsd_resnet20 seed=3         packaged configs; one resolved config
+  okd recipes | okd train cifar100/dml_resnet32 recipe=ffsd     recipes; a method under another paper's recipe
   okd models | okd methods                                      what can be trained
   okd bench cifar100/ffsd_resnet32                              speed, side by side with the reference recipe
   okd sweep CONFIG --seeds 1 2 3 ; okd report runs/...          seeds, mean ± std next to published numbers
+  okd compare runs/...                                          methods side by side under one recipe
   okd plot RUN | okd attention RUN | okd export RUN --format onnx | okd predict MODEL IMAGE...
 
 A config is a packaged name (`okd configs`) or a YAML file. Values are overridden with key=value
-(sections: data, model, method, optim, train; top level: name, output_dir, seed), before or after the
-options. An unknown key fails at once and lists the valid ones.
+(sections: data, model, method, optim, train; top level: name, output_dir, seed, recipe), before or after
+the options. An unknown key fails at once and lists the valid ones.
 """
 
 #: ``key=value`` (a config override), as opposed to an option value or a file name
@@ -109,6 +114,29 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_recipes(args: argparse.Namespace) -> int:
+    what = args.which or ""
+    if "/" in what:  # one recipe: every setting it gives
+        dataset, name = what.split("/", 1)
+        run = recipe_run(dataset, name)
+        settings = {k: v for k, v in flatten(_run_settings(run)).items() if k not in EXECUTION_KEYS}
+        print(f"# {dataset}/{name}: {read_recipe(dataset, name).get('description', '')}")
+        print("\n".join(f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in settings.items()))
+        return 0
+    datasets = [what] if what else recipe_datasets()
+    if what and what not in recipe_datasets():
+        raise OKDError(f"okd ships no recipes for {what!r}; it has recipes for {', '.join(recipe_datasets())}")
+    for dataset in datasets:
+        for name in recipe_names(dataset):
+            print(f"{dataset + '/' + name:<24} {read_recipe(dataset, name).get('description', '')}")
+    return 0
+
+
+def _run_settings(run) -> dict:
+    """The recipe sections of a run config and its seed, as a plain mapping."""
+    return {"seed": run.seed, **{s: dataclasses.asdict(getattr(run, s)) for s in ("data", "optim", "train")}}
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     warn_threads_once()
 
@@ -165,6 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", metavar="CONFIG", help="packaged config name (okd configs) or YAML file")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. seed=3")
     p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("recipes", help="list the recipes (a paper's data, optimiser, schedule and epochs)")
+    p.add_argument(
+        "which", nargs="?", metavar="DATASET[/NAME]", help="one dataset's recipes, or every setting of one recipe"
+    )
+    p.set_defaults(func=cmd_recipes)
 
     p = sub.add_parser("models", help="list backbones with parameter and MAC counts")
     p.add_argument("--num-classes", type=int, default=100, help="classes of the counted classifier (default 100)")
@@ -233,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()  # a closed pipe (okd models | head) raises here, not at interpreter exit
         return code
     except OKDError as exc:
-        print(textwrap.fill(f"okd: error: {exc}", 100), file=sys.stderr)
+        print(textwrap.fill(f"okd: error: {exc}", 100, break_on_hyphens=False), file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:  # Ctrl-C: 130; SIGTERM (StopRequested): 143
         return 128 + getattr(exc, "signum", signal.SIGINT)

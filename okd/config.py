@@ -1,6 +1,7 @@
-"""The config schema: typed dataclass defaults, short YAML files and ``key=value`` overrides.
+"""The config schema: typed dataclass defaults, recipes, short YAML files and ``key=value`` overrides.
 
-This module holds the run sections (data, model, optim, train) and their checks only. Building a
+This module holds the run sections (data, model, optim, train), their checks, and how a named recipe joins
+them (:func:`compose`: typed defaults < recipe < the config file < overrides; docs/recipes.md). Building a
 :class:`Config` with the method's own typed ``Params`` (an unknown ``method.*`` key fails before training with
 the valid keys named) sits above the methods: :func:`okd.methods.build.build_config`.
 """
@@ -17,7 +18,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from okd.configs import resolve_config
+from okd.configs import read_recipe, resolve_config
 from okd.errors import ConfigError
 
 
@@ -101,6 +102,9 @@ class RunConfig:
     name: str | None = None
     output_dir: str = "runs"
     seed: int = 0
+    #: the packaged recipe the data, optim and train settings come from (docs/recipes.md); None: no recipe, the
+    #: settings are the config file's and the overrides' own ("custom")
+    recipe: str | None = None
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -270,3 +274,119 @@ def load_raw(path: str | Path | None) -> DictConfig:
     if not isinstance(raw, DictConfig):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections (data, model, ...)")
     return raw
+
+
+# --------------------------------------------------------------------------------------------------- recipes
+#: keys that say where and how a run executes, never what it computes: a recipe may not set them
+EXECUTION_KEYS = frozenset(
+    {
+        "data.dataset",
+        "data.root",
+        "data.download",
+        "data.workers",
+        "data.pin_memory",
+        "data.skip_unreadable",
+        "train.device",
+        "train.progress",
+        "train.deterministic",
+        "train.compile",
+        "train.compile_mode",
+        "train.tf32",
+        "train.cudnn_benchmark",
+        "train.channels_last",
+        "train.tensorboard",
+        "train.find_unused_parameters",
+        "train.allow_world_size_change",
+    }
+)
+#: keys that never make two runs' recipes differ: the execution keys, the evaluation batch and the seed
+NOT_COMPARED = EXECUTION_KEYS | {"data.test_batch_size", "seed"}
+RECIPE_SECTIONS = ("data", "optim", "train")
+CUSTOM = "custom"  # how a run without a recipe is named in messages and reports
+
+
+def flatten(cfg: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"optim": {"lr": 0.1}}`` -> ``{"optim.lr": 0.1}``."""
+    out: dict[str, Any] = {}
+    for key, value in cfg.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = list(value) if isinstance(value, list | tuple) else value
+    return out
+
+
+def recipe_body(dataset: str, name: str) -> dict:
+    """The settings recipe ``name`` of ``dataset`` gives (its file without ``description``), checked: only the
+    sections data, optim, train and the seed, no execution key, every key known."""
+    body = dict(read_recipe(dataset, name))
+    body.pop("description", None)
+    where = f"recipe {dataset}/{name}"
+    extra = sorted(set(body) - {*RECIPE_SECTIONS, "seed"})
+    if extra or any(not isinstance(body.get(s, {}), dict) for s in RECIPE_SECTIONS):
+        raise ConfigError(f"{where} may hold only the sections data, optim, train and a seed; it has {sorted(body)}")
+    banned = sorted(k for k in flatten(body) if k in EXECUTION_KEYS)
+    if banned:
+        raise ConfigError(f"{where} sets {', '.join(banned)}: where a run executes is no part of a recipe")
+    try:
+        typed_section(RunConfig, body, "")
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    return body
+
+
+def compose(file_raw: DictConfig, overrides: DictConfig) -> DictConfig:
+    """The raw config of a run: typed defaults < recipe < the config file's own keys < overrides.
+
+    The recipe is the one the overrides name, else the file's (``recipe=ffsd`` replaces a packaged config's
+    recipe as a whole, since packaged configs hold no recipe settings of their own); it is looked up for the
+    dataset the file and overrides give. Without a recipe the file and overrides alone count ("custom")."""
+    top = OmegaConf.merge(file_raw, overrides)
+    name = top.get("recipe")
+    if name is None:
+        return top
+    if not isinstance(name, str):
+        raise ConfigError(f"recipe={name!r} must be a recipe name, e.g. recipe=ffsd (`okd recipes` lists them)")
+    dataset = OmegaConf.select(top, "data.dataset", default=None) or DataConfig.dataset
+    return OmegaConf.merge(OmegaConf.create(recipe_body(dataset, name)), file_raw, overrides)
+
+
+def recipe_run(dataset: str, name: str) -> RunConfig:
+    """The run settings recipe ``name`` gives on ``dataset`` by itself (typed defaults < recipe)."""
+    body = recipe_body(dataset, name)
+    data = {**(body.get("data") or {}), "dataset": dataset}
+    return typed_section(RunConfig, {**body, "data": data, "recipe": name}, "")
+
+
+def recipe_deviations(run: RunConfig) -> dict[str, tuple[Any, Any]]:
+    """``{dotted key: (the recipe's value, the run's value)}`` for every recipe setting the run changed (its
+    config file or overrides); empty for a run that follows its recipe, or names none."""
+    if run.recipe is None:
+        return {}
+    mine = flatten({s: dataclasses.asdict(getattr(run, s)) for s in RECIPE_SECTIONS})
+    theirs = recipe_run(run.data.dataset, run.recipe)
+    base = flatten({s: dataclasses.asdict(getattr(theirs, s)) for s in RECIPE_SECTIONS})
+    return {k: (base[k], v) for k, v in mine.items() if k not in NOT_COMPARED and base.get(k) != v}
+
+
+def recipe_summary(run: RunConfig) -> str:
+    """One line naming the run's recipe and every recipe setting the run changed (the start line, reports)."""
+    if run.recipe is None:
+        return f"recipe {CUSTOM}: the run names no recipe; its settings are its config file's and overrides' own"
+    try:
+        changed = recipe_deviations(run)
+    except ConfigError:  # a run of a recipe this okd does not ship (made by another version)
+        return f"recipe {run.recipe}: not shipped with this okd, so what the run changed in it is unknown"
+    text = f"recipe {run.recipe} ({run.data.dataset}; docs/recipes.md)"
+    if not changed:
+        return f"{text}, as the recipe gives it"
+    return f"{text}, changed by this run: {describe_changes(changed)}"
+
+
+def describe_changes(changed: dict[str, tuple[Any, Any]]) -> str:
+    """``key=new (recipe: old), ...`` of :func:`recipe_deviations`."""
+    return ", ".join(f"{k}={_text(new)} (recipe: {_text(old)})" for k, (old, new) in changed.items())
+
+
+def _text(value: Any) -> str:
+    return "null" if value is None else str(value)

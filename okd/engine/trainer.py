@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from okd.config import Config
+from okd.config import Config, recipe_summary
+from okd.configs import packaged_recipe
 from okd.data import build_loaders
 from okd.data.device_loader import split_holdout
 from okd.engine.builder import build_optimization, resolve_device
@@ -50,10 +51,20 @@ DIVERGED_HINT = (
 )
 
 
-def default_run_name(cfg: Config) -> str:
+def run_stem(cfg: Config) -> str:
+    """``<dataset>_<method>_<model>``, with ``_<recipe>`` when the run's recipe is not the one okd's own config of
+    that method uses on the dataset (``cifar100_dml_resnet32_ffsd``), so a method under another recipe never
+    lands in the folder of its own recipe's run."""
     r = cfg.run
     model = cohort_label(cfg.to_dict()["model"]).replace(":", "-")  # import paths, timm: no ':' in folder names
-    return r.name or f"{r.data.dataset}_{cfg.method_name}_{model}_s{r.seed}"
+    stem = f"{r.data.dataset}_{cfg.method_name}_{model}"
+    if r.recipe is not None and r.recipe != packaged_recipe(r.data.dataset, cfg.method_name, r.model.name):
+        stem += f"_{r.recipe}"
+    return stem
+
+
+def default_run_name(cfg: Config) -> str:
+    return cfg.run.name or f"{run_stem(cfg)}_s{cfg.run.seed}"
 
 
 def run_dir_for(cfg: Config) -> Path:
@@ -325,6 +336,7 @@ def _log_start(
         f"lr scaling {r.optim.lr_scaling} (x{plan.lr_factor:g}); {r.train.precision}; "
         f"{r.train.epochs} epochs; torch threads {torch.get_num_threads()}"
     )
+    log.info(f"{run_dir}: {recipe_summary(r)}")
     if device.type == "cpu":
         warn_threads_once()
 

@@ -13,6 +13,7 @@ from okd.config import (
     Config,
     RunConfig,
     check_finite,
+    compose,
     load_raw,
     parse_overrides,
     typed_section,
@@ -48,8 +49,9 @@ def build_config(raw: DictConfig | dict) -> Config:
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Load a YAML config (a file or a packaged name), apply ``key=value`` overrides and validate everything."""
-    raw = OmegaConf.merge(load_raw(path), parse_overrides(list(overrides)))
+    """Load a YAML config (a file or a packaged name) under its recipe, apply ``key=value`` overrides and
+    validate everything (:func:`okd.config.compose`: typed defaults < recipe < file < overrides)."""
+    raw = compose(load_raw(path), parse_overrides(list(overrides)))
     return build_config(raw)
 
 

@@ -1,4 +1,4 @@
-"""The report subcommands of the ``okd`` CLI: report, sweep, plot, attention, export, predict.
+"""The report subcommands of the ``okd`` CLI: report, compare, sweep, plot, attention, export, predict.
 
 ``register_cli(subparsers)`` adds them to the parser of ``okd.cli``; each handler returns an exit code and
 raises :class:`~okd.errors.OKDError` for the CLI to print.
@@ -11,16 +11,26 @@ import argparse
 from okd.errors import ConfigError
 from okd.extras import require
 from okd.report.attention import draw_attention
+from okd.report.compare import compare
 from okd.report.export import FORMATS, TOLERANCE, export
 from okd.report.launch import ClusterOptions, launch_sweep
 from okd.report.plots import plot_curves
 from okd.report.predict import load_predictor, predict_with
-from okd.report.sweep import run_sweep, sweep_commands
+from okd.report.sweep import run_sweep, sweep_commands, with_recipe
+from okd.report.sweep_file import load_sweep_file
 from okd.report.tables import report
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     print(report(args.run_dirs, markdown=args.markdown, csv_path=args.csv))
+    for label, path in (("Markdown", args.markdown), ("CSV", args.csv)):
+        if path:
+            print(f"{label} written to {path}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    print(compare(args.run_dirs, args.allow_mixed_recipes, markdown=args.markdown, csv_path=args.csv), end="")
     for label, path in (("Markdown", args.markdown), ("CSV", args.csv)):
         if path:
             print(f"{label} written to {path}")
@@ -44,10 +54,29 @@ def _split_seeds(items: list[str]) -> tuple[list[int], list[str]]:
 CLUSTER_OPTIONS = ("partition", "time", "gpus_per_node", "cpus_per_task", "array_parallelism", "job_dir")
 
 
+def _sweep_inputs(args: argparse.Namespace) -> tuple[list, list[int], list[str], list[str]]:
+    """``(configs, seeds, overrides, left-out notes)`` from the command line and, with ``--file``, a sweep file;
+    the command line's seeds and recipe replace the file's, its overrides follow the file's."""
+    seeds, extra = _split_seeds(args.seeds or [])
+    items = [args.config, *args.overrides] if args.config is not None else list(args.overrides)
+    configs = [i for i in items if "=" not in i]  # okd sweep A B ... key=value
+    overrides = [*(i for i in items if "=" in i), *extra]
+    recipe, left_out = args.recipe, []
+    if args.file:
+        if configs:
+            raise ConfigError(f"give the configs in the sweep file or on the command line, not both ({configs})")
+        plan = load_sweep_file(args.file)
+        configs, seeds = plan.runs, seeds or plan.seeds
+        overrides = [*plan.overrides, *overrides]
+        recipe = recipe or plan.recipe
+        left_out = [", ".join(f"{k}={v}" for k, v in item.items()) for item in plan.left_out]
+    elif not configs:
+        raise ConfigError("okd sweep needs configs (okd sweep CONFIG [CONFIG ...]) or a sweep file (--file PLAN.yaml)")
+    return configs, seeds, with_recipe(overrides, recipe), left_out
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
-    seeds, extra = _split_seeds(args.seeds)
-    configs = [args.config, *(i for i in args.overrides if "=" not in i)]  # okd sweep A B ... key=value
-    overrides = [*(i for i in args.overrides if "=" in i), *extra]
+    configs, seeds, overrides, left_out = _sweep_inputs(args)
     given = [f"--{k.replace('_', '-')}" for k in CLUSTER_OPTIONS if getattr(args, k) is not None]
     if given and not args.launcher:
         raise ConfigError(f"{', '.join(given)} only apply with --launcher slurm|local")
@@ -55,12 +84,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise ConfigError("--print and --launcher exclude each other: print the commands, or submit the jobs")
     if args.print:
         print("\n".join(sweep_commands(configs, seeds, overrides)))
+        for item in left_out:
+            print(f"# left out: {item}")
         return 0
     if args.launcher:
         return _launch(args, configs, seeds, overrides)
     runs = run_sweep(configs, seeds, overrides)
     print("run folders:\n  " + "\n  ".join(map(str, runs)))
     print(f"summary: okd report {' '.join(map(str, runs))}")
+    print(f"side by side: okd compare {' '.join(map(str, runs))}")
     return 0
 
 
@@ -76,6 +108,7 @@ def _launch(args: argparse.Namespace, configs: list[str], seeds: list[int], over
         print(f"  job {job_id} -> {run_dir}")
     when = " once they finish" if args.launcher == "slurm" else ""
     print(f"summary{when}: okd report {' '.join(str(r) for _, r in jobs)}")
+    print(f"side by side{when}: okd compare {' '.join(str(r) for _, r in jobs)}")
     return 0
 
 
@@ -136,16 +169,35 @@ def register_cli(subparsers) -> None:
     p.set_defaults(func=cmd_report)
 
     p = subparsers.add_parser(
-        "sweep", help="run configs under several seeds, print the commands, or submit them (SLURM via submitit)"
+        "compare", help="methods side by side under one recipe: final top-1, gain over the baseline, cost"
     )
-    p.add_argument("config", help="config (packaged name or YAML file); more configs may follow")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders (or folders of runs)")
+    p.add_argument(
+        "--allow-mixed-recipes",
+        action="store_true",
+        help="lay runs of different recipes (or recipe settings) in one table, marked as mixed, instead of refusing",
+    )
+    p.add_argument("--markdown", metavar="OUT.md", help="also write the Markdown here")
+    p.add_argument("--csv", metavar="OUT.csv", help="also write the table as CSV here")
+    p.set_defaults(func=cmd_compare)
+
+    p = subparsers.add_parser(
+        "sweep",
+        help="run configs (methods) under several seeds and one recipe, print the commands, or submit them "
+        "(SLURM via submitit)",
+    )
+    p.add_argument("config", nargs="?", help="config (packaged name or YAML file); more configs may follow")
     p.add_argument(
         "overrides",
         nargs="*",
         metavar="[CONFIG ...] key=value",
         help="further configs, then overrides applied to every run",
     )
-    p.add_argument("--seeds", nargs="+", required=True, metavar="SEED", help="seeds, e.g. --seeds 1 2 3")
+    p.add_argument("--seeds", nargs="+", metavar="SEED", help="seeds, e.g. --seeds 1 2 3 (a sweep file may give them)")
+    p.add_argument("--recipe", metavar="NAME", help="run every config under this recipe (okd recipes lists them)")
+    p.add_argument(
+        "--file", metavar="PLAN.yaml", help="a sweep file: configs, seeds, recipe, overrides (benchmarks/sweeps/)"
+    )
     p.add_argument("--print", action="store_true", help="print one `okd train` command per config and seed instead")
     p.add_argument(
         "--launcher",

@@ -3,9 +3,9 @@
 A published figure is a full recipe's result: every training and test image, the recipe's epoch count, the
 dataset's own classes. :func:`caveats` lists each way the runs depart from that, read from what the runs
 recorded (``config.yaml``, ``metrics.csv``, ``deploy.pt``): a subset of the data (``data.limit_train``,
-``data.limit_test``, ``train.max_steps_per_epoch``), fewer epochs than the packaged recipe for the same
-method, backbone and dataset, or another class count than the published dataset's (published rows are
-matched on the dataset itself).
+``data.limit_test``, ``train.max_steps_per_epoch``), fewer epochs than the runs' recipe trains (for runs that
+name no recipe: the packaged config of the same method, backbone and dataset), or another class count than
+the published dataset's (published rows are matched on the dataset itself).
 """
 
 from __future__ import annotations
@@ -16,13 +16,14 @@ from pathlib import Path
 import torch
 import yaml
 
-from okd.config import TrainConfig
-from okd.configs import PACKAGED
+from okd.config import recipe_run
+from okd.configs import PACKAGED, packaged_configs
+from okd.errors import ConfigError
+from okd.methods.build import load_config
 from okd.report.published import PublishedRow
 
 #: classes of the datasets published figures are reported on (okd ``data.dataset`` keys)
 DATASET_CLASSES = {"cifar10": 10, "cifar100": 100, "imagenet": 1000, "tinyimagenet": 200}
-DEFAULT_EPOCHS = TrainConfig.epochs  # for a packaged config that does not set train.epochs
 
 
 def _get(cfg: dict, dotted: str):
@@ -32,19 +33,25 @@ def _get(cfg: dict, dotted: str):
 
 
 @functools.lru_cache(maxsize=64)
-def recipe_epochs(dataset: str, method: str, model: str) -> tuple[str, int] | None:
-    """``(packaged config name, its train.epochs)`` of the recipe for this method, backbone and dataset.
+def recipe_epochs(dataset: str, method: str, model: str, recipe: str | None = None) -> tuple[str, int] | None:
+    """``(what, its train.epochs)``: the runs' ``recipe`` when they name one (``what`` is its name), else the
+    packaged config for this method, backbone and dataset (``what`` is the config's name).
 
     The config named ``<dataset>/<method>_<model>`` when it exists, else the packaged config of that dataset
     with this method and model that trains the fewest epochs; None when okd ships none.
     """
-
+    if recipe is not None:
+        try:
+            return recipe, recipe_run(dataset, recipe).train.epochs
+        except ConfigError:  # a recipe this okd does not ship (a newer okd's run): no epoch count to compare with
+            return None
     found = []
     for path in sorted((PACKAGED / dataset).glob(f"{method}_*.yaml")):
         cfg = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        if _get(cfg, "method.name") == method and _get(cfg, "model.name") == model:
-            epochs = int(_get(cfg, "train.epochs") or DEFAULT_EPOCHS)
-            found.append((path.stem != f"{method}_{model}", epochs, f"{dataset}/{path.stem}"))
+        name = f"{dataset}/{path.stem}"
+        if _get(cfg, "method.name") == method and _get(cfg, "model.name") == model and name in packaged_configs():
+            epochs = load_config(name).run.train.epochs
+            found.append((path.stem != f"{method}_{model}", epochs, name))
     if not found:
         return None
     _, epochs, name = min(found)
@@ -87,7 +94,7 @@ def caveats(runs: list, published: list[PublishedRow]) -> list[str]:
         )
         if reason
     ]
-    recipe = recipe_epochs(first.dataset, first.method, first.model)
+    recipe = recipe_epochs(first.dataset, first.method, first.model, first.recipe)
     trained = min(min(r.epochs_done, r.epochs or r.epochs_done) for r in runs)
     if recipe is not None and trained < recipe[1]:
         out.append(f"{trained} epoch(s) trained; the recipe ({recipe[0]}) trains {recipe[1]}")

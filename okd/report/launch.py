@@ -23,7 +23,7 @@ from okd.engine import trainer
 from okd.engine.trainer import run_dir_for
 from okd.errors import ConfigError, OKDError
 from okd.methods.build import load_config
-from okd.report.sweep import sweep_plan
+from okd.report.sweep import Configs, sweep_plan
 
 LAUNCHERS = ("slurm", "local")
 LOCAL_TIMEOUT_MIN = 7 * 24 * 60  # submitit's LocalExecutor kills a job after 2 minutes unless told otherwise
@@ -107,7 +107,7 @@ def _executor(launcher: str, folder: Path, opts: ClusterOptions) -> submitit.Aut
 
 
 def launch_sweep(
-    configs: list[str | Path],
+    configs: Configs,
     seeds: list[int],
     overrides: list[str] = (),
     launcher: str = "slurm",

@@ -11,7 +11,11 @@ transcription; cells holding several numbers, e.g. the three FFSD README runs, b
   variants, FFSD's unreleased VGG-16);
 - ``okd_params``: ``key=value;...`` method parameters that select the paper's variant (``*``: any value);
 - ``head``: the okd eval head the number corresponds to: a head name, ``@deploy`` (the run's deployed head),
-  or ``avg(<prefix>*)`` (the per-epoch mean top-1 of the heads ``<prefix>0``, ``<prefix>1``, ...).
+  or ``avg(<prefix>*)`` (the per-epoch mean top-1 of the heads ``<prefix>0``, ``<prefix>1``, ...);
+- ``recipe``: the okd recipe (docs/recipes.md) the figure was trained under, where its source says so or the
+  figure is the source's own method run by its own code (``ffsd|ffsd_paper``: either reading of FFSD's recipe);
+  empty where the recipe is unstated (figures quoted from other papers). A run under a recipe is compared with
+  the rows of that recipe and the unstated ones (marked as such), never with a row of another recipe.
 
 Every repository reports the best test epoch; see ``docs/methods.md#published-figures`` for the caveats (same names for
 different networks, the FFSD "Ens" oracle, CMFF's misaligned table).
@@ -40,6 +44,7 @@ COLUMNS = (
     "okd_model",
     "okd_params",
     "head",
+    "recipe",
     "note",
 )
 
@@ -77,6 +82,7 @@ class PublishedRow:
     okd_model: str
     okd_params: str
     head: str
+    recipe: str
     note: str
     params: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
 
@@ -100,6 +106,11 @@ class PublishedRow:
     def text(self) -> str:
         """``74.85 ± 0.05`` or ``74.85``."""
         return f"{self.value} ± {self.std}" if self.std else self.value
+
+    @property
+    def recipes(self) -> tuple[str, ...]:
+        """The okd recipes the figure was trained under (empty: unstated)."""
+        return tuple(r for r in self.recipe.split("|") if r)
 
     def sort_key(self) -> tuple:
         return (SOURCE_RANK.get(self.source, 9), self.spec_row)
@@ -140,13 +151,19 @@ def row_matches(
     dataset: str,
     params: dict | None = None,
     defaults: dict | None = None,
+    recipe: str | None = None,
 ) -> bool:
-    """Whether ``row`` reports the okd configuration ``method``/``model``/``dataset`` with method ``params``.
+    """Whether ``row`` reports the okd configuration ``method``/``model``/``dataset`` with method ``params``
+    under ``recipe``.
 
     The variant keys of the method (:data:`VARIANT_KEYS`) must equal the row's ``okd_params`` or, where it is
-    silent, the method's ``defaults``; ``*`` accepts any value. Without ``params`` only names are compared.
+    silent, the method's ``defaults``; ``*`` accepts any value. Without ``params`` only names are compared. A
+    row of another recipe never matches a ``recipe``; a row whose recipe is unstated matches any, and
+    ``recipe=None`` (a run that names none) matches every row.
     """
     if (row.okd_method, row.okd_model, row.dataset_key) != (method, model, dataset) or not row.okd_method:
+        return False
+    if recipe is not None and row.recipes and recipe not in row.recipes:
         return False
     if params is None:
         return True
@@ -168,7 +185,13 @@ def find_published(
     params: dict | None = None,
     defaults: dict | None = None,
     kind: str = "top1",
+    recipe: str | None = None,
 ) -> list[PublishedRow]:
-    """Published rows of ``kind`` for this configuration, preferred source first."""
-    rows = [r for r in load_published() if r.kind == kind and row_matches(r, method, model, dataset, params, defaults)]
-    return sorted(rows, key=PublishedRow.sort_key)
+    """Published rows of ``kind`` for this configuration under ``recipe`` (:func:`row_matches`): the rows of that
+    recipe first, then those whose recipe is unstated, each by preferred source."""
+    rows = [
+        r
+        for r in load_published()
+        if r.kind == kind and row_matches(r, method, model, dataset, params, defaults, recipe)
+    ]
+    return sorted(rows, key=lambda r: (recipe is not None and not r.recipes, *r.sort_key()))

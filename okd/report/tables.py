@@ -1,9 +1,11 @@
 """``okd report``: mean ± std over seeds of every head, final and best epoch, next to the published figures.
 
-Runs are grouped by dataset, backbone, method, method parameters and planned epochs (so runs that differ
-only in their seed are pooled). For each head: the final-epoch accuracy (the headline) and the best-epoch
-accuracy, i.e. each run's maximum over epochs, *selected on the test split* as the reference papers do.
-The std is the population std (ddof=0), as the FFSD paper's Table I. Δ = ours − published.
+Runs are grouped by dataset, backbone, method, method parameters, recipe and planned epochs (so runs that
+differ only in their seed are pooled); each group names its recipe, and a report over runs of several recipes
+says so at the top (``okd compare`` sets methods side by side under one recipe: :mod:`okd.report.compare`).
+For each head: the final-epoch accuracy (the headline) and the best-epoch accuracy, i.e. each run's maximum
+over epochs, *selected on the test split* as the reference papers do. The std is the population std (ddof=0),
+as the FFSD paper's Table I. Δ = ours − published.
 """
 
 from __future__ import annotations
@@ -13,22 +15,19 @@ import io
 import json
 import math
 import re
-import statistics
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from okd.config import CUSTOM, flatten
 from okd.engine.run_log import head_label
-from okd.errors import CheckpointError
 from okd.methods.build import method_defaults
-from okd.models.members import cohort_label
 from okd.report.comparability import caveats
 from okd.report.published import PublishedRow, find_published
-from okd.runs.reader import Run, expand_run_dirs
+from okd.report.run_results import METRICS, RunResult, mean_std, read_run
+from okd.runs.reader import expand_run_dirs
 
-METRICS = ("top1", "top5")
-#: head families averaged per epoch into ``avg(<prefix>*)`` (FFSD Table IV's "2-net average")
-AVERAGED_PREFIXES = ("student", "net", "branch", "peer")
+__all__ = ["Group", "HeadRow", "aggregate", "build_report", "read_run", "report", "to_csv", "to_markdown"]
+
 #: config keys that do not change what is measured (ignored when checking that pooled runs agree)
 IGNORED_KEYS = re.compile(
     r"^(name|output_dir|seed|data\.(root|download|test_batch_size|workers|pin_memory|skip_unreadable)|"
@@ -39,30 +38,9 @@ PREAMBLE = (
     "Test accuracy (%), mean ± std over runs (population std, ddof=0, as in the FFSD paper). "
     "**final**: the last epoch (the headline number). **best (selected on test)**: each run's maximum over "
     "epochs, chosen on the test split as the reference papers report; optimistic. **published**: the "
-    "reference figure for the same method, backbone and dataset (best test epoch; `okd/report/published.csv`); "
-    "Δ = ours − published."
+    "reference figure for the same method, backbone and dataset (best test epoch; `okd/report/published.csv`) "
+    "trained under the runs' recipe, or whose recipe its source leaves unstated (marked); Δ = ours − published."
 )
-
-
-@dataclass
-class RunResult:
-    """One run folder's identity and per-head final/best accuracies."""
-
-    path: Path
-    dataset: str
-    model: str
-    method: str
-    params: dict
-    epochs: int | None  # planned (train.epochs)
-    epochs_done: int
-    seed: int | None
-    deploy_head: str | None
-    heads: list[str]
-    final: dict[str, float]  # "<head>/<metric>" -> value at the last epoch
-    best: dict[str, float]  # "<head>/<metric>" -> max over epochs
-    config: dict = field(repr=False, default_factory=dict)
-    #: a cohort of different networks: each per-network head's network (last.pt's ``head_networks``)
-    networks: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -102,78 +80,10 @@ class Group:
     notes: list[str]
     #: why the runs are not comparable with the published figures shown (empty: they are, or none is shown)
     caveats: list[str] = field(default_factory=list)
-
-
-# ------------------------------------------------------------------------------------------------- reading
-def _avg_families(heads: list[str]) -> dict[str, list[str]]:
-    fams = {}
-    for prefix in AVERAGED_PREFIXES:
-        members = [h for h in heads if re.fullmatch(rf"{prefix}\d+", h)]
-        if len(members) >= 2:
-            fams[f"avg({prefix}*)"] = members
-    return fams
-
-
-def _series(rows: list[dict[str, float]], heads: list[str]) -> dict[str, list[float]]:
-    """Per-epoch values of every ``<head>/<metric>``, derived averages included."""
-    out: dict[str, list[float]] = {}
-    for head in heads:
-        for m in METRICS:
-            values = [r[f"test/{head}/{m}"] for r in rows if f"test/{head}/{m}" in r]
-            if values:
-                out[f"{head}/{m}"] = values
-    for name, members in _avg_families(heads).items():
-        keys = [f"test/{h}/top1" for h in members]
-        values = [statistics.fmean(r[k] for k in keys) for r in rows if all(k in r for k in keys)]
-        if values:
-            out[f"{name}/top1"] = values
-    return out
-
-
-def _heads_of(columns: Iterable[str]) -> list[str]:
-    heads = []
-    for c in columns:
-        if c.startswith("test/") and c.endswith("/top1"):
-            heads.append(c[len("test/") : -len("/top1")])
-    return heads
-
-
-def read_run(run_dir: str | Path) -> RunResult:
-    """A run folder's config and history as its last.pt commits them (:class:`~okd.runs.reader.Run`)."""
-    run = Run(run_dir)
-    run_dir = run.dir
-    cfg = run.config_dict
-    rows = run.history
-    if not rows:
-        raise CheckpointError(f"{run_dir} has no epoch yet")
-    heads = _heads_of(list(dict.fromkeys(k for row in rows for k in row)))
-    series = _series(rows, heads)
-    method_cfg = dict(cfg.get("method") or {})
-    method = method_cfg.pop("name", "baseline")
-    return RunResult(
-        path=run_dir,
-        dataset=(cfg.get("data") or {}).get("dataset", "?"),
-        model=cohort_label(cfg.get("model") or {}),
-        method=method,
-        params=method_cfg,
-        epochs=(cfg.get("train") or {}).get("epochs"),
-        epochs_done=int(rows[-1].get("epoch", len(rows))),
-        seed=cfg.get("seed"),
-        deploy_head=run.deploy_head or (heads[0] if heads else None),
-        heads=heads + [h for h in _avg_families(heads)],
-        final={k: v[-1] for k, v in series.items()},
-        best={k: max(v) for k, v in series.items()},
-        config=cfg,
-        networks=dict(run.last.get("head_networks") or {}),
-    )
+    recipe: str | None = None  # the recipe the pooled runs name (None: none, "custom")
 
 
 # ---------------------------------------------------------------------------------------------- aggregating
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and population std (ddof=0); std 0 for one value."""
-    return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
-
-
 def _plain(v):
     if isinstance(v, tuple | list):
         return [_plain(x) for x in v]
@@ -189,19 +99,9 @@ def variant_of(method: str, params: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in items)
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def _group_notes(runs: list[RunResult]) -> list[str]:
     notes = []
-    flat = [_flatten(r.config) for r in runs]
+    flat = [flatten(r.config) for r in runs]
     keys = sorted({k for f in flat for k in f if not IGNORED_KEYS.match(k)})
     differ = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flat}) > 1]
     if differ:
@@ -220,10 +120,10 @@ def aggregate(runs: list[RunResult]) -> list[Group]:
     """Pool runs that differ only in their seed; one :class:`HeadRow` per head."""
     buckets: dict[tuple, list[RunResult]] = {}
     for r in runs:
-        key = (r.dataset, r.model, r.method, json.dumps(r.params, sort_keys=True, default=str), r.epochs)
-        buckets.setdefault(key, []).append(r)
+        params = json.dumps(r.params, sort_keys=True, default=str)
+        buckets.setdefault((r.dataset, r.model, r.method, params, r.recipe, r.epochs), []).append(r)
     groups = []
-    for (dataset, model, method, _, epochs), members in buckets.items():
+    for (dataset, model, method, _, recipe, epochs), members in buckets.items():
         variant = variant_of(method, members[0].params)
         defaults = method_defaults(method)
         heads: list[str] = []
@@ -240,7 +140,7 @@ def aggregate(runs: list[RunResult]) -> list[Group]:
                     if vals:
                         stats[f"{which}/{m}"] = mean_std(vals)
                         n = max(n, len(vals))
-            published = _published_for(dataset, model, method, members[0].params, defaults, head, deploy)
+            published = _published_for(dataset, model, method, members[0].params, defaults, head, deploy, recipe)
             rows.append(
                 HeadRow(
                     dataset=dataset,
@@ -261,13 +161,13 @@ def aggregate(runs: list[RunResult]) -> list[Group]:
         shown = [p for r in rows for p in ([r.published] if r.published else []) + r.others]
         notes = _group_notes(members)
         groups.append(
-            Group(dataset, model, method, variant, str(epochs), members, rows, notes, caveats(members, shown))
+            Group(dataset, model, method, variant, str(epochs), members, rows, notes, caveats(members, shown), recipe)
         )
-    return sorted(groups, key=lambda g: (g.dataset, g.model, g.method, g.variant, g.epochs))
+    return sorted(groups, key=lambda g: (g.dataset, g.recipe or "", g.model, g.method, g.variant, g.epochs))
 
 
-def _published_for(dataset, model, method, params, defaults, head, deploy) -> list[PublishedRow]:
-    rows = find_published(method, model, dataset, params, defaults)
+def _published_for(dataset, model, method, params, defaults, head, deploy, recipe) -> list[PublishedRow]:
+    rows = find_published(method, model, dataset, params, defaults, recipe=recipe)
     return [r for r in rows if r.head == head or (r.head == "@deploy" and head == deploy)]
 
 
@@ -287,13 +187,18 @@ def _signed(x: float | None) -> str:
     return "—" if x is None else f"{x:+.2f}"
 
 
-def _other_sources(row: HeadRow) -> list[str]:
+def _where(row: PublishedRow, recipe: str | None) -> str:
+    """``source, table``, marked where the source leaves its recipe unstated and the runs name one."""
+    return row.where + (" [recipe unstated]" if recipe is not None and not row.recipes else "")
+
+
+def _other_sources(row: HeadRow, recipe: str | None = None) -> list[str]:
     """The other published figures of a head, ``value (source)``, each once (a source printing the same value
     in several rows, e.g. CMFF's two baseline students, is named once) and not repeating the headline one."""
-    seen = {f"{row.published.text()} ({row.published.where})"} if row.published else set()
+    seen = {f"{row.published.text()} ({_where(row.published, recipe)})"} if row.published else set()
     out = []
     for o in row.others:
-        text = f"{o.text()} ({o.where})"
+        text = f"{o.text()} ({_where(o, recipe)})"
         if text not in seen:
             seen.add(text)
             out.append(text)
@@ -302,11 +207,13 @@ def _other_sources(row: HeadRow) -> list[str]:
 
 def to_markdown(groups: list[Group]) -> str:
     """The report as Markdown: one table per group of runs."""
-    lines = ["# okd report", "", PREAMBLE, ""]
+    lines = ["# okd report", "", PREAMBLE, "", recipes_line(groups), ""]
     for g in groups:
-        title = f"{g.dataset} · {g.model} · {g.method}" + (f" ({g.variant})" if g.variant else "")
+        recipe = g.recipe or CUSTOM
+        title = f"{g.dataset} · {g.model} · {g.method}" + (f" ({g.variant})" if g.variant else "") + f" · {recipe}"
         seeds = ", ".join(str(r.seed) for r in g.runs)
-        lines += [f"## {title}", "", f"{len(g.runs)} run(s), seeds {seeds}; {g.epochs} epochs.", ""]
+        under = recipe if g.recipe else f"{CUSTOM} (none named: published figures of every recipe)"
+        lines += [f"## {title}", "", f"{len(g.runs)} run(s), seeds {seeds}; {g.epochs} epochs. Recipe: {under}.", ""]
         if g.caveats:
             lines += [f"**Not comparable with the published figures:** {'; '.join(g.caveats)}.", ""]
         lines.append(
@@ -318,8 +225,8 @@ def to_markdown(groups: list[Group]) -> str:
             head = head_label(r.head, {r.head: r.network} if r.network else None, " ")
             name = f"**{head}** (deployed)" if r.deployed else head
             pub = r.published.text() if r.published else "—"
-            where = f"{r.published.where} ({r.published.metric})" if r.published else ""
-            if others := _other_sources(r):
+            where = f"{_where(r.published, g.recipe)} ({r.published.metric})" if r.published else ""
+            if others := _other_sources(r, g.recipe):
                 where += "; also " + "; ".join(others)
             lines.append(
                 f"| {name} | {_pm(r.stats.get('final/top1'), r.n)} | {_pm(r.stats.get('best/top1'), r.n)} "
@@ -334,8 +241,23 @@ def to_markdown(groups: list[Group]) -> str:
     return "\n".join(lines)
 
 
+def recipes_line(groups: list[Group]) -> str:
+    """The recipe every group was trained under, or a marked list when the groups' recipes differ."""
+    counts: dict[str, int] = {}
+    for g in groups:
+        counts[g.recipe or CUSTOM] = counts.get(g.recipe or CUSTOM, 0) + len(g.runs)
+    if len(counts) == 1:
+        return f"Recipe: {next(iter(counts))} (every run; docs/recipes.md)."
+    listed = "; ".join(f"{name}: {n} run(s)" for name, n in sorted(counts.items()))
+    return (
+        f"**Mixed recipes:** these runs were trained under {len(counts)} recipes ({listed}). Tables of different "
+        "recipes differ in their training as well as their method; compare methods under one recipe "
+        "(`okd compare`, docs/recipes.md)."
+    )
+
+
 CSV_COLUMNS = (
-    "dataset model method variant epochs head network deployed n_runs seeds "
+    "dataset model method variant recipe epochs head network deployed n_runs seeds "
     "final_top1_mean final_top1_std best_top1_mean best_top1_std "
     "final_top5_mean final_top5_std best_top5_mean best_top5_std "
     "published_top1 published_std published_source published_metric published_spec_row "
@@ -359,6 +281,7 @@ def to_csv(groups: list[Group]) -> str:
                 "model": r.model,
                 "method": r.method,
                 "variant": r.variant,
+                "recipe": g.recipe or CUSTOM,
                 "epochs": r.epochs,
                 "head": r.head,
                 "network": r.network or "",

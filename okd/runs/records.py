@@ -37,9 +37,17 @@ def last_record(cfg, runner, plan, epoch: int, history: list[dict], best: dict, 
         "runner": runner.state_dict(),
         "rng_per_rank": rngs,
         "world_size": len(rngs),
+        "device": device_label(runner.device),  # what the run's timings were measured on (okd compare)
         "history": history,
         "best": best,
     }
+
+
+def device_label(device: torch.device) -> str:
+    """``cpu``, or ``cuda`` with the GPU's name (``cuda (NVIDIA H100 80GB HBM3)``)."""
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return device.type
 
 
 def best_record(last: dict) -> dict:

@@ -14,12 +14,11 @@ key=value``, or a config file given with ``--resume``) is therefore one of three
 - **applied to the restored state** (:data:`APPLIED`): ``optim.milestones``. The restored schedulers take the
   new milestones, so the next epochs' learning rates follow them (extending a run with later decays); the
   milestones that fall within the epochs already trained must stay as they were.
-- **refused**: every other key (the recipe: ``seed``, ``model.*`` with the cohort's ``model.members``, the data
-  set and its augmentation and batch size, ``optim.lr``/``momentum``/``weight_decay``/``gamma``/``schedule``...,
-  ``train.precision``,
-  ``train.max_steps_per_epoch``, ``train.sync_bn``, every ``method.*`` key). The restored state was trained
-  with the saved value; the error names the key and both values. A key okd adds later is refused until it
-  is listed here.
+- **refused**: every other key (the recipe: its name ``recipe``, ``seed``, ``model.*`` with the cohort's
+  ``model.members``, the data set and its augmentation and batch size, ``optim.lr``/``momentum``/``weight_decay``/
+  ``gamma``/``schedule``..., ``train.precision``, ``train.max_steps_per_epoch``, ``train.sync_bn``, every
+  ``method.*`` key). The restored state was trained with the saved value; the error names the key and both
+  values. A key okd adds later is refused until it is listed here.
 
 So the config a resumed run saves (``config.yaml``, ``last.pt``) is the one in effect. Before anything is
 written, the ``last.pt`` is also checked against its own folder: a checkpoint whose method, model, dataset,

@@ -31,7 +31,12 @@ SAMPLES: dict[str, tuple[list[str], list[list[str]]]] = {
         [["--steps", "5"], ["--warmup", "1"], ["--windows", "2"], ["--synthetic"]],
     ),
     "report": (["runs/a", "runs/b"], [["--markdown", "o.md"], ["--csv", "o.csv"]]),
-    "sweep": (["cifar10/ffsd_resnet20", "train.epochs=1", "data.limit_train=64"], [["--seeds", "1", "2"], ["--print"]]),
+    "compare": (["runs/a", "runs/b"], [["--allow-mixed-recipes"], ["--markdown", "o.md"], ["--csv", "o.csv"]]),
+    "recipes": (["cifar100"], []),
+    "sweep": (
+        ["cifar10/ffsd_resnet20", "train.epochs=1", "data.limit_train=64"],
+        [["--seeds", "1", "2"], ["--print"], ["--recipe", "ffsd"]],
+    ),
     "plot": (["runs/a"], [["--out", "c.png"]]),
     "attention": (
         ["runs/a", "data.root=/d"],
