@@ -18,7 +18,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from okd.configs import read_recipe, resolve_config
+from okd.configs import read_recipe, recipe_names, resolve_config
 from okd.errors import ConfigError
 
 
@@ -340,7 +340,9 @@ def compose(file_raw: DictConfig, overrides: DictConfig) -> DictConfig:
 
     The recipe is the one the overrides name, else the file's (``recipe=ffsd`` replaces a packaged config's
     recipe as a whole, since packaged configs hold no recipe settings of their own); it is looked up for the
-    dataset the file and overrides give. Without a recipe the file and overrides alone count ("custom")."""
+    dataset the file and overrides give. A file's recipe carried by ``data.dataset=...`` to a data set that has no
+    recipe of that name keeps the settings it has for the file's own data set, and the run is "custom". Without a
+    recipe the file and overrides alone count ("custom")."""
     top = OmegaConf.merge(file_raw, overrides)
     name = top.get("recipe")
     if name is None:
@@ -348,6 +350,16 @@ def compose(file_raw: DictConfig, overrides: DictConfig) -> DictConfig:
     if not isinstance(name, str):
         raise ConfigError(f"recipe={name!r} must be a recipe name, e.g. recipe=ffsd (`okd recipes` lists them)")
     dataset = OmegaConf.select(top, "data.dataset", default=None) or DataConfig.dataset
+    own = OmegaConf.select(file_raw, "data.dataset", default=None) or DataConfig.dataset
+    if (
+        OmegaConf.select(overrides, "recipe", default=None) is None
+        and own != dataset
+        and name not in recipe_names(dataset)
+    ):
+        # a config file's recipe carried to another data set by data.dataset=...: its settings as written for
+        # the file's own data set, and the run names no recipe of its own data set ("custom")
+        body = OmegaConf.create(recipe_body(own, name))
+        return OmegaConf.merge(body, file_raw, overrides, OmegaConf.create({"recipe": None}))
     return OmegaConf.merge(OmegaConf.create(recipe_body(dataset, name)), file_raw, overrides)
 
 

@@ -258,3 +258,16 @@ def test_okd_config_shows_the_recipe(capsys):
 def test_the_checkout_configs_link_shows_the_recipes():
     assert (PACKAGED / "recipes" / "cifar100" / "ffsd.yaml").is_file()
     assert (helpers.REPO / "configs" / "recipes" / "cifar100" / "ffsd.yaml").is_file()
+
+
+def test_a_file_recipe_carried_to_another_data_set_keeps_its_settings_and_is_custom():
+    """`data.dataset=tinyimagenet` on a CIFAR-100 config whose recipe tinyimagenet lacks: the recipe's CIFAR-100
+    settings still apply (as before recipes existed), and the run names no recipe; naming the recipe on the command
+    line asks for tinyimagenet's own, which is refused with the known ones."""
+    own = load_config("cifar100/dml_resnet32").to_dict()
+    moved = load_config("cifar100/dml_resnet32", ["data.dataset=tinyimagenet", "model.name=resnet18"]).to_dict()
+    assert moved["recipe"] is None and moved["data"]["dataset"] == "tinyimagenet"
+    assert moved["optim"] == own["optim"] and moved["train"] == own["train"]
+    assert moved["data"]["padding_mode"] == own["data"]["padding_mode"]
+    with pytest.raises(ConfigError, match="unknown recipe 'okddip' for tinyimagenet"):
+        load_config("cifar100/dml_resnet32", ["data.dataset=tinyimagenet", "recipe=okddip"])
