@@ -1,7 +1,9 @@
 """The published accuracy figures of the reference documents, shipped as data (``published.csv``).
 
 One row per printed number, transcribed from those documents (``spec_row`` numbers the rows of that
-transcription; cells holding several numbers, e.g. the three FFSD README runs, became one row each). Columns:
+transcription; cells holding several numbers, e.g. the three FFSD README runs, became one row each). Rows 306 on
+continue that numbering with the SwitOKD README's Tables 4 and 7 (DML, KDCL and Vanilla on different networks;
+docs/cohorts.md#switokds-heterogeneous-cells). Columns:
 
 - ``source``, ``table``, ``dataset``, ``method``, ``backbone``, ``metric``, ``value``, ``std``, ``note``: as printed
   (``value``/``std`` are strings, so trailing zeros survive; ``std`` is empty where none is printed);
@@ -61,7 +63,7 @@ VARIANT_KEYS: dict[str, tuple[str, ...]] = {
 }
 
 #: preferred source when several rows match (lower first), then the transcription's order (``spec_row``)
-SOURCE_RANK = {"FFSD paper": 0, "FFSD README": 1, "PCL reproduction README": 2, "CMFF README": 3}
+SOURCE_RANK = {"FFSD paper": 0, "FFSD README": 1, "PCL reproduction README": 2, "CMFF README": 3, "SwitOKD README": 4}
 
 
 @dataclass(frozen=True)
