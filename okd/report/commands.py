@@ -13,7 +13,6 @@ from okd.extras import require
 from okd.report.attention import draw_attention
 from okd.report.compare import compare
 from okd.report.export import FORMATS, TOLERANCE, export
-from okd.report.launch import ClusterOptions, launch_sweep
 from okd.report.plots import plot_curves
 from okd.report.predict import load_predictor, predict_with
 from okd.report.sweep import run_sweep, sweep_commands, with_recipe
@@ -98,6 +97,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def _launch(args: argparse.Namespace, configs: list[str], seeds: list[int], overrides: list[str]) -> int:
     require("submitit", "slurm")
+    from okd.report.launch import ClusterOptions, launch_sweep  # the launcher is the submitit extra itself
 
     values = {k: getattr(args, k) for k in CLUSTER_OPTIONS}
     opts = ClusterOptions(time_min=values.pop("time"), **values)
