@@ -173,3 +173,46 @@ def test_summary_reports_the_deployed_head(tmp_path, caplog):
         caplog.clear()
         _log_summary(tmp_path, history, None, 5.0)
         assert "deployed head: a, top-1 20.00 at epoch 2" in caplog.text
+
+
+# --------------------------------------------------------------------- the held-out pass and the finite check
+def test_holdout_pass_runs_without_autograd_under_the_runs_autocast():
+    """KDCL's pass over the held-out split builds no graph (none would outlive it) and runs in the run's
+    precision."""
+    from okd.engine.trainer import fit_on_holdout
+
+    seen = []
+
+    class Method(torch.nn.Module):
+        def fit_on_holdout(self, batches):
+            seen.append((torch.is_grad_enabled(), torch.is_autocast_enabled("cpu"), list(batches)))
+
+    for precision, autocast in (("fp32", False), ("bf16", True)):
+        seen.clear()
+        fit_on_holdout(Method(), [1, 2], SimpleNamespace(precision=precision), torch.device("cpu"))
+        assert seen == [(False, autocast, [1, 2])]
+    assert torch.is_grad_enabled()
+
+
+def test_check_finite_refuses_nan_weights_buffers_and_metrics():
+    """Before a commit: a NaN/inf parameter or buffer, or a non-finite metric of the row, stops the epoch; a
+    finite method and row pass."""
+    import pytest
+
+    from okd.engine.trainer import _check_finite
+    from okd.errors import NonFiniteError
+
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    row = {"epoch": 3, "train/loss": 0.5, "test/net/top1": 10.0}
+    _check_finite(net, row, 3)
+    with pytest.raises(NonFiniteError, match=r"epoch 3: test/net/top1 is not finite"):
+        _check_finite(net, {**row, "test/net/top1": float("inf")}, 3)
+    with torch.no_grad():
+        net[1].running_var[1] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"epoch 3: 1.running_var is not finite"):
+        _check_finite(net, row, 3)
+    with torch.no_grad():
+        net[1].running_var.fill_(1.0)
+        net[0].weight[0, 1] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"epoch 4: 0.weight is not finite"):
+        _check_finite(net, row, 4)

@@ -99,6 +99,7 @@ def test_kdcl_fit_on_holdout_estimates_the_error_covariance():
     cov = torch.einsum("mbk,nbk->mn", err, err) / 6
     assert torch.allclose(w, general_weights(cov, 1e-6)) and torch.equal(method.general_weights, w)
     assert method.training is False  # left as it was
+    assert not w.requires_grad and not method.general_weights.requires_grad  # no graph kept, even with grad on
     target, weights = kdcl_target([torch.ones(B, K), torch.zeros(B, K)], y, KDCLParams(ensemble="general"), w)
     assert torch.allclose(target, torch.full((B, K), float(w[0])))
 
