@@ -65,10 +65,14 @@ def test_the_file_is_fsynced_before_it_is_renamed_into_place(tmp_path, monkeypat
     from okd import io as checkpoint
 
     calls: list[tuple[str, str]] = []
+    sizes: list[int] = []
     real_fsync, real_replace = os.fsync, os.replace
 
     def fsync(fd):
-        calls.append(("fsync", "dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file"))
+        info = os.fstat(fd)
+        calls.append(("fsync", "dir" if stat.S_ISDIR(info.st_mode) else "file"))
+        if not stat.S_ISDIR(info.st_mode):
+            sizes.append(info.st_size)  # what the fsync makes durable: all of it, flushed first
         real_fsync(fd)
 
     def replace(src, dst):
@@ -83,6 +87,7 @@ def test_the_file_is_fsynced_before_it_is_renamed_into_place(tmp_path, monkeypat
     else:
         checkpoint.atomic_write_text("epoch: 3\n", path)
     assert calls == [("fsync", "file"), ("replace", "last.pt"), ("fsync", "dir")]
+    assert sizes == [path.stat().st_size]
     monkeypatch.undo()
     if write == "save":
         assert load_checkpoint(path)["epoch"] == 3
@@ -105,3 +110,27 @@ def test_an_interrupt_after_the_rename_keeps_the_new_file_and_propagates(tmp_pat
 
     path = second_save_fails(tmp_path, monkeypatch, checkpoint, "_fsync_dir", interrupted, KeyboardInterrupt)
     assert load_checkpoint(path)["epoch"] == 2
+
+
+def test_an_unreadable_checkpoint_names_the_error_and_its_first_line(tmp_path):
+    """The message of a file torch cannot read gives the error type and the first line of its message only
+    (torch's own messages run over several lines); a non-weights-only pickle is named as such."""
+    from okd.io import first_line
+
+    assert first_line(ValueError("first\nsecond")) == "first"
+    assert first_line(ValueError("")) == "" and first_line(ValueError("x" * 300), limit=5) == "xxxxx"
+    truncated = tmp_path / "truncated.pt"
+    atomic_save({"blob": torch.zeros(1000)}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:300])
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(truncated, what="teacher", hint="Give the teacher's deploy.pt.")
+    msg = str(info.value)
+    assert msg.startswith(f"teacher {str(truncated)!r} cannot be read (RuntimeError: PytorchStreamReader failed")
+    detail = msg.split("(RuntimeError: ", 1)[1].split("); it is truncated", 1)[0]
+    assert "\n" not in msg and 20 < len(detail) <= 200 and msg.endswith("Give the teacher's deploy.pt.")
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a pickle\nsecond line")
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(garbage)
+    assert "cannot be read (UnpicklingError: not a weights-only pickle); it is truncated" in str(info.value)
+    assert str(info.value).endswith("Use another checkpoint (last.pt, best.pt) of the run.")

@@ -126,3 +126,11 @@ def test_a_run_folder_path_given_as_its_checkpoint_file(tmp_path):
     assert run_folder_of(tmp_path / "last.pt") == tmp_path
     assert run_folder_of(tmp_path) == tmp_path
     assert run_folder_of(Path("runs/missing/last.pt")) == Path("runs/missing/last.pt")
+
+
+def test_a_failed_write_at_the_start_is_reported_not_swallowed(tmp_path):
+    """begin() that cannot write config.yaml (here a folder stands in its place) stops with okd's message."""
+    with RunStore(tmp_path / "run").lock() as store:
+        (tmp_path / "run" / "config.yaml").mkdir()
+        with pytest.raises(RunFolderError, match=r"cannot write the run folder .*run'"):
+            store.begin(_Config(), None, lambda: {})
