@@ -216,3 +216,22 @@ def test_check_finite_refuses_nan_weights_buffers_and_metrics():
         net[0].weight[0, 1] = float("nan")
     with pytest.raises(NonFiniteError, match=r"epoch 4: 0.weight is not finite"):
         _check_finite(net, row, 4)
+
+
+def test_sync_bn_and_stepwise_methods_are_refused_before_the_ddp_wrap():
+    """train.sync_bn=true on the CPU, and a method that steps its optimizers one by one, are refused with okd's
+    message before SyncBatchNorm or DistributedDataParallel is built (no process group is needed to refuse)."""
+    import pytest
+
+    from okd.engine.step import StepRunner
+    from okd.errors import ConfigError
+
+    cfg = load_config("cifar10/baseline_resnet20", ["train.sync_bn=true"]).run.train
+    method = SimpleNamespace(manual_optimization=False)
+    runner = StepRunner(method, [], cfg, torch.device("cpu"))
+    with pytest.raises(ConfigError, match=r"train.sync_bn=true needs CUDA devices"):
+        runner.wrap_distributed(DistContext(rank=0, world_size=2), cfg)
+    assert runner.method is method and runner.model is method
+    stepwise = StepRunner(SimpleNamespace(manual_optimization=True), [], cfg, torch.device("cpu"))
+    with pytest.raises(ConfigError, match="steps its optimizers one by one"):
+        stepwise.wrap_distributed(DistContext(rank=0, world_size=2), cfg)
