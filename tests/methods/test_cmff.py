@@ -440,11 +440,32 @@ def test_param_groups_and_frozen_fusion_lr():
         ("method.deploy_net=0", "deploy_net"),
         ("method.sim_temperature=0", "sim_temperature"),
         ("method.dropout=1.0", "dropout"),
+        ("method.rot_weight=-1", "method.rot_weight must be >= 0, got -1"),
+        ("method.sim_weight=-0.5", "method.sim_weight must be >= 0"),
+        ("method.fusion_weight_decay=-1e-5", "method.fusion_weight_decay must be >= 0"),
+        ("method.linear_init_std=-0.01", "method.linear_init_std must be >= 0"),
+        ("method.kl_weight=-1", "method.kl_weight must be >= 0"),
+        ("method.rampup_length=-1", "method.rampup_length must be >= 0"),
+        ("method.attn_dropout=-0.1", "method.attn_dropout must be in"),
+        ("method.attn_heads=0", "method.attn_heads must be >= 1"),
+        ("method.aux_stage=-1", "method.aux_stage must be >= 0"),
+        ("method.proj_dim=0", "method.proj_dim must be >= 1"),
+        ("method.rot_hidden=[32,0]", "method.rot_hidden widths must be >= 1"),
+        ("method.deploy_net=3", "deploy_net"),
     ],
 )
 def test_invalid_params_are_rejected(override, match):
     with pytest.raises(ConfigError, match=match):
         load_config(None, ["method.name=cmff", override])
+
+
+def test_zero_weights_and_other_edges_are_accepted():
+    """A weight of 0 switches a loss term off; it is not an error (nor are the other lower ends)."""
+    zeros = ["rot_weight", "sim_weight", "fusion_weight_decay", "linear_init_std", "kl_weight", "rampup_length"]
+    edges = [f"method.{k}=0" for k in zeros] + ["method.target_eps=0", "method.aux_stage=0", "method.dropout=0"]
+    edges += ["method.attn_dropout=0", "method.attn_heads=1", "method.proj_dim=1", "method.rot_hidden=[1]"]
+    cfg = load_config(None, ["method.name=cmff", *edges, "method.deploy_net=2"])
+    assert cfg.method_params.rot_weight == 0 and cfg.method_params.deploy_net == 2
 
 
 def test_unsupported_models_are_rejected():
