@@ -682,3 +682,37 @@ def test_holdout_is_the_last_images_in_order_and_unaugmented():
         with pytest.raises(ValueError, match="holdout"):
             split_holdout(loader, bad)
     assert len(split_holdout(loader, n - 1)[0].labels) == 1
+
+
+@pytest.mark.parametrize(
+    ("images", "labels", "kw", "says"),
+    [
+        (
+            torch.zeros(4, 3, 8, 8, dtype=torch.uint8),
+            torch.arange(3),
+            {},
+            r"labels shape \(3,\) does not match 4 images",
+        ),
+        (torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.zeros(4, 1), {}, r"labels shape \(4, 1\) does not match"),
+        (torch.zeros(4, 3, 8, 8), torch.arange(4), {}, "images must be uint8 N x C x H x W"),
+        (torch.zeros(3, 8, 8, dtype=torch.uint8), torch.arange(3), {}, "images must be uint8 N x C x H x W"),
+        (torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.arange(4), {"pad": 8}, "reflect padding needs pad < image"),
+        (torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.arange(4), {"pad": -1}, "pad non-negative"),
+        (torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.arange(4), {"views": 0}, "views must be positive"),
+        (torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.arange(4), {"mean": (0.5,)}, "mean and std need 3 values"),
+        (torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.arange(4), {"std": (1.0,) * 4}, "mean and std need 3"),
+    ],
+)
+def test_device_loader_refuses_inconsistent_inputs(images, labels, kw, says):
+    args = {**RAW, "train": True, **kw}
+    with pytest.raises(ValueError, match=says):
+        DeviceLoader(images, labels, 2, **args)
+
+
+def test_device_loader_accepts_its_edges_and_checks_the_shard():
+    loader = DeviceLoader(torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.arange(4), 4, train=True, pad=7, **RAW)
+    assert len(loader) == 1
+    loader.shard(1, 2)
+    for rank, world in ((2, 2), (-1, 2)):
+        with pytest.raises(ValueError, match=f"rank {rank} outside world of size {world}"):
+            loader.shard(rank, world)
