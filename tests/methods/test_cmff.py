@@ -303,6 +303,26 @@ def test_cross_attention_against_its_equations(layout, query_from):
     assert maps[0].shape == ((3, 1, 2, 2) if layout == "chunks" else (3, 2, 1, 1))
     if layout == "single":
         assert torch.equal(maps[0], torch.ones_like(maps[0]))
+    else:
+        for got_map, want_map in zip(maps, manual_attention_maps(block, x1, x2), strict=True):
+            torch.testing.assert_close(got_map, want_map, rtol=1e-5, atol=1e-6)
+
+
+def manual_attention_maps(block: CrossAttentionFusion, x1: Tensor, x2: Tensor) -> list[Tensor]:
+    """The chunk layout's h x h softmax maps, per sample: update i attends with the queries of ``src`` over the
+    keys of ``kv`` (other: src = partner, kv = i; own: src = i, kv = partner)."""
+    h, d = block.num_heads, block.dim
+    maps = []
+    for i in range(2):
+        src, kv = (1 - i, i) if block.query_from == "other" else (i, 1 - i)
+        rows = []
+        for b in range(x1.shape[0]):
+            xs = (x1[b], x2[b])
+            a = [F.layer_norm(xs[n], (d,), block.ln_in[n].weight, block.ln_in[n].bias) for n in range(2)]
+            q, k = block.q[src](a[src]).view(h, d // h), block.k[kv](a[kv]).view(h, d // h)
+            rows.append(torch.softmax(q @ k.t() / math.sqrt(d // h), dim=1))
+        maps.append(torch.stack(rows).unsqueeze(1))
+    return maps
 
 
 def test_cross_attention_defaults_match_the_release_layout():
