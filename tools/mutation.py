@@ -458,6 +458,21 @@ def parse_mix(text: str | None) -> dict[str, float]:
 
 
 # -------------------------------------------------------------------------------------------------- running
+#: run in the sandbox before anything else: an editable install of okd (a meta-path finder mapping ``okd`` to
+#: another checkout) would otherwise serve any module missing from the copy, silently, from that checkout
+SITECUSTOMIZE = """import sys
+sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
+"""
+
+
+def _not_copied(folder: str, names: list[str]) -> set[str]:
+    """What the sandbox copy leaves out: VCS data, caches, and run folders at the repository root."""
+    skip = {n for n in names if n in (".git", "__pycache__", ".pytest_cache", ".ruff_cache") or n.endswith(".pyc")}
+    if Path(folder) == ROOT:
+        skip |= {n for n in names if n in ("runs", ".venv", ".ci-venv", ".ci-venv-timm", "build", "dist")}
+    return skip
+
+
 class Sandbox:
     """A private copy of the repository (tracked and untracked files, no .git/caches) the mutants are written
     into, and the real CIFAR-10 subset the end-to-end tests read, made once."""
@@ -465,15 +480,22 @@ class Sandbox:
     def __init__(self, keep: bool = False) -> None:
         self.base = Path(tempfile.mkdtemp(prefix="okd-mutation-"))
         self.repo = self.base / "repo"
-        ignore = shutil.ignore_patterns(".git", "__pycache__", "*.pyc", ".pytest_cache", ".ruff_cache", "runs")
-        shutil.copytree(ROOT, self.repo, ignore=ignore)
+        shutil.copytree(ROOT, self.repo, ignore=_not_copied)
         self.keep = keep
+        site = self.base / "site"  # sitecustomize: okd is imported from the copy only
+        site.mkdir()
+        (site / "sitecustomize.py").write_text(SITECUSTOMIZE, encoding="utf-8")
         self.env = {
             **os.environ,
-            "PYTHONPATH": str(self.repo),
+            "PYTHONPATH": os.pathsep.join([str(self.repo), str(site)]),
             "PYTHONDONTWRITEBYTECODE": "1",  # a mutant and the original may share a size and an mtime second
             "OKD_CIFAR10": self._cifar10(),
         }
+        probe = "import okd.runs.store, okd.configs; print(okd.runs.store.__file__, *okd.configs.__path__)"
+        run = subprocess.run([sys.executable, "-c", probe], cwd=self.repo, env=self.env, capture_output=True, text=True)
+        where = run.stdout
+        if not where.split() or not all(p.startswith(str(self.repo)) for p in where.split()):
+            raise SystemExit(f"the sandbox imports okd from outside its copy ({where.strip()!r}); see SITECUSTOMIZE")
 
     def _cifar10(self) -> str:
         if os.environ.get("OKD_CIFAR10"):
