@@ -287,3 +287,11 @@ def test_refusals_list_the_keys_that_may_change():
     with pytest.raises(ConfigError, match=r"give train.epochs >= 3"):
         check_changes(_saved(), _asked(train__epochs=2), 3)
     assert check_changes(_saved(), _asked(train__epochs=3), 3) == {"train.epochs": (300, 3)}
+
+
+def test_the_history_of_a_run_never_resumed_is_empty_and_blank_lines_are_skipped(tmp_path):
+    from okd.runs.resume_policy import HISTORY_FILE
+
+    assert read_history(tmp_path) == []
+    (tmp_path / HISTORY_FILE).write_text('{"resumed_after_epoch": 1}\n\n  \n{"resumed_after_epoch": 3}\n')
+    assert [e["resumed_after_epoch"] for e in read_history(tmp_path)] == [1, 3]
