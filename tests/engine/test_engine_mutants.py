@@ -235,3 +235,24 @@ def test_sync_bn_and_stepwise_methods_are_refused_before_the_ddp_wrap():
     stepwise = StepRunner(SimpleNamespace(manual_optimization=True), [], cfg, torch.device("cpu"))
     with pytest.raises(ConfigError, match="steps its optimizers one by one"):
         stepwise.wrap_distributed(DistContext(rank=0, world_size=2), cfg)
+
+
+def test_train_epoch_keeps_no_graph_in_its_loss_sums(monkeypatch):
+    """The per-key and total sums hold detached values: a step's graph must not live on for the whole epoch."""
+    from okd.engine import epoch as epoch_mod
+
+    class GraphRunner(_Runner):
+        def step(self, images, labels, epoch):
+            w = torch.ones((), requires_grad=True)
+            losses, total = super().step(images, labels, epoch)
+            return {k: v * w for k, v in losses.items()}, total * w
+
+    reduced = []
+
+    def all_reduce_sum(packed, dist):
+        reduced.append(packed.requires_grad)
+        return packed
+
+    monkeypatch.setattr(epoch_mod, "all_reduce_sum", all_reduce_sum)
+    row = epoch_mod.train_epoch(GraphRunner(), _batches([4, 2]), 0, _train_cfg(), DistContext())
+    assert reduced == [False] and row["train/a"] == (4 * 1 + 2 * 2) / 6
