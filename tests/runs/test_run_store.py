@@ -358,3 +358,17 @@ def test_resume_puts_every_file_back_in_line_with_last_pt(tmp_path):
         older = {**last, "best": {"epoch": 1, "top1": 1.0}}
         assert store.reconcile(older, lambda: deploy) == ["best.pt lost"]
         assert _epochs(run)["best.pt"] == 2  # left as it is
+
+
+def test_accuracy_is_over_every_process_images(monkeypatch):
+    """Under DDP the hit counts and the image count are both summed over the processes: two ranks that score
+    alike give the single-process accuracy (not twice it)."""
+    from okd.engine import evaluate as evaluate_mod
+
+    logits = torch.tensor([[5.0, 0.0, 0.0], [0.0, 5.0, 0.0], [0.0, 0.0, 5.0], [0.0, 5.0, 0.0]])
+    labels = torch.tensor([0, 1, 2, 0])
+    alone = evaluate(_Fixed(logits), [(torch.zeros(4, 3, 2, 2), labels)])
+    monkeypatch.setattr(evaluate_mod, "all_reduce_sum", lambda packed, dist: packed * 2)  # a twin rank
+    assert (
+        evaluate(_Fixed(logits), [(torch.zeros(4, 3, 2, 2), labels)]) == alone == {"net/top1": 75.0, "net/top5": 100.0}
+    )
