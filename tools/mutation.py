@@ -99,7 +99,7 @@ TESTS: dict[str, list[str]] = {
     "okd/engine/evaluate.py": ["runs/test_run_store.py", "engine/test_training.py"],
     "okd/engine/schedules.py": ["engine/test_schedules.py"],
     "okd/engine/builder.py": ["engine/test_schedules.py", "methods/test_shared.py"],
-    "okd/engine/seeding.py": ["engine/test_training.py"],
+    "okd/engine/seeding.py": ["engine/test_engine_mutants.py", "engine/test_training.py"],
     "okd/engine/trainer.py": ["engine/test_engine_mutants.py", "runs/test_faults.py", "engine/test_training.py"],
     "okd/runs/records.py": ["runs/test_run_store.py", "runs/test_faults.py"],
     "okd/runs/metrics.py": ["runs/test_resume_policy.py", "runs/test_faults.py"],

@@ -141,3 +141,19 @@ def test_model_section_is_checked_when_the_config_is_built(override, text):
     """A registered backbone refuses taps, a branch split and timm weights when the config is loaded, before data."""
     with pytest.raises(ConfigError, match=text):
         load_config(BASE, [override])
+
+
+def test_the_method_section_must_be_a_mapping():
+    from okd.methods.build import build_config
+
+    for bad in ("ffsd", 5, ["dml"]):
+        with pytest.raises(ConfigError, match="the method section must be a mapping, e.g. method: {name: ffsd}"):
+            build_config({"method": bad})
+    assert build_config({"method": None}).method_name == "baseline"  # an empty section: the default method
+
+
+def test_method_defaults_of_known_and_unknown_methods():
+    from okd.methods.build import method_class, method_defaults
+
+    assert method_defaults("kdcl")["temperature"] == 4.0 and method_defaults("kdcl")["ensemble"] == "naive"
+    assert method_defaults("not-a-method") is None and method_class("not-a-method") is None

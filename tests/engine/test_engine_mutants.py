@@ -256,3 +256,43 @@ def test_train_epoch_keeps_no_graph_in_its_loss_sums(monkeypatch):
     monkeypatch.setattr(epoch_mod, "all_reduce_sum", all_reduce_sum)
     row = epoch_mod.train_epoch(GraphRunner(), _batches([4, 2]), 0, _train_cfg(), DistContext())
     assert reduced == [False] and row["train/a"] == (4 * 1 + 2 * 2) / 6
+
+
+def test_deterministic_mode_switches_cudnn_autotuning_off(monkeypatch):
+    """With deterministic kernels cuDNN neither autotunes nor picks non-deterministic algorithms; without, it
+    autotunes where CUDA is present."""
+    from okd.engine.seeding import set_deterministic
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    set_deterministic(True)
+    assert torch.are_deterministic_algorithms_enabled()
+    assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+    set_deterministic(False)
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert not torch.backends.cudnn.deterministic and torch.backends.cudnn.benchmark
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    set_deterministic(False)
+    assert not torch.backends.cudnn.benchmark
+
+
+def test_runner_state_restores_the_grad_scaler_only_where_there_is_one():
+    """fp16 keeps a grad scaler whose state last.pt carries; an fp32 runner (no scaler) ignores a saved one, and
+    an fp16 runner given none keeps its fresh scaler."""
+    from okd.engine.step import StepRunner
+
+    cfg16 = load_config("cifar10/baseline_resnet20", ["train.precision=fp16"]).run.train
+    cfg32 = load_config("cifar10/baseline_resnet20").run.train
+    method = SimpleNamespace(manual_optimization=False)
+    saved = StepRunner(method, [], cfg16, torch.device("cpu"))
+    saved.scaler.scale(torch.ones(()))  # the scale is made lazily
+    saved.scaler.update(1024.0)
+    state = saved.state_dict()
+    assert state["scaler"]["scale"] == 1024.0
+    fp16 = StepRunner(method, [], cfg16, torch.device("cpu"))
+    fp16.load_state_dict({})  # an older last.pt without a runner entry
+    assert fp16.scaler.get_scale() == 65536.0
+    fp16.load_state_dict(state)
+    assert fp16.scaler.get_scale() == 1024.0
+    fp32 = StepRunner(method, [], cfg32, torch.device("cpu"))
+    fp32.load_state_dict(state)
+    assert fp32.scaler is None and fp32.state_dict() == {"scaler": None}

@@ -372,3 +372,27 @@ def test_accuracy_is_over_every_process_images(monkeypatch):
     assert (
         evaluate(_Fixed(logits), [(torch.zeros(4, 3, 2, 2), labels)]) == alone == {"net/top1": 75.0, "net/top5": 100.0}
     )
+
+
+class _TwoHeads(nn.Module):
+    """A 'method' with two heads and an oracle over both."""
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(1))
+        self.a, self.b = a, b
+
+    def eval_outputs(self, images):
+        return {"a": self.a, "b": self.b}
+
+    def oracle_groups(self):
+        return {"oracle_any": ["a", "b"]}
+
+
+def test_the_oracle_counts_an_image_any_head_gets_right():
+    """a is right on images 0, 1; b on 1, 2; neither on 3: a, b 50 %, the oracle 75 % (not an ensemble)."""
+    right, wrong = [5.0, 0.0], [0.0, 5.0]
+    a = torch.tensor([right, right, wrong, wrong])
+    b = torch.tensor([wrong, right, right, wrong])
+    metrics = evaluate(_TwoHeads(a, b), [(torch.zeros(4, 3, 2, 2), torch.zeros(4, dtype=torch.long))])
+    assert metrics == {"a/top1": 50.0, "a/top5": 100.0, "b/top1": 50.0, "b/top5": 100.0, "oracle_any/top1": 75.0}
