@@ -572,3 +572,27 @@ def test_trains_end_to_end_and_resumes_exactly(cifar10_root, tmp_path):
     deploy = load_checkpoint(full / "deploy.pt")
     assert deploy["model"] == "resnet20"
     create_model(deploy["model"], 10).load_state_dict(deploy["state_dict"])
+
+
+def test_main_logits_come_from_the_unrotated_quarter():
+    """With self-supervision the nets see the 4B rotated batch; the main classifiers and the fusion score only
+    its unrotated quarter, exactly the logits of the plain batch (eval mode: no dropout, fixed BN statistics)."""
+    m = make(**SMALL).eval()
+    x, _ = batch()
+    with torch.no_grad():
+        rotated = m.forward_cmff(rotate_batch(x), labels_expanded=True)
+        plain = m.forward_cmff(x, labels_expanded=False)
+    for a, b in zip([*rotated.logits, rotated.fused], [*plain.logits, plain.fused], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert rotated.rot_logits.shape[0] == 4 * x.shape[0] and plain.rot_logits is None
+
+
+def test_the_extras_linears_start_at_the_configured_std():
+    """Every Linear of the auxiliary heads starts N(0, linear_init_std) with bias 0 (the release's CrossVGG loop)."""
+    m = make(linear_init_std=0.05, rot_hidden=[256], proj_dim=256, image_size=16)
+    linears = [
+        mod for head in (m.net.rot_head, m.net.proj_head) for mod in head.modules() if isinstance(mod, nn.Linear)
+    ]
+    assert len(linears) == 4
+    for lin in linears:
+        assert lin.weight.std().item() == pytest.approx(0.05, rel=0.1) and not lin.bias.any()
