@@ -20,7 +20,8 @@ swaps call arguments, the mutants that matter most here). Each mutant is one cha
   token         single-token swaps: ``and`` <-> ``or``, ``+`` <-> ``-``, ``*`` <-> ``/``, ``not x`` -> ``x``,
                 ``True`` <-> ``False``, a number changed (0 -> 1, 1 -> 0, k -> k+1, x -> 2x)
 
-Docstrings, f-strings, annotations and string constants are never mutated. A mutant whose AST equals the
+Docstrings, f-strings, annotations, string constants, class bodies (dataclass fields) and ``__all__`` are never
+mutated. A mutant whose AST equals the
 original, or that does not compile, is dropped.
 
 Every source file maps to the test files that cover it (:data:`TESTS`, fast files first). For each mutant the
@@ -64,48 +65,49 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
+CONTRACT, SHARED, FAULTS = "methods/test_contract.py", "methods/test_shared.py", "runs/test_faults.py"
 #: source file -> the test files that cover it (under tests/), fastest first (pytest stops at the first failure)
 TESTS: dict[str, list[str]] = {
     "okd/config.py": ["cli/test_config.py", "cli/test_cli_parsing.py", "runs/test_resume_policy.py"],
-    "okd/io.py": ["runs/test_io.py", "runs/test_safe_loading.py", "runs/test_faults.py"],
+    "okd/io.py": ["runs/test_io.py", "runs/test_safe_loading.py", FAULTS],
     "okd/data/cifar.py": ["data/test_data.py"],
     "okd/data/device_loader.py": ["data/test_data.py"],
     "okd/data/builder.py": ["data/test_data.py", "data/test_folder_data.py"],
-    "okd/nn/losses.py": ["methods/test_shared.py", "methods/test_ffsd.py", "methods/test_cmff.py"],
+    "okd/nn/losses.py": [SHARED, "methods/test_ffsd.py", "methods/test_cmff.py"],
     "okd/nn/diversity.py": ["models/test_nn_blocks.py", "methods/test_ffsd.py"],
-    "okd/nn/fusion.py": ["models/test_nn_blocks.py", "methods/test_ffsd.py", "methods/test_shared.py"],
+    "okd/nn/fusion.py": ["models/test_nn_blocks.py", "methods/test_ffsd.py", SHARED],
     "okd/nn/self_distillation.py": ["models/test_nn_blocks.py", "methods/test_ffsd.py"],
     "okd/nn/cross_attention.py": ["methods/test_cmff.py"],
     "okd/nn/rotation.py": ["methods/test_cmff.py"],
-    "okd/methods/base.py": ["methods/test_contract.py", "methods/test_shared.py"],
-    "okd/methods/build.py": ["cli/test_config.py", "methods/test_contract.py"],
-    "okd/methods/branch_base.py": ["methods/test_shared.py", "methods/test_one.py"],
-    "okd/methods/baseline.py": ["methods/test_contract.py", "methods/test_shared.py"],
-    "okd/methods/individual.py": ["methods/test_shared.py"],
-    "okd/methods/one.py": ["methods/test_one.py", "methods/test_shared.py"],
-    "okd/methods/cl_ilr.py": ["methods/test_cl_ilr.py", "methods/test_shared.py"],
-    "okd/methods/okddip.py": ["methods/test_okddip.py", "methods/test_shared.py"],
-    "okd/methods/ffl.py": ["methods/test_ffl.py", "methods/test_shared.py"],
-    "okd/methods/dml.py": ["methods/test_dml.py", "methods/test_shared.py"],
-    "okd/methods/leader_sl.py": ["methods/test_leader_sl.py", "methods/test_shared.py"],
-    "okd/methods/kd.py": ["methods/test_kd.py", "methods/test_shared.py", "runs/test_safe_loading.py"],
-    "okd/methods/kdcl.py": ["methods/test_kdcl.py", "methods/test_shared.py"],
-    "okd/methods/pcl.py": ["methods/test_pcl.py", "methods/test_shared.py"],
-    "okd/methods/ffsd.py": ["methods/test_ffsd.py", "methods/test_contract.py"],
-    "okd/methods/cmff.py": ["methods/test_cmff.py", "methods/test_contract.py"],
-    "okd/methods/cmff_net.py": ["methods/test_cmff.py"],
+    "okd/methods/base.py": [CONTRACT, SHARED],
+    "okd/methods/build.py": ["cli/test_config.py", CONTRACT],
+    "okd/methods/branch_base.py": [CONTRACT, SHARED, "methods/test_one.py"],
+    "okd/methods/baseline.py": [CONTRACT, SHARED],
+    "okd/methods/individual.py": [CONTRACT, SHARED],
+    "okd/methods/one.py": ["methods/test_one.py", CONTRACT, SHARED],
+    "okd/methods/cl_ilr.py": ["methods/test_cl_ilr.py", CONTRACT, SHARED],
+    "okd/methods/okddip.py": ["methods/test_okddip.py", CONTRACT, SHARED],
+    "okd/methods/ffl.py": ["methods/test_ffl.py", CONTRACT, SHARED],
+    "okd/methods/dml.py": ["methods/test_dml.py", CONTRACT, SHARED],
+    "okd/methods/leader_sl.py": ["methods/test_leader_sl.py", CONTRACT, SHARED],
+    "okd/methods/kd.py": ["methods/test_kd.py", CONTRACT, SHARED, "runs/test_safe_loading.py"],
+    "okd/methods/kdcl.py": ["methods/test_kdcl.py", CONTRACT, SHARED],
+    "okd/methods/pcl.py": ["methods/test_pcl.py", CONTRACT, SHARED],
+    "okd/methods/ffsd.py": ["methods/test_ffsd.py", CONTRACT],
+    "okd/methods/cmff.py": ["methods/test_cmff.py", CONTRACT],
+    "okd/methods/cmff_net.py": ["methods/test_cmff.py", CONTRACT],
     "okd/engine/step.py": ["engine/test_engine_mutants.py", "methods/test_dml.py", "engine/test_training.py"],
     "okd/engine/epoch.py": ["engine/test_engine_mutants.py", "engine/test_training.py"],
     "okd/engine/evaluate.py": ["runs/test_run_store.py", "engine/test_training.py"],
     "okd/engine/schedules.py": ["engine/test_schedules.py"],
-    "okd/engine/builder.py": ["engine/test_schedules.py", "methods/test_shared.py"],
+    "okd/engine/builder.py": ["engine/test_schedules.py", SHARED],
     "okd/engine/seeding.py": ["engine/test_engine_mutants.py", "engine/test_training.py"],
-    "okd/engine/trainer.py": ["engine/test_engine_mutants.py", "runs/test_faults.py", "engine/test_training.py"],
-    "okd/runs/records.py": ["runs/test_run_store.py", "runs/test_faults.py"],
-    "okd/runs/metrics.py": ["runs/test_resume_policy.py", "runs/test_faults.py"],
-    "okd/runs/store.py": ["runs/test_run_store.py", "runs/test_faults.py"],
-    "okd/runs/resume_policy.py": ["runs/test_resume_policy.py", "runs/test_faults.py"],
-    "okd/runs/reader.py": ["runs/test_reader.py", "runs/test_faults.py", "runs/test_safe_loading.py"],
+    "okd/engine/trainer.py": ["engine/test_engine_mutants.py", FAULTS, "engine/test_training.py"],
+    "okd/runs/records.py": ["runs/test_run_store.py", FAULTS],
+    "okd/runs/metrics.py": ["runs/test_resume_policy.py", FAULTS],
+    "okd/runs/store.py": ["runs/test_run_store.py", FAULTS],
+    "okd/runs/resume_policy.py": ["runs/test_resume_policy.py", FAULTS],
+    "okd/runs/reader.py": ["runs/test_reader.py", FAULTS, "runs/test_safe_loading.py"],
 }  # fmt: skip
 
 #: ``--files core``: config, data, nn, methods, engine, runs (and io, the leaf the run folder stands on)
@@ -312,6 +314,8 @@ def mutants_of(path: str) -> list[Mutant]:
             for stmt in body:
                 if id(stmt) in skip or not isinstance(stmt, DELETABLE) or _is_docstring(stmt, body):
                     continue
+                if isinstance(stmt, ast.Assign) and any(getattr(t, "id", "") == "__all__" for t in stmt.targets):
+                    continue  # the export list: no behaviour
                 a, b = src.span(stmt)
                 add(stmt, "delete", [(a, b, "pass")], "pass")
         if isinstance(node, ast.FunctionDef) and _raises(node) and not node.name.startswith("__"):
