@@ -73,7 +73,7 @@ TESTS: dict[str, list[str]] = {
     "okd/data/cifar.py": ["data/test_data.py"],
     "okd/data/device_loader.py": ["data/test_data.py"],
     "okd/data/builder.py": ["data/test_data.py", "data/test_folder_data.py"],
-    "okd/nn/losses.py": [SHARED, "methods/test_ffsd.py", "methods/test_cmff.py"],
+    "okd/nn/losses.py": ["models/test_nn_blocks.py", SHARED, "methods/test_ffsd.py", "methods/test_cmff.py"],
     "okd/nn/diversity.py": ["models/test_nn_blocks.py", "methods/test_ffsd.py"],
     "okd/nn/fusion.py": ["models/test_nn_blocks.py", "methods/test_ffsd.py", SHARED],
     "okd/nn/self_distillation.py": ["models/test_nn_blocks.py", "methods/test_ffsd.py"],

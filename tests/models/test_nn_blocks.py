@@ -252,3 +252,15 @@ def test_l2_diversity_detach_keeps_gradient_from_the_previous_maps():
     assert all(p.grad is None for p in prev)
     l2_diversity_loss(cur, prev, detach_target=False).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in prev)
+
+
+def test_a_ramp_up_of_length_zero_is_off():
+    from okd.nn.losses import ramped_kl_weight, sigmoid_rampup
+
+    assert sigmoid_rampup(0, 0) == 1.0 and sigmoid_rampup(7, 0) == 1.0
+    assert sigmoid_rampup(0, 4) == pytest.approx(math.exp(-5)) and sigmoid_rampup(2, 4) == pytest.approx(
+        math.exp(-1.25)
+    )
+    assert sigmoid_rampup(-3, 4) == pytest.approx(math.exp(-5)) and sigmoid_rampup(9, 4) == 1.0
+    params = type("P", (), {"kl_weight": 2.0, "rampup_length": 0})()
+    assert ramped_kl_weight(params, 0) == {"kl_weight": 2.0}

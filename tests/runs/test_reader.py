@@ -198,3 +198,35 @@ def test_a_commit_while_deploy_pt_is_read_is_followed(tmp_path, monkeypatch):
     monkeypatch.setattr(reader_mod, "epoch_of", committing)
     record, source = reader.deploy_record()
     assert source == str(run / "deploy.pt") and record["epoch"] == 3 and reader.epoch == 3
+
+
+def test_a_reader_follows_two_commits_made_while_it_reads(tmp_path, monkeypatch):
+    """best.pt is looked up against up to three successive last.pt commits before the best epoch is declared
+    gone: two commits landing during one read are followed."""
+    run = _run(tmp_path / "run", epochs=2)
+    _with_best(run, 1)
+    reader = Run(run)
+    real, tries = Run._best, []
+
+    def best_during_commits(self):
+        tries.append(self.epoch)
+        if len(tries) < 3:  # a writer commits the next epoch (best still gone) before this lookup ends
+            _with_best(_run(run, epochs=self.epoch + 1), 1)
+            return None
+        return real(self)
+
+    monkeypatch.setattr(Run, "_best", best_during_commits)
+    _with_best(_run(run, epochs=2), 1)
+    with pytest.raises(CheckpointError, match="whose weights are no longer on disk"):
+        reader.checkpoint("best")
+    assert tries == [2, 3, 4]
+
+
+def test_a_run_without_a_best_epoch_has_none_to_give(tmp_path):
+    run = _run(tmp_path / "run")
+    last = torch.load(run / "last.pt", weights_only=True)
+    torch.save({**last, "best": {}}, run / "last.pt")
+    reader = Run(run)
+    assert reader.best_epoch == 0
+    with pytest.raises(CheckpointError, match="has no best epoch yet"):
+        reader.checkpoint("best")
