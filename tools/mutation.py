@@ -103,7 +103,7 @@ TESTS: dict[str, list[str]] = {
     "okd/engine/builder.py": ["engine/test_schedules.py", SHARED],
     "okd/engine/seeding.py": ["engine/test_engine_mutants.py", "engine/test_training.py"],
     "okd/engine/trainer.py": ["engine/test_engine_mutants.py", FAULTS, "engine/test_training.py"],
-    "okd/runs/records.py": ["runs/test_run_store.py", FAULTS],
+    "okd/runs/records.py": ["runs/test_run_store.py", "runs/test_safe_loading.py", FAULTS],
     "okd/runs/metrics.py": ["runs/test_resume_policy.py", FAULTS],
     "okd/runs/store.py": ["runs/test_run_store.py", FAULTS],
     "okd/runs/resume_policy.py": ["runs/test_resume_policy.py", FAULTS],
