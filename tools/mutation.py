@@ -66,6 +66,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 CONTRACT, SHARED, FAULTS = "methods/test_contract.py", "methods/test_shared.py", "runs/test_faults.py"
+TRAINING = "engine/test_training.py"
 #: source file -> the test files that cover it (under tests/), fastest first (pytest stops at the first failure)
 TESTS: dict[str, list[str]] = {
     "okd/config.py": ["cli/test_config.py", "cli/test_cli_parsing.py", "runs/test_resume_policy.py"],
@@ -96,13 +97,13 @@ TESTS: dict[str, list[str]] = {
     "okd/methods/ffsd.py": ["methods/test_ffsd.py", CONTRACT],
     "okd/methods/cmff.py": ["methods/test_cmff.py", CONTRACT],
     "okd/methods/cmff_net.py": ["methods/test_cmff.py", CONTRACT],
-    "okd/engine/step.py": ["engine/test_engine_mutants.py", "methods/test_dml.py", "engine/test_training.py"],
-    "okd/engine/epoch.py": ["engine/test_engine_mutants.py", "engine/test_training.py"],
-    "okd/engine/evaluate.py": ["runs/test_run_store.py", "engine/test_training.py"],
+    "okd/engine/step.py": ["engine/test_engine_mutants.py", "methods/test_dml.py", TRAINING],
+    "okd/engine/epoch.py": ["engine/test_engine_mutants.py", TRAINING],
+    "okd/engine/evaluate.py": ["runs/test_run_store.py", TRAINING],
     "okd/engine/schedules.py": ["engine/test_schedules.py"],
     "okd/engine/builder.py": ["engine/test_schedules.py", SHARED],
-    "okd/engine/seeding.py": ["engine/test_engine_mutants.py", "engine/test_training.py"],
-    "okd/engine/trainer.py": ["engine/test_engine_mutants.py", FAULTS, "engine/test_training.py"],
+    "okd/engine/seeding.py": ["engine/test_engine_mutants.py", TRAINING],
+    "okd/engine/trainer.py": ["engine/test_engine_mutants.py", "runs/test_resume_policy.py", FAULTS, TRAINING],
     "okd/runs/records.py": ["runs/test_run_store.py", "runs/test_safe_loading.py", FAULTS],
     "okd/runs/metrics.py": ["runs/test_resume_policy.py", FAULTS],
     "okd/runs/store.py": ["runs/test_run_store.py", FAULTS],

@@ -296,3 +296,50 @@ def test_runner_state_restores_the_grad_scaler_only_where_there_is_one():
     fp32 = StepRunner(method, [], cfg32, torch.device("cpu"))
     fp32.load_state_dict(state)
     assert fp32.scaler is None and fp32.state_dict() == {"scaler": None}
+
+
+# ------------------------------------------------------------------------- the checks before anything is built
+def _committed(folder, cfg, **extra):
+    """A run folder whose last.pt commits epoch 1 of ``cfg`` (no weights: the start checks read no tensors)."""
+    from okd.runs.records import CHECKPOINT_FORMAT
+
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(cfg.to_yaml())
+    last = {"format": CHECKPOINT_FORMAT, "config": cfg.to_dict(), "epoch": 1, "num_classes": 10, "history": []}
+    last |= {"best": {"epoch": 1}, "method": {}, "optimizers": [], "schedulers": [], "rng_per_rank": [{}], **extra}
+    torch.save(last, folder / "last.pt")
+    return folder
+
+
+def test_start_checks_refuse_before_data_or_models_are_built(tmp_path):
+    """okd train refuses, before reading data: a folder that holds a run (no --resume), results without a commit,
+    a resume that changes the recipe or the method, and another process count (unless allowed)."""
+    import pytest
+
+    from okd.engine.trainer import _check_start
+    from okd.errors import CheckpointError, ConfigError
+    from okd.runs.store import RunStore
+
+    base = "cifar10/baseline_resnet20"
+    cfg = load_config(base)
+    one = DistContext()
+    run = _committed(tmp_path / "run", cfg, world_size=2)
+    with RunStore(run).lock(create=False) as store:
+        with pytest.raises(ConfigError, match="already holds a run; continue it with `okd train --resume"):
+            _check_start(cfg, store, False, one)
+        with pytest.raises(ConfigError, match=r"cannot change optim.lr on resume"):
+            _check_start(load_config(base, ["optim.lr=0.5"]), store, True, one)
+        with pytest.raises(CheckpointError, match="it was trained as method/model/dataset baseline/resnet20/cifar10"):
+            _check_start(load_config(None, ["method.name=dml", "model.name=resnet20", "data.dataset=cifar10"]),
+                         store, True, one)  # fmt: skip
+        with pytest.raises(CheckpointError, match=r"trained with 2 process\(es\) and is resumed with 1"):
+            _check_start(cfg, store, True, one)
+        allowed = load_config(base, ["train.allow_world_size_change=true"])
+        assert _check_start(allowed, store, True, one)["epoch"] == 1
+    orphan = tmp_path / "orphan"
+    orphan.mkdir()
+    (orphan / "metrics.csv").write_text("epoch\n1\n")
+    with RunStore(orphan).lock(create=False) as store:
+        with pytest.raises(ConfigError, match=r"holds results of an earlier run \(metrics.csv\) but no last.pt"):
+            _check_start(cfg, store, False, one)
+    assert (orphan / "metrics.csv").read_text() == "epoch\n1\n"
