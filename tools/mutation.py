@@ -70,7 +70,7 @@ TRAINING = "engine/test_training.py"
 #: source file -> the test files that cover it (under tests/), fastest first (pytest stops at the first failure)
 TESTS: dict[str, list[str]] = {
     "okd/config.py": ["cli/test_config.py", "cli/test_cli_parsing.py", "runs/test_resume_policy.py"],
-    "okd/io.py": ["runs/test_io.py", "runs/test_safe_loading.py", FAULTS],
+    "okd/io.py": ["runs/test_io.py", "runs/test_run_store.py", "runs/test_safe_loading.py", FAULTS],
     "okd/data/cifar.py": ["data/test_data.py"],
     "okd/data/device_loader.py": ["data/test_data.py"],
     "okd/data/builder.py": ["data/test_data.py", "data/test_folder_data.py"],

@@ -134,3 +134,22 @@ def test_an_unreadable_checkpoint_names_the_error_and_its_first_line(tmp_path):
         load_checkpoint(garbage)
     assert "cannot be read (UnpicklingError: not a weights-only pickle); it is truncated" in str(info.value)
     assert str(info.value).endswith("Use another checkpoint (last.pt, best.pt) of the run.")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_atomic_writes_get_the_mode_of_a_plainly_created_file(tmp_path, umask):
+    """mkstemp alone makes 0600 files; every atomic write gets 0666 less the umask, as open() would."""
+    import os
+    import stat
+
+    from okd.io import atomic_write_bytes, atomic_write_text
+
+    old = os.umask(umask)
+    try:
+        atomic_save({"epoch": 1}, tmp_path / "a.pt")
+        atomic_write_text("x\n", tmp_path / "b.txt")
+        atomic_write_bytes(b"x", tmp_path / "c.bin")
+    finally:
+        os.umask(old)
+    for name in ("a.pt", "b.txt", "c.bin"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask, name
