@@ -153,3 +153,16 @@ def test_atomic_writes_get_the_mode_of_a_plainly_created_file(tmp_path, umask):
         os.umask(old)
     for name in ("a.pt", "b.txt", "c.bin"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask, name
+
+
+def test_only_a_weights_only_refusal_is_reported_as_a_pickled_object():
+    """The refused global is read from torch's weights-only message; any other failure, even one that mentions
+    a global, is not called a pickled object."""
+    from okd.io import _weights_only_refusal
+
+    refusal = "Weights only load failed. ... Unsupported global: GLOBAL posix.system was not an allowed global"
+    assert _weights_only_refusal(RuntimeError(refusal)) == "posix.system"
+    assert _weights_only_refusal(RuntimeError("weights_only: global: builtins.eval")) == "builtins.eval"
+    assert _weights_only_refusal(RuntimeError("PytorchStreamReader failed reading zip archive")) is None
+    assert _weights_only_refusal(RuntimeError("unexpected GLOBAL posix.system in the stream")) is None
+    assert _weights_only_refusal(RuntimeError("Weights only load failed: invalid load key")) is None

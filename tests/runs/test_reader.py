@@ -230,3 +230,15 @@ def test_a_run_without_a_best_epoch_has_none_to_give(tmp_path):
     assert reader.best_epoch == 0
     with pytest.raises(CheckpointError, match="has no best epoch yet"):
         reader.checkpoint("best")
+
+
+def test_a_last_pt_gone_before_it_is_read_is_no_commit(tmp_path):
+    """A dangling last.pt link (or a last.pt removed after the folder was opened) is read as no commit at all."""
+    run = _run(tmp_path / "run")
+    reader = Run(run)
+    (run / "last.pt").unlink()
+    (run / "last.pt").symlink_to(run / "elsewhere.pt")
+    with pytest.raises(CheckpointError, match=r"holds no committed epoch: no last.pt \(it holds config.yaml, metrics"):
+        _ = reader.last
+    with pytest.raises(CheckpointError, match="holds no committed epoch"):
+        _ = Run(run).epoch
