@@ -166,3 +166,12 @@ def test_only_a_weights_only_refusal_is_reported_as_a_pickled_object():
     assert _weights_only_refusal(RuntimeError("PytorchStreamReader failed reading zip archive")) is None
     assert _weights_only_refusal(RuntimeError("unexpected GLOBAL posix.system in the stream")) is None
     assert _weights_only_refusal(RuntimeError("Weights only load failed: invalid load key")) is None
+
+
+def test_an_empty_or_folder_shaped_checkpoint_gets_okds_message(tmp_path):
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "folder.pt").mkdir()
+    with pytest.raises(CheckpointError, match=r"empty.pt' is empty \(0 bytes\): its write never completed"):
+        load_checkpoint(tmp_path / "empty.pt")
+    with pytest.raises(CheckpointError, match=r"folder.pt' is a folder, not a file\. Use another checkpoint"):
+        load_checkpoint(tmp_path / "folder.pt")

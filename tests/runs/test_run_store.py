@@ -396,3 +396,17 @@ def test_the_oracle_counts_an_image_any_head_gets_right():
     b = torch.tensor([wrong, right, right, wrong])
     metrics = evaluate(_TwoHeads(a, b), [(torch.zeros(4, 3, 2, 2), torch.zeros(4, dtype=torch.long))])
     assert metrics == {"a/top1": 50.0, "a/top5": 100.0, "b/top1": 50.0, "b/top5": 100.0, "oracle_any/top1": 75.0}
+
+
+def test_a_store_that_is_not_the_writer_writes_nothing(tmp_path):
+    """Under torchrun only rank 0 writes: the other ranks' stores take no lock, make no folder, write no file,
+    and only follow the committed epoch."""
+    run = tmp_path / "run"
+    store = RunStore(run, writer=False).lock()
+    assert not run.exists()
+    store.begin(_Config(), None, lambda: {})
+    store.commit(*records(1))
+    store.release()
+    assert not run.exists() and store.committed_epoch == 1
+    with RunStore(run).lock():  # rank 0 holds the folder; another rank's store opens it all the same
+        RunStore(run, writer=False).lock().release()
