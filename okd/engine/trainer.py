@@ -258,8 +258,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: DistContext, store: R
     with _GracefulStop(), board or contextlib.nullcontext():
         for epoch in range(start_epoch, r.train.epochs):
             if holdout_loader is not None:
-                with torch.no_grad(), autocast(r.train, device):
-                    method.fit_on_holdout(holdout_loader)
+                fit_on_holdout(method, holdout_loader, r.train, device)
             row = train_epoch(runner, train_loader, epoch, r.train, dist, paces)
             plan.end_of_epoch()
             eval_start = time.perf_counter()
@@ -315,6 +314,13 @@ def rank_rng_state(rngs: list[dict], rank: int) -> dict:
     """The saved generator states a resuming process restores: its own rank's, or rank 0's when the run was
     saved by fewer processes than now resume it."""
     return rngs[rank] if rank < len(rngs) else rngs[0]
+
+
+def fit_on_holdout(method, loader, train_cfg, device: torch.device) -> None:
+    """The method's pass over the held-out split before an epoch (KDCL's general weights), under the run's
+    autocast and without autograd: no graph of it outlives the pass."""
+    with torch.no_grad(), autocast(train_cfg, device):
+        method.fit_on_holdout(loader)
 
 
 def _check_finite(method, row: dict[str, float], epoch: int) -> None:

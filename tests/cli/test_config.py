@@ -83,6 +83,20 @@ def test_every_shipped_config_validates():
         ("data.workers=-1", "data.workers must be >= 0"),
         ("data.std=[0.2,0,0.2]", "data.std must be positive"),
         ("data.mean=[0.5,nan,0.5]", "data.mean=.* is not a finite number"),
+        ("optim.momentum=1", r"optim.momentum must be in \[0, 1\), got 1"),
+        ("optim.momentum=-0.1", "optim.momentum must be in"),
+        ("optim.reference_batch=0", "optim.reference_batch must be positive"),
+        ("optim.lr=0", "optim.lr must be positive"),
+        ("data.test_batch_size=0", "data.test_batch_size must be positive"),
+        ("data.limit_train=0", "data.limit_train must be positive or null"),
+        ("data.limit_test=-1", "data.limit_test must be positive or null"),
+        ("data.holdout=-1", "data.holdout must be >= 0"),
+        ("data.std=[0.2,-0.1,0.2]", "data.std must be positive"),
+        ("data.std=[0.2,0.2]", "data.std needs 3 values"),
+        ("data.image_size=0", "data.image_size must be positive"),
+        ("data.resize=16", "data.resize .* not smaller than it"),
+        ("train.max_steps_per_epoch=0", "train.max_steps_per_epoch must be positive or null"),
+        ("train.max_steps_per_epoch=-2", "train.max_steps_per_epoch must be positive or null"),
     ],
 )
 def test_numeric_values_are_finite_and_in_range(override, text):
@@ -93,3 +107,53 @@ def test_numeric_values_are_finite_and_in_range(override, text):
 def test_method_numbers_are_finite():
     with pytest.raises(ConfigError, match="method.temperature=inf is not a finite number"):
         load_config("cifar10/ffsd_resnet20", ["method.temperature=inf"])
+
+
+def test_values_at_the_edge_of_their_range_are_accepted():
+    """The lower ends of the ranges are allowed: no momentum, no weight decay, no padding, ..."""
+    edges = [
+        "optim.momentum=0",
+        "optim.weight_decay=0",
+        "optim.warmup_epochs=0",
+        "optim.milestones=[1]",
+        "data.pad=0",
+        "data.workers=0",
+        "data.holdout=0",
+        "data.limit_train=1",
+        "train.max_steps_per_epoch=1",
+        "data.image_size=32",
+        "data.resize=32",
+    ]
+    cfg = load_config(BASE, edges)
+    assert cfg.run.optim.momentum == 0 and cfg.run.train.max_steps_per_epoch == 1 and cfg.run.data.resize == 32
+
+
+@pytest.mark.parametrize(
+    "override, text",
+    [
+        ("model.taps=[layer1]", "model.taps and model.branch_from are for your own or timm networks"),
+        ("model.branch_from=layer2", "model.taps and model.branch_from are for your own or timm networks"),
+        ("model.pretrained=true", "model.pretrained/model.weights are for timm"),
+        ("model.weights=/w.pt", "model.pretrained/model.weights are for timm"),
+    ],
+)
+def test_model_section_is_checked_when_the_config_is_built(override, text):
+    """A registered backbone refuses taps, a branch split and timm weights when the config is loaded, before data."""
+    with pytest.raises(ConfigError, match=text):
+        load_config(BASE, [override])
+
+
+def test_the_method_section_must_be_a_mapping():
+    from okd.methods.build import build_config
+
+    for bad in ("ffsd", 5, ["dml"]):
+        with pytest.raises(ConfigError, match="the method section must be a mapping, e.g. method: {name: ffsd}"):
+            build_config({"method": bad})
+    assert build_config({"method": None}).method_name == "baseline"  # an empty section: the default method
+
+
+def test_method_defaults_of_known_and_unknown_methods():
+    from okd.methods.build import method_class, method_defaults
+
+    assert method_defaults("kdcl")["temperature"] == 4.0 and method_defaults("kdcl")["ensemble"] == "naive"
+    assert method_defaults("not-a-method") is None and method_class("not-a-method") is None

@@ -132,6 +132,35 @@ def test_cifar10_meta_optional_cifar100_meta_required(tmp_path):
         load_cifar(tmp_path / "b", "cifar100", train=True)
 
 
+def test_pickles_written_by_numpy_1_are_read(tmp_path):
+    """numpy 1.x wrote its arrays as ``numpy.core.multiarray`` objects (numpy 2 names the module ``numpy._core``):
+    such official files are read, through the same allow-list."""
+    ref = write_cifar10(tmp_path)
+    path = tmp_path / "cifar-10-batches-py" / "test_batch"
+    data = path.read_bytes()  # protocol 2: module names are newline-terminated text (GLOBAL)
+    assert b"numpy._core.multiarray" in data
+    path.write_bytes(data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
+    np.testing.assert_array_equal(load_cifar(tmp_path, "cifar10", train=False).images, ref["test"][0])
+
+
+def test_pickles_are_read_when_numpy_1_runs(tmp_path, monkeypatch):
+    """Under numpy 1.x (no ``numpy._core``) the allowed objects are looked up in ``numpy.core``."""
+    import importlib
+
+    ref = write_cifar10(tmp_path)
+    real, asked = importlib.import_module, []
+
+    def numpy_1(name, *args):
+        asked.append(name)
+        if name.startswith("numpy._core"):
+            raise ImportError(f"No module named {name!r}")
+        return real(name.replace("numpy.core", "numpy._core"), *args)  # numpy 2 serves numpy 1's names here
+
+    monkeypatch.setattr(cifar_mod.importlib, "import_module", numpy_1)
+    np.testing.assert_array_equal(load_cifar(tmp_path, "cifar10", train=False).images, ref["test"][0])
+    assert "numpy._core.multiarray" in asked and "numpy.core.multiarray" in asked
+
+
 # --------------------------------------------------------------------------- reader errors
 
 
@@ -233,6 +262,54 @@ def test_download_verifies_and_extracts(tmp_path, monkeypatch):
     assert s.images.shape == (20, 3, 32, 32)
     assert sorted(p.name for p in root.iterdir()) == ["cifar-10-batches-py"]  # no temp files left
     assert download_cifar(root, "cifar10") == root / "cifar-10-batches-py"  # present: no second download
+
+
+def _tar_with(tmp_path: Path, member: str, *, link: str | None = None) -> Path:
+    """A .tar.gz holding cifar-10-batches-py/ plus one more member (a file at ``member``, or a link to ``link``)."""
+    import io
+
+    path, _ = _archive(tmp_path / "src")
+    with tarfile.open(path, "r:gz") as tar:
+        members = [(m, tar.extractfile(m).read() if m.isfile() else None) for m in tar.getmembers()]
+    out = tmp_path / f"{abs(hash(member))}.tar.gz"
+    with tarfile.open(out, "w:gz") as tar:
+        for m, data in members:
+            tar.addfile(m, io.BytesIO(data) if data is not None else None)
+        extra = tarfile.TarInfo(member)
+        if link is not None:
+            extra.type, extra.linkname = tarfile.SYMTYPE, link
+            tar.addfile(extra)
+        else:
+            extra.size = 4
+            tar.addfile(extra, io.BytesIO(b"evil"))
+    return out
+
+
+@pytest.mark.parametrize("filtered", [True, False], ids=["data_filter", "older_python"])
+def test_unpacking_refuses_members_outside_the_folder(tmp_path, monkeypatch, filtered):
+    """Both paths of the unpacking (Python's ``data`` filter, and the member check of Pythons without it) extract
+    the official layout and write nothing outside the folder: '..' and links out of it are refused, and so is an
+    absolute path (the data filter instead puts it inside)."""
+    if not filtered:
+        monkeypatch.delattr(tarfile, "data_filter", raising=False)
+    elif not hasattr(tarfile, "data_filter"):
+        pytest.skip("this Python has no tarfile.data_filter")
+    good, _ = _archive(tmp_path / "src")
+    cifar_mod._extract(good, tmp_path / "ok")
+    assert len(load_cifar(tmp_path / "ok", "cifar10", train=False)) == 6
+    outside = tmp_path / "abs-evil"
+    cases = [("../evil", None), (str(outside), None), ("cifar-10-batches-py/l", "/etc")]
+    for i, (member, link) in enumerate(cases):
+        into = tmp_path / f"into{i}"
+        into.mkdir()
+        try:
+            cifar_mod._extract(_tar_with(tmp_path / f"t{i}", member, link=link), into)
+            refused = False
+        except tarfile.TarError:
+            refused = True
+        assert refused or (filtered and member.startswith("/")), member
+        assert not (tmp_path / "evil").exists() and not outside.exists()
+        assert not (into / "cifar-10-batches-py" / "l").is_symlink()
 
 
 def test_download_bad_checksum(tmp_path, monkeypatch):
@@ -539,6 +616,34 @@ def test_cifar10_normalisation_matches_the_data(cifar10_root):
         assert abs(std - data_std[c]) < 0.01, (c, std, data_std[c])
 
 
+def test_normalisation_constants_are_the_documented_ones():
+    """DATASET_STATS and the ImageNet constants are those of docs/models.md#data-side-constants, digit for digit."""
+    import re
+
+    from okd.data.facts import IMAGENET_MEAN, IMAGENET_STD
+
+    text = " ".join((Path(__file__).parents[2] / "docs" / "models.md").read_text().split())
+    section = text.split("## Data-side constants", 1)[1].split("##", 1)[0]
+
+    def documented(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        found = re.search(re.escape(name) + r" mean \(([^)]*)\), std \(([^)]*)\)", section)
+        return tuple(tuple(float(v) for v in group.split(",")) for group in found.groups())
+
+    assert DATASET_STATS["cifar10"] == documented("CIFAR-10")
+    assert DATASET_STATS["cifar100"] == documented("CIFAR-100")
+    assert (IMAGENET_MEAN, IMAGENET_STD) == documented("default for folder data)")
+
+
+def test_cifar100_loader_normalises_with_the_cifar100_statistics(tmp_path):
+    ref = write_cifar100(tmp_path)
+    cfg = DataConfig(dataset="cifar100", root=str(tmp_path), download=False, test_batch_size=5)
+    _, test, k, _ = build_loaders(cfg, seed=0, device="cpu")
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in DATASET_STATS["cifar100"])
+    expected = (torch.from_numpy(ref["test"][0]).float() / 255 - mean) / std
+    assert k == 100
+    torch.testing.assert_close(torch.cat([b[0] for b in test]), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_reflect_padding_is_the_default():
     assert DataConfig().padding_mode == "reflect" and DataConfig().pad == 4
     n = 512
@@ -577,3 +682,37 @@ def test_holdout_is_the_last_images_in_order_and_unaugmented():
         with pytest.raises(ValueError, match="holdout"):
             split_holdout(loader, bad)
     assert len(split_holdout(loader, n - 1)[0].labels) == 1
+
+
+@pytest.mark.parametrize(
+    ("images", "labels", "kw", "says"),
+    [
+        (
+            torch.zeros(4, 3, 8, 8, dtype=torch.uint8),
+            torch.arange(3),
+            {},
+            r"labels shape \(3,\) does not match 4 images",
+        ),
+        (torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.zeros(4, 1), {}, r"labels shape \(4, 1\) does not match"),
+        (torch.zeros(4, 3, 8, 8), torch.arange(4), {}, "images must be uint8 N x C x H x W"),
+        (torch.zeros(3, 8, 8, dtype=torch.uint8), torch.arange(3), {}, "images must be uint8 N x C x H x W"),
+        (torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.arange(4), {"pad": 8}, "reflect padding needs pad < image"),
+        (torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.arange(4), {"pad": -1}, "pad non-negative"),
+        (torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.arange(4), {"views": 0}, "views must be positive"),
+        (torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.arange(4), {"mean": (0.5,)}, "mean and std need 3 values"),
+        (torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.arange(4), {"std": (1.0,) * 4}, "mean and std need 3"),
+    ],
+)
+def test_device_loader_refuses_inconsistent_inputs(images, labels, kw, says):
+    args = {**RAW, "train": True, **kw}
+    with pytest.raises(ValueError, match=says):
+        DeviceLoader(images, labels, 2, **args)
+
+
+def test_device_loader_accepts_its_edges_and_checks_the_shard():
+    loader = DeviceLoader(torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.arange(4), 4, train=True, pad=7, **RAW)
+    assert len(loader) == 1
+    loader.shard(1, 2)
+    for rank, world in ((2, 2), (-1, 2)):
+        with pytest.raises(ValueError, match=f"rank {rank} outside world of size {world}"):
+            loader.shard(rank, world)

@@ -173,3 +173,173 @@ def test_summary_reports_the_deployed_head(tmp_path, caplog):
         caplog.clear()
         _log_summary(tmp_path, history, None, 5.0)
         assert "deployed head: a, top-1 20.00 at epoch 2" in caplog.text
+
+
+# --------------------------------------------------------------------- the held-out pass and the finite check
+def test_holdout_pass_runs_without_autograd_under_the_runs_autocast():
+    """KDCL's pass over the held-out split builds no graph (none would outlive it) and runs in the run's
+    precision."""
+    from okd.engine.trainer import fit_on_holdout
+
+    seen = []
+
+    class Method(torch.nn.Module):
+        def fit_on_holdout(self, batches):
+            seen.append((torch.is_grad_enabled(), torch.is_autocast_enabled("cpu"), list(batches)))
+
+    for precision, autocast in (("fp32", False), ("bf16", True)):
+        seen.clear()
+        fit_on_holdout(Method(), [1, 2], SimpleNamespace(precision=precision), torch.device("cpu"))
+        assert seen == [(False, autocast, [1, 2])]
+    assert torch.is_grad_enabled()
+
+
+def test_check_finite_refuses_nan_weights_buffers_and_metrics():
+    """Before a commit: a NaN/inf parameter or buffer, or a non-finite metric of the row, stops the epoch; a
+    finite method and row pass."""
+    import pytest
+
+    from okd.engine.trainer import _check_finite
+    from okd.errors import NonFiniteError
+
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    row = {"epoch": 3, "train/loss": 0.5, "test/net/top1": 10.0}
+    _check_finite(net, row, 3)
+    with pytest.raises(NonFiniteError, match=r"epoch 3: test/net/top1 is not finite"):
+        _check_finite(net, {**row, "test/net/top1": float("inf")}, 3)
+    with torch.no_grad():
+        net[1].running_var[1] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"epoch 3: 1.running_var is not finite"):
+        _check_finite(net, row, 3)
+    with torch.no_grad():
+        net[1].running_var.fill_(1.0)
+        net[0].weight[0, 1] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"epoch 4: 0.weight is not finite"):
+        _check_finite(net, row, 4)
+
+
+def test_sync_bn_and_stepwise_methods_are_refused_before_the_ddp_wrap():
+    """train.sync_bn=true on the CPU, and a method that steps its optimizers one by one, are refused with okd's
+    message before SyncBatchNorm or DistributedDataParallel is built (no process group is needed to refuse)."""
+    import pytest
+
+    from okd.engine.step import StepRunner
+    from okd.errors import ConfigError
+
+    cfg = load_config("cifar10/baseline_resnet20", ["train.sync_bn=true"]).run.train
+    method = SimpleNamespace(manual_optimization=False)
+    runner = StepRunner(method, [], cfg, torch.device("cpu"))
+    with pytest.raises(ConfigError, match=r"train.sync_bn=true needs CUDA devices"):
+        runner.wrap_distributed(DistContext(rank=0, world_size=2), cfg)
+    assert runner.method is method and runner.model is method
+    stepwise = StepRunner(SimpleNamespace(manual_optimization=True), [], cfg, torch.device("cpu"))
+    with pytest.raises(ConfigError, match="steps its optimizers one by one"):
+        stepwise.wrap_distributed(DistContext(rank=0, world_size=2), cfg)
+
+
+def test_train_epoch_keeps_no_graph_in_its_loss_sums(monkeypatch):
+    """The per-key and total sums hold detached values: a step's graph must not live on for the whole epoch."""
+    from okd.engine import epoch as epoch_mod
+
+    class GraphRunner(_Runner):
+        def step(self, images, labels, epoch):
+            w = torch.ones((), requires_grad=True)
+            losses, total = super().step(images, labels, epoch)
+            return {k: v * w for k, v in losses.items()}, total * w
+
+    reduced = []
+
+    def all_reduce_sum(packed, dist):
+        reduced.append(packed.requires_grad)
+        return packed
+
+    monkeypatch.setattr(epoch_mod, "all_reduce_sum", all_reduce_sum)
+    row = epoch_mod.train_epoch(GraphRunner(), _batches([4, 2]), 0, _train_cfg(), DistContext())
+    assert reduced == [False] and row["train/a"] == (4 * 1 + 2 * 2) / 6
+
+
+def test_deterministic_mode_switches_cudnn_autotuning_off(monkeypatch):
+    """With deterministic kernels cuDNN neither autotunes nor picks non-deterministic algorithms; without, it
+    autotunes where CUDA is present."""
+    from okd.engine.seeding import set_deterministic
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    set_deterministic(True)
+    assert torch.are_deterministic_algorithms_enabled()
+    assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+    set_deterministic(False)
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert not torch.backends.cudnn.deterministic and torch.backends.cudnn.benchmark
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    set_deterministic(False)
+    assert not torch.backends.cudnn.benchmark
+
+
+def test_runner_state_restores_the_grad_scaler_only_where_there_is_one():
+    """fp16 keeps a grad scaler whose state last.pt carries; an fp32 runner (no scaler) ignores a saved one, and
+    an fp16 runner given none keeps its fresh scaler."""
+    from okd.engine.step import StepRunner
+
+    cfg16 = load_config("cifar10/baseline_resnet20", ["train.precision=fp16"]).run.train
+    cfg32 = load_config("cifar10/baseline_resnet20").run.train
+    method = SimpleNamespace(manual_optimization=False)
+    saved = StepRunner(method, [], cfg16, torch.device("cpu"))
+    saved.scaler.scale(torch.ones(()))  # the scale is made lazily
+    saved.scaler.update(1024.0)
+    state = saved.state_dict()
+    assert state["scaler"]["scale"] == 1024.0
+    fp16 = StepRunner(method, [], cfg16, torch.device("cpu"))
+    fp16.load_state_dict({})  # an older last.pt without a runner entry
+    assert fp16.scaler.get_scale() == 65536.0
+    fp16.load_state_dict(state)
+    assert fp16.scaler.get_scale() == 1024.0
+    fp32 = StepRunner(method, [], cfg32, torch.device("cpu"))
+    fp32.load_state_dict(state)
+    assert fp32.scaler is None and fp32.state_dict() == {"scaler": None}
+
+
+# ------------------------------------------------------------------------- the checks before anything is built
+def _committed(folder, cfg, **extra):
+    """A run folder whose last.pt commits epoch 1 of ``cfg`` (no weights: the start checks read no tensors)."""
+    from okd.runs.records import CHECKPOINT_FORMAT
+
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(cfg.to_yaml())
+    last = {"format": CHECKPOINT_FORMAT, "config": cfg.to_dict(), "epoch": 1, "num_classes": 10, "history": []}
+    last |= {"best": {"epoch": 1}, "method": {}, "optimizers": [], "schedulers": [], "rng_per_rank": [{}], **extra}
+    torch.save(last, folder / "last.pt")
+    return folder
+
+
+def test_start_checks_refuse_before_data_or_models_are_built(tmp_path):
+    """okd train refuses, before reading data: a folder that holds a run (no --resume), results without a commit,
+    a resume that changes the recipe or the method, and another process count (unless allowed)."""
+    import pytest
+
+    from okd.engine.trainer import _check_start
+    from okd.errors import CheckpointError, ConfigError
+    from okd.runs.store import RunStore
+
+    base = "cifar10/baseline_resnet20"
+    cfg = load_config(base)
+    one = DistContext()
+    run = _committed(tmp_path / "run", cfg, world_size=2)
+    with RunStore(run).lock(create=False) as store:
+        with pytest.raises(ConfigError, match="already holds a run; continue it with `okd train --resume"):
+            _check_start(cfg, store, False, one)
+        with pytest.raises(ConfigError, match=r"cannot change optim.lr on resume"):
+            _check_start(load_config(base, ["optim.lr=0.5"]), store, True, one)
+        with pytest.raises(CheckpointError, match="it was trained as method/model/dataset baseline/resnet20/cifar10"):
+            _check_start(load_config(None, ["method.name=dml", "model.name=resnet20", "data.dataset=cifar10"]),
+                         store, True, one)  # fmt: skip
+        with pytest.raises(CheckpointError, match=r"trained with 2 process\(es\) and is resumed with 1"):
+            _check_start(cfg, store, True, one)
+        allowed = load_config(base, ["train.allow_world_size_change=true"])
+        assert _check_start(allowed, store, True, one)["epoch"] == 1
+    orphan = tmp_path / "orphan"
+    orphan.mkdir()
+    (orphan / "metrics.csv").write_text("epoch\n1\n")
+    with RunStore(orphan).lock(create=False) as store:
+        with pytest.raises(ConfigError, match=r"holds results of an earlier run \(metrics.csv\) but no last.pt"):
+            _check_start(cfg, store, False, one)
+    assert (orphan / "metrics.csv").read_text() == "epoch\n1\n"

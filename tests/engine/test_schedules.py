@@ -126,3 +126,36 @@ def test_bad_arguments():
         build_scheduler(optimizer(), OptimConfig(schedule="ffsd_imagenet_code"), 0)
     with pytest.raises(ConfigError, match="optim.schedule='cosine'"):
         build_scheduler(optimizer(), OptimConfig(), 10, schedule="cosine")
+
+
+# ------------------------------------------------------------------------------------------------ optimizers
+def test_build_optimizer_takes_each_groups_settings():
+    """SGD with the group's lr, momentum and weight decay, Nesterov only when asked and there is momentum (torch
+    refuses Nesterov without it); Adam with its betas and eps; anything else is refused by name."""
+    from okd.engine.builder import build_optimizer
+    from okd.methods.base import ParamGroup
+
+    def settings(**kw) -> dict:
+        opt = build_optimizer(ParamGroup("g", [torch.nn.Parameter(torch.zeros(2))], **kw))
+        return {k: v for k, v in opt.param_groups[0].items() if k != "params"} | {"cls": type(opt).__name__}
+
+    sgd = settings(lr=0.05, momentum=0.8, weight_decay=1e-3, nesterov=True)
+    assert (sgd["cls"], sgd["lr"], sgd["momentum"], sgd["weight_decay"], sgd["nesterov"]) == (
+        "SGD",
+        0.05,
+        0.8,
+        1e-3,
+        True,
+    )
+    assert settings(momentum=0.9, nesterov=False)["nesterov"] is False
+    assert settings(momentum=0.0, nesterov=True)["nesterov"] is False
+    adam = settings(optimizer="adam", lr=1e-3, betas=(0.5, 0.9), eps=1e-6, weight_decay=0.0)
+    assert (adam["cls"], adam["lr"], adam["betas"], adam["eps"], adam["weight_decay"]) == (
+        "Adam",
+        1e-3,
+        (0.5, 0.9),
+        1e-6,
+        0,
+    )
+    with pytest.raises(ValueError, match="unknown optimizer 'lamb' in group 'g'"):
+        settings(optimizer="lamb")

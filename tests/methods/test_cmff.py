@@ -303,6 +303,26 @@ def test_cross_attention_against_its_equations(layout, query_from):
     assert maps[0].shape == ((3, 1, 2, 2) if layout == "chunks" else (3, 2, 1, 1))
     if layout == "single":
         assert torch.equal(maps[0], torch.ones_like(maps[0]))
+    else:
+        for got_map, want_map in zip(maps, manual_attention_maps(block, x1, x2), strict=True):
+            torch.testing.assert_close(got_map, want_map, rtol=1e-5, atol=1e-6)
+
+
+def manual_attention_maps(block: CrossAttentionFusion, x1: Tensor, x2: Tensor) -> list[Tensor]:
+    """The chunk layout's h x h softmax maps, per sample: update i attends with the queries of ``src`` over the
+    keys of ``kv`` (other: src = partner, kv = i; own: src = i, kv = partner)."""
+    h, d = block.num_heads, block.dim
+    maps = []
+    for i in range(2):
+        src, kv = (1 - i, i) if block.query_from == "other" else (i, 1 - i)
+        rows = []
+        for b in range(x1.shape[0]):
+            xs = (x1[b], x2[b])
+            a = [F.layer_norm(xs[n], (d,), block.ln_in[n].weight, block.ln_in[n].bias) for n in range(2)]
+            q, k = block.q[src](a[src]).view(h, d // h), block.k[kv](a[kv]).view(h, d // h)
+            rows.append(torch.softmax(q @ k.t() / math.sqrt(d // h), dim=1))
+        maps.append(torch.stack(rows).unsqueeze(1))
+    return maps
 
 
 def test_cross_attention_defaults_match_the_release_layout():
@@ -440,11 +460,32 @@ def test_param_groups_and_frozen_fusion_lr():
         ("method.deploy_net=0", "deploy_net"),
         ("method.sim_temperature=0", "sim_temperature"),
         ("method.dropout=1.0", "dropout"),
+        ("method.rot_weight=-1", "method.rot_weight must be >= 0, got -1"),
+        ("method.sim_weight=-0.5", "method.sim_weight must be >= 0"),
+        ("method.fusion_weight_decay=-1e-5", "method.fusion_weight_decay must be >= 0"),
+        ("method.linear_init_std=-0.01", "method.linear_init_std must be >= 0"),
+        ("method.kl_weight=-1", "method.kl_weight must be >= 0"),
+        ("method.rampup_length=-1", "method.rampup_length must be >= 0"),
+        ("method.attn_dropout=-0.1", "method.attn_dropout must be in"),
+        ("method.attn_heads=0", "method.attn_heads must be >= 1"),
+        ("method.aux_stage=-1", "method.aux_stage must be >= 0"),
+        ("method.proj_dim=0", "method.proj_dim must be >= 1"),
+        ("method.rot_hidden=[32,0]", "method.rot_hidden widths must be >= 1"),
+        ("method.deploy_net=3", "deploy_net"),
     ],
 )
 def test_invalid_params_are_rejected(override, match):
     with pytest.raises(ConfigError, match=match):
         load_config(None, ["method.name=cmff", override])
+
+
+def test_zero_weights_and_other_edges_are_accepted():
+    """A weight of 0 switches a loss term off; it is not an error (nor are the other lower ends)."""
+    zeros = ["rot_weight", "sim_weight", "fusion_weight_decay", "linear_init_std", "kl_weight", "rampup_length"]
+    edges = [f"method.{k}=0" for k in zeros] + ["method.target_eps=0", "method.aux_stage=0", "method.dropout=0"]
+    edges += ["method.attn_dropout=0", "method.attn_heads=1", "method.proj_dim=1", "method.rot_hidden=[1]"]
+    cfg = load_config(None, ["method.name=cmff", *edges, "method.deploy_net=2"])
+    assert cfg.method_params.rot_weight == 0 and cfg.method_params.deploy_net == 2
 
 
 def test_unsupported_models_are_rejected():
@@ -531,3 +572,27 @@ def test_trains_end_to_end_and_resumes_exactly(cifar10_root, tmp_path):
     deploy = load_checkpoint(full / "deploy.pt")
     assert deploy["model"] == "resnet20"
     create_model(deploy["model"], 10).load_state_dict(deploy["state_dict"])
+
+
+def test_main_logits_come_from_the_unrotated_quarter():
+    """With self-supervision the nets see the 4B rotated batch; the main classifiers and the fusion score only
+    its unrotated quarter, exactly the logits of the plain batch (eval mode: no dropout, fixed BN statistics)."""
+    m = make(**SMALL).eval()
+    x, _ = batch()
+    with torch.no_grad():
+        rotated = m.forward_cmff(rotate_batch(x), labels_expanded=True)
+        plain = m.forward_cmff(x, labels_expanded=False)
+    for a, b in zip([*rotated.logits, rotated.fused], [*plain.logits, plain.fused], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert rotated.rot_logits.shape[0] == 4 * x.shape[0] and plain.rot_logits is None
+
+
+def test_the_extras_linears_start_at_the_configured_std():
+    """Every Linear of the auxiliary heads starts N(0, linear_init_std) with bias 0 (the release's CrossVGG loop)."""
+    m = make(linear_init_std=0.05, rot_hidden=[256], proj_dim=256, image_size=16)
+    linears = [
+        mod for head in (m.net.rot_head, m.net.proj_head) for mod in head.modules() if isinstance(mod, nn.Linear)
+    ]
+    assert len(linears) == 4
+    for lin in linears:
+        assert lin.weight.std().item() == pytest.approx(0.05, rel=0.1) and not lin.bias.any()

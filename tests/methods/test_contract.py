@@ -178,3 +178,28 @@ def test_the_contract_fails_a_broken_method(hook, breaks, message, teacher_file,
     monkeypatch.setattr(method, hook, breaks(method))
     with pytest.raises((AssertionError, RuntimeError), match=message):
         check_contract(cfg, method, tmp_path)
+
+
+DISTILLATION_KNOBS = {"temperature": (0.0, "positive"), "kl_weight": (-1.0, ">= 0")}
+DISTILLATION_KNOBS |= {"rampup_length": (-1, ">= 0"), "target_eps": (-1e-7, ">= 0")}
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_every_distillation_knob_is_refused_by_its_own_name(name):
+    """A bad temperature, KL weight, ramp-up length or target epsilon is refused naming that key (not another one
+    the check was handed by mistake), in every method that has it."""
+    import dataclasses
+
+    from okd.errors import ConfigError
+
+    fields = {f.name for f in dataclasses.fields(METHODS.get(name).Params)}
+    setup = [item.format(teacher="t.pt") for item in SETUP.get(name, [])]
+    checked = 0
+    for key, (bad, rule) in DISTILLATION_KNOBS.items():
+        if key not in fields:
+            continue
+        with pytest.raises(ConfigError, match=rf"^method\.{key} must be {re.escape(rule)}"):
+            load_config(None, [f"method.name={name}", *setup, f"method.{key}={bad}"])
+        checked += 1
+    if "temperature" in fields:
+        assert checked >= 1

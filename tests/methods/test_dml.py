@@ -5,6 +5,7 @@ manual-step contract (its loss dict against the reference: ``test_shared.py``)."
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import helpers
 import pytest
@@ -127,6 +128,24 @@ def test_each_net_steps_against_the_peers_current_predictions(T, kl_weight):
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
     # net 1 really used net 0's updated predictions: without recomputation its weights differ
     assert not torch.allclose(method.nets[1].fc.weight, stale[1].fc.weight, atol=1e-7)
+
+
+def test_alternating_updates_build_no_graph_through_the_peers(monkeypatch):
+    """The peers' predictions are computed without autograd: only net i's own forward holds a graph."""
+    method = make_dml(num_nets=3)
+    seen = []
+    real = dml.dml_kl
+
+    def spy(logits, i, hp):
+        seen.append([z.requires_grad for z in logits])
+        return real(logits, i, hp)
+
+    monkeypatch.setattr(dml, "dml_kl", spy)
+    runner = SimpleNamespace(
+        zero_grad=lambda i: None, backward=lambda loss: loss.backward(), step_optimizer=lambda i: None
+    )
+    method.manual_step(torch.randn(2, 3, 16, 16), torch.tensor([1, 2]), 0, runner)
+    assert seen == [[True, False, False], [False, True, False], [False, False, True]]
 
 
 def test_alternating_updates_need_detached_targets_and_one_process():

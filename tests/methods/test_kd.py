@@ -58,3 +58,53 @@ def test_kd_teacher_mismatch_is_a_clear_error(teacher_file, tmp_path):
     torch.save(state, tmp_path / "k100.pt")
     with pytest.raises(CheckpointError, match="shape mismatches"):
         make("kd", teacher_model="resnet20", teacher_checkpoint=str(tmp_path / "k100.pt"))
+
+
+# ---------------------------------------------------------------------------------------------- validation
+def _kd_params(**changes):
+    from okd.methods.kd import KDParams
+
+    return KDParams(**{"teacher_model": "resnet20", "teacher_checkpoint": "t.pt", **changes})
+
+
+@pytest.mark.parametrize(
+    ("changes", "says"),
+    [
+        ({"temperature": 0.0}, "method.temperature must be positive, got 0.0"),
+        ({"temperature": -2.0}, "method.temperature must be positive"),
+        ({"target_eps": -1e-7}, "method.target_eps must be >= 0, got -1e-07"),
+        ({"alpha": 1.5}, r"method.alpha must be \[0, 1\] for form=hinton, got 1.5"),
+        ({"alpha": -0.5, "form": "okddip"}, "method.alpha must be >= 0 for form=okddip, got -0.5"),
+        ({"form": "fitnet"}, "method.form='fitnet' is not valid; choose one of: hinton, okddip"),
+        ({"teacher_model": ""}, "method.teacher_model is required for kd"),
+        ({"teacher_checkpoint": ""}, "method.teacher_checkpoint is required for kd"),
+        ({"teacher_model": "resnet21"}, "resnet21"),
+    ],
+)
+def test_kd_params_are_validated(changes, says):
+    from okd.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=says):
+        _kd_params(**changes).validate()
+
+
+def test_kd_params_at_the_edges_are_accepted():
+    for changes in ({"alpha": 0.0}, {"alpha": 1.0}, {"alpha": 4.0, "form": "okddip"}, {"target_eps": 0.0}):
+        _kd_params(**changes).validate()
+    assert _kd_params().effective_alpha == 0.9 and _kd_params(form="okddip").effective_alpha == 1.0
+    assert _kd_params(alpha=0.25).effective_alpha == 0.25
+
+
+def test_kd_teacher_mismatch_names_the_keys_and_the_class_count(teacher_file, tmp_path):
+    state = torch.load(teacher_file, weights_only=True)
+    del state["fc.bias"]
+    state["extra.weight"] = torch.zeros(1)
+    torch.save(state, tmp_path / "odd.pt")
+    with pytest.raises(CheckpointError) as info:
+        make("kd", teacher_model="resnet20", teacher_checkpoint=str(tmp_path / "odd.pt"))
+    msg = str(info.value)
+    assert f"teacher checkpoint {str(tmp_path / 'odd.pt')!r} does not match method.teacher_model=resnet20 with" in msg
+    assert f"{K} classes (missing keys: ['fc.bias']; unexpected keys: ['extra.weight'])" in msg
+    torch.save({"state_dict": {}}, tmp_path / "empty.pt")
+    with pytest.raises(CheckpointError, match=r"holds no state_dict \(a mapping of parameter names to tensors\)"):
+        make("kd", teacher_model="resnet20", teacher_checkpoint=str(tmp_path / "empty.pt"))

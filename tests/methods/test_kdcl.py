@@ -80,6 +80,39 @@ def test_linear_rule_beats_a_simplex_grid():
     assert combined_ce(w.view(1, -1), z, y)[0] <= best_grid + 1e-12
 
 
+def _newton(w, g, hess, ridge=0.0):
+    from okd.methods.kdcl import _face_newton
+
+    d = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    return _face_newton(d(w), d(g), d(hess), torch.tensor(ridge, dtype=torch.float64))
+
+
+def test_face_newton_step_by_hand_with_a_weight_at_zero():
+    """The KKT solve on the simplex face: w = (1/2, 1/2, 0). Worked by hand from (H + r I) d + g = mu on the free
+    set, sum d = 0, d = 0 on the active set {w_i = 0, g_i >= lambda}, lambda = the mean gradient on the support."""
+    eye3 = torch.eye(3, dtype=torch.float64)
+    # g = (1, 3, 5): lambda = 2 <= 5, so the zero weight stays active; H = I: mu = 2, d = (1, -1, 0)
+    assert torch.allclose(
+        _newton([0.5, 0.5, 0.0], [1.0, 3.0, 5.0], eye3.tolist()), torch.tensor([1.0, -1.0, 0.0]).double()
+    )
+    # g = (1, 3, 3): still active (lambda is the support's mean, 2, not the mean of all three)
+    assert torch.allclose(
+        _newton([0.5, 0.5, 0.0], [1.0, 3.0, 3.0], eye3.tolist()), torch.tensor([1.0, -1.0, 0.0]).double()
+    )
+    # g = (1, 3, 0): 0 < lambda = 2, so the zero weight is freed: mu = 4/3, d = (1/3, -5/3, 4/3)
+    free = _newton([0.5, 0.5, 0.0], [1.0, 3.0, 0.0], eye3.tolist())
+    assert torch.allclose(free, torch.tensor([1 / 3, -5 / 3, 4 / 3]).double())
+    # H = diag(2, 4) on the face (its coupling to the active weight is ignored): mu = 5/3, d = (1/3, -1/3, 0)
+    hess = [[2.0, 0.0, 1.0], [0.0, 4.0, 3.0], [1.0, 3.0, 8.0]]
+    assert torch.allclose(_newton([0.5, 0.5, 0.0], [1.0, 3.0, 5.0], hess), torch.tensor([1 / 3, -1 / 3, 0.0]).double())
+    # the ridge adds to the face's diagonal: H + 2 I = diag(4, 6): mu = 9/5, d = (1/5, -1/5, 0)
+    with_ridge = _newton([0.5, 0.5, 0.0], [1.0, 3.0, 5.0], hess, ridge=2.0)
+    assert torch.allclose(with_ridge, torch.tensor([0.2, -0.2, 0.0]).double())
+    # inside the simplex every weight is free: H = I, mu = 3, d = (2, 0, -2)
+    inside = _newton([0.2, 0.3, 0.5], [1.0, 3.0, 5.0], eye3.tolist())
+    assert torch.allclose(inside, torch.tensor([2.0, 0.0, -2.0]).double())
+
+
 def test_general_weights_by_hand():
     w = general_weights(torch.diag(torch.tensor([1.0, 2.0])), ridge=0.0)  # w ~ C^-1 1 = (1, 1/2)
     assert torch.allclose(w, torch.tensor([2 / 3, 1 / 3], dtype=torch.float64))
@@ -99,6 +132,7 @@ def test_kdcl_fit_on_holdout_estimates_the_error_covariance():
     cov = torch.einsum("mbk,nbk->mn", err, err) / 6
     assert torch.allclose(w, general_weights(cov, 1e-6)) and torch.equal(method.general_weights, w)
     assert method.training is False  # left as it was
+    assert not w.requires_grad and not method.general_weights.requires_grad  # no graph kept, even with grad on
     target, weights = kdcl_target([torch.ones(B, K), torch.zeros(B, K)], y, KDCLParams(ensemble="general"), w)
     assert torch.allclose(target, torch.full((B, K), float(w[0])))
 
@@ -176,6 +210,13 @@ def test_kdcl_students_views_groups_and_deploy():
 
 def test_kdcl_params_validation():
     bad = [
+        "method.deploy_student=2",
+        "method.deploy_student=-1",
+        "method.temperature=0",
+        "method.alpha=-0.1",
+        "method.linear_iters=0",
+        "method.general_ridge=-1e-6",
+        "method.naive_target=max",
         "method.num_students=1",
         "method.models=[resnet20,nope]",
         "method.ensemble=max",
@@ -185,6 +226,8 @@ def test_kdcl_params_validation():
     for item in bad:
         with pytest.raises(ConfigError, match=re.escape(item.split("=")[0])):
             load_config(None, ["method.name=kdcl", *item.split()])
+    KDCLParams(deploy_student=1, alpha=1.0, general_ridge=0.0, linear_iters=1).validate()  # the edges are valid
+    KDCLParams(deploy_student=0, alpha=0.0).validate()
     if not hasattr(Method, "fit_on_holdout"):
         with pytest.raises(ConfigError, match="held-out"):
             load_config(None, ["method.name=kdcl", "method.ensemble=general"])

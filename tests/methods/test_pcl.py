@@ -201,6 +201,25 @@ def test_pcl_best_of_branches_metric():
             load_config(None, ["method.name=pcl", "method.deploy_best_of_branches=true"])
 
 
+def test_pcl_best_of_branches_can_pick_every_branch_the_last_included():
+    """Each EMA branch, the last one too, is picked (and deployed) when it scores best; ties go to the first."""
+    method = make_pcl(deploy_best_of_branches=True)
+    for best in range(3):
+        metrics = {f"ema_branch{i}/top1": 70.0 if i == best else 40.0 + i for i in range(3)}
+        metrics |= {f"ema_branch{i}/top5": 90.0 + i for i in range(3)}
+        assert method.derived_metrics(metrics) == {"ema_best_of_3/top1": 70.0, "ema_best_of_3/top5": 90.0 + best}
+        assert int(method.best_branch) == best
+    method.derived_metrics({f"ema_branch{i}/top1": 50.0 for i in range(3)})
+    assert int(method.best_branch) == 0
+
+
+def test_pcl_oracles_cover_every_branch():
+    assert make_pcl(num_branches=4).oracle_groups() == {
+        "oracle_any_branch": ["branch0", "branch1", "branch2", "branch3"],
+        "oracle_any_ema_branch": ["ema_branch0", "ema_branch1", "ema_branch2", "ema_branch3"],
+    }
+
+
 def test_pcl_params_validation():
     for bad in ("method.deploy_branch=3", "method.num_branches=1", "method.ema_decay=1.0", "method.temperature=0"):
         with pytest.raises(ConfigError, match=re.escape(bad.split("=")[0])):

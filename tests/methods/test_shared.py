@@ -409,6 +409,25 @@ def test_average_accuracy_metrics():
     assert make("individual", num_branches=2).derived_metrics({"branch0/top1": 1.0}) == {}  # incomplete: none
 
 
+@pytest.mark.parametrize("name", ["one", "cl_ilr", "individual", "ffl"])
+def test_branch_methods_oracle_and_average_cover_every_branch(name):
+    """The oracle names every branch, the last included, and ``branch_avg`` averages all of them."""
+    m = make(name, num_branches=3)
+    assert m.oracle_groups() == {"oracle_any_branch": ["branch0", "branch1", "branch2"]}
+    metrics = {f"branch{i}/top1": 10.0 * (i + 1) for i in range(3)} | {f"branch{i}/top5": 50.0 + i for i in range(3)}
+    assert m.derived_metrics(metrics) == {"branch_avg/top1": 20.0, "branch_avg/top5": 51.0}
+
+
+def test_every_methods_oracle_names_all_of_its_heads():
+    """Each oracle group lists every head of its kind (the last one included) and only heads that exist."""
+    expected = {
+        "dml": {"oracle_any_net": ["net0", "net1"]},
+        "okddip": {"oracle_any_peer": ["peer0", "peer1", "peer2"]},
+    }
+    for name, groups in expected.items():
+        assert make(name).oracle_groups() == groups
+
+
 # --------------------------------------------------------- PCL and KDCL end to end through the trainer
 def quick(root: Path, out: Path, name: str, method: list[str], epochs: int) -> list[str]:
     settings = {

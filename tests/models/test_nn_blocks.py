@@ -241,3 +241,26 @@ def test_l2_diversity_by_hand():
     a = torch.tensor([math.sqrt(3), 2.0]).view(1, 1, 1, 2)
     b = torch.tensor([2.0, math.sqrt(3)]).view(1, 1, 1, 2)
     assert l2_diversity_loss([a, a], [b, b], detach_target=True).item() == pytest.approx(-0.08, rel=1e-5)
+
+
+def test_l2_diversity_detach_keeps_gradient_from_the_previous_maps():
+    """With ``detach_target`` no gradient reaches the previous student's maps; without it, it does."""
+    cur = [torch.rand(2, 3, 4, 4, requires_grad=True) for _ in range(2)]
+    prev = [torch.rand(2, 3, 4, 4, requires_grad=True) for _ in range(2)]
+    l2_diversity_loss(cur, prev, detach_target=True).backward()
+    assert all(c.grad is not None and c.grad.abs().sum() > 0 for c in cur)
+    assert all(p.grad is None for p in prev)
+    l2_diversity_loss(cur, prev, detach_target=False).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in prev)
+
+
+def test_a_ramp_up_of_length_zero_is_off():
+    from okd.nn.losses import ramped_kl_weight, sigmoid_rampup
+
+    assert sigmoid_rampup(0, 0) == 1.0 and sigmoid_rampup(7, 0) == 1.0
+    assert sigmoid_rampup(0, 4) == pytest.approx(math.exp(-5)) and sigmoid_rampup(2, 4) == pytest.approx(
+        math.exp(-1.25)
+    )
+    assert sigmoid_rampup(-3, 4) == pytest.approx(math.exp(-5)) and sigmoid_rampup(9, 4) == 1.0
+    params = type("P", (), {"kl_weight": 2.0, "rampup_length": 0})()
+    assert ramped_kl_weight(params, 0) == {"kl_weight": 2.0}

@@ -260,6 +260,33 @@ def test_divergence_stops_the_run_and_keeps_the_good_files(cifar10_root, tmp_pat
     assert [r["epoch"] for r in read_metrics_csv(RUN / "metrics.csv")] == [1, 2]
 
 
+def test_nan_weights_with_a_finite_loss_are_never_committed(cifar10_root, tmp_path, monkeypatch, capsys):
+    """The weights are checked, not only the loss: a weight turned NaN after epoch 2's steps (every loss finite, the
+    NaN logits scored as wrong) stops the run before that epoch is saved; epoch 1 stays committed, all finite."""
+    import okd.engine.trainer as trainer
+
+    real_epoch = trainer.train_epoch
+
+    def poisoned(runner, loader, epoch, *a, **k):
+        row = real_epoch(runner, loader, epoch, *a, **k)
+        if epoch == 1:
+            with torch.no_grad():
+                weight = next(runner.method.parameters())
+                weight[(0,) * weight.dim()] = float("nan")
+        return row
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(trainer, "train_epoch", poisoned)
+    assert main(args(cifar10_root)) == 2
+    err = one_line(capsys.readouterr().err)
+    assert "epoch 2: " in err and "is not finite" in err and "holds epoch 1" in err
+    last, deploy = load_checkpoint(RUN / "last.pt"), load_checkpoint(RUN / "deploy.pt")
+    assert last["epoch"] == 1 and deploy["epoch"] == 1
+    assert [r["epoch"] for r in read_metrics_csv(RUN / "metrics.csv")] == [1]
+    for record in (last["method"], deploy["state_dict"]):
+        assert all(torch.isfinite(v).all() for v in record.values() if v.is_floating_point())
+
+
 def test_disk_full_while_saving_says_what_is_intact(reference, cifar10_root, tmp_path, monkeypatch, capsys):
     """ENOSPC while writing deploy.pt of epoch 2 (best.pt of epoch 2 already renamed): one message, the epoch-1
     commit intact (best.pt put back), no temporary left; resume after the disk has room matches."""

@@ -65,10 +65,14 @@ def test_the_file_is_fsynced_before_it_is_renamed_into_place(tmp_path, monkeypat
     from okd import io as checkpoint
 
     calls: list[tuple[str, str]] = []
+    sizes: list[int] = []
     real_fsync, real_replace = os.fsync, os.replace
 
     def fsync(fd):
-        calls.append(("fsync", "dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file"))
+        info = os.fstat(fd)
+        calls.append(("fsync", "dir" if stat.S_ISDIR(info.st_mode) else "file"))
+        if not stat.S_ISDIR(info.st_mode):
+            sizes.append(info.st_size)  # what the fsync makes durable: all of it, flushed first
         real_fsync(fd)
 
     def replace(src, dst):
@@ -83,6 +87,7 @@ def test_the_file_is_fsynced_before_it_is_renamed_into_place(tmp_path, monkeypat
     else:
         checkpoint.atomic_write_text("epoch: 3\n", path)
     assert calls == [("fsync", "file"), ("replace", "last.pt"), ("fsync", "dir")]
+    assert sizes == [path.stat().st_size]
     monkeypatch.undo()
     if write == "save":
         assert load_checkpoint(path)["epoch"] == 3
@@ -105,3 +110,68 @@ def test_an_interrupt_after_the_rename_keeps_the_new_file_and_propagates(tmp_pat
 
     path = second_save_fails(tmp_path, monkeypatch, checkpoint, "_fsync_dir", interrupted, KeyboardInterrupt)
     assert load_checkpoint(path)["epoch"] == 2
+
+
+def test_an_unreadable_checkpoint_names_the_error_and_its_first_line(tmp_path):
+    """The message of a file torch cannot read gives the error type and the first line of its message only
+    (torch's own messages run over several lines); a non-weights-only pickle is named as such."""
+    from okd.io import first_line
+
+    assert first_line(ValueError("first\nsecond")) == "first"
+    assert first_line(ValueError("")) == "" and first_line(ValueError("x" * 300), limit=5) == "xxxxx"
+    truncated = tmp_path / "truncated.pt"
+    atomic_save({"blob": torch.zeros(1000)}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:300])
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(truncated, what="teacher", hint="Give the teacher's deploy.pt.")
+    msg = str(info.value)
+    assert msg.startswith(f"teacher {str(truncated)!r} cannot be read (RuntimeError: PytorchStreamReader failed")
+    detail = msg.split("(RuntimeError: ", 1)[1].split("); it is truncated", 1)[0]
+    assert "\n" not in msg and 20 < len(detail) <= 200 and msg.endswith("Give the teacher's deploy.pt.")
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a pickle\nsecond line")
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(garbage)
+    assert "cannot be read (UnpicklingError: not a weights-only pickle); it is truncated" in str(info.value)
+    assert str(info.value).endswith("Use another checkpoint (last.pt, best.pt) of the run.")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_atomic_writes_get_the_mode_of_a_plainly_created_file(tmp_path, umask):
+    """mkstemp alone makes 0600 files; every atomic write gets 0666 less the umask, as open() would."""
+    import os
+    import stat
+
+    from okd.io import atomic_write_bytes, atomic_write_text
+
+    old = os.umask(umask)
+    try:
+        atomic_save({"epoch": 1}, tmp_path / "a.pt")
+        atomic_write_text("x\n", tmp_path / "b.txt")
+        atomic_write_bytes(b"x", tmp_path / "c.bin")
+    finally:
+        os.umask(old)
+    for name in ("a.pt", "b.txt", "c.bin"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask, name
+
+
+def test_only_a_weights_only_refusal_is_reported_as_a_pickled_object():
+    """The refused global is read from torch's weights-only message; any other failure, even one that mentions
+    a global, is not called a pickled object."""
+    from okd.io import _weights_only_refusal
+
+    refusal = "Weights only load failed. ... Unsupported global: GLOBAL posix.system was not an allowed global"
+    assert _weights_only_refusal(RuntimeError(refusal)) == "posix.system"
+    assert _weights_only_refusal(RuntimeError("weights_only: global: builtins.eval")) == "builtins.eval"
+    assert _weights_only_refusal(RuntimeError("PytorchStreamReader failed reading zip archive")) is None
+    assert _weights_only_refusal(RuntimeError("unexpected GLOBAL posix.system in the stream")) is None
+    assert _weights_only_refusal(RuntimeError("Weights only load failed: invalid load key")) is None
+
+
+def test_an_empty_or_folder_shaped_checkpoint_gets_okds_message(tmp_path):
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "folder.pt").mkdir()
+    with pytest.raises(CheckpointError, match=r"empty.pt' is empty \(0 bytes\): its write never completed"):
+        load_checkpoint(tmp_path / "empty.pt")
+    with pytest.raises(CheckpointError, match=r"folder.pt' is a folder, not a file\. Use another checkpoint"):
+        load_checkpoint(tmp_path / "folder.pt")

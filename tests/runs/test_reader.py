@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from okd.errors import CheckpointError
+from okd.errors import CheckpointError, OKDError
 from okd.runs.metrics import metrics_csv_text
 from okd.runs.reader import Run, expand_run_dirs
 from okd.runs.records import CHECKPOINT_FORMAT, RUN_KEYS
@@ -100,3 +100,145 @@ def test_a_best_epoch_without_its_weights_is_refused(tmp_path):
     assert Run(run).checkpoint("last")[0]["epoch"] == 2
     record, source = Run(_run(tmp_path / "other")).checkpoint("best")  # best epoch = committed: from last.pt
     assert record["epoch"] == 2 and "last.pt" in source and record["selected_on"] == "test"
+
+
+# ----------------------------------------------------------------- best.pt and deploy.pt only as last.pt commits them
+def _with_best(run: Path, best_epoch: int) -> dict:
+    """last.pt of ``run`` rewritten to name ``best_epoch`` as its best; returns it."""
+    last = torch.load(run / "last.pt", weights_only=True)
+    last["best"] = {**last["best"], "epoch": best_epoch}
+    torch.save(last, run / "last.pt")
+    return last
+
+
+def test_best_comes_from_the_file_holding_the_best_epoch_of_this_run(tmp_path):
+    """best.pt when it holds the best epoch; the kept .best.pt.prev when best.pt ran ahead; never a best.pt of
+    another run (same epoch, another seed)."""
+    from okd.runs.store import BEST_BACKUP
+
+    run = _run(tmp_path / "run", epochs=3)
+    last = _with_best(run, 2)
+    torch.save({**last, "epoch": 2, "note": "the best"}, run / "best.pt")
+    record, source = Run(run).checkpoint("best")
+    assert source == str(run / "best.pt") and record["note"] == "the best"
+    (run / "best.pt").rename(run / BEST_BACKUP)
+    torch.save({**last, "epoch": 4}, run / "best.pt")  # an uncommitted epoch's best.pt
+    record, source = Run(run).checkpoint("best")
+    assert source == str(run / BEST_BACKUP) and record["epoch"] == 2
+    (run / BEST_BACKUP).unlink()
+    torch.save({**last, "epoch": 2, "config": {**last["config"], "seed": 9}}, run / "best.pt")
+    with pytest.raises(CheckpointError, match="best epoch is 2, whose weights are no longer on disk"):
+        Run(run).checkpoint("best")
+    with pytest.raises(OKDError, match="unknown checkpoint 'first'"):
+        Run(run).checkpoint("first")
+
+
+def test_a_commit_while_best_is_read_is_followed(tmp_path, monkeypatch):
+    """The best epoch's weights are gone under the last.pt first read, but a writer commits a new best epoch
+    meanwhile: the reader reads last.pt again and answers from the new commit."""
+    run = _run(tmp_path / "run", epochs=2)
+    _with_best(run, 1)
+    reader = Run(run)
+    assert reader.epoch == 2
+    _run(run, epochs=3)  # the writer commits epoch 3, its best
+    record, source = reader.checkpoint("best")
+    assert record["epoch"] == 3 and source.endswith("(its epoch is the best epoch)")
+
+
+def _baseline_run(folder: Path, epochs: int = 2) -> Path:
+    """A run folder of a real (untrained) baseline resnet20 network: deploy records can be rebuilt from it."""
+    from okd.methods.build import build_config, build_method
+
+    _run(folder, epochs)
+    last = torch.load(folder / "last.pt", weights_only=True)
+    method = build_method(build_config(last["config"]), 10)
+    torch.save({**last, "method": method.state_dict()}, folder / "last.pt")
+    return folder
+
+
+def _deploy(run: Path, epoch: int, method: str = "baseline") -> None:
+    state = {"w": torch.zeros(1)}
+    deploy = {"format": "okd-deploy-v1", "model": "resnet20", "method": method, "num_classes": 10, "epoch": epoch}
+    torch.save({**deploy, "state_dict": state}, run / "deploy.pt")
+
+
+def test_deploy_pt_is_read_only_when_it_holds_the_committed_epoch_of_this_run(tmp_path):
+    run = _baseline_run(tmp_path / "run")
+    _deploy(run, 2)
+    record, source = Run(run).deploy_record()
+    assert source == str(run / "deploy.pt") and set(record["state_dict"]) == {"w"}
+    for epoch, method in ((3, "baseline"), (1, "baseline"), (2, "dml")):  # ahead, behind, another method's
+        _deploy(run, epoch, method)
+        record, source = Run(run).deploy_record()
+        assert source.endswith("last.pt (deploy record rebuilt)") and record["epoch"] == 2
+        assert "fc.weight" in record["state_dict"] and record["method"] == "baseline"
+    assert (torch.load(run / "deploy.pt", weights_only=True)["method"]) == "dml"  # the reader wrote nothing
+
+
+def test_a_commit_while_deploy_pt_is_read_is_followed(tmp_path, monkeypatch):
+    """deploy.pt already holds epoch 3 while the reader's last.pt says 2; once last.pt commits 3 the reader reads
+    it again and takes deploy.pt."""
+    from okd.runs import reader as reader_mod
+
+    run = _baseline_run(tmp_path / "run")
+    _deploy(run, 3)
+    reader = Run(run)
+    assert reader.epoch == 2
+    real, calls = reader_mod.epoch_of, []
+
+    def committing(path):
+        if path.name == "deploy.pt" and not calls:  # the writer's last.pt rename lands now
+            last = torch.load(run / "last.pt", weights_only=True)
+            torch.save({**last, "epoch": 3, "history": [*last["history"], {"epoch": 3, "test/net/top1": 30.0}]},
+                       run / "last.pt")  # fmt: skip
+        calls.append(path.name)
+        return real(path)
+
+    (run / "metrics.csv").write_text(metrics_csv_text([{"epoch": e, "test/net/top1": 10.0 * e} for e in (1, 2, 3)]))
+    monkeypatch.setattr(reader_mod, "epoch_of", committing)
+    record, source = reader.deploy_record()
+    assert source == str(run / "deploy.pt") and record["epoch"] == 3 and reader.epoch == 3
+
+
+def test_a_reader_follows_two_commits_made_while_it_reads(tmp_path, monkeypatch):
+    """best.pt is looked up against up to three successive last.pt commits before the best epoch is declared
+    gone: two commits landing during one read are followed."""
+    run = _run(tmp_path / "run", epochs=2)
+    _with_best(run, 1)
+    reader = Run(run)
+    real, tries = Run._best, []
+
+    def best_during_commits(self):
+        tries.append(self.epoch)
+        if len(tries) < 3:  # a writer commits the next epoch (best still gone) before this lookup ends
+            _with_best(_run(run, epochs=self.epoch + 1), 1)
+            return None
+        return real(self)
+
+    monkeypatch.setattr(Run, "_best", best_during_commits)
+    _with_best(_run(run, epochs=2), 1)
+    with pytest.raises(CheckpointError, match="whose weights are no longer on disk"):
+        reader.checkpoint("best")
+    assert tries == [2, 3, 4]
+
+
+def test_a_run_without_a_best_epoch_has_none_to_give(tmp_path):
+    run = _run(tmp_path / "run")
+    last = torch.load(run / "last.pt", weights_only=True)
+    torch.save({**last, "best": {}}, run / "last.pt")
+    reader = Run(run)
+    assert reader.best_epoch == 0
+    with pytest.raises(CheckpointError, match="has no best epoch yet"):
+        reader.checkpoint("best")
+
+
+def test_a_last_pt_gone_before_it_is_read_is_no_commit(tmp_path):
+    """A dangling last.pt link (or a last.pt removed after the folder was opened) is read as no commit at all."""
+    run = _run(tmp_path / "run")
+    reader = Run(run)
+    (run / "last.pt").unlink()
+    (run / "last.pt").symlink_to(run / "elsewhere.pt")
+    with pytest.raises(CheckpointError, match=r"holds no committed epoch: no last.pt \(it holds config.yaml, metrics"):
+        _ = reader.last
+    with pytest.raises(CheckpointError, match="holds no committed epoch"):
+        _ = Run(run).epoch

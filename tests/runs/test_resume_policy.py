@@ -159,3 +159,139 @@ def test_a_last_pt_of_another_run_is_refused_before_anything_is_written(edit, sa
     err = " ".join(capsys.readouterr().err.split())
     assert "does not belong to the run in" in err and says in err, err
     assert _digest(run) == before
+
+
+# ------------------------------------------------------------------------ the folder checks and the history, unit
+def _run_cfg(**changes) -> dict:
+    cfg = {"method": {"name": "baseline"}, "model": {"name": "resnet20"}, "data": {"dataset": "cifar10"}, "seed": 0}
+    for key, value in changes.items():
+        section, _, name = key.rpartition("__")
+        (cfg[section] if section else cfg)[name] = value
+    return cfg
+
+
+HISTORY = [
+    {"epoch": 1, "train/loss": 2.5, "test/net/top1": 100 / 3, "test/net/top5": 50.0},  # written rounded to 10 digits
+    {"epoch": 2, "train/loss": 2.25, "test/net/top1": 12.5, "test/net/top5": float("nan")},
+]
+
+
+def _folder(tmp_path: Path, csv_rows: list[dict] | None = HISTORY, deploy_classes: int | None = None) -> Path:
+    from okd.runs.metrics import metrics_csv_text
+
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(_run_cfg()))
+    if csv_rows is not None:
+        (tmp_path / "metrics.csv").write_text(metrics_csv_text(csv_rows))
+    if deploy_classes is not None:
+        state = {"w": torch.zeros(1)}
+        torch.save(
+            {"format": "okd-deploy-v1", "model": "resnet20", "num_classes": deploy_classes, "state_dict": state},
+            tmp_path / "deploy.pt",
+        )
+    return tmp_path
+
+
+def _ckpt(history=HISTORY, **cfg) -> dict:
+    return {"config": _run_cfg(**cfg), "num_classes": 10, "history": [dict(r) for r in history]}
+
+
+def _edit(rows: list[dict], index: int, **values) -> list[dict]:
+    rows = [dict(r) for r in rows]
+    for key, value in values.items():
+        if value is None:
+            del rows[index][key.replace("__", "/")]
+        else:
+            rows[index][key.replace("__", "/")] = value
+    return rows
+
+
+@pytest.mark.parametrize(
+    ("rows", "says"),
+    [
+        (_edit(HISTORY, 1, test__net__top1=12.75), "epoch 2 disagrees with last.pt's history (test/net/top1)"),
+        (_edit(HISTORY, 0, epoch=3), "metrics.csv epoch 3 disagrees with last.pt's history (epoch)"),
+        (_edit(HISTORY, 1, test__net__top5=None), "epoch 2 disagrees with last.pt's history (test/net/top5)"),
+        (_edit(HISTORY, 0, test__other__top1=1.0), "epoch 1 disagrees with last.pt's history (the test columns)"),
+    ],
+)
+def test_a_metrics_csv_that_disagrees_with_the_history_is_refused(rows, says, tmp_path):
+    from okd.errors import CheckpointError
+    from okd.runs.resume_policy import check_belongs_to_folder
+
+    with pytest.raises(CheckpointError) as info:
+        check_belongs_to_folder(_folder(tmp_path, rows), _ckpt())
+    assert f"{tmp_path / 'last.pt'} does not belong to the run in {tmp_path}" in str(info.value)
+    assert says in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [
+        HISTORY,  # the same, as written (NaN equals NaN, 100/3 rounded)
+        _edit(HISTORY, 0, train__loss=9.0),  # only the epoch and the test columns are compared
+        HISTORY[:1],  # lagging one epoch behind last.pt (a stop in mid-save)
+        [*HISTORY, {**HISTORY[1], "epoch": 3}],  # one epoch ahead of last.pt (a stop before its rename)
+        None,  # no metrics.csv
+    ],
+)
+def test_a_metrics_csv_in_line_with_the_history_is_accepted(rows, tmp_path):
+    from okd.runs.resume_policy import check_belongs_to_folder
+
+    check_belongs_to_folder(_folder(tmp_path, rows), _ckpt())
+
+
+def test_the_folder_checks_name_seed_and_deploy_class_count(tmp_path):
+    from okd.errors import CheckpointError
+    from okd.runs.resume_policy import check_belongs_to_folder
+
+    with pytest.raises(CheckpointError, match=r"seed 1 vs config.yaml's 0"):
+        check_belongs_to_folder(_folder(tmp_path), _ckpt(seed=1))
+    with pytest.raises(CheckpointError, match=r"model 'wrn16_2' vs config.yaml's 'resnet20'"):
+        check_belongs_to_folder(_folder(tmp_path), _ckpt(model__name="wrn16_2"))
+    with pytest.raises(CheckpointError, match=r"deploy.pt holds a 100-class network, but the run's data set \(cifar"):
+        check_belongs_to_folder(_folder(tmp_path, deploy_classes=100), _ckpt())
+    check_belongs_to_folder(_folder(tmp_path, deploy_classes=10), _ckpt())
+
+
+def test_a_resume_line_is_on_disk_before_record_resume_returns(tmp_path, monkeypatch):
+    """The history is appended, flushed and fsync'd: at the fsync the new line is already in the file."""
+    import os
+
+    from okd.runs import resume_policy
+
+    path = tmp_path / resume_policy.HISTORY_FILE
+    path.write_text('{"earlier": 1}\n')
+    synced = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.append((os.fstat(fd).st_ino, path.read_text().splitlines()))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    resume_policy.record_resume(tmp_path, 4, {"train.epochs": (4, 6)})
+    ((inode, lines),) = synced
+    assert inode == path.stat().st_ino and len(lines) == 2
+    first, entry = read_history(tmp_path)
+    assert first == {"earlier": 1} and entry["resumed_after_epoch"] == 4
+    assert entry["changed"] == {"train.epochs": {"old": 4, "new": 6}}
+
+
+def test_refusals_list_the_keys_that_may_change():
+    with pytest.raises(ConfigError) as info:
+        check_changes(_saved(), _asked(optim__lr=0.5, seed=2), 3)
+    msg = str(info.value)
+    assert msg.startswith("cannot change optim.lr, seed on resume:")
+    assert "optim.lr=0.1 (asked 0.5), seed=0 (asked 2)" in msg
+    assert "Keys that may change on resume: data.download, data.pin_memory, data.root" in msg
+    with pytest.raises(ConfigError, match=r"give train.epochs >= 3"):
+        check_changes(_saved(), _asked(train__epochs=2), 3)
+    assert check_changes(_saved(), _asked(train__epochs=3), 3) == {"train.epochs": (300, 3)}
+
+
+def test_the_history_of_a_run_never_resumed_is_empty_and_blank_lines_are_skipped(tmp_path):
+    from okd.runs.resume_policy import HISTORY_FILE
+
+    assert read_history(tmp_path) == []
+    (tmp_path / HISTORY_FILE).write_text('{"resumed_after_epoch": 1}\n\n  \n{"resumed_after_epoch": 3}\n')
+    assert [e["resumed_after_epoch"] for e in read_history(tmp_path)] == [1, 3]

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from okd.engine.evaluate import evaluate
-from okd.errors import RunFolderError, StopRequested
+from okd.errors import ConfigError, RunFolderError, StopRequested
 from okd.runs.records import first_nonfinite
-from okd.runs.store import LOCK_NAME, RunStore, deferred_signals
+from okd.runs.store import LOCK_NAME, UNCOMMITTED, RunStore, deferred_signals
 
 
 def records(epoch: int) -> tuple[dict, bool, dict]:
@@ -126,3 +126,287 @@ def test_a_run_folder_path_given_as_its_checkpoint_file(tmp_path):
     assert run_folder_of(tmp_path / "last.pt") == tmp_path
     assert run_folder_of(tmp_path) == tmp_path
     assert run_folder_of(Path("runs/missing/last.pt")) == Path("runs/missing/last.pt")
+
+
+def test_a_failed_write_at_the_start_is_reported_not_swallowed(tmp_path):
+    """begin() that cannot write config.yaml (here a folder stands in its place) stops with okd's message."""
+    with RunStore(tmp_path / "run").lock() as store:
+        (tmp_path / "run" / "config.yaml").mkdir()
+        with pytest.raises(RunFolderError, match=r"cannot write the run folder .*run'"):
+            store.begin(_Config(), None, lambda: {})
+
+
+# ------------------------------------------------------------------ the guards behind the promises, one by one
+def _epochs(run: Path) -> dict[str, int | None]:
+    from okd.runs.records import epoch_of
+
+    return {name: epoch_of(run / name) for name in ("best.pt", "deploy.pt", "last.pt")}
+
+
+def _rows(run: Path) -> int:
+    from okd.runs.metrics import read_metrics_csv
+
+    return len(read_metrics_csv(run / "metrics.csv"))
+
+
+def test_a_deleted_lock_file_stops_the_save_before_its_first_rename(tmp_path):
+    """The writer checks, before every rename, that the file it locked is still the folder's .okd.lock."""
+    run = tmp_path / "run"
+    with RunStore(run).lock() as store:
+        store.begin(_Config(), None, lambda: {})
+        store.commit(*records(1))
+        (run / LOCK_NAME).unlink()
+        with pytest.raises(RunFolderError, match=r"\.okd\.lock was deleted or replaced .* without saving epoch 2"):
+            store.commit(*records(2))
+    assert _epochs(run) == {"best.pt": 1, "deploy.pt": 1, "last.pt": 1} and _rows(run) == 1
+    assert not list(run.glob(".*.tmp"))
+
+
+def test_a_lock_file_replaced_before_the_flock_is_locked_again(tmp_path, monkeypatch):
+    """A lock file that another process replaced between our open and our flock is not what we hold: the writer
+    locks the file on disk instead, so a second writer opening it is refused."""
+    import fcntl
+
+    from okd.runs import store as store_mod
+
+    run = tmp_path / "run"
+    run.mkdir()
+    real, calls = fcntl.flock, []
+
+    def flock(fd, op):
+        if not calls:  # the first flock: someone replaces .okd.lock just before it
+            (run / LOCK_NAME).unlink()
+            (run / LOCK_NAME).touch()
+        calls.append(fd)
+        return real(fd, op)
+
+    monkeypatch.setattr(store_mod.fcntl, "flock", flock)
+    store = RunStore(run).lock(create=False)
+    monkeypatch.undo()
+    try:
+        assert len(calls) == 2 and store._holds_lock_file()
+        with pytest.raises(RunFolderError, match="being written by another okd process"):
+            RunStore(run).lock(create=False)
+    finally:
+        store.release()
+
+
+@pytest.fixture
+def sigterm_stops():
+    """SIGTERM raises StopRequested, as in a training run (okd.engine.trainer), for the test's duration."""
+
+    def stop(signum, frame):
+        raise StopRequested(signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    yield
+    signal.signal(signal.SIGTERM, previous)
+
+
+def _renames(monkeypatch, fault: str | None = None) -> list[str]:
+    """The names the store renames into place, in order; with ``fault``, SIGTERM is sent to this process at that
+    boundary of the save (``<before|after>:<file>:<epoch>``, okd/runs/store.py's test hook)."""
+    from okd import io as okd_io
+    from okd.runs.store import FAULT_ENV
+
+    if fault is not None:
+        monkeypatch.setenv(FAULT_ENV, f"{fault}:SIGTERM")
+    renamed: list[str] = []
+    real = okd_io.os.replace
+
+    def replace(src, dst):
+        real(src, dst)
+        renamed.append(os.path.basename(dst))
+
+    monkeypatch.setattr(okd_io.os, "replace", replace)
+    return renamed
+
+
+def test_a_stop_in_mid_save_is_held_until_last_pt_is_renamed(tmp_path, monkeypatch, sigterm_stops):
+    run = tmp_path / "run"
+    with RunStore(run).lock() as store:
+        store.begin(_Config(), None, lambda: {})
+        renamed = _renames(monkeypatch, "after:metrics.csv:1")
+        with pytest.raises(StopRequested):
+            store.commit(*records(1))
+        assert renamed == ["metrics.csv", "best.pt", "deploy.pt", "last.pt"]
+        assert store.committed_epoch == 1 and not (run / UNCOMMITTED).exists()
+
+
+def test_a_stop_while_a_run_opens_is_held_until_config_yaml_is_written(tmp_path, monkeypatch, sigterm_stops):
+    run = tmp_path / "run"
+    with RunStore(run).lock() as store:
+        renamed = _renames(monkeypatch, f"after:{UNCOMMITTED}:0")
+        with pytest.raises(StopRequested):
+            store.begin(_Config(), None, lambda: {})
+        assert renamed == [UNCOMMITTED, "config.yaml"]
+
+
+def test_a_stop_while_a_resume_repairs_the_folder_is_held_until_it_is_in_line(tmp_path, monkeypatch, sigterm_stops):
+    run = tmp_path / "run"
+    with RunStore(run).lock() as store:
+        store.begin(_Config(), None, lambda: {})
+        store.commit(*records(1))
+        last, _, deploy = records(2)
+        last["best"] = {"epoch": 2, "top1": 1.0}
+        _renames(monkeypatch, "after:metrics.csv:2")
+        with pytest.raises(StopRequested):
+            store.reconcile(last, lambda: deploy)
+    assert _epochs(run) == {"best.pt": 2, "deploy.pt": 2, "last.pt": 1} and _rows(run) == 2
+
+
+def test_the_commit_renames_last_pt_last_and_keeps_the_previous_best_until_then(tmp_path, monkeypatch):
+    from okd.runs import store as store_mod
+    from okd.runs.store import BEST_BACKUP
+
+    run = tmp_path / "run"
+    with RunStore(run).lock() as store:
+        store.begin(_Config(), None, lambda: {})
+        store.commit(*records(1))
+        renamed = _renames(monkeypatch)
+        kept = []
+        real_save = store_mod.atomic_save
+
+        def save(obj, path, on_boundary=None):
+            kept.append((path.name, store_mod.epoch_of(run / BEST_BACKUP)))
+            real_save(obj, path, on_boundary)
+
+        monkeypatch.setattr(store_mod, "atomic_save", save)
+        store.commit(*records(2))
+    assert renamed == ["metrics.csv", "best.pt", "deploy.pt", "last.pt"]
+    assert kept == [("best.pt", 1), ("deploy.pt", 1), ("last.pt", 1)]  # epoch 1's best.pt kept until the commit
+    assert not (run / BEST_BACKUP).exists() and _epochs(run) == {"best.pt": 2, "deploy.pt": 2, "last.pt": 2}
+
+
+def test_a_failed_save_puts_the_previous_best_back_and_says_what_is_intact(tmp_path, monkeypatch):
+    import errno
+
+    from okd.runs import store as store_mod
+
+    run = tmp_path / "run"
+    with RunStore(run).lock() as store:
+        store.begin(_Config(), None, lambda: {})
+        store.commit(*records(1))
+        real_save = store_mod.atomic_save
+
+        def full(obj, path, on_boundary=None):
+            if path.name == "deploy.pt":
+                raise OSError(errno.ENOSPC, "No space left on device")
+            real_save(obj, path, on_boundary)
+
+        monkeypatch.setattr(store_mod, "atomic_save", full)
+        with pytest.raises(RunFolderError) as info:
+            store.commit(*records(2))
+    msg = str(info.value)
+    assert msg.startswith("saving epoch 2 into") and "(No space left on device); nothing of it was committed" in msg
+    assert "The folder holds epoch 1, committed in last.pt, intact." in msg and "okd train --resume" in msg
+    assert _epochs(run) == {"best.pt": 1, "deploy.pt": 1, "last.pt": 1} and store.committed_epoch == 1
+
+
+def test_a_new_run_is_marked_until_its_first_commit(tmp_path):
+    """The mark goes down before anything else, an attempt that never committed is cleared by the next start, the
+    first commit removes the mark, and a resume of a run stopped right after that commit removes it too."""
+    run = tmp_path / "run"
+    with RunStore(run).lock() as store:
+        store.begin(_Config(), None, lambda: {})
+        assert (run / UNCOMMITTED).is_file()
+        (run / "deploy.pt").write_bytes(b"an attempt's file")
+    with RunStore(run).lock(create=False) as store:
+        store.begin(_Config(), None, lambda: {})
+        assert not (run / "deploy.pt").exists() and (run / UNCOMMITTED).is_file()
+        store.commit(*records(1))
+        assert not (run / UNCOMMITTED).exists()
+    (run / UNCOMMITTED).write_text("left by a stop right after the first commit\n")
+    last, _, deploy = records(1)
+    with RunStore(run).lock(create=False) as store:
+        store.begin(_Config(), last, lambda: deploy)
+    assert not (run / UNCOMMITTED).exists()
+
+
+@pytest.mark.parametrize("found", ["metrics.csv", "best.pt", "deploy.pt"])
+def test_results_without_the_mark_or_last_pt_are_never_deleted(tmp_path, found):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / found).write_bytes(b"a committed result")
+    with RunStore(run).lock(create=False) as store:
+        with pytest.raises(ConfigError, match=rf"holds results of an earlier run \({found}\) but no last.pt"):
+            store.begin(_Config(), None, lambda: {})
+        with pytest.raises(ConfigError, match="okd does not delete results to start over"):
+            store.refuse_orphaned_results()
+    assert (run / found).read_bytes() == b"a committed result" and not (run / UNCOMMITTED).exists()
+
+
+def test_resume_puts_every_file_back_in_line_with_last_pt(tmp_path):
+    """A stop after last.pt of epoch 2 was renamed (the others lag, or ran ahead of an older commit): metrics.csv,
+    deploy.pt and best.pt are rewritten from it; a best epoch kept as .best.pt.prev is put back; one whose weights
+    are gone is reported, not invented."""
+    from okd.runs.store import BEST_BACKUP
+
+    run = tmp_path / "run"
+    with RunStore(run).lock() as store:
+        store.begin(_Config(), None, lambda: {})
+        store.commit(*records(1))
+        last, _, deploy = records(2)
+        assert store.reconcile(last, lambda: deploy) == ["metrics.csv", "deploy.pt", "best.pt"]
+        assert _epochs(run) == {"best.pt": 2, "deploy.pt": 2, "last.pt": 1} and _rows(run) == 2
+        assert store.reconcile(last, lambda: deploy) == []  # in line: nothing to do
+        # best.pt of an uncommitted epoch 3, the committed best (epoch 2) kept beside it
+        os.link(run / "best.pt", run / BEST_BACKUP)
+        store._save({"epoch": 3}, "best.pt", 3)
+        assert store.reconcile(last, lambda: deploy) == ["best.pt"]
+        assert _epochs(run)["best.pt"] == 2 and not (run / BEST_BACKUP).exists()
+        older = {**last, "best": {"epoch": 1, "top1": 1.0}}
+        assert store.reconcile(older, lambda: deploy) == ["best.pt lost"]
+        assert _epochs(run)["best.pt"] == 2  # left as it is
+
+
+def test_accuracy_is_over_every_process_images(monkeypatch):
+    """Under DDP the hit counts and the image count are both summed over the processes: two ranks that score
+    alike give the single-process accuracy (not twice it)."""
+    from okd.engine import evaluate as evaluate_mod
+
+    logits = torch.tensor([[5.0, 0.0, 0.0], [0.0, 5.0, 0.0], [0.0, 0.0, 5.0], [0.0, 5.0, 0.0]])
+    labels = torch.tensor([0, 1, 2, 0])
+    alone = evaluate(_Fixed(logits), [(torch.zeros(4, 3, 2, 2), labels)])
+    monkeypatch.setattr(evaluate_mod, "all_reduce_sum", lambda packed, dist: packed * 2)  # a twin rank
+    assert (
+        evaluate(_Fixed(logits), [(torch.zeros(4, 3, 2, 2), labels)]) == alone == {"net/top1": 75.0, "net/top5": 100.0}
+    )
+
+
+class _TwoHeads(nn.Module):
+    """A 'method' with two heads and an oracle over both."""
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(1))
+        self.a, self.b = a, b
+
+    def eval_outputs(self, images):
+        return {"a": self.a, "b": self.b}
+
+    def oracle_groups(self):
+        return {"oracle_any": ["a", "b"]}
+
+
+def test_the_oracle_counts_an_image_any_head_gets_right():
+    """a is right on images 0, 1; b on 1, 2; neither on 3: a, b 50 %, the oracle 75 % (not an ensemble)."""
+    right, wrong = [5.0, 0.0], [0.0, 5.0]
+    a = torch.tensor([right, right, wrong, wrong])
+    b = torch.tensor([wrong, right, right, wrong])
+    metrics = evaluate(_TwoHeads(a, b), [(torch.zeros(4, 3, 2, 2), torch.zeros(4, dtype=torch.long))])
+    assert metrics == {"a/top1": 50.0, "a/top5": 100.0, "b/top1": 50.0, "b/top5": 100.0, "oracle_any/top1": 75.0}
+
+
+def test_a_store_that_is_not_the_writer_writes_nothing(tmp_path):
+    """Under torchrun only rank 0 writes: the other ranks' stores take no lock, make no folder, write no file,
+    and only follow the committed epoch."""
+    run = tmp_path / "run"
+    store = RunStore(run, writer=False).lock()
+    assert not run.exists()
+    store.begin(_Config(), None, lambda: {})
+    store.commit(*records(1))
+    store.release()
+    assert not run.exists() and store.committed_epoch == 1
+    with RunStore(run).lock():  # rank 0 holds the folder; another rank's store opens it all the same
+        RunStore(run, writer=False).lock().release()

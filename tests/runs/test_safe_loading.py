@@ -181,3 +181,29 @@ def test_kd_teacher_given_the_wrong_file_gets_okds_hint(ffsd_run, tmp_path):
     _hundred_class_deploy(run)
     with pytest.raises(CheckpointError, match="100-class network, but the student's data set has 10 classes"):
         load_teacher("resnet20", 10, str(run / "deploy.pt"))
+
+
+def test_a_file_holding_code_is_refused_where_a_damaged_one_is_read_past(tmp_path):
+    """epoch_of (what the writer and the readers ask of best.pt/deploy.pt) says "no epoch" for a missing, truncated
+    or epoch-less file, which is then rebuilt from last.pt; a file holding a pickled object is refused instead,
+    and a resume's repair does not write over it."""
+    from okd.errors import UnsafeCheckpointError
+    from okd.runs.records import epoch_of
+    from okd.runs.store import RunStore
+
+    marker = tmp_path / "ran"
+    torch.save({"epoch": 1, "x": 1}, tmp_path / "ok.pt")
+    assert epoch_of(tmp_path / "ok.pt") == 1 and epoch_of(tmp_path / "missing.pt") is None
+    (tmp_path / "truncated.pt").write_bytes((tmp_path / "ok.pt").read_bytes()[:40])
+    torch.save({"x": 1}, tmp_path / "no_epoch.pt")
+    assert epoch_of(tmp_path / "truncated.pt") is None and epoch_of(tmp_path / "no_epoch.pt") is None
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"epoch": 1, "payload": Marker(marker)}, run / "deploy.pt")
+    with pytest.raises(UnsafeCheckpointError, match="refuses to unpickle arbitrary objects"):
+        epoch_of(run / "deploy.pt")
+    before = (run / "deploy.pt").read_bytes()
+    last = {"epoch": 1, "history": [{"epoch": 1}], "best": {"epoch": 0}}
+    with RunStore(run).lock(create=False) as store, pytest.raises(UnsafeCheckpointError):
+        store.reconcile(last, lambda: {"format": "okd-deploy-v1", "epoch": 1})
+    assert (run / "deploy.pt").read_bytes() == before and not marker.exists()
