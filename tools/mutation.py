@@ -35,7 +35,7 @@ Usage (from the repository root; see docs/development.md)::
     python tools/mutation.py list okd/runs/store.py                 # every mutant of a file, no run
     python tools/mutation.py run --files core --total 120 --seed 7 --out results/mutation/my-run
     python tools/mutation.py run --files okd/runs/store.py --operators delete,early_return --out /tmp/m
-    python tools/mutation.py run --ids results/mutation/guards/ids.txt --out results/mutation/guards
+    python tools/mutation.py run --guards results/mutation/guards/guards.tsv --out results/mutation/guards
     python tools/mutation.py show okd/runs/store.py:245:16:delete:0   # the diff of one mutant
     python tools/mutation.py report results/mutation/my-run         # summary.md again (after triage edits)
 
@@ -548,6 +548,10 @@ def run(args: argparse.Namespace) -> None:
     mix = parse_mix(args.mix)
     if args.operators:
         mix = {op: mix.get(op, 1.0) for op in args.operators.split(",")}
+    promises: dict[str, str] = {}
+    if args.guards:
+        promises = resolve_guards(Path(args.guards))
+        args.ids = ",".join(promises)
     if args.ids:
         wanted = _read_ids(args.ids)
         files = sorted({i.split(":")[0] for i in wanted})
@@ -597,7 +601,40 @@ def run(args: argparse.Namespace) -> None:
         "wall_s": time.time() - started,
     }
     write_meta(out / "run.txt", meta)
+    if promises:
+        write_guards(out / "guards.md", promises, rows)
     report(out)
+
+
+def resolve_guards(path: Path) -> dict[str, str]:
+    """``{mutant id: promise}`` from a guards file: tab-separated rows ``promise, file, operator, the start of the
+    change (as ``list`` prints it), the number of mutants it must match[, a text of their source line]``. A row
+    that matches another number of mutants (the guard moved or changed) stops the run, naming the row."""
+    found: dict[str, str] = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        promise, file, operator, start, count, *within = line.split("\t")
+        source = (ROOT / file).read_text(encoding="utf-8").splitlines()
+        hits = [
+            m
+            for m in mutants_of(file)
+            if m.operator == operator and m.change.startswith(start) and (not within or within[0] in source[m.line - 1])
+        ]
+        if len(hits) != int(count):
+            raise SystemExit(f"{path}:{number}: {len(hits)} mutants match, not {count}: {line}")
+        found.update({m.id: promise for m in hits})
+    return found
+
+
+def write_guards(path: Path, promises: dict[str, str], rows: list[dict]) -> None:
+    status = {r["id"]: r["status"] for r in rows}
+    change = {r["id"]: r["change"] for r in rows}
+    lines = ["# The guards behind the README's promises", "", "| promise | mutant | change | status |"]
+    lines.append("|---|---|---|---|")
+    for mid, promise in promises.items():
+        lines.append(f"| {promise} | `{mid}` | `{change.get(mid, '')}` | {status.get(mid, 'not run')} |")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 def baselines(box: Sandbox, tests: list[str], out: Path, limit: float) -> dict[str, float]:
@@ -777,6 +814,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mix", help="operator weights, e.g. delete=3,compare=1 (default: DEFAULT_MIX)")
     p.add_argument("--operators", help="only these operators (comma-separated)")
     p.add_argument("--ids", help="run exactly these mutants: a file of ids (one a line) or a comma-separated list")
+    p.add_argument("--guards", help="run the mutants a guards file names (see resolve_guards), with guards.md")
     p.add_argument("--out", required=True, help="folder for mutants.csv, summary.md, survivors.md")
     p.add_argument("--timeout-factor", type=float, default=3.0, help="a mutant's limit: factor x baseline + extra")
     p.add_argument("--timeout-extra", type=float, default=20.0)
