@@ -103,9 +103,11 @@ TESTS: dict[str, list[str]] = {
     "okd/engine/schedules.py": ["engine/test_schedules.py"],
     "okd/engine/builder.py": ["engine/test_schedules.py", SHARED],
     "okd/engine/seeding.py": ["engine/test_engine_mutants.py", TRAINING],
-    "okd/engine/trainer.py": ["engine/test_engine_mutants.py", "runs/test_resume_policy.py", FAULTS, TRAINING],
+    "okd/engine/trainer.py": [
+        "engine/test_engine_mutants.py", "runs/test_resume_policy.py", FAULTS, TRAINING, "engine/test_distributed.py"
+    ],
     "okd/runs/records.py": ["runs/test_run_store.py", "runs/test_safe_loading.py", FAULTS],
-    "okd/runs/metrics.py": ["runs/test_resume_policy.py", FAULTS],
+    "okd/runs/metrics.py": ["runs/test_run_store.py", "runs/test_resume_policy.py", FAULTS],
     "okd/runs/store.py": ["runs/test_run_store.py", FAULTS],
     "okd/runs/resume_policy.py": ["runs/test_resume_policy.py", FAULTS],
     "okd/runs/reader.py": ["runs/test_reader.py", FAULTS, "runs/test_safe_loading.py"],

@@ -669,6 +669,7 @@ def test_holdout_is_the_last_images_in_order_and_unaugmented():
     loader = DeviceLoader(imgs, torch.arange(n), 16, train=True, views=3, drop_last=True, seed=2, **RAW)
     train, held = split_holdout(loader, 12)
     assert torch.equal(train.labels, torch.arange(28)) and train.train and train.views == 3
+    assert torch.equal(train.images, imgs[:28]) and torch.equal(held.images, imgs[28:])
     for epoch in (0, 5):
         held.set_epoch(epoch)
         batches = list(held)
@@ -716,3 +717,12 @@ def test_device_loader_accepts_its_edges_and_checks_the_shard():
     for rank, world in ((2, 2), (-1, 2)):
         with pytest.raises(ValueError, match=f"rank {rank} outside world of size {world}"):
             loader.shard(rank, world)
+
+
+def test_build_loaders_refuses_a_zero_std_given_directly(tmp_path):
+    """A DataConfig built in code skips the config checks; the loader still refuses a std of 0 (a division by 0)."""
+    write_cifar10(tmp_path)
+    for std in ([0.2, 0.0, 0.2], [0.2, -0.1, 0.2]):
+        cfg = DataConfig(dataset="cifar10", root=str(tmp_path), download=False, std=std)
+        with pytest.raises(DataError, match=r"data.std must be positive, got \[0.2, -?0.(0|1), 0.2\]"):
+            build_loaders(cfg, seed=0, device="cpu")

@@ -131,7 +131,7 @@ def test_train_epoch_bar_shows_epoch_and_run_eta(monkeypatch):
     monkeypatch.setattr(epoch_mod, "time", _Clock())
     monkeypatch.setattr(epoch_mod, "live_eta", lambda *args: etas.append(args) or 0.0)
     epoch_mod.train_epoch(_Runner(), _batches([4, 4, 2]), 1, _train_cfg(progress="bar"), DistContext(), [7.0])
-    assert bars[0].kw["desc"] == "epoch 2/5" and bars[0].kw["total"] == 3
+    assert bars[0].kw["desc"] == "epoch 2/5" and bars[0].kw["total"] == 3 and bars[0].text == "run ETA 0s"
     assert etas == [([7.0], 3, 2.0, 2, 3), ([7.0], 3, 2.0, 1, 3), ([7.0], 3, 2.0, 0, 3)]
     etas.clear()
     epoch_mod.train_epoch(_Runner(), _batches([4]), 1, _train_cfg(progress="bar"), DistContext(rank=1), [7.0])
@@ -343,3 +343,19 @@ def test_start_checks_refuse_before_data_or_models_are_built(tmp_path):
         with pytest.raises(ConfigError, match=r"holds results of an earlier run \(metrics.csv\) but no last.pt"):
             _check_start(cfg, store, False, one)
     assert (orphan / "metrics.csv").read_text() == "epoch\n1\n"
+
+
+def test_the_step_computes_its_losses_under_the_runs_autocast():
+    from okd.engine.step import loss_function
+
+    seen = []
+
+    def model(images, labels, epoch, scalars):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return {"a/ce": torch.ones(()), "stat/x": torch.full((), 5.0)}
+
+    for precision in ("bf16", "fp32"):
+        cfg = SimpleNamespace(precision=precision)
+        losses, total = loss_function(model, cfg, torch.device("cpu"))(None, None, 0, None)
+        assert total.item() == 1.0  # stat/ terms are logged, not trained
+    assert seen == [True, False]

@@ -159,3 +159,22 @@ def test_build_optimizer_takes_each_groups_settings():
     )
     with pytest.raises(ValueError, match="unknown optimizer 'lamb' in group 'g'"):
         settings(optimizer="lamb")
+
+
+def test_the_plan_steps_epoch_schedules_at_the_end_of_each_epoch():
+    """MultiStepLR decays at its milestone when end_of_epoch is called; the per-iteration schedules are left to
+    the step runner (stepped there, not at the epoch's end)."""
+    from okd.engine.builder import build_optimization
+    from okd.methods.build import build_method, load_config
+
+    for schedule, per_step in (("multistep", False), ("ffsd_imagenet_code", True)):
+        overrides = ["model.name=resnet20", "optim.milestones=[1]", f"optim.schedule={schedule}"]
+        cfg = load_config("cifar10/baseline_resnet20", overrides)
+        plan = build_optimization(build_method(cfg, 10), cfg, steps_per_epoch=3)
+        assert plan.per_step == [per_step] and (plan.step_schedulers != []) == per_step
+        before = plan.learning_rates()["lr/net"]
+        for opt in plan.optimizers:
+            opt.step()  # no gradients: nothing moves, but the scheduler sees a step first
+        plan.end_of_epoch()
+        after = plan.learning_rates()["lr/net"]
+        assert after == (before if per_step else pytest.approx(before * 0.1))

@@ -166,9 +166,15 @@ def test_bad_inputs_fail_cleanly_without_damage(reference_run, cifar10_root, tmp
     assert helpers.mentions(capsys.readouterr().err, "cannot be read")
 
 
-def test_tensorboard_logging_writes_every_epoch(cifar10_root, tmp_path):
+def test_tensorboard_logging_writes_every_epoch(cifar10_root, tmp_path, monkeypatch):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from okd.engine.tensorboard import TensorBoardLogger
+
+    closed = []
+    real_close = TensorBoardLogger.close
+    monkeypatch.setattr(TensorBoardLogger, "close", lambda self: closed.append(self) or real_close(self))
 
     overrides = quick(
         cifar10_root, tmp_path, "board", epochs=2, **{"train.tensorboard": "true", "train.max_steps_per_epoch": "2"}
@@ -178,6 +184,7 @@ def test_tensorboard_logging_writes_every_epoch(cifar10_root, tmp_path):
     events.Reload()
     assert [e.step for e in events.Scalars("test/net/top1")] == [1, 2]
     assert "train/net/ce" in events.Tags()["scalars"]
+    assert len(closed) == 1  # the writer is closed when the run ends
 
 
 # --------------------------------------------------------------------- what an epoch records (tiny runs)

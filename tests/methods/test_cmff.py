@@ -96,6 +96,12 @@ def test_similarity_ce_by_hand():
         assert similarity_ce(rep, tau).item() == pytest.approx(want, rel=1e-6)
 
 
+def test_similarity_ce_needs_the_rotation_layout():
+    for rows in (0, 3, 6):
+        with pytest.raises(ValueError, match=f"similarity_ce needs 4B rows \\(rotate_batch layout\\), got {rows}"):
+            similarity_ce(torch.ones(rows, 2))
+
+
 def test_similarity_ce_matches_the_released_broadcast_form():
     """The release's form: cosine_similarity of a 3B x D x B expansion against B x D x 3B transposed."""
     b, d = 3, 5

@@ -203,3 +203,21 @@ def test_every_distillation_knob_is_refused_by_its_own_name(name):
         checked += 1
     if "temperature" in fields:
         assert checked >= 1
+
+
+#: the smallest cohort each method takes: (method, its size key, the minimum, other overrides)
+SMALLEST = [
+    ("one", "num_branches", 2, []), ("cl_ilr", "num_branches", 2, []), ("ffl", "num_branches", 2, []),
+    ("pcl", "num_branches", 2, []), ("individual", "num_branches", 1, []), ("okddip", "num_branches", 2, []),
+    ("okddip", "num_branches", 3, ["method.self_attention=false"]),  # a peer cannot attend to itself alone
+    ("dml", "num_nets", 2, []), ("ffsd", "num_students", 2, []), ("kdcl", "num_students", 2, []),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "key", "smallest", "extra"), SMALLEST)
+def test_the_smallest_cohort_is_accepted_and_one_less_refused(name, key, smallest, extra):
+    from okd.errors import ConfigError
+
+    load_config(None, [f"method.name={name}", *extra, f"method.{key}={smallest}"])
+    with pytest.raises(ConfigError, match=rf"method\.{key} must be (an integer )?>= {smallest}, got {smallest - 1}"):
+        load_config(None, [f"method.name={name}", *extra, f"method.{key}={smallest - 1}"])

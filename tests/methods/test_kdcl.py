@@ -67,6 +67,15 @@ def test_linear_rule_hand_solvable_cases():
     assert torch.equal(w, torch.tensor([1.0, 0.0], dtype=torch.float64))
 
 
+def test_combined_ce_is_the_batch_mean_ce_of_each_weighting():
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(2, 5, 4, generator=g, dtype=torch.float64)
+    y = torch.tensor([0, 3, 1, 2, 2])
+    weights = torch.tensor([[1.0, 0.0], [0.25, 0.75]], dtype=torch.float64)
+    want = [F.cross_entropy(z[0], y), F.cross_entropy(0.25 * z[0] + 0.75 * z[1], y)]
+    torch.testing.assert_close(combined_ce(weights, z, y), torch.stack(want))
+
+
 def test_linear_rule_beats_a_simplex_grid():
     g = torch.Generator().manual_seed(0)
     zs = [torch.randn(16, 5, generator=g) * s for s in (4.0, 2.0, 1.0)]

@@ -48,6 +48,15 @@ def test_ema_update_arithmetic():
     assert torch.allclose(a, torch.tensor([0.25 * 1 + 0.75 * 3, 0.25 * -2 + 0.75 * 4]))
 
 
+def test_ema_update_keeps_the_mean_teacher_out_of_autograd():
+    """Blending in the student's trained parameters records nothing: the EMA weights stay graph-free leaves (else
+    each step's graph would chain onto the last one's for the whole run)."""
+    ema = torch.nn.Parameter(torch.tensor([1.0, -2.0]), requires_grad=False)
+    student = torch.nn.Parameter(torch.tensor([3.0, 4.0]))
+    ema_update([ema], [student], 0.5)
+    assert not ema.requires_grad and ema.grad_fn is None and ema.is_leaf
+
+
 def test_pcl_losses_match_the_equation():
     g = torch.Generator().manual_seed(3)
     logits = [torch.randn(B, K, generator=g) * 2 for _ in range(3)]

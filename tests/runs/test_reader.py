@@ -242,3 +242,20 @@ def test_a_last_pt_gone_before_it_is_read_is_no_commit(tmp_path):
         _ = reader.last
     with pytest.raises(CheckpointError, match="holds no committed epoch"):
         _ = Run(run).epoch
+
+
+def test_a_folder_config_is_read_as_its_mapping(tmp_path):
+    from okd.runs.reader import read_run_config
+
+    (tmp_path / "config.yaml").write_text("seed: 4\nmodel: {name: resnet20}\n")
+    assert read_run_config(tmp_path) == {"seed": 4, "model": {"name": "resnet20"}}
+    (tmp_path / "config.yaml").write_text("")
+    assert read_run_config(tmp_path) == {}
+    (tmp_path / "config.yaml").write_text("- a list\n")
+    with pytest.raises(CheckpointError, match="does not hold a mapping"):
+        read_run_config(tmp_path)
+    (tmp_path / "config.yaml").write_text("seed: [1\n")
+    with pytest.raises(CheckpointError, match="is not valid YAML"):
+        read_run_config(tmp_path)
+    with pytest.raises(CheckpointError, match="has no config.yaml; is it an okd run folder"):
+        read_run_config(tmp_path / "elsewhere")

@@ -410,3 +410,11 @@ def test_a_store_that_is_not_the_writer_writes_nothing(tmp_path):
     assert not run.exists() and store.committed_epoch == 1
     with RunStore(run).lock():  # rank 0 holds the folder; another rank's store opens it all the same
         RunStore(run, writer=False).lock().release()
+
+
+def test_the_best_epoch_of_a_history_is_its_first_top_score():
+    from okd.runs.metrics import best_in_history
+
+    history = [{"epoch": 1, "test/h/top1": 3.0}, {"epoch": 2, "test/h/top1": 7.0}, {"epoch": 3, "test/h/top1": 7.0}]
+    assert best_in_history(history, "h") == (7.0, 2)
+    assert best_in_history(history, "other") is None and best_in_history([], "h") is None
