@@ -418,3 +418,16 @@ def test_the_best_epoch_of_a_history_is_its_first_top_score():
     history = [{"epoch": 1, "test/h/top1": 3.0}, {"epoch": 2, "test/h/top1": 7.0}, {"epoch": 3, "test/h/top1": 7.0}]
     assert best_in_history(history, "h") == (7.0, 2)
     assert best_in_history(history, "other") is None and best_in_history([], "h") is None
+
+
+def test_evaluation_runs_without_autograd_in_eval_mode_and_restores_the_mode():
+    seen = []
+
+    class Recording(_Fixed):
+        def eval_outputs(self, images):
+            seen.append((torch.is_grad_enabled(), self.training))
+            return super().eval_outputs(images)
+
+    method = Recording(torch.tensor([[1.0, 0.0]])).train()
+    evaluate(method, [(torch.zeros(1, 3, 2, 2), torch.tensor([0]))] * 2)
+    assert seen == [(False, False), (False, False)] and method.training and torch.is_grad_enabled()
