@@ -431,3 +431,13 @@ def test_evaluation_runs_without_autograd_in_eval_mode_and_restores_the_mode():
     method = Recording(torch.tensor([[1.0, 0.0]])).train()
     evaluate(method, [(torch.zeros(1, 3, 2, 2), torch.tensor([0]))] * 2)
     assert seen == [(False, False), (False, False)] and method.training and torch.is_grad_enabled()
+
+
+def test_releasing_an_unused_folder_tolerates_a_lock_file_already_gone(tmp_path):
+    """A store that made the folder and wrote nothing removes both on release, even when its lock file was deleted
+    meanwhile (a cleanup script): no error from the release itself."""
+    run = tmp_path / "run"
+    store = RunStore(run).lock()
+    (run / LOCK_NAME).unlink()
+    store.release()
+    assert not run.exists()
