@@ -613,14 +613,17 @@ def resolve_guards(path: Path) -> dict[str, str]:
     change (as ``list`` prints it), the number of mutants it must match[, a text of their source line]``. A row
     that matches another number of mutants (the guard moved or changed) stops the run, naming the row."""
     found: dict[str, str] = {}
+    of_file: dict[str, list[Mutant]] = {}
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip() or line.startswith("#"):
             continue
         promise, file, operator, start, count, *within = line.split("\t")
         source = (ROOT / file).read_text(encoding="utf-8").splitlines()
+        if file not in of_file:
+            of_file[file] = mutants_of(file)
         hits = [
             m
-            for m in mutants_of(file)
+            for m in of_file[file]
             if m.operator == operator and m.change.startswith(start) and (not within or within[0] in source[m.line - 1])
         ]
         if len(hits) != int(count):
