@@ -472,6 +472,13 @@ sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "")
 """
 
 
+def _default_signals() -> None:
+    """In the test process, SIGINT and SIGTERM as in a terminal: a tool started in the background (``cmd &``)
+    passes SIGINT on ignored, and the tests of held signals would then see nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _not_copied(folder: str, names: list[str]) -> set[str]:
     """What the sandbox copy leaves out: VCS data, caches, and run folders at the repository root."""
     skip = {n for n in names if n in (".git", "__pycache__", ".pytest_cache", ".ruff_cache") or n.endswith(".pyc")}
@@ -525,7 +532,7 @@ class Sandbox:
         start = time.perf_counter()
         proc = subprocess.Popen(
             cmd, cwd=self.repo, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            start_new_session=True,
+            start_new_session=True, preexec_fn=_default_signals,
         )  # fmt: skip
         try:
             out, _ = proc.communicate(timeout=timeout)

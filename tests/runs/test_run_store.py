@@ -35,6 +35,8 @@ def test_signals_during_a_save_are_delivered_after_it(signum):
         raise StopRequested(s)
 
     previous = signal.signal(signal.SIGTERM, stop)
+    # Ctrl-C as in a terminal, also when the tests run in the background (where SIGINT starts out ignored)
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     steps = []
     try:
         with pytest.raises(KeyboardInterrupt) as info:
@@ -44,6 +46,7 @@ def test_signals_during_a_save_are_delivered_after_it(signum):
             steps.append("not reached")
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
     assert steps == ["the save went on"]
     assert getattr(info.value, "signum", signal.SIGINT) == signum
 
