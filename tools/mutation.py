@@ -604,7 +604,7 @@ def run(args: argparse.Namespace) -> None:
     meta = {
         "command": " ".join(["python", "tools/mutation.py", *sys.argv[1:]]),
         "seed": args.seed,
-        "mix": mix,
+        "mix": "none: the listed mutants, no sampling" if args.ids else mix,
         "population": dict(Counter(m.operator for m in every)),
         "files": files,
         "wall_s": time.time() - started,
