@@ -603,7 +603,7 @@ def run(args: argparse.Namespace) -> None:
         box.close()
     meta = {
         "command": " ".join(["python", "tools/mutation.py", *sys.argv[1:]]),
-        "seed": args.seed,
+        "seed": "none" if args.ids else args.seed,
         "mix": "none: the listed mutants, no sampling" if args.ids else mix,
         "population": dict(Counter(m.operator for m in every)),
         "files": files,
