@@ -472,6 +472,13 @@ sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "")
 """
 
 
+def _default_signals() -> None:
+    """In the test process, SIGINT and SIGTERM as in a terminal: a tool started in the background (``cmd &``)
+    passes SIGINT on ignored, and the tests of held signals would then see nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _not_copied(folder: str, names: list[str]) -> set[str]:
     """What the sandbox copy leaves out: VCS data, caches, and run folders at the repository root."""
     skip = {n for n in names if n in (".git", "__pycache__", ".pytest_cache", ".ruff_cache") or n.endswith(".pyc")}
@@ -525,7 +532,7 @@ class Sandbox:
         start = time.perf_counter()
         proc = subprocess.Popen(
             cmd, cwd=self.repo, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            start_new_session=True,
+            start_new_session=True, preexec_fn=_default_signals,
         )  # fmt: skip
         try:
             out, _ = proc.communicate(timeout=timeout)
@@ -596,8 +603,8 @@ def run(args: argparse.Namespace) -> None:
         box.close()
     meta = {
         "command": " ".join(["python", "tools/mutation.py", *sys.argv[1:]]),
-        "seed": args.seed,
-        "mix": mix,
+        "seed": "none" if args.ids else args.seed,
+        "mix": "none: the listed mutants, no sampling" if args.ids else mix,
         "population": dict(Counter(m.operator for m in every)),
         "files": files,
         "wall_s": time.time() - started,
@@ -613,14 +620,17 @@ def resolve_guards(path: Path) -> dict[str, str]:
     change (as ``list`` prints it), the number of mutants it must match[, a text of their source line]``. A row
     that matches another number of mutants (the guard moved or changed) stops the run, naming the row."""
     found: dict[str, str] = {}
+    of_file: dict[str, list[Mutant]] = {}
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip() or line.startswith("#"):
             continue
         promise, file, operator, start, count, *within = line.split("\t")
         source = (ROOT / file).read_text(encoding="utf-8").splitlines()
+        if file not in of_file:
+            of_file[file] = mutants_of(file)
         hits = [
             m
-            for m in mutants_of(file)
+            for m in of_file[file]
             if m.operator == operator and m.change.startswith(start) and (not within or within[0] in source[m.line - 1])
         ]
         if len(hits) != int(count):

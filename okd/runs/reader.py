@@ -27,7 +27,7 @@ from okd.errors import CheckpointError, OKDError, UnsafeCheckpointError
 from okd.io import first_line, load_checkpoint, load_state_checked, require_keys
 from okd.methods import Method
 from okd.methods.build import build_config, build_method, method_class
-from okd.models.deploy_file import DEPLOY_FORMAT, read_deploy
+from okd.models.deploy_file import read_deploy
 from okd.models.spec import check_stored_config
 from okd.runs import resume_policy
 from okd.runs.records import (
@@ -298,7 +298,3 @@ def deploy_head_of(run_dir: str | Path, cfg: dict | None = None, heads: list[str
     if cls is not None and getattr(cls, "deploy_head", None):
         return cls.deploy_head
     return heads[0] if heads else None
-
-
-def is_deploy_file(record: dict) -> bool:
-    return record.get("format") == DEPLOY_FORMAT

@@ -359,3 +359,41 @@ def test_the_step_computes_its_losses_under_the_runs_autocast():
         losses, total = loss_function(model, cfg, torch.device("cpu"))(None, None, 0, None)
         assert total.item() == 1.0  # stat/ terms are logged, not trained
     assert seen == [True, False]
+
+
+class _LinearMethod(torch.nn.Module):
+    """A one-weight 'method': loss = w . x, so each step's gradient is x alone."""
+
+    manual_optimization = False
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(2))
+        self.after = 0
+
+    def forward(self, images, labels, epoch, scalars):
+        return {"net/loss": (self.w * images).sum(), "stat/w0": self.w[0].detach()}
+
+    def epoch_scalars(self, epoch):
+        return {}
+
+    def after_optimizer_step(self):
+        self.after += 1
+
+
+def test_each_step_starts_from_fresh_gradients_and_steps_the_schedules():
+    """Gradients do not accumulate from one step to the next; the per-step schedules and the after-step hook
+    run once per step."""
+    from okd.engine.step import StepRunner
+
+    method = _LinearMethod()
+    opt = torch.optim.SGD(method.parameters(), lr=1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    cfg = load_config("cifar10/baseline_resnet20").run.train
+    runner = StepRunner(method, [opt], cfg, torch.device("cpu"), schedulers=[sched])
+    x = torch.tensor([1.0, -2.0])
+    for _ in range(3):
+        losses, total = runner.step(x, None, 0)
+    assert torch.equal(method.w.detach(), -3 * x)  # w - x each step, never w - (1 + 2 + ...) x
+    assert sched.last_epoch == 3 and method.after == 3 and set(losses) == {"net/loss", "stat/w0"}
+    assert total.item() == (method.w.detach() + x) @ x  # the last step's loss, stat terms left out

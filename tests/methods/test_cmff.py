@@ -286,7 +286,8 @@ def manual_cross_attention(block: CrossAttentionFusion, x1: Tensor, x2: Tensor) 
             o = block.out[i](o)
             c = [coef.weight for coef in block.coef[i]]
             y = c[0] * xs[i] + c[1] * o
-            rows.append(c[2] * y + c[3] * block.mlp[i](block.ln_mlp[i](y)))
+            lin1, lin2 = (m for m in block.mlp[i] if isinstance(m, nn.Linear))  # Linear - GELU - Linear
+            rows.append(c[2] * y + c[3] * lin2(F.gelu(lin1(block.ln_mlp[i](y)))))
         outs.append(torch.stack(rows))
     return outs
 

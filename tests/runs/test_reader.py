@@ -259,3 +259,28 @@ def test_a_folder_config_is_read_as_its_mapping(tmp_path):
         read_run_config(tmp_path)
     with pytest.raises(CheckpointError, match="has no config.yaml; is it an okd run folder"):
         read_run_config(tmp_path / "elsewhere")
+
+
+def test_deploy_pt_is_found_after_two_commits_made_while_it_is_read(tmp_path, monkeypatch):
+    """deploy.pt already holds epoch 4 while the reader's last.pt says 2; last.pt commits 3, then 4, during the
+    read: the reader follows both and takes deploy.pt."""
+    from okd.runs import reader as reader_mod
+
+    run = _baseline_run(tmp_path / "run")
+    _deploy(run, 4)
+    rows = [{"epoch": e, "test/net/top1": 10.0 * e} for e in (1, 2, 3, 4)]
+    (run / "metrics.csv").write_text(metrics_csv_text(rows))
+    reader = Run(run)
+    assert reader.epoch == 2
+    real = reader_mod.epoch_of
+
+    def committing(path):
+        epoch = reader.epoch
+        if path.name == "deploy.pt" and epoch < 4:  # the writer's next last.pt lands during this lookup
+            last = torch.load(run / "last.pt", weights_only=True)
+            torch.save({**last, "epoch": epoch + 1, "history": rows[: epoch + 1]}, run / "last.pt")
+        return real(path)
+
+    monkeypatch.setattr(reader_mod, "epoch_of", committing)
+    record, source = reader.deploy_record()
+    assert source == str(run / "deploy.pt") and record["epoch"] == 4 and reader.epoch == 4

@@ -35,6 +35,8 @@ def test_signals_during_a_save_are_delivered_after_it(signum):
         raise StopRequested(s)
 
     previous = signal.signal(signal.SIGTERM, stop)
+    # Ctrl-C as in a terminal, also when the tests run in the background (where SIGINT starts out ignored)
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     steps = []
     try:
         with pytest.raises(KeyboardInterrupt) as info:
@@ -44,6 +46,7 @@ def test_signals_during_a_save_are_delivered_after_it(signum):
             steps.append("not reached")
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
     assert steps == ["the save went on"]
     assert getattr(info.value, "signum", signal.SIGINT) == signum
 
@@ -418,3 +421,26 @@ def test_the_best_epoch_of_a_history_is_its_first_top_score():
     history = [{"epoch": 1, "test/h/top1": 3.0}, {"epoch": 2, "test/h/top1": 7.0}, {"epoch": 3, "test/h/top1": 7.0}]
     assert best_in_history(history, "h") == (7.0, 2)
     assert best_in_history(history, "other") is None and best_in_history([], "h") is None
+
+
+def test_evaluation_runs_without_autograd_in_eval_mode_and_restores_the_mode():
+    seen = []
+
+    class Recording(_Fixed):
+        def eval_outputs(self, images):
+            seen.append((torch.is_grad_enabled(), self.training))
+            return super().eval_outputs(images)
+
+    method = Recording(torch.tensor([[1.0, 0.0]])).train()
+    evaluate(method, [(torch.zeros(1, 3, 2, 2), torch.tensor([0]))] * 2)
+    assert seen == [(False, False), (False, False)] and method.training and torch.is_grad_enabled()
+
+
+def test_releasing_an_unused_folder_tolerates_a_lock_file_already_gone(tmp_path):
+    """A store that made the folder and wrote nothing removes both on release, even when its lock file was deleted
+    meanwhile (a cleanup script): no error from the release itself."""
+    run = tmp_path / "run"
+    store = RunStore(run).lock()
+    (run / LOCK_NAME).unlink()
+    store.release()
+    assert not run.exists()
