@@ -14,6 +14,7 @@ from okd.methods import (  # noqa: F401  (each import registers its methods)
     okddip,
     one,
     pcl,
+    switokd,
 )
 from okd.methods.base import METHODS, Method, MethodContext, ParamGroup, register_method
 

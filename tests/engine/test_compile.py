@@ -16,12 +16,14 @@ import torch._dynamo.testing
 
 from okd.config import OptimConfig, TrainConfig
 from okd.engine.builder import build_optimizer
-from okd.engine.step import StepRunner
+from okd.engine.step import StepRunner, prepare_method
 from okd.methods import METHODS, MethodContext
 from okd.models import create_model
 
 K = 10
 PARAMS = {"cmff": {"image_size": 16}}  # CMFF's auxiliary heads are sized for the input resolution
+#: methods whose algorithm decides inside every step which optimizers step (their networks' forwards are compiled)
+STEPWISE = ("switokd",)
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +79,7 @@ def assert_same_step(eager, compiled, x, y, epoch: int, rtol: float = 1e-5, atol
         torch.testing.assert_close(buffers_c[n], b, rtol=1e-4, atol=1e-5, msg=n)
 
 
-@pytest.mark.parametrize("name", METHODS.names())
+@pytest.mark.parametrize("name", [n for n in METHODS.names() if n not in STEPWISE])
 def test_compiled_step_is_one_graph_and_equals_eager(name, teacher_file):
     """fullgraph=True: a graph break anywhere in the method's step fails here. Methods with epoch-dependent loss
     weights also step at epochs 3 and 4: the weights are inputs of the graph, so the first new epoch recompiles
@@ -139,3 +141,21 @@ def test_alternating_dml_compiles_its_networks_forwards(teacher_file):
     eager = runner(method, False)
     compiled = StepRunner(twin, [build_optimizer(g) for g in twin.param_groups()], cfg, torch.device("cpu"))
     assert_same_step(eager, compiled, x, y, epoch=0, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", STEPWISE)
+def test_stepwise_methods_compile_their_networks_forwards(name, teacher_file):
+    """SwitOKD skips its teacher's optimizer in expert mode, a decision on each batch: the step stays eager and
+    each network's forward is compiled; a compiled step equals the eager one."""
+    torch._dynamo.reset()
+    method = make(name, teacher_file)
+    method.train()
+    assert method.manual_optimization
+    twin = copy.deepcopy(method)
+    cfg = TrainConfig(device="cpu", channels_last=False, compile=True)
+    prepare_method(twin, cfg, compile_backend="eager")
+    compiled_nets = [m for m in twin.modules() if hasattr(m, "forward_taps")]
+    assert compiled_nets and all(net._compiled_call_impl is not None for net in compiled_nets)
+    x, y = batch(name, method)
+    compiled = StepRunner(twin, [build_optimizer(g) for g in twin.param_groups()], cfg, torch.device("cpu"))
+    assert_same_step(runner(method, False), compiled, x, y, epoch=0, rtol=1e-4)

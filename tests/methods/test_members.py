@@ -37,6 +37,7 @@ from okd.runs.records import deploy_record
 
 TAPPED = {"name": SMALL, "taps": ["layer1", "layer2"]}  # the user's network with feature taps (for attention)
 MIXED = ["model.members=[resnet20,wrn16_2]"]
+ACCEPTING = ("dml", "kdcl", "switokd")  # the methods that train different networks
 
 
 @pytest.fixture(scope="module")
@@ -89,12 +90,12 @@ def test_kdcl_takes_its_cohort_once_and_its_older_spelling_gains_every_entry_for
     assert cfg.method_params.student_count() == 2  # a timm: entry is accepted (built only with the timm extra)
 
 
-def test_only_dml_and_kdcl_take_different_networks():
-    assert accepting_methods() == ["dml", "kdcl"]
-    assert all(METHODS.get(n).mixed_cohort for n in METHODS.names() if n not in ("dml", "kdcl"))
+def test_only_dml_kdcl_and_switokd_take_different_networks():
+    assert accepting_methods() == list(ACCEPTING)
+    assert all(METHODS.get(n).mixed_cohort for n in METHODS.names() if n not in ACCEPTING)
 
 
-@pytest.mark.parametrize("name", [n for n in METHODS.names() if n not in ("dml", "kdcl")])
+@pytest.mark.parametrize("name", [n for n in METHODS.names() if n not in ACCEPTING])
 def test_every_other_method_refuses_a_mixed_cohort_before_any_data_is_read(name, tmp_path, capsys):
     """The refusal comes from ``okd train`` itself, with the method's reason, before the (missing) data set is
     looked at and before a run folder is made."""
