@@ -106,3 +106,23 @@ def test_vanilla_figures_are_the_single_networks_baselines():
     assert not any(
         r.recipes for m in ("dml", "kdcl", "baseline") for r in find_published(m, "wrn16_8_switokd", "cifar10")
     )
+
+
+@pytest.mark.parametrize(
+    ("name", "student", "teacher"),
+    [
+        ("cifar10/switokd_wrn16_8_wrn16_1", "92.50", "94.76"),
+        ("cifar100/switokd_wrn16_2_mobilenetv2_x0_5", "67.24", "73.90"),
+    ],
+)
+def test_report_puts_switokds_own_figures_beside_its_student_and_teacher(tmp_path, name, student, teacher):
+    """SwitOKD's Table 4 figures (each network's best test epoch) beside the heads of the same networks; the
+    final and best-epoch numbers of each head are okd's own."""
+    rows = [
+        {"test/teacher/top1": 70.0, "test/student/top1": 60.0},
+        {"test/teacher/top1": 69.0, "test/student/top1": 61.0},
+    ]
+    (g,) = build_report([fake_run(tmp_path / "run", name, [], rows)])
+    assert g.recipe == "switokd" and _heads(g) == {"student": student, "teacher": teacher}
+    md = to_markdown([g])
+    assert "| **student** (deployed) | 61.00 | 61.00 |" in md and "| teacher | 69.00 | 70.00 |" in md
