@@ -17,10 +17,10 @@ from okd.config import OptimConfig, TrainConfig
 from okd.engine.builder import build_optimization, build_optimizer
 from okd.engine.step import StepRunner
 from okd.errors import ConfigError
-from okd.io import load_checkpoint
 from okd.methods import METHODS, MethodContext
 from okd.methods.build import build_method, load_config
 from okd.methods.switokd import expert_mode, switch_statistics, switokd_losses
+from okd.models.deploy_file import build_network, read_deploy
 from okd.runs.metrics import read_metrics_csv
 
 CIFAR100 = "cifar100/switokd_wrn16_2_mobilenetv2_x0_5"
@@ -361,9 +361,11 @@ def test_heads_deployment_and_members():
 
 
 # ------------------------------------------------------------------------------------------------ end to end
-def test_trains_logs_its_switch_and_resumes_exactly(cifar10_root, tmp_path):
+def test_trains_logs_its_switch_resumes_exactly_and_deploys_the_student(cifar10_root, tmp_path):
+    """A resnet20 teacher and a WRN-16-1 student, two epochs straight and one then resumed: the same weights,
+    both optimizers' state and the same metrics bitwise; deploy.pt holds the student as its own network."""
     settings = {
-        "model.members": "[resnet20,resnet20]",
+        "model.members": "[resnet20,wrn16_1_switokd]",
         "method.student_lr": 0.01,
         "data.limit_train": 96,
         "data.limit_test": 50,
@@ -376,10 +378,28 @@ def test_trains_logs_its_switch_and_resumes_exactly(cifar10_root, tmp_path):
     a, b = helpers.assert_same_runs(full, resumed)
     helpers.assert_same(a["optimizers"], b["optimizers"], "optimizers")  # both optimizers' momentum, bitwise
     helpers.assert_same(a["schedulers"], b["schedulers"], "schedulers")
+    assert a["head_networks"] == {"teacher": "resnet20", "student": "wrn16_1_switokd"}
     rows = read_metrics_csv(full / "metrics.csv")
     for key in ("d_s", "d_t", "gap", "epsilon", "delta", "expert"):
         assert f"train/stat/{key}" in rows[-1]
     assert 0.0 <= rows[-1]["train/stat/expert"] <= 1.0
     assert {"test/teacher/top1", "test/student/top1", "lr/teacher", "lr/student"} <= set(rows[-1])
     assert rows[0]["lr/student"] == pytest.approx(0.01) and rows[0]["lr/teacher"] == pytest.approx(0.1)
-    assert load_checkpoint(full / "deploy.pt") is not None
+    info = read_deploy(full / "deploy.pt")
+    assert (info["model"], info["method"]) == ("wrn16_1_switokd", "switokd")
+    student = {k[len("student.") :]: v for k, v in a["method"].items() if k.startswith("student.")}
+    helpers.assert_same(dict(build_network(info, full / "deploy.pt").state_dict()), student, "deploy.pt")
+
+
+def test_a_bf16_step_runs_and_pauses_the_teacher_alike():
+    """Under bf16 autocast (CPU) the statistics are computed in float32 and the expert step still leaves the
+    teacher's parameters alone."""
+    method, _, x, y = pair()
+    force_expert(method, y)
+    cfg = TrainConfig(device="cpu", channels_last=False, precision="bf16")
+    runner = StepRunner(method, [build_optimizer(g) for g in method.param_groups()], cfg, torch.device("cpu"))
+    before = {n: p.detach().clone() for n, p in method.teacher.named_parameters()}
+    losses, total = runner.step(x, y, 0)
+    assert losses["stat/gap"].dtype == torch.float32 and torch.isfinite(total)
+    assert float(losses["stat/expert"]) == 1.0
+    assert all(torch.equal(p, before[n]) for n, p in method.teacher.named_parameters())
