@@ -15,6 +15,7 @@ from method_helpers import make, ref_ce, ref_kl
 
 from okd.config import OptimConfig, TrainConfig
 from okd.engine.builder import build_optimization, build_optimizer
+from okd.engine.distributed import DistContext
 from okd.engine.step import StepRunner
 from okd.errors import ConfigError
 from okd.methods import METHODS, MethodContext
@@ -295,6 +296,7 @@ def lr_table(update_list: list[int], base: float) -> list[float]:
     return table
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")  # no steps taken here
 @pytest.mark.parametrize(
     ("name", "update_list", "teacher", "student"),
     [(CIFAR100, [140, 200, 250], 0.1, 0.01), (CIFAR10, [100, 150, 200], 0.1, 0.1)],
@@ -403,3 +405,10 @@ def test_a_bf16_step_runs_and_pauses_the_teacher_alike():
     assert losses["stat/gap"].dtype == torch.float32 and torch.isfinite(total)
     assert float(losses["stat/expert"]) == 1.0
     assert all(torch.equal(p, before[n]) for n, p in method.teacher.named_parameters())
+
+
+def test_distributed_training_is_refused_with_a_reason():
+    """The mode is a statistic of the whole batch and decides which optimizers step: one process only."""
+    method, runner, _, _ = pair()
+    with pytest.raises(ConfigError, match="one process"):
+        runner.wrap_distributed(DistContext(rank=0, world_size=2), TrainConfig())
