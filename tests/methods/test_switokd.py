@@ -143,6 +143,22 @@ def test_learning_mode_one_backward_gives_each_network_its_own_loss_gradient():
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=f"{net}.{n}")
 
 
+@pytest.mark.parametrize("guard", [True, False])
+def test_the_guard_keeps_a_teacher_further_from_the_labels_learning(guard):
+    """A teacher sure of a wrong class (d_t ~ 2 > d_s ~ 1.8) is far from the student too (G ~ 1.8 > delta ~ 0.6):
+    without the guard (the README's formula) that pauses the teacher; with it (official code) it keeps learning."""
+    method, runner, x, y = pair(teacher_closer_guard=guard)
+    y.zero_()
+    with torch.no_grad():
+        method.teacher.fc.bias[1] += 12.0
+    losses, _ = runner.step(x, y, 0)
+    assert float(losses["stat/d_t"]) > float(losses["stat/d_s"]) and float(losses["stat/gap"]) > float(
+        losses["stat/delta"]
+    )
+    assert float(losses["stat/expert"]) == (0.0 if guard else 1.0)
+    assert (method.teacher.fc.weight.grad is None) is not guard
+
+
 def test_learning_step_moves_both_networks():
     method, runner, x, y = pair()
     before = copy.deepcopy(method.state_dict())
