@@ -102,7 +102,8 @@ def split_for(model: nn.Module, name: str = "") -> BranchSplit:
     raise ConfigError(
         f"model {name or type(model).__name__!r} has no multi-branch split; branch methods support the "
         f"families {families} (e.g. resnet32, resnet110_bottleneck, wrn20_8, vgg16, densenet40_12_bc), and "
-        "your own or timm networks made of stages called in order, with model.branch_from=<first branch stage>"
+        "your own or timm networks made of stages called in order, with model.branch_from=<first branch stage> "
+        "(one_sl: together with model.taps, which its leader reads)"
     )
 
 

@@ -7,13 +7,20 @@ first replicated stage. The network qualifies when its forward is its top-level 
 tail: after the last stage that outputs a feature map B x C x H x W come only parameter-free stages equal to
 global average pooling + flatten (e.g. ``AdaptiveAvgPool2d(1), Flatten()``), then the classifier, which the
 branch methods feed the pooled map (:class:`~okd.models.multibranch.MultiBranchNet`). Anything else is refused
-with the reason.
+with the reason: a cut inside a stage (``blocks.4``: the trunk and branches are whole stages, and the deployed
+network keeps the user's state-dict keys), pooling done by a function in ``forward`` (the classifier would get
+a feature map), a dict or tuple output.
+
+With ``model.taps`` too (``one_sl``: ONE's branches, and a leader that reads a tap), :class:`TappedStagedNet`
+returns the outputs of those stages from ``forward_taps``.
 
 :class:`StagedNet` registers the user's stages as its own children (state-dict keys are the user's:
 ``layer1.0.weight``) and runs them in order.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,12 +34,34 @@ from okd.models.external import _first_line, _probe
 class StagedNet(nn.Module):
     """The stages of ``net`` (its top-level children, in order), split at ``branch_from``."""
 
-    def __init__(self, net: nn.Module, num_classes: int, branch_from: str, *, name: str = "", input_size: int = 32):
+    def __init__(
+        self,
+        net: nn.Module,
+        num_classes: int,
+        branch_from: str,
+        *,
+        taps: Sequence[str] | None = None,
+        name: str = "",
+        input_size: int = 32,
+    ):
         super().__init__()
         label = name or type(net).__name__
         stages = list(net.named_children())
         names = [n for n, _ in stages]
         self.num_classes = int(num_classes)
+        self._check_taps(taps, names, label)
+        top, dot, inner = branch_from.partition(".")
+        if dot and top in names:
+            parts = [n for n, _ in getattr(net, top).named_children()]
+            raise ConfigError(
+                f"model.branch_from={branch_from!r} names a module inside the stage {top!r} of {label}; branch methods "
+                "cut between top-level stages only, since the trunk and each branch are whole stages and the "
+                f"deployed network keeps your state-dict keys ({top}.{inner}...) so its weights load back into your "
+                f"own class. Make the cut a stage boundary: in your factory split {top!r} into two top-level stages "
+                f"(e.g. self.{top}_a = {top}[:k] and self.{top}_b = {top}[k:], called in turn) and set "
+                f"model.branch_from={top}_b, or branch from a top-level stage: {names}"
+                + (f" ({top!r} holds {parts[:8]})" if parts else "")
+            )
         if branch_from not in names:
             raise ConfigError(
                 f"model.branch_from={branch_from!r} is not a top-level stage of {label}; its stages, in order: {names}"
@@ -61,29 +90,98 @@ class StagedNet(nn.Module):
         outputs, direct = self._probe(net, label, input_size)
         self._verify(outputs, direct, label, input_size)
         self._cut(outputs, branch_from, label)
+        self._tap_shapes(outputs)
+
+    # -------------------------------------------------------------------------------------------------- taps
+    def _check_taps(self, taps: Sequence[str] | None, names: list[str], label: str) -> None:
+        """``model.taps`` beside ``model.branch_from`` (one_sl's leader reads a tap): top-level stages, once each."""
+        self.tap_names = list(taps) if taps else None
+        if taps is None:
+            return
+        if not taps:
+            raise ConfigError("model.taps is empty; name the stages whose outputs are the feature taps")
+        unknown = [t for t in taps if t not in names]
+        if unknown or len(set(taps)) != len(taps):
+            problem = f"{unknown} are not stages" if unknown else "a stage is named twice"
+            raise ConfigError(
+                f"model.taps={list(taps)}: {problem}. Beside model.branch_from, each tap is the output of a top-level "
+                f"stage of {label}, named once; its stages, in order: {names}"
+            )
+
+    def _tap_shapes(self, outputs: list[Tensor]) -> None:
+        if self.tap_names is None:
+            return
+        index = {n: i for i, n in enumerate(self.stage_names)}
+        bad = [f"{t}: {list(outputs[index[t]].shape[1:])}" for t in self.tap_names if outputs[index[t]].ndim != 4]
+        if bad:
+            raise ConfigError(
+                f"model.taps must name stages that output feature maps (B x C x H x W); these do not: {'; '.join(bad)}"
+            )
+        self.tap_shapes = [tuple(int(s) for s in outputs[index[t]].shape[1:]) for t in self.tap_names]
+        self.tap_channels = tuple(s[0] for s in self.tap_shapes)
 
     # ------------------------------------------------------------------------------------------ verification
     def _probe(self, net: nn.Module, label: str, size: int) -> tuple[list[Tensor], Tensor]:
+        failed: list[tuple[str, Tensor]] = []  # the stage that raised, and its input
+
         def run(x: Tensor):
             direct = net(x)
+            if not isinstance(direct, Tensor):
+                return [], direct  # refused by _verify, saying what came back
             outs = []
             for n in self.stage_names:
-                x = getattr(self, n)(x)
+                try:
+                    y = getattr(self, n)(x)
+                except Exception:
+                    failed.append((n, x))
+                    raise
+                x = y
                 outs.append(x)
             return outs, direct
 
         try:
             return _probe(run, net, size)
         except Exception as exc:
+            if failed and failed[0][0] == self.stage_names[-1] and failed[0][1].ndim == 4:
+                raise ConfigError(self._functional_pooling(label, failed[0][1], f" ({_first_line(exc)})")) from None
+            where = f" in stage {failed[0][0]!r}" if failed else ""
             raise ConfigError(
-                f"{label} fails on a 2 x 3 x {size} x {size} probe batch run stage by stage ({_first_line(exc)}); "
-                "branch methods need a network whose forward calls its top-level children in order"
+                f"{label} fails on a 2 x 3 x {size} x {size} probe batch run stage by stage{where} "
+                f"({_first_line(exc)}); branch methods need a network whose forward calls its top-level children "
+                "in order"
             ) from None
 
+    def _functional_pooling(self, label: str, fmap: Tensor, error: str = "") -> str:
+        name = self.stage_names[-1]
+        return (
+            f"{label}: its last stage {name!r} (the classifier) gets the feature map {list(fmap.shape[1:])} when "
+            f"its top-level children run in order{error}, so its forward pools between stages with a function "
+            "(e.g. x.mean((2, 3)) or F.adaptive_avg_pool2d). Branch methods need the pooling as stages: add "
+            f"nn.AdaptiveAvgPool2d(1) and nn.Flatten() as top-level children before {name!r} and call them in forward"
+        )
+
     def _verify(self, outputs: list[Tensor], direct, label: str, size: int) -> None:
+        if not isinstance(direct, Tensor):
+            what = (
+                f"a dict (keys {list(direct)[:6]})"
+                if isinstance(direct, dict)
+                else f"a {type(direct).__name__} of {len(direct)}"
+                if isinstance(direct, list | tuple)
+                else f"a {type(direct).__name__}"
+            )
+            raise ConfigError(
+                f"{label} returned {what} on a 2-image probe, not a logits tensor; branch methods need a forward "
+                f"that returns the logits alone (shape [2, {self.num_classes}]): return the classifier output, or "
+                "wrap the network in a module that picks it"
+            )
         last = outputs[-1]
-        if not isinstance(direct, Tensor) or tuple(direct.shape) != (2, self.num_classes):
-            raise ConfigError(f"{label} must return logits of shape [2, {self.num_classes}] on a 2-image probe")
+        if last.ndim == 4 and len(outputs) >= 2 and outputs[-2].ndim == 4:
+            raise ConfigError(self._functional_pooling(label, outputs[-2]))
+        if tuple(direct.shape) != (2, self.num_classes):
+            raise ConfigError(
+                f"{label} returned a tensor of shape {list(direct.shape)} on a 2-image probe; it must return logits "
+                f"of shape [2, {self.num_classes}]"
+            )
         if last.shape != direct.shape or not torch.allclose(last, direct, rtol=1e-4, atol=1e-5):
             raise ConfigError(
                 f"{label}: calling its top-level children {list(self.stage_names)} in order does not give its own "
@@ -133,3 +231,16 @@ class StagedNet(nn.Module):
         for n in self.stage_names:
             x = getattr(self, n)(x)
         return x
+
+
+class TappedStagedNet(StagedNet):
+    """A :class:`StagedNet` with ``forward_taps``: the outputs of the stages ``model.taps`` names (one_sl: ONE's
+    branches are cut at ``branch_from`` and the leader reads the deepest tap)."""
+
+    def forward_taps(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """The logits and the outputs of the ``model.taps`` stages (in that order), from one pass."""
+        found: dict[str, Tensor] = {}
+        for n in self.stage_names:
+            x = getattr(self, n)(x)
+            found[n] = x
+        return x, [found[t] for t in self.tap_names]
