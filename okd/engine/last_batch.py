@@ -24,14 +24,16 @@ def has_batch_statistics(module: nn.Module) -> bool:
 
 
 def drop_single_image_batches(method: nn.Module, loader, announce: bool = True) -> bool:
-    """Make ``loader`` (the training loader) leave out a last batch of one image when ``method`` has BatchNorm.
+    """Make ``loader`` (the training loader) leave out batches of one image when ``method`` has BatchNorm.
 
-    Returns whether a batch is left out of each epoch; ``announce`` logs it (the main process).
+    Returns whether the last batch of each epoch is left out; ``announce`` logs it (the main process).
     """
-    if not (has_batch_statistics(method) and loader.single_image_tail()):
+    if not has_batch_statistics(method):
         return False
-    before = len(loader)
-    loader.drop_single = True
+    loader.drop_single = True  # the folder loader also skips a batch that unreadable images shrank to one image
+    if not loader.single_image_tail():
+        return False
+    before = len(loader) + 1
     if announce:
         log.warning(
             f"the last training batch of each epoch would hold a single image (batch {before} of {before}, "

@@ -69,3 +69,24 @@ def test_one_on_resnet20_trains_when_the_last_batch_holds_one_image(tmp_path, ca
     assert "batch 2 of 2, data.batch_size=8" in err and "left out of every epoch" in err
     assert read_metrics_csv(run / "metrics.csv")[-1]["time/images_per_s"] > 0
     assert (run / "deploy.pt").is_file()
+
+
+def test_a_batch_shrunk_to_one_image_by_unreadable_files_is_skipped(tmp_path, caplog):
+    pytest.importorskip("PIL")
+    from folder_fixtures import write_class_folder
+
+    from okd.config import DataConfig
+    from okd.data.folder import build_folder_loaders
+
+    data = write_class_folder(tmp_path / "data", classes=("a", "b"), train_per_class=1, val_per_class=1)
+    (data / "train" / "b" / "0.png").write_text("not an image")  # the one batch of 2 holds one readable image
+    cfg = DataConfig(
+        dataset="folder", root=str(data), image_size=8, resize=8, train_crop="center", batch_size=2, workers=0,
+        pin_memory=False, skip_unreadable=True,
+    )  # fmt: skip
+    loader = build_folder_loaders(cfg, 0, "cpu", rank=0, world_size=1)[0]
+    assert [y.tolist() for _, y in loader] == [[0]]  # without BatchNorm the image trains alone
+    assert not drop_single_image_batches(nn.Sequential(nn.BatchNorm2d(3)), loader)  # no static tail of one
+    with caplog.at_level(logging.WARNING, logger="okd"):
+        assert list(loader) == []
+    assert "1 batch(es) left with a single image were left out" in caplog.text

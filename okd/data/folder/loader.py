@@ -158,8 +158,14 @@ class FolderLoader:
                 first = first or errors[0]
             if yb.numel() == 0:
                 continue
-            if self.drop_single and yb.numel() == 1 and self.world_size == 1:
-                singles += 1  # unreadable images shrank the batch to one image; one process alone may skip it
+            if self.drop_single and yb.numel() == 1 and errors:  # unreadable images shrank it to one image
+                if self.world_size > 1:  # skipping it here alone would leave the other processes waiting
+                    raise DataError(
+                        f"a training batch on rank {self.rank} holds a single readable image once unreadable ones "
+                        f"are left out (first: {errors[0]}); the network's BatchNorm layers cannot train on one "
+                        "image. Replace or delete the unreadable images"
+                    )
+                singles += 1
                 continue
             x = xb.to(self.device, non_blocking=self._pin)
             y = yb.to(self.device, non_blocking=self._pin)
