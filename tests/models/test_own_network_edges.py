@@ -1,9 +1,8 @@
 """The edges of a network of one's own under the branch methods: one_sl (branch_from and taps together),
-cuts inside a stage, functional pooling, dict outputs; KDCL's method.models with import paths."""
+cuts inside a stage, functional pooling, dict outputs."""
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 import textwrap
 
@@ -13,7 +12,6 @@ import torch
 
 from okd.errors import ConfigError
 from okd.methods.build import build_method, load_config
-from okd.models.external import ExternalNet
 from okd.models.staged import StagedNet, TappedStagedNet
 
 MODULE = "okd_edge_nets"
@@ -150,19 +148,3 @@ def test_branch_from_alone_still_builds_a_plain_staged_net(edge_module):
     m = _build("one", f"model.name={edge_module}", "model.branch_from=blocks", "method.num_branches=2")
     single = m.net.single_branch(0)
     assert isinstance(single, StagedNet) and not hasattr(single, "forward_taps")
-
-
-def test_kdcl_method_models_take_import_paths(edge_module):
-    m = _build("kdcl", "model.name=resnet20", f"method.models=[resnet20,'{edge_module}']")
-    assert isinstance(m.students[1], ExternalNet) and m.names[1] == edge_module and m.deploy_head == "student0"
-    x = torch.randn(2, 3, 32, 32)
-    m.eval()
-    with torch.no_grad():
-        heads = m.eval_outputs(x)
-    assert heads["student1"].shape == (2, 5) and torch.equal(heads["student1"], m.students[1](x))
-    if importlib.util.find_spec("timm") is None:  # the core environment: the extra is named
-        with pytest.raises(ConfigError, match=r"okd\[timm\]"):
-            _build("kdcl", "model.name=resnet20", "method.models=[resnet20,'timm:resnet18']")
-    else:  # the timm environment of CI: a timm student beside a registered one
-        timm_kdcl = _build("kdcl", "model.name=resnet20", "method.models=[resnet20,'timm:resnet18']")
-        assert timm_kdcl.names[1] == "timm:resnet18" and timm_kdcl.students[1](x).shape == (2, 5)
