@@ -7,9 +7,11 @@ first replicated stage. The network qualifies when its forward is its top-level 
 tail: after the last stage that outputs a feature map B x C x H x W come only parameter-free stages equal to
 global average pooling + flatten (e.g. ``AdaptiveAvgPool2d(1), Flatten()``), then the classifier, which the
 branch methods feed the pooled map (:class:`~okd.models.multibranch.MultiBranchNet`). Anything else is refused
-with the reason: a cut inside a stage (``blocks.4``: the trunk and branches are whole stages, and the deployed
-network keeps the user's state-dict keys), pooling done by a function in ``forward`` (the classifier would get
-a feature map), a dict or tuple output.
+with the reason: pooling done by a function in ``forward`` (the classifier would get a feature map), a dict or
+tuple output. ``branch_from`` may also cut inside a top-level ``nn.Sequential`` stage (``blocks.4``: before its
+child ``4``): the trunk and each branch then hold their half of that stage, under the same names, so the
+deployed network keeps the user's state-dict keys; a cut deeper, or inside a module with a forward of its own,
+is refused with the reason.
 
 With ``model.taps`` too (``one_sl``: ONE's branches, and a leader that reads a tap), :class:`TappedStagedNet`
 returns the outputs of those stages from ``forward_taps``.
@@ -20,6 +22,7 @@ returns the outputs of those stages from ``forward_taps``.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -50,24 +53,19 @@ class StagedNet(nn.Module):
         names = [n for n, _ in stages]
         self.num_classes = int(num_classes)
         self._check_taps(taps, names, label)
-        top, dot, inner = branch_from.partition(".")
-        if dot and top in names:
-            parts = [n for n, _ in getattr(net, top).named_children()]
-            raise ConfigError(
-                f"model.branch_from={branch_from!r} names a module inside the stage {top!r} of {label}; branch methods "
-                "cut between top-level stages only, since the trunk and each branch are whole stages and the "
-                f"deployed network keeps your state-dict keys ({top}.{inner}...) so its weights load back into your "
-                f"own class. Make the cut a stage boundary: in your factory split {top!r} into two top-level stages "
-                f"(e.g. self.{top}_a = {top}[:k] and self.{top}_b = {top}[k:], called in turn) and set "
-                f"model.branch_from={top}_b, or branch from a top-level stage: {names}"
-                + (f" ({top!r} holds {parts[:8]})" if parts else "")
-            )
-        if branch_from not in names:
-            raise ConfigError(
-                f"model.branch_from={branch_from!r} is not a top-level stage of {label}; its stages, in order: {names}"
-            )
-        if names.index(branch_from) == 0:
-            raise ConfigError(f"model.branch_from={branch_from!r} is the first stage; the shared trunk would be empty")
+        self.cut = _inner_cut(net, branch_from, names, label)  # (stage, index) for a cut inside a stage
+        if self.cut is not None and self.cut[1] == 0:
+            branch_from, self.cut = self.cut[0], None  # before its first child: the stage boundary itself
+        if self.cut is None:
+            if branch_from not in names:
+                raise ConfigError(
+                    f"model.branch_from={branch_from!r} is not a top-level stage of {label}; its stages, in order: "
+                    f"{names} (a cut inside an nn.Sequential stage is dotted: <stage>.<child>)"
+                )
+            if names.index(branch_from) == 0:
+                raise ConfigError(
+                    f"model.branch_from={branch_from!r} is the first stage; the shared trunk would be empty"
+                )
         own = {id(p) for _, m in stages for p in (*m.parameters(), *m.buffers())}
         loose = [n for n, p in (*net.named_parameters(), *net.named_buffers()) if id(p) not in own]
         if loose:
@@ -124,6 +122,15 @@ class StagedNet(nn.Module):
     def _probe(self, net: nn.Module, label: str, size: int) -> tuple[list[Tensor], Tensor]:
         failed: list[tuple[str, Tensor]] = []  # the stage that raised, and its input
 
+        def stage(n: str, x: Tensor) -> Tensor:
+            if self.cut is None or n != self.cut[0]:
+                return getattr(self, n)(x)
+            for j, child in enumerate(getattr(self, n)):  # an nn.Sequential: its children in order
+                if j == self.cut[1]:
+                    self._trunk_output = x
+                x = child(x)
+            return x
+
         def run(x: Tensor):
             direct = net(x)
             if not isinstance(direct, Tensor):
@@ -131,7 +138,7 @@ class StagedNet(nn.Module):
             outs = []
             for n in self.stage_names:
                 try:
-                    y = getattr(self, n)(x)
+                    y = stage(n, x)
                 except Exception:
                     failed.append((n, x))
                     raise
@@ -192,9 +199,14 @@ class StagedNet(nn.Module):
 
     def _cut(self, outputs: list[Tensor], branch_from: str, label: str) -> None:
         names = self.stage_names
-        start = names.index(branch_from)
+        if self.cut is None:  # the trunk: the stages before branch_from
+            start, trunk_names, trunk_out = names.index(branch_from), names[: names.index(branch_from)], None
+        else:  # the trunk ends inside the stage self.cut[0], which both the trunk and the branches hold part of
+            start = names.index(self.cut[0])
+            trunk_names, trunk_out = names[: start + 1], self.__dict__.pop("_trunk_output")
+        trunk_out = outputs[start - 1] if trunk_out is None else trunk_out
         maps = [i for i, t in enumerate(outputs) if t.ndim == 4]
-        if not maps or maps[-1] < start or outputs[start - 1].ndim != 4:
+        if not maps or maps[-1] < start or trunk_out.ndim != 4:
             raise ConfigError(
                 f"{label}: the trunk (stages before {branch_from!r}) and the branch must both output feature maps "
                 f"B x C x H x W; the stages output {[list(t.shape[1:]) for t in outputs]}"
@@ -216,15 +228,18 @@ class StagedNet(nn.Module):
                 "pooling + flatten without parameters, then the classifier as the last stage (e.g. "
                 "nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(C, num_classes))"
             )
-        trunk_channels = int(outputs[start - 1].shape[1])
-        self.trunk_shape = tuple(int(s) for s in outputs[start - 1].shape[1:])
+        trunk_channels = int(trunk_out.shape[1])
+        self.trunk_shape = tuple(int(s) for s in trunk_out.shape[1:])
         self.feature_dim = int(pooled.shape[1])
+        cut = self.cut
         self.split = BranchSplit(
-            trunk=names[:start],
+            trunk=trunk_names,
             branch=(*names[start : last_map + 1], names[-1]),
             head=names[-1],
-            block=branch_from,
+            block=names[start],
             trunk_channels=lambda _net, c=trunk_channels: c,
+            trunk_part=None if cut is None else lambda net, n: _part(net, n, cut, trunk=True),
+            branch_part=None if cut is None else lambda net, n: _part(net, n, cut, trunk=False),
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -244,3 +259,49 @@ class TappedStagedNet(StagedNet):
             x = getattr(self, n)(x)
             found[n] = x
         return x, [found[t] for t in self.tap_names]
+
+
+def _plain_sequential(module: nn.Module) -> bool:
+    """An ``nn.Sequential`` whose forward is its children in order (not overridden)."""
+    return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
+
+
+def _inner_cut(net: nn.Module, branch_from: str, names: list[str], label: str) -> tuple[str, int] | None:
+    """``(stage, child index)`` of a dotted ``branch_from`` (``blocks.4``: the cut before child ``4`` of the
+    top-level ``nn.Sequential`` stage ``blocks``); None for a top-level name; the exact reason otherwise."""
+    top, dot, inner = branch_from.partition(".")
+    if not dot or top not in names:
+        return None
+    container = getattr(net, top)
+    children = [n for n, _ in container.named_children()]
+    why = None
+    if not _plain_sequential(container):
+        why = (
+            f"{top!r} is a {type(container).__name__} whose forward is its own code, so where a cut inside it "
+            "falls is not defined (only an nn.Sequential runs its children in order)"
+        )
+    elif inner not in children:
+        deeper = inner.partition(".")[0] in children
+        why = (
+            f"a cut is made at most one level down, between the children of a top-level nn.Sequential stage; "
+            f"{branch_from!r} goes deeper"
+            if deeper
+            else f"{top!r} has no child {inner!r}; its children: {children[:12]}"
+        )
+    if why is not None:
+        raise ConfigError(
+            f"model.branch_from={branch_from!r}: {why}. Cut {label} between top-level stages ({names}) or between "
+            f"the children of a top-level nn.Sequential (<stage>.<child>), or split that part into two stages in "
+            "your factory"
+        )
+    return top, children.index(inner)
+
+
+def _part(net: nn.Module, name: str, cut: tuple[str, int], *, trunk: bool) -> nn.Module:
+    """Stage ``name`` of ``net``, or for the stage cut inside, its trunk or branch half: an ``nn.Sequential`` of
+    those children under their own names, so state-dict keys stay the network's (``blocks.4.weight``)."""
+    module = getattr(net, name)
+    if name != cut[0]:
+        return module
+    children = list(module.named_children())
+    return nn.Sequential(OrderedDict(children[: cut[1]] if trunk else children[cut[1] :]))

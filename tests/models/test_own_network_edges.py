@@ -12,6 +12,7 @@ import torch
 
 from okd.errors import ConfigError
 from okd.methods.build import build_method, load_config
+from okd.models.spec import build_from_spec
 from okd.models.staged import StagedNet, TappedStagedNet
 
 MODULE = "okd_edge_nets"
@@ -107,7 +108,7 @@ def test_one_sl_on_an_own_network_trains_and_resumes_exactly(edge_module, tmp_pa
                 "method.name=one_sl",
                 "method.num_branches=2",
                 f"model.name={edge_module}",
-                "model.branch_from=blocks",
+                "model.branch_from=blocks.1",  # the trunk holds blocks.0, each branch blocks.1-2
                 "model.taps=[stem,blocks]",
                 f"train.epochs={epochs}",
             ]
@@ -115,16 +116,39 @@ def test_one_sl_on_an_own_network_trains_and_resumes_exactly(edge_module, tmp_pa
     )
     helpers.assert_same_runs(*runs)
     deploy = torch.load(runs[0] / "deploy.pt", map_location="cpu", weights_only=True)
-    assert deploy["model_spec"]["taps"] == ["stem", "blocks"] and deploy["model_spec"]["branch_from"] == "blocks"
+    assert deploy["model_spec"]["taps"] == ["stem", "blocks"] and deploy["model_spec"]["branch_from"] == "blocks.1"
     assert "blocks.1.0.weight" in deploy["state_dict"]  # the leader, under the network's own keys
 
 
-def test_a_cut_inside_a_stage_is_refused_with_the_reason(edge_module):
-    with pytest.raises(ConfigError) as err:
-        _build("one", f"model.name={edge_module}", "model.branch_from=blocks.1")
-    text = str(err.value)
-    assert "names a module inside the stage 'blocks'" in text and "cut between top-level stages only" in text
-    assert "self.blocks_a = blocks[:k]" in text and "model.branch_from=blocks_b" in text and "['0', '1', '2']" in text
+def test_branch_from_cuts_inside_a_sequential_stage_keeping_the_networks_keys(edge_module):
+    m = _build("one", f"model.name={edge_module}", "model.branch_from=blocks.1", "method.num_branches=2")
+    net = m.net
+    assert list(net.shared) == ["stem", "blocks"] and list(net.shared["blocks"]._modules) == ["0"]
+    assert list(net.branches[0]["blocks"]._modules) == ["1", "2"] and net.trunk_channels == 4
+    assert net.branches[0]["blocks"][0] is not net.branches[1]["blocks"][0]  # each branch its own weights
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    m.eval()
+    single = net.single_branch(1)
+    reference = build_from_spec(dict(m.net.backbone_name.spec), 5).eval()  # what a deploy.pt rebuilds
+    assert list(single.state_dict()) == list(reference.state_dict())  # stem.0.weight, blocks.0..2, fc: the user's
+    reference.load_state_dict(single.state_dict())
+    with torch.no_grad():
+        assert torch.equal(single(x), net(x)[1]) and torch.equal(reference(x), net(x)[1])
+    same = _build("one", f"model.name={edge_module}", "model.branch_from=blocks.0", "method.num_branches=2")
+    assert same.net.split.trunk == ("stem",) and same.net.split.trunk_part is None  # the stage boundary itself
+
+
+@pytest.mark.parametrize(
+    ("where", "reason"),
+    [
+        ("blocks.1.0", "a cut is made at most one level down"),
+        ("blocks.7", r"'blocks' has no child '7'; its children: \['0', '1', '2'\]"),
+        ("fc.weight", "'fc' is a Linear whose forward is its own code"),
+    ],
+)
+def test_a_cut_that_is_not_defined_is_refused_with_the_reason(edge_module, where, reason):
+    with pytest.raises(ConfigError, match=f"model.branch_from='{where}': {reason}.*split that part into two stages"):
+        _build("one", f"model.name={edge_module}", f"model.branch_from={where}")
 
 
 def test_functional_pooling_is_named_as_the_reason(edge_module):
