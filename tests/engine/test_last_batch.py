@@ -6,9 +6,12 @@ import logging
 
 import pytest
 import torch
+from folder_fixtures import quick_folder_run, write_class_folder
 from torch import nn
 
+from okd.config import DataConfig
 from okd.data.device_loader import DeviceLoader
+from okd.data.folder import build_folder_loaders
 from okd.engine.last_batch import drop_single_image_batches, has_batch_statistics
 from okd.engine.trainer import train
 from okd.methods.build import load_config
@@ -58,8 +61,6 @@ def test_only_networks_with_batchnorm_leave_it_out(caplog):
 
 def test_one_on_resnet20_trains_when_the_last_batch_holds_one_image(tmp_path, capfd):
     pytest.importorskip("PIL")
-    from folder_fixtures import quick_folder_run, write_class_folder
-
     data = write_class_folder(tmp_path / "data", train_per_class=3, val_per_class=1)  # 9 images, batches of 8
     overrides = quick_folder_run(data, tmp_path / "runs", 8, "pad_crop", "data.pad=1", "name=one9")
     overrides = [o for o in overrides if not o.startswith("train.max_steps_per_epoch")]
@@ -73,11 +74,6 @@ def test_one_on_resnet20_trains_when_the_last_batch_holds_one_image(tmp_path, ca
 
 def test_a_batch_shrunk_to_one_image_by_unreadable_files_is_skipped(tmp_path, caplog):
     pytest.importorskip("PIL")
-    from folder_fixtures import write_class_folder
-
-    from okd.config import DataConfig
-    from okd.data.folder import build_folder_loaders
-
     data = write_class_folder(tmp_path / "data", classes=("a", "b"), train_per_class=1, val_per_class=1)
     (data / "train" / "b" / "0.png").write_text("not an image")  # the one batch of 2 holds one readable image
     cfg = DataConfig(

@@ -9,6 +9,7 @@ import textwrap
 import helpers
 import pytest
 import torch
+from folder_fixtures import quick_folder_run, write_class_folder
 
 from okd.errors import ConfigError
 from okd.methods.build import build_method, load_config
@@ -94,8 +95,6 @@ def test_one_sl_with_one_of_the_two_keys_says_to_add_the_other(edge_module):
 
 def test_one_sl_on_an_own_network_trains_and_resumes_exactly(edge_module, tmp_path, monkeypatch):
     pytest.importorskip("PIL")
-    from folder_fixtures import quick_folder_run, write_class_folder
-
     # 9 training images in batches of 8: the last batch of one is left out (BatchNorm1d in ONE's gate), and
     # the resumed run leaves it out the same way
     data = write_class_folder(tmp_path / "data", train_per_class=3, val_per_class=1)
