@@ -95,6 +95,9 @@ class DeviceLoader:
         self.epoch = 0
         self._views = range(self.views)
         self.rank, self.world_size = 0, 1
+        #: leave out a last training batch that gives some rank a single image (set by the trainer for
+        #: networks with BatchNorm: :func:`okd.engine.last_batch.drop_single_image_batches`)
+        self.drop_single = False
 
     def shard(self, rank: int, world_size: int) -> None:
         """Distributed use: yield only this rank's part (positions rank::world_size) of every global batch.
@@ -108,7 +111,16 @@ class DeviceLoader:
 
     def __len__(self) -> int:
         n = len(self.labels)
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        if self.drop_last:
+            return n // self.batch_size
+        return math.ceil(n / self.batch_size) - int(self.drop_single and self.single_image_tail())
+
+    def single_image_tail(self) -> bool:
+        """Whether the last batch of a pass (without ``drop_last``) gives some rank exactly one image (the
+        same answer on every rank)."""
+        n = len(self.labels)
+        tail = n - (math.ceil(n / self.batch_size) - 1) * self.batch_size if n else 0
+        return self.train and any(len(range(k, tail, self.world_size)) == 1 for k in range(self.world_size))
 
     @property
     def num_samples(self) -> int:

@@ -27,6 +27,7 @@ from okd.engine.distributed import (
 )
 from okd.engine.epoch import interactive, steps_per_epoch, sync, train_epoch
 from okd.engine.evaluate import evaluate
+from okd.engine.last_batch import drop_single_image_batches
 from okd.engine.run_log import epoch_line, run_eta, run_summary
 from okd.engine.seeding import restore_rng_state, rng_state, seed_everything, set_deterministic
 from okd.engine.step import StepRunner, autocast, configure_backends, prepare_method
@@ -224,6 +225,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: DistContext, store: R
             loader.shard(dist.rank, dist.world_size)
     configure_backends(r.train, device)
     method = build_method(cfg, num_classes).to(device)
+    drop_single_image_batches(method, train_loader, announce=dist.is_main)
     plan = build_optimization(method, cfg, steps_per_epoch=steps_per_epoch(train_loader, r.train))
     runner = StepRunner(method, plan.optimizers, r.train, device, schedulers=plan.step_schedulers)
 

@@ -17,6 +17,10 @@ class BranchSplit:
     head: str  # the classifier module (input: the pooled, flattened final map)
     block: str  # the branch's main block (the one ``share_branch_block`` shares)
     trunk_channels: Callable[[nn.Module], int]
+    #: ``(backbone, name) -> module`` the trunk / a branch takes for ``name`` (None: the backbone's attribute).
+    #: A user's network cut inside a stage (``model.branch_from: blocks.4``) gives each side its half of it.
+    trunk_part: Callable[[nn.Module, str], nn.Module] | None = None
+    branch_part: Callable[[nn.Module, str], nn.Module] | None = None
 
     @property
     def branch_body(self) -> tuple[str, ...]:

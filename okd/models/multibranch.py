@@ -23,6 +23,7 @@ class, so a ``deploy.pt`` of a branch method loads into ``create_model(backbone)
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -102,7 +103,8 @@ def split_for(model: nn.Module, name: str = "") -> BranchSplit:
     raise ConfigError(
         f"model {name or type(model).__name__!r} has no multi-branch split; branch methods support the "
         f"families {families} (e.g. resnet32, resnet110_bottleneck, wrn20_8, vgg16, densenet40_12_bc), and "
-        "your own or timm networks made of stages called in order, with model.branch_from=<first branch stage>"
+        "your own or timm networks made of stages called in order, with model.branch_from=<first branch stage> "
+        "(one_sl: together with model.taps, which its leader reads)"
     )
 
 
@@ -142,12 +144,13 @@ class MultiBranchNet(nn.Module):
         nets = [create_model(backbone_name, num_classes) for _ in range(num_branches)]
         self.split = split_for(nets[0], backbone_name)
         self.share_branch_block = share_branch_block
-        self.shared = nn.ModuleDict({n: getattr(nets[0], n) for n in self.split.trunk})
+        take_trunk, take_branch = self.split.trunk_part or getattr, self.split.branch_part or getattr
+        self.shared = nn.ModuleDict({n: take_trunk(nets[0], n) for n in self.split.trunk})
         branches = []
         for net in nets:
-            parts = {n: getattr(net, n) for n in self.split.branch}
+            parts = {n: take_branch(net, n) for n in self.split.branch}
             if share_branch_block:
-                parts[self.split.block] = getattr(nets[0], self.split.block)
+                parts[self.split.block] = take_branch(nets[0], self.split.block)
             branches.append(nn.ModuleDict(parts))
         self.branches = nn.ModuleList(branches)
         if dropout is not None:
@@ -201,7 +204,10 @@ class MultiBranchNet(nn.Module):
             for n in self.split.trunk:
                 setattr(net, n, self.shared[n])
             for n in self.split.branch:
-                setattr(net, n, self.branches[i][n])
+                part = self.branches[i][n]
+                if n in self.split.trunk:  # a stage cut inside (a user's nn.Sequential): both halves, in order
+                    part = nn.Sequential(OrderedDict([*self.shared[n].named_children(), *part.named_children()]))
+                setattr(net, n, part)
             own = {id(t) for t in (*self.parameters(), *self.buffers())}
             stray = [n for n, t in (*net.named_parameters(), *net.named_buffers()) if id(t) not in own]
             if stray:  # a backbone module outside the split: the split table is out of date

@@ -29,7 +29,7 @@ from okd.data.folder import geometry, image_size_of, preprocessing
 from okd.errors import ConfigError, DataError
 from okd.models.external import ExternalNet, TappedNet, call_factory, load_factory
 from okd.models.registry import MODELS
-from okd.models.staged import StagedNet
+from okd.models.staged import StagedNet, TappedStagedNet
 from okd.models.timm_models import create_timm, with_default_taps
 
 TIMM_PREFIX = "timm:"
@@ -110,11 +110,6 @@ def check_model_config(m, where: str = "model") -> None:
             )
         if m.pretrained or m.weights:
             raise ConfigError(f"{where}.pretrained/{where}.weights are for timm: models")
-    if m.taps is not None and m.branch_from is not None:
-        raise ConfigError(
-            f"{where}.taps (feature taps: FFSD, DML with a leader, ...) and {where}.branch_from (branch methods: ONE, "
-            "OKDDip, ...) serve different methods; set the one your method needs"
-        )
     if kind == "import" and (m.pretrained or m.weights):
         raise ConfigError(
             f"{where}.pretrained/{where}.weights are for timm: models; load your own weights in your factory"
@@ -184,8 +179,9 @@ def build_from_spec(spec: dict[str, Any], num_classes: int, *, from_file: bool =
         user = create_timm(name[len(TIMM_PREFIX) :], num_classes, kwargs, spec)
     else:
         raise ConfigError(f"unknown model kind {kind!r} in the stored model spec of {name!r}")
-    if spec.get("branch_from"):
-        return StagedNet(user, num_classes, spec["branch_from"], name=name, input_size=size)
+    if spec.get("branch_from"):  # with taps too (one_sl: ONE's branches and a leader that reads a tap)
+        staged = TappedStagedNet if taps else StagedNet
+        return staged(user, num_classes, spec["branch_from"], taps=taps, name=name, input_size=size)
     if taps:
         return TappedNet(user, num_classes, taps, name=name, input_size=size)
     if kind == "timm":

@@ -25,6 +25,12 @@ def require_taps(net: nn.Module, method: str, min_taps: int = 1) -> None:
             f"{method} reads intermediate feature maps, and this network has no taps: set model.taps to the "
             f"submodules whose outputs they are, shallow to deep (e.g. model.taps=[layer1,layer2,layer3]); "
             f"its top-level submodules are {children}"
+            + (
+                " (beside model.branch_from they are stages; for one_sl end them at the stage whose map the "
+                "branches pool)"
+                if getattr(net, "stage_names", None)
+                else ""
+            )
         )
     count = len(getattr(net, "tap_channels", ()))
     if count < min_taps:

@@ -30,6 +30,7 @@ from okd.data.cifar import SPECS, load_cifar
 from okd.data.facts import class_names, normalization
 from okd.data.folder import FolderDataset, build_transforms, scan, split_statistics
 from okd.engine.run_log import head_label
+from okd.errors import ConfigError
 from okd.extras import pyplot
 from okd.nn.losses import attention_map
 from okd.runs.reader import Run, load_run_method
@@ -115,7 +116,7 @@ def _folder_test_images(data, run_dir: Path, count: int):
     if deploy.get("mean") and deploy.get("std"):
         mean, std = list(deploy["mean"]), list(deploy["std"])
     elif data.compute_stats:
-        mean, std = split_statistics(train_split, build_transforms(data, train=False))
+        mean, std = split_statistics(train_split, build_transforms(data, train=False), data.skip_unreadable)
     else:
         mean, std = normalization({"mean": data.mean, "std": data.std}, data.dataset)
     return SimpleNamespace(images=images, labels=labels, classes=list(train_split.classes)), mean, std
@@ -135,6 +136,8 @@ def draw_attention(
     method, cfg, _ = load_run_method(run_dir, which, overrides)
     labels = method.head_networks()  # a cohort of different networks: each network's name beside its head
     networks = {head_label(n, labels, " "): net for n, net in tap_networks(method).items()}
+    require_tapped(networks, run_dir)
+    networks = {n: net for n, net in networks.items() if _has_taps(net)}
     data = cfg.run.data
     if data.dataset in SPECS:
         split = load_cifar(data.root, data.dataset, train=False, download=data.download)
@@ -269,3 +272,18 @@ def tap_networks(method: nn.Module) -> dict[str, nn.Module]:
     if not found:
         found["deployed"] = method.deployable()
     return found
+
+
+def require_tapped(networks: dict[str, nn.Module], run_dir: Path) -> None:
+    """Attention maps read the deepest feature tap: refuse, saying how to tap, when no network has taps."""
+    if any(_has_taps(net) for net in networks.values()):
+        return
+    net = next(iter(networks.values()))
+    inner = getattr(net, "net", net)
+    children = [n for n, _ in inner.named_children()][:12]
+    raise ConfigError(
+        f"the network of {run_dir} has no feature taps (it was trained without model.taps), so there is no "
+        "feature map to draw attention from. Name the submodules to tap, shallow to deep, on the command line: "
+        f"okd attention {run_dir} 'model.taps=[layer1,layer2,layer3]' with your network's stage names (the deepest "
+        f"tap is drawn; its top-level submodules are {children})"
+    )

@@ -14,7 +14,7 @@ from okd.report.attention import draw_attention
 from okd.report.compare import compare
 from okd.report.export import FORMATS, TOLERANCE, export
 from okd.report.plots import plot_curves
-from okd.report.predict import load_predictor, predict_with
+from okd.report.predict import load_predictor, predict_readable
 from okd.report.sweep import run_sweep, sweep_commands, with_recipe
 from okd.report.sweep_file import load_sweep_file
 from okd.report.tables import report
@@ -150,13 +150,21 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    """Top classes of every readable image; unreadable ones are listed at the end and make the exit status 1."""
     pred = load_predictor(args.model)
     print("\n".join(pred.describe()))
-    results = predict_with(pred, args.images, top=args.top)
+    results, unreadable = predict_readable(pred, args.images, top=args.top)
     for image, top in zip(args.images, results, strict=True):
+        if top is None:
+            continue
         print(image)
         for rank, (name, p) in enumerate(top, start=1):
             print(f"  {rank}. {name:<20} {100 * p:6.2f}%")
+    if unreadable:
+        print(f"\n{len(unreadable)} of {len(args.images)} image(s) could not be read (nothing predicted for them):")
+        for path, reason in unreadable:
+            print(f"  {path}: {reason}")
+        return 1
     return 0
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -221,6 +222,13 @@ def load_deployable(path: str | Path, which: str = "last", overrides: list[str] 
     raise CheckpointError(f"{path} is neither a deploy.pt nor an okd run checkpoint")
 
 
+def export_stem(model: str) -> str:
+    """The file-name stem of an export of ``model``: every character other than a letter, digit, ``.``, ``_``
+    or ``-`` becomes ``-`` (``my_cnn:build`` -> ``my_cnn-build``, ``timm:resnet18`` -> ``timm-resnet18``), so
+    the name survives scp, Windows and network shares; registered names are unchanged."""
+    return re.sub(r"[^A-Za-z0-9._-]", "-", model) or "model"
+
+
 def sample_inputs(n: int = 8, seed: int = 0, size: int = 32) -> Tensor:
     """A fixed batch of normalised-scale inputs for the round-trip checks."""
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
@@ -312,7 +320,7 @@ def export(
     path = Path(path)
     if out is None:
         folder = path if path.is_dir() else path.parent
-        out = folder / "export" / f"{dep.model}{SUFFIX[fmt]}"
+        out = folder / "export" / f"{export_stem(dep.model)}{SUFFIX[fmt]}"
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     x = sample_inputs(size=dep.size)

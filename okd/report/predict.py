@@ -126,32 +126,51 @@ def _predictor(fn: Callable[[Tensor], np.ndarray], meta: dict, source: str, kind
     )
 
 
+def _read_image(image_mod, path: str | Path, size: int, resize: int | None) -> np.ndarray:
+    """One image file as float32 3 x size x size, RGB (see :func:`load_images`)."""
+    with image_mod.open(path) as im:
+        im = im.convert("RGB")
+        if resize is not None:
+            w, h = im.size
+            scale = resize / min(w, h)
+            im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), image_mod.BILINEAR)
+            left, top = (im.size[0] - size) // 2, (im.size[1] - size) // 2
+            im = im.crop((left, top, left + size, top + size))
+        elif im.size != (size, size):
+            im = im.resize((size, size), image_mod.Resampling.BICUBIC)
+        return np.asarray(im, dtype=np.float32).transpose(2, 0, 1)
+
+
+def read_images(
+    paths: list[str | Path], size: int = 32, resize: int | None = None
+) -> tuple[Tensor | None, list[int], list[tuple[str, str]]]:
+    """The readable image files among ``paths`` as in :func:`load_images`: ``(batch or None, their positions in
+    paths, [(path, reason)] of the files that cannot be read)``."""
+    image_mod = require("PIL.Image", "images")
+    batch, kept, unreadable = [], [], []
+    for i, p in enumerate(paths):
+        try:
+            batch.append(_read_image(image_mod, p, size, resize))
+            kept.append(i)
+        except Exception as exc:  # Pillow raises many types (OSError, SyntaxError, ValueError, ...)
+            reason = str(exc).splitlines()[0][:200] if str(exc) else ""
+            unreadable.append((str(p), f"{type(exc).__name__}: {reason}" if reason else type(exc).__name__))
+    return (torch.from_numpy(np.stack(batch)) if batch else None), kept, unreadable
+
+
 def load_images(paths: list[str | Path], size: int = 32, resize: int | None = None) -> Tensor:
     """Image files as uint8-scale float N x 3 x size x size, RGB: resized to size x size (bicubic), or with
-    ``resize``, shorter side to ``resize`` then the centre ``size`` x ``size`` crop (ImageNet's test recipe)."""
-    image_mod = require("PIL.Image", "images")
-    batch = []
-    for p in paths:
-        try:
-            with image_mod.open(p) as im:
-                im = im.convert("RGB")
-                if resize is not None:
-                    w, h = im.size
-                    scale = resize / min(w, h)
-                    im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), image_mod.BILINEAR)
-                    left, top = (im.size[0] - size) // 2, (im.size[1] - size) // 2
-                    im = im.crop((left, top, left + size, top + size))
-                elif im.size != (size, size):
-                    im = im.resize((size, size), image_mod.Resampling.BICUBIC)
-                batch.append(np.asarray(im, dtype=np.float32).transpose(2, 0, 1))
-        except (OSError, image_mod.UnidentifiedImageError) as exc:
-            raise OKDError(f"cannot read image {str(p)!r}: {exc}") from None
-    return torch.from_numpy(np.stack(batch))
+    ``resize``, shorter side to ``resize`` then the centre ``size`` x ``size`` crop (ImageNet's test recipe).
+    An unreadable file is an ``OKDError`` naming it."""
+    x, _, unreadable = read_images(paths, size, resize)
+    if unreadable:
+        path, reason = unreadable[0]
+        raise OKDError(f"cannot read image {path!r}: {reason}")
+    return x
 
 
-def predict_with(pred: Predictor, images: list[str | Path], top: int = 5) -> list[list[tuple[str, float]]]:
-    """Top-``top`` (class name, probability) for each image file under a loaded :class:`Predictor`."""
-    x = load_images(images, pred.size, pred.resize) / 255.0
+def _top_classes(pred: Predictor, x: Tensor, top: int) -> list[list[tuple[str, float]]]:
+    x = x / 255.0
     x = (x - torch.tensor(pred.mean).view(1, 3, 1, 1)) / torch.tensor(pred.std).view(1, 3, 1, 1)
     logits = torch.from_numpy(pred.logits(x.float())).double()
     probs = torch.softmax(logits, dim=1)
@@ -162,6 +181,25 @@ def predict_with(pred: Predictor, images: list[str | Path], top: int = 5) -> lis
         [(classes[i], float(v)) for v, i in zip(vs, ix, strict=True)]
         for vs, ix in zip(values, indices.tolist(), strict=True)
     ]
+
+
+def predict_with(pred: Predictor, images: list[str | Path], top: int = 5) -> list[list[tuple[str, float]]]:
+    """Top-``top`` (class name, probability) for each image file under a loaded :class:`Predictor` (an
+    unreadable file is an ``OKDError``; :func:`predict_readable` predicts the rest instead)."""
+    return _top_classes(pred, load_images(images, pred.size, pred.resize), top)
+
+
+def predict_readable(
+    pred: Predictor, images: list[str | Path], top: int = 5
+) -> tuple[list[list[tuple[str, float]] | None], list[tuple[str, str]]]:
+    """Top-``top`` classes of every readable image (None in its place for an unreadable one), and the unreadable
+    files with the reason, so one bad file in a folder does not stop the others (``okd predict``)."""
+    x, kept, unreadable = read_images(images, pred.size, pred.resize)
+    results: list[list[tuple[str, float]] | None] = [None] * len(images)
+    if x is not None:
+        for i, r in zip(kept, _top_classes(pred, x, top), strict=True):
+            results[i] = r
+    return results, unreadable
 
 
 def predict(model: str | Path, images: list[str | Path], top: int = 5) -> list[list[tuple[str, float]]]:

@@ -38,6 +38,8 @@ def score_checkpoint(path: str | Path, which: str = "last", overrides: list[str]
     else:
         if not path.is_file():
             raise CheckpointError(f"{str(path)!r} does not exist; give a run folder (runs/<name>) or a .pt file")
+        if path.suffix == ".safetensors":  # okd export --format safetensors: a deploy file without pickle
+            return _score_deploy_record(read_deploy(path), str(path), path.parent, overrides, None)
         record, source = load_checkpoint(path), str(path)
         if record.get("format") == DEPLOY_FORMAT:
             return _score_deploy_record(read_deploy(path), source, path.parent, overrides, None)
@@ -88,15 +90,17 @@ def _score_deploy_record(
     record: dict, source: str, folder: Path, overrides: list[str], run: Run | None
 ) -> tuple[dict, dict]:
     """A deploy record scored with the data settings of its run (the run's config, else ``config.yaml``
-    beside a standalone deploy.pt)."""
+    beside a standalone deploy.pt or export, or in the run folder above an ``export/`` folder)."""
+    beside = [folder / "config.yaml"] + ([folder.parent / "config.yaml"] if folder.name == "export" else [])
+    found = next((p for p in beside if p.is_file()), None)
     if run is not None:
         stored = OmegaConf.create(run.config_dict)
-    elif (folder / "config.yaml").is_file():
-        stored = OmegaConf.load(folder / "config.yaml")
+    elif found is not None:  # beside the file, or the run folder above its export/ folder
+        stored = OmegaConf.load(found)
     else:
         raise CheckpointError(
-            f"{source} is a deploy.pt without the run's config.yaml beside it, so its test split is unknown; "
-            "score the run folder instead, or copy config.yaml next to it"
+            f"{source} is a deploy file without the run's config.yaml beside it, so its test split is unknown; "
+            "score the run folder instead, or copy the run's config.yaml next to it"
         )
     check_stored_config(OmegaConf.to_container(stored))
     cfg = build_config(OmegaConf.merge(stored, parse_overrides(list(overrides))))

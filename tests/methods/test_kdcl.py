@@ -4,6 +4,7 @@ with exact resume: ``test_shared.py``)."""
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import math
 import re
@@ -11,6 +12,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+from cohort_fixtures import SMALL, user_module
 from method_helpers import B, K, ce_manual, kl_manual
 from method_helpers import views_batch as batch
 
@@ -18,7 +20,7 @@ from okd.config import OptimConfig
 from okd.engine.trainer import train
 from okd.errors import ConfigError
 from okd.methods.base import Method, MethodContext
-from okd.methods.build import load_config
+from okd.methods.build import build_method, load_config
 from okd.methods.kdcl import (
     KDCL,
     KDCLParams,
@@ -30,6 +32,7 @@ from okd.methods.kdcl import (
     min_logit_target,
     project_simplex,
 )
+from okd.models.external import ExternalNet
 
 
 def make_kdcl(model: str = "resnet20", num_classes: int = K, seed: int = 0, **params) -> KDCL:
@@ -297,3 +300,23 @@ def test_kdcl_general_rule_fits_weights_on_the_holdout_split(cifar10_root, tmp_p
     weights = load_checkpoint(run / "last.pt")["method"]["general_weights"]
     assert weights.sum().item() == pytest.approx(1.0)
     assert not torch.allclose(weights, torch.full_like(weights, 0.5))
+
+
+def test_method_models_take_import_paths_and_timm_names(tmp_path):
+    """KDCL's older spelling of the cohort takes every kind of model.name, as model.members does."""
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with user_module(tmp_path / "code"):
+        cfg = load_config(None, ["method.name=kdcl", "model.name=resnet20", f"method.models=[resnet20,'{SMALL}']"])
+        m = build_method(cfg, K).eval()
+        assert isinstance(m.students[1], ExternalNet) and m.names[1] == SMALL and m.deploy_head == "student0"
+        with torch.no_grad():
+            assert torch.equal(m.eval_outputs(x)["student1"], m.students[1](x))
+    timm_cfg = load_config(
+        None, ["method.name=kdcl", "model.name=resnet20", "method.models=[resnet20,'timm:resnet18']"]
+    )
+    if importlib.util.find_spec("timm") is None:  # the core environment: the extra is named
+        with pytest.raises(ConfigError, match=r"okd\[timm\]"):
+            build_method(timm_cfg, K)
+    else:  # CI's timm environment: a timm student beside a registered one
+        m = build_method(timm_cfg, K).eval()
+        assert m.names[1] == "timm:resnet18" and m.students[1](x).shape == (2, K)

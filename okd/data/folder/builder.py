@@ -69,20 +69,38 @@ def scan(dataset: str, root: str | os.PathLike) -> tuple[FolderSplit, FolderSpli
     raise DataError(f"data.dataset={dataset!r} is not an image-folder dataset ({', '.join(FOLDER_DATASETS)})")
 
 
-def split_statistics(split: FolderSplit, transform: Callable) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std ([0, 1] scale) of ``split`` under the (deterministic) test ``transform``."""
+def split_statistics(
+    split: FolderSplit, transform: Callable, skip_unreadable: bool = False
+) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std ([0, 1] scale) of ``split`` under the (deterministic) test ``transform``;
+    unreadable images fail naming the file, or with ``skip_unreadable`` are left out (counted, the first named),
+    as training leaves them out."""
     ds = FolderDataset(split, transform, train=False)
     total = np.zeros(3)
     squares = np.zeros(3)
     count = 0
+    skipped: list[str] = []
     for i in range(len(ds)):
         x, _, error = ds[i]
         if x is None:
-            raise DataError(f"cannot read image {error} while computing data.compute_stats")
+            if skip_unreadable:
+                skipped.append(error)
+                continue
+            raise DataError(
+                f"cannot read image {error} while computing data.compute_stats. Replace or delete it, or set "
+                "data.skip_unreadable=true to leave unreadable images out (of the statistics and of training)"
+            )
         pixels = x.reshape(3, -1).double().numpy() / 255.0
         total += pixels.sum(axis=1)
         squares += (pixels**2).sum(axis=1)
         count += pixels.shape[1]
+    if skipped:
+        log.warning(
+            f"data.compute_stats: left out {len(skipped)} unreadable image(s) (data.skip_unreadable=true); "
+            f"first: {skipped[0]}"
+        )
+    if count == 0:
+        raise DataError(f"data.compute_stats: none of the {len(ds)} training images can be read; first: {skipped[0]}")
     mean = total / count
     std = np.sqrt(np.maximum(squares / count - mean**2, 0.0))
     if np.any(std <= 0):
@@ -92,7 +110,8 @@ def split_statistics(split: FolderSplit, transform: Callable) -> tuple[list[floa
 
 def _statistics(data_cfg, train_split: FolderSplit) -> tuple[list[float], list[float]]:
     if data_cfg.compute_stats:
-        mean, std = split_statistics(train_split, build_transforms(data_cfg, train=False))
+        transform = build_transforms(data_cfg, train=False)
+        mean, std = split_statistics(train_split, transform, data_cfg.skip_unreadable)
         if dist_rank_world()[0] == 0:
             log.info(f"data.compute_stats: training-split mean {mean}, std {std}")
         return mean, std

@@ -61,6 +61,9 @@ class FolderLoader:
         self._pin = bool(pin_memory) and self.device.type == "cuda"
         self.name = name or ("train" if self.train else "test")
         self.epoch, self.skipped = 0, 0
+        #: leave out training batches of a single image (set by the trainer for networks with BatchNorm:
+        #: :func:`okd.engine.last_batch.drop_single_image_batches`)
+        self.drop_single = False
         self.mean, self.std = [float(v) for v in mean], [float(v) for v in std]
         std_t = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         mean_t = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
@@ -110,7 +113,11 @@ class FolderLoader:
         )
 
     def __len__(self) -> int:
-        return len(self.loader)
+        return len(self.loader) - int(self.drop_single and self.single_image_tail())
+
+    def single_image_tail(self) -> bool:
+        """Whether the last training batch of this rank holds exactly one image (every rank holds as many)."""
+        return self.train and not self.drop_last and len(self.sampler) % self.rank_batch_size == 1
 
     @property
     def num_samples(self) -> int:
@@ -135,8 +142,11 @@ class FolderLoader:
         self._tagged.epoch = epoch
         if isinstance(self.sampler, DistributedSampler):
             self.sampler.set_epoch(epoch)
-        skipped, first = 0, ""
-        for xb, yb, errors in self.loader:
+        skipped, first, singles = 0, "", 0
+        batches = len(self)
+        for b, (xb, yb, errors) in enumerate(self.loader):
+            if b == batches:
+                break  # the last batch of one image, left out (drop_single)
             if errors:
                 if not self.skip_unreadable:
                     raise DataError(
@@ -147,6 +157,15 @@ class FolderLoader:
                 self.skipped += len(errors)
                 first = first or errors[0]
             if yb.numel() == 0:
+                continue
+            if self.drop_single and yb.numel() == 1 and errors:  # unreadable images shrank it to one image
+                if self.world_size > 1:  # skipping it here alone would leave the other processes waiting
+                    raise DataError(
+                        f"a training batch on rank {self.rank} holds a single readable image once unreadable ones "
+                        f"are left out (first: {errors[0]}); the network's BatchNorm layers cannot train on one "
+                        "image. Replace or delete the unreadable images"
+                    )
+                singles += 1
                 continue
             x = xb.to(self.device, non_blocking=self._pin)
             y = yb.to(self.device, non_blocking=self._pin)
@@ -161,4 +180,5 @@ class FolderLoader:
             log.warning(
                 f"{self.name}: skipped {skipped} unreadable image(s) in this pass on rank {self.rank} "
                 f"(data.skip_unreadable=true); first: {first}"
+                + (f"; {singles} batch(es) left with a single image were left out" if singles else "")
             )

@@ -91,7 +91,9 @@ def scan_class_folders(
     if empty:
         raise DataError(
             f"{what}: {len(empty)} of {len(found)} class folders in {str(split_dir)!r} hold no image "
-            f"({'/'.join(IMG_EXTENSIONS)}): {_names(empty)}"
+            f"({'/'.join(IMG_EXTENSIONS)}): {_names(empty)}. Put that class's images into each, or delete those "
+            "folders from train/ and val/ alike (the two must hold the same class folders; a class with no image "
+            "cannot be trained or scored)"
         )
     return _split_from(root, per_class, found)
 

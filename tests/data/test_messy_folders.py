@@ -1,0 +1,53 @@
+"""A user's messy class-folder dataset: unreadable images under data.compute_stats, empty class folders."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from okd.config import DataConfig
+from okd.data.folder import build_folder_loaders
+from okd.errors import DataError
+
+pytest.importorskip("PIL")
+from folder_fixtures import write_class_folder  # noqa: E402
+
+
+def _stats_cfg(root: Path, **kw) -> DataConfig:
+    return DataConfig(dataset="folder", root=str(root), image_size=12, resize=12, compute_stats=True, workers=0, **kw)
+
+
+@pytest.fixture
+def messy(tmp_path) -> tuple[Path, Path]:
+    """A clean folder and its copy with a non-image and a truncated PNG among the training images."""
+    clean = write_class_folder(tmp_path / "clean", train_per_class=3, val_per_class=1)
+    dirty = tmp_path / "dirty"
+    shutil.copytree(clean, dirty)
+    (dirty / "train" / "circle" / "notes.png").write_text("not an image")
+    whole = (dirty / "train" / "square" / "0.png").read_bytes()
+    (dirty / "train" / "square" / "cut.png").write_bytes(whole[: len(whole) // 2])
+    return clean, dirty
+
+
+def test_compute_stats_names_the_unreadable_image_and_the_fix(messy):
+    _, dirty = messy
+    with pytest.raises(DataError, match=r"cannot read image .*notes\.png.*data\.compute_stats.*skip_unreadable=true"):
+        build_folder_loaders(_stats_cfg(dirty), 0, "cpu", rank=0, world_size=1)
+
+
+def test_compute_stats_honours_skip_unreadable(messy):
+    clean, dirty = messy
+    want = build_folder_loaders(_stats_cfg(clean), 0, "cpu", rank=0, world_size=1)[0]
+    got = build_folder_loaders(_stats_cfg(dirty, skip_unreadable=True), 0, "cpu", rank=0, world_size=1)[0]
+    assert got.mean == want.mean and got.std == want.std  # the statistics of the readable images alone
+    assert got.mean != [0.485, 0.456, 0.406]
+
+
+def test_an_empty_class_folder_is_named_with_the_fix(tmp_path):
+    root = write_class_folder(tmp_path / "data", train_per_class=2, val_per_class=1)
+    (root / "train" / "hexagon").mkdir()
+    (root / "train" / "hexagon" / "readme.txt").write_text("todo")
+    with pytest.raises(DataError, match=r"hold no image .*: hexagon\. Put that class's images into each, or delete"):
+        build_folder_loaders(_stats_cfg(root), 0, "cpu", rank=0, world_size=1)
