@@ -455,6 +455,7 @@ def test_golden_values_of_the_official_code(case, num_nets, logit_distill):
 
 
 # ------------------------------------------------------------------------------------------------- end to end
+@pytest.mark.slow
 def test_x4_trains_end_to_end_on_class_balanced_batches_and_resumes_exactly(cifar10_root, tmp_path):
     settings = {
         "method.name": "mcl",
