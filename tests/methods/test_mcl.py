@@ -21,6 +21,7 @@ from okd.methods.build import build_method, load_config
 from okd.methods.mcl import mcl_contrast
 from okd.models import count_parameters, create_model
 from okd.models.deploy_file import build_network, read_deploy
+from okd.models.multibranch import stage1_split_for
 from okd.report.export import export
 from okd.report.published import find_published
 from okd.runs.metrics import read_metrics_csv
@@ -267,8 +268,8 @@ def test_bad_params_fail_at_config_time(overrides, says):
 
 
 def test_shared_trunk_refuses_mixed_members_and_families_without_a_split():
-    with pytest.raises(ConfigError, match="shared_trunk=false"):
-        make("mcl", model="vgg16", num_nets=4)
+    with pytest.raises(ConfigError, match="shared_trunk=false"):  # what MCL x4 on a VGG-16 raises
+        stage1_split_for(create_model("vgg16", K), "vgg16")
     ctx = MethodContext(
         model="resnet20",
         num_classes=K,
