@@ -162,6 +162,10 @@ def test_a_batch_without_positives_is_refused():
     x, _ = balanced_batch(4)
     with pytest.raises(DataError, match="data.sampler=m_per_class"):
         m.training_step(x, torch.tensor([0, 0, 1, 2]), 0)
+    m = make("mcl")
+    m.training_step(x, torch.tensor([0, 0, 1, 1]), 0)  # the first batch is checked once
+    later = m.training_step(x, torch.tensor([0, 0, 1, 2]), 0)  # later batches are not read on the host
+    assert math.isnan(float(later["contrast/vcl"].detach())), "what the trainer's non-finite check then refuses"
 
 
 # ------------------------------------------------------------------------------------------------- gradients
