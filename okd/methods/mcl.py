@@ -142,6 +142,8 @@ class MCL(Method):
                     "cohort cannot mix networks; set method.shared_trunk=false for independent networks"
                 )
             self.net = MultiBranchNet(ctx.model, ctx.num_classes, hp.num_nets, split=stage1_split_for)
+            for branch in self.net.branches:  # the code's x4 classifiers keep PyTorch's default init (CRD WRN: its
+                branch[self.net.split.head].reset_parameters()  # single network zeroes the bias; its x4 does not)
             dims = [self.net.feature_dim] * hp.num_nets
         else:
             self.nets = nn.ModuleList(create_model(m, ctx.num_classes) for m in self.networks)

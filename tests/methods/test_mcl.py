@@ -246,6 +246,7 @@ def test_x4_parameter_counts_and_heads_match_the_spec(model, x4_params):
     assert count_parameters(m_100.net) == x4_params
     d = m_100.net.feature_dim
     assert count_parameters(m_100.embeds) == 4 * (d * 128 + 128 + 128 * 128 + 128)
+    assert all(b["fc"].bias.abs().sum() > 0 for b in m_100.net.branches), "x4 classifiers: PyTorch's default init"
 
 
 def test_hcgnet_x4_runs():
