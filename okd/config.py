@@ -72,7 +72,7 @@ class OptimConfig:
     weight_decay: float = 5e-4
     milestones: list[int] = field(default_factory=lambda: [150, 225])
     gamma: float = 0.1
-    schedule: str = "multistep"  # multistep | ffsd_imagenet_code | ffsd_imagenet_paper
+    schedule: str = "multistep"  # multistep | ffsd_imagenet_code | ffsd_imagenet_paper | cosine (per epoch)
     warmup_epochs: int = 0
     lr_scaling: str = "none"  # none | linear: every group's lr x data.batch_size / reference_batch
     reference_batch: int = 128
@@ -136,7 +136,7 @@ _CHOICES = {
     ("data", "padding_mode"): ("reflect", "zeros"),
     ("train", "progress"): ("auto", "bar", "log", "none"),
     ("train", "precision"): ("fp32", "bf16", "fp16"),
-    ("optim", "schedule"): ("multistep", "ffsd_imagenet_code", "ffsd_imagenet_paper"),
+    ("optim", "schedule"): ("multistep", "ffsd_imagenet_code", "ffsd_imagenet_paper", "cosine"),
     ("optim", "lr_scaling"): ("none", "linear"),
     ("train", "compile_mode"): ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
 }

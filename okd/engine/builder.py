@@ -120,6 +120,7 @@ def build_optimization(method: Method, cfg: Config, steps_per_epoch: int = 1) ->
             cfg.run.optim,
             steps_per_epoch,
             schedule=g.schedule or (cfg.run.optim.schedule if g.optimizer == "sgd" else "multistep"),
+            epochs=cfg.run.train.epochs,
         )
         for g, opt in zip(groups, optimizers, strict=True)
     ]

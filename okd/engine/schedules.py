@@ -10,6 +10,10 @@
   ``warmup_epochs`` to base (``(t + 1) / (warmup_epochs * N)`` at global iteration t, so the first step is
   not at 0), then ``x gamma`` at each milestone (0-based epoch counts, as ``MultiStepLR``: ``milestones=[30,
   60]`` decays after 30 and 60 trained epochs). The paper pairs it with base 0.8 at batch 256.
+- ``cosine``: MCL/L-MCL's per-epoch cosine (``docs/methods.md#mcl``): ``lr(e) = base * 0.5 * (1 + cos(pi e /
+  E))`` for the 0-based epoch e of E = ``train.epochs``, set at the start of every epoch and constant within it,
+  in every param group (the reference sets only the first group; its optimizers have one). No warm-up;
+  ``milestones``, ``gamma`` and ``warmup_epochs`` are not used.
 
 The per-iteration schedules are closed-form in the scheduler's step counter, whose state (``last_epoch``
 counts optimizer steps) resumes exactly through ``state_dict``/``load_state_dict``; their state holds only
@@ -18,13 +22,15 @@ numbers, so checkpoints need no custom classes.
 
 from __future__ import annotations
 
+import math
+
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler, MultiStepLR
 
 from okd.config import OptimConfig
 from okd.errors import ConfigError
 
-SCHEDULES = ("multistep", "ffsd_imagenet_code", "ffsd_imagenet_paper")
+SCHEDULES = ("multistep", "ffsd_imagenet_code", "ffsd_imagenet_paper", "cosine")
 
 
 def ffsd_code_lr(base_lr: float, epoch: int, step: int, len_epoch: int) -> float:
@@ -52,6 +58,26 @@ def paper_lr(
     if t < warm:
         lr = lr * (t + 1) / warm
     return lr
+
+
+def cosine_lr(base_lr: float, epoch: int, epochs: int) -> float:
+    """MCL's per-epoch cosine, in the reference's order of operations: base * 0.5 * (1 + cos(pi e / E))."""
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
+
+
+class EpochCosineLR(LRScheduler):
+    """``cosine_lr`` of the 0-based epoch ``last_epoch``; ``step()`` once per epoch. State: numbers only."""
+
+    def __init__(self, optimizer: Optimizer, epochs: int, last_epoch: int = -1) -> None:
+        if epochs <= 0:
+            raise ValueError(f"epochs must be positive, got {epochs}")
+        self.epochs = int(epochs)
+        super().__init__(optimizer, last_epoch)
+
+    def get_lr(self) -> list[float]:  # closed form: never chained on the current lr
+        return [cosine_lr(base, self.last_epoch, self.epochs) for base in self.base_lrs]
+
+    _get_closed_form_lr = get_lr
 
 
 class IterationLR(LRScheduler):
@@ -106,6 +132,7 @@ def build_scheduler(
     *,
     schedule: str | None = None,
     len_epoch: int | None = None,
+    epochs: int | None = None,
 ) -> tuple[LRScheduler, bool]:
     """The scheduler of ``optim_cfg.schedule`` (or ``schedule``) and whether it is stepped per iteration.
 
@@ -114,12 +141,17 @@ def build_scheduler(
     loader's length, capped by ``train.max_steps_per_epoch``). ``len_epoch`` is the ``N`` of the code
     formula, default ``steps_per_epoch``; the official code used ``len(dataset) // batch_size`` with a
     loader that kept the last partial batch, i.e. ``steps_per_epoch - 1`` when the split is not divisible.
+    ``epochs`` (the run's ``train.epochs``) is the E of ``cosine``.
     """
     kind = schedule if schedule is not None else optim_cfg.schedule
     if kind == "constant":  # never decays (a per-epoch MultiStepLR without milestones: plain-number state)
         return MultiStepLR(optimizer, milestones=[], gamma=optim_cfg.gamma), False
     if kind == "multistep":
         return MultiStepLR(optimizer, milestones=list(optim_cfg.milestones), gamma=optim_cfg.gamma), False
+    if kind == "cosine":
+        if epochs is None or epochs <= 0:
+            raise ConfigError(f"optim.schedule=cosine needs train.epochs > 0, got {epochs}")
+        return EpochCosineLR(optimizer, epochs), False
     if kind in ("ffsd_imagenet_code", "ffsd_imagenet_paper"):
         if optim_cfg.warmup_epochs < 0:
             raise ConfigError(f"optim.warmup_epochs must be >= 0, got {optim_cfg.warmup_epochs}")
@@ -141,4 +173,13 @@ def current_lrs(scheduler: LRScheduler) -> list[float]:
     return [float(g["lr"]) for g in scheduler.optimizer.param_groups]
 
 
-__all__ = ["IterationLR", "SCHEDULES", "build_scheduler", "current_lrs", "ffsd_code_lr", "paper_lr"]
+__all__ = [
+    "EpochCosineLR",
+    "IterationLR",
+    "SCHEDULES",
+    "build_scheduler",
+    "cosine_lr",
+    "current_lrs",
+    "ffsd_code_lr",
+    "paper_lr",
+]

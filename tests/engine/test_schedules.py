@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from okd.config import OptimConfig
-from okd.engine.schedules import IterationLR, build_scheduler, ffsd_code_lr
+from okd.engine.schedules import EpochCosineLR, IterationLR, build_scheduler, cosine_lr, ffsd_code_lr
 from okd.errors import ConfigError
 
 
@@ -124,8 +126,44 @@ def _roundtrip(obj):
 def test_bad_arguments():
     with pytest.raises(ValueError, match="steps_per_epoch"):
         build_scheduler(optimizer(), OptimConfig(schedule="ffsd_imagenet_code"), 0)
-    with pytest.raises(ConfigError, match="optim.schedule='cosine'"):
-        build_scheduler(optimizer(), OptimConfig(), 10, schedule="cosine")
+    with pytest.raises(ConfigError, match="optim.schedule='linear'"):
+        build_scheduler(optimizer(), OptimConfig(), 10, schedule="linear")
+    with pytest.raises(ConfigError, match="train.epochs > 0"):
+        build_scheduler(optimizer(), OptimConfig(schedule="cosine"), 10)
+
+
+def test_cosine_is_per_epoch_closed_form_in_every_group():
+    """lr(e) = base * 0.5 * (1 + cos(pi e / E)) for the 0-based epoch, each group from its own base lr (MCL)."""
+    opt = optimizer(0.1, groups=2)
+    sched, per_step = build_scheduler(opt, OptimConfig(schedule="cosine"), 390, epochs=300)
+    assert not per_step and isinstance(sched, EpochCosineLR)
+    lrs = []
+    for _ in range(300):
+        lrs.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        sched.step()
+    for e in (0, 1, 77, 150, 299):
+        assert lrs[e][0] == 0.1 * 0.5 * (1.0 + math.cos(math.pi * e / 300))  # bitwise, the reference's order
+        assert lrs[e][1] == 0.2 * 0.5 * (1.0 + math.cos(math.pi * e / 300))
+    assert lrs[0][0] == 0.1 and lrs[150][0] == pytest.approx(0.05, abs=1e-17)
+    assert lrs[299][0] == pytest.approx(2.7416e-6, rel=1e-4)  # methods-mcl.md: lr(299) = 2.74e-6
+    assert cosine_lr(0.1, 300, 300) == pytest.approx(0.0, abs=1e-18)
+
+
+def test_cosine_resume_is_exact():
+    cfg, total, cut = OptimConfig(schedule="cosine"), 20, 7
+    opt = optimizer(0.1)
+    sched, _ = build_scheduler(opt, cfg, 5, epochs=total)
+    full = lr_trace(sched, opt, total)
+    opt = optimizer(0.1)
+    sched, _ = build_scheduler(opt, cfg, 5, epochs=total)
+    head = lr_trace(sched, opt, cut)
+    restored = torch.load(_roundtrip({"opt": opt.state_dict(), "sched": sched.state_dict()}), weights_only=True)
+    opt2 = optimizer(0.1)
+    sched2, _ = build_scheduler(opt2, cfg, 5, epochs=total)
+    opt2.load_state_dict(restored["opt"])
+    sched2.load_state_dict(restored["sched"])
+    assert head + lr_trace(sched2, opt2, total - cut) == full
 
 
 # ------------------------------------------------------------------------------------------------ optimizers
