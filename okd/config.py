@@ -47,6 +47,10 @@ class DataConfig:
     train_crop: str = "random_resized"  # random_resized (ImageNet) | pad_crop (resize, data.pad, random crop) | center
     compute_stats: bool = False  # mean/std from the training split (overrides data.mean/std), once per run
     in_memory: bool = False  # decode once at image_size and keep on the device (pad_crop/center; small datasets)
+    #: random (a shuffled pass over the split) | m_per_class (MCL/L-MCL: len(split) // batch_size independent
+    #: batches, each batch_size / m_per_class random classes with m_per_class distinct images each; CIFAR only)
+    sampler: str = "random"
+    m_per_class: int = 2  # images per class in a batch of data.sampler=m_per_class
 
 
 @dataclass
@@ -123,6 +127,8 @@ class Config:
         out = dataclasses.asdict(self.run)
         if out["model"]["members"] is None:
             del out["model"]["members"]  # a cohort of copies reads (and is stored) as before members existed
+        if out["data"]["sampler"] == "random":  # likewise the default sampler: stored as before it was a choice
+            del out["data"]["sampler"], out["data"]["m_per_class"]
         out["method"] = {"name": self.method_name, **dataclasses.asdict(self.method_params)}
         return out
 
@@ -134,6 +140,7 @@ _CHOICES = {
     ("data", "dataset"): ("cifar10", "cifar100", "imagenet", "tinyimagenet", "folder"),
     ("data", "train_crop"): ("random_resized", "pad_crop", "center"),
     ("data", "padding_mode"): ("reflect", "zeros"),
+    ("data", "sampler"): ("random", "m_per_class"),
     ("train", "progress"): ("auto", "bar", "log", "none"),
     ("train", "precision"): ("fp32", "bf16", "fp16"),
     ("optim", "schedule"): ("multistep", "ffsd_imagenet_code", "ffsd_imagenet_paper", "cosine"),
@@ -204,6 +211,21 @@ def _validate_optim(o: OptimConfig) -> None:
         raise ConfigError(f"optim.milestones are epochs and must be positive, got {list(o.milestones)}")
 
 
+def _validate_sampler(d: DataConfig) -> None:
+    if d.sampler != "m_per_class":
+        return
+    if d.dataset not in ("cifar10", "cifar100"):
+        raise ConfigError(
+            f"data.sampler=m_per_class works with the CIFAR loaders only (data.dataset=cifar10 or cifar100), "
+            f"not data.dataset={d.dataset}; use data.sampler=random"
+        )
+    if d.m_per_class < 1 or d.batch_size % d.m_per_class:
+        raise ConfigError(
+            f"data.m_per_class must be >= 1 and divide data.batch_size, got m_per_class={d.m_per_class}, "
+            f"batch_size={d.batch_size}"
+        )
+
+
 def validate_run(run: RunConfig) -> None:
     check_finite(run, "")
     for (section, key), choices in _CHOICES.items():
@@ -237,6 +259,7 @@ def validate_run(run: RunConfig) -> None:
             raise ConfigError(f"data.{key} needs 3 values (R, G, B), got {list(v)}")
     if run.data.std is not None and min(run.data.std) <= 0:
         raise ConfigError(f"data.std must be positive, got {list(run.data.std)}")
+    _validate_sampler(run.data)
     _validate_optim(run.optim)
     if run.data.image_size <= 0 or (run.data.resize is not None and run.data.resize < run.data.image_size):
         raise ConfigError(

@@ -3,6 +3,9 @@
 Training batches get the standard CIFAR recipe (pad-``pad`` random crop, horizontal flip with
 probability 1/2, normalisation), the same distribution as torchvision's ``RandomCrop(32, padding=4,
 padding_mode=...)`` + ``RandomHorizontalFlip()`` + ``Normalize``; crop and flip are one gather.
+
+With ``m_per_class`` the training order is MCL's class-balanced sampler (``m_per_class_order``) instead of a
+shuffled pass.
 """
 
 from __future__ import annotations
@@ -23,6 +26,42 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     """A CPU generator whose state is a pure function of ``(seed, epoch)``."""
     state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(epoch) & 0xFFFFFFFF, 0x0CD]).generate_state(2)
     return torch.Generator().manual_seed(int(state[0]) << 31 ^ int(state[1]))
+
+
+def m_per_class_order(
+    labels: torch.Tensor, m: int, batch_size: int, batches: int, gen: torch.Generator
+) -> torch.Tensor:
+    """MCL's MPerClassSampler: ``batches`` independent batches of ``batch_size // m`` classes x ``m`` images.
+
+    For each batch: a random permutation of the classes present, the first ``batch_size // m`` of them, and for
+    each ``m`` distinct images of that class (with replacement only when the class has fewer than ``m``),
+    laid out class by class ``[c1] * m + [c2] * m + ...``. Batches are drawn independently, so a pass repeats
+    some images and misses others (not an epoch permutation). Returns CPU indices, ``batches * batch_size``.
+    """
+    labels = labels.cpu()
+    classes, counts = labels.unique(return_counts=True)
+    k = batch_size // m
+    if k > len(classes):
+        raise ValueError(
+            f"a batch of {batch_size} with {m} images per class needs {k} classes, the split has {len(classes)}"
+        )
+    by_class = labels.argsort(stable=True)  # indices grouped by class, in class order
+    starts = torch.cumsum(counts, 0) - counts
+    out = torch.empty(batches, k, m, dtype=torch.int64)
+    widest = int(counts.max())
+    for b in range(batches):
+        chosen = torch.randperm(len(classes), generator=gen)[:k]
+        n = counts[chosen]
+        keys = torch.rand(k, widest, generator=gen).masked_fill(
+            torch.arange(widest).view(1, -1) >= n.view(-1, 1), 2.0
+        )  # random order of each class's images, padding sorted last
+        pick = keys.argsort(dim=1)[:, :m]
+        short = n < m  # fewer than m images: draw with replacement
+        if bool(short.any()):
+            repl = (torch.rand(k, m, generator=gen) * n.view(-1, 1)).long()
+            pick = torch.where(short.view(-1, 1), repl, pick)
+        out[b] = by_class[starts[chosen].view(-1, 1) + pick]
+    return out.view(-1)
 
 
 def _source_index(pos: torch.Tensor, size: int, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,6 +105,7 @@ class DeviceLoader:
         device: torch.device | str | None = None,
         channels_last: bool = False,
         dtype: torch.dtype = torch.float32,
+        m_per_class: int = 0,
     ) -> None:
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ValueError(f"images must be uint8 N x C x H x W, got {images.dtype} {tuple(images.shape)}")
@@ -80,6 +120,8 @@ class DeviceLoader:
             raise ValueError(f"reflect padding needs pad < image size, got pad={pad} for {h}x{w}")
         if len(mean) != c or len(std) != c:
             raise ValueError(f"mean and std need {c} values each")
+        if m_per_class < 0 or (m_per_class and (not train or batch_size % m_per_class)):
+            raise ValueError(f"m_per_class={m_per_class} needs a training split and must divide batch_size")
         self.device = torch.device(device) if device is not None else images.device
         self.images = images.to(self.device).contiguous()
         self.labels = labels.to(self.device, torch.int64)
@@ -92,6 +134,7 @@ class DeviceLoader:
         mean_t = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, c, 1, 1)
         self._scale = 1.0 / (255.0 * std_t)  # (x / 255 - mean) / std == x * scale + shift
         self._shift = -mean_t / std_t
+        self.m_per_class = int(m_per_class)
         self.epoch = 0
         self._views = range(self.views)
         self.rank, self.world_size = 0, 1
@@ -100,14 +143,24 @@ class DeviceLoader:
         """Distributed use: yield only this rank's part (positions rank::world_size) of every global batch.
 
         Shuffling and augmentation draws are made for the whole global batch first, so the union of the
-        ranks' shards is exactly the single-process batch, and every test sample is seen exactly once.
+        ranks' shards is exactly the single-process batch, and every test sample is seen exactly once. With
+        ``m_per_class`` a rank takes a contiguous slice of ``batch_size / world_size`` positions instead, so
+        that every class it holds keeps its ``m`` images (``batch_size`` must divide into whole classes).
         """
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world of size {world_size}")
+        if self.m_per_class and self.batch_size % (world_size * self.m_per_class):
+            raise DataError(
+                f"data.sampler=m_per_class shards each batch of {self.batch_size} into {world_size} equal parts "
+                f"of whole classes, so data.batch_size must be a multiple of world size x data.m_per_class "
+                f"({world_size} x {self.m_per_class})"
+            )
         self.rank, self.world_size = int(rank), int(world_size)
 
     def __len__(self) -> int:
         n = len(self.labels)
+        if self.m_per_class:
+            return n // self.batch_size  # the sampler's pass: no partial batch
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     @property
@@ -149,12 +202,20 @@ class DeviceLoader:
         n = len(self.labels)
         gen = epoch_generator(self.seed, self.epoch)
         self.epoch += 1
-        order = torch.randperm(n, generator=gen).to(self.device) if self.shuffle else None
+        if self.m_per_class:
+            order = m_per_class_order(self.labels, self.m_per_class, self.batch_size, len(self), gen).to(self.device)
+            n = len(order)
+        else:
+            order = torch.randperm(n, generator=gen).to(self.device) if self.shuffle else None
         if self.train:
             offsets, flips = self._draws(gen, n)
+        per_rank = self.batch_size // self.world_size
         for i in range(len(self)):
             lo, hi = i * self.batch_size, min((i + 1) * self.batch_size, n)
-            mine = slice(lo + self.rank, hi, self.world_size)
+            if self.m_per_class:  # contiguous: whole classes per rank
+                mine = slice(lo + self.rank * per_rank, lo + (self.rank + 1) * per_rank)
+            else:
+                mine = slice(lo + self.rank, hi, self.world_size)
             if order is None:
                 xb, yb = self.images[mine], self.labels[mine]
             else:
@@ -176,6 +237,7 @@ def split_holdout(loader: DeviceLoader, n: int) -> tuple[DeviceLoader, DeviceLoa
     train.images, train.labels = loader.images[:-n], loader.labels[:-n]
     held.images, held.labels = loader.images[-n:], loader.labels[-n:]
     held.train, held.shuffle, held.views, held._views, held.drop_last = False, False, 1, range(1), False
+    held.m_per_class = 0
     return train, held
 
 
@@ -209,11 +271,19 @@ def split_loader(
         seed=seed,
         views=views if train else 1,
         device=device,
+        m_per_class=data_cfg.m_per_class if train and data_cfg.sampler == "m_per_class" else 0,
     )
+    if loader.m_per_class:
+        classes, k = len(labels.unique()), loader.batch_size // loader.m_per_class
+        if k > classes:
+            raise DataError(
+                f"data.sampler=m_per_class draws data.batch_size / data.m_per_class = {k} classes per batch, but "
+                f"the training split has {classes}; lower data.batch_size or raise data.m_per_class"
+            )
     if len(loader) == 0:
         raise DataError(
             f"the {'training' if train else 'test'} split has {len(labels)} images, fewer than one "
-            f"batch of {loader.batch_size} with data.drop_last=true; lower data.batch_size, raise "
-            f"data.limit_train or set data.drop_last=false."
+            f"batch of {loader.batch_size} with data.drop_last=true or data.sampler=m_per_class; lower "
+            f"data.batch_size, raise data.limit_train or set data.drop_last=false."
         )
     return loader

@@ -18,7 +18,9 @@ from okd.config import DataConfig
 from okd.data import DATASET_STATS, DeviceLoader, build_loaders, load_cifar
 from okd.data import cifar as cifar_mod
 from okd.data.cifar import CIFAR10_CLASSES, SPECS, download_cifar
-from okd.errors import DataError
+from okd.data.device_loader import m_per_class_order, split_holdout
+from okd.errors import ConfigError, DataError
+from okd.methods.build import load_config
 
 # --------------------------------------------------------------------------- files in the official layout
 
@@ -726,3 +728,88 @@ def test_build_loaders_refuses_a_zero_std_given_directly(tmp_path):
         cfg = DataConfig(dataset="cifar10", root=str(tmp_path), download=False, std=std)
         with pytest.raises(DataError, match=r"data.std must be positive, got \[0.2, -?0.(0|1), 0.2\]"):
             build_loaders(cfg, seed=0, device="cpu")
+
+
+# --------------------------------------------------------------------------- m-per-class sampler (MCL)
+def _balanced_batches(loader: DeviceLoader, epoch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    loader.set_epoch(epoch)
+    return [(x.clone(), y.clone()) for x, y in loader]
+
+
+def test_m_per_class_order_draws_independent_class_balanced_batches():
+    labels = torch.arange(200) % 20  # 20 classes x 10 images
+    gen = torch.Generator().manual_seed(0)
+    order = m_per_class_order(labels, 2, 16, 12, gen)
+    assert order.shape == (12 * 16,)
+    for batch in order.view(12, 8, 2):  # 8 classes x 2 images, laid out class by class
+        cls = labels[batch]
+        assert torch.equal(cls[:, 0], cls[:, 1]), "each pair is one class"
+        assert len(cls[:, 0].unique()) == 8, "8 distinct classes per batch"
+        assert bool((batch[:, 0] != batch[:, 1]).all()), "two distinct images of each class"
+    assert len(order.unique()) < len(order), "independent batches: a pass repeats images (not a permutation)"
+    few = torch.tensor([0, 1, 1, 1, 2, 2, 2])  # class 0 has one image: drawn with replacement
+    picks = m_per_class_order(few, 2, 6, 5, torch.Generator().manual_seed(1)).view(5, 3, 2)
+    assert torch.equal(few[picks[:, :, 0]], few[picks[:, :, 1]])
+    with pytest.raises(ValueError, match="needs 4 classes, the split has 3"):
+        m_per_class_order(few, 2, 8, 1, gen)
+
+
+def test_m_per_class_loader_length_resume_and_labels():
+    imgs, labels = coord_images(100), torch.arange(100) % 10
+    make = lambda: DeviceLoader(imgs, labels, 8, train=True, seed=3, m_per_class=2, **RAW)  # noqa: E731
+    a = make()
+    assert len(a) == 12, "len(split) // batch_size batches, no partial batch"
+    ref = _balanced_batches(a, 4)
+    again = _balanced_batches(make(), 4)  # a fresh loader set to epoch 4: bitwise the same batches (resume)
+    for (x1, y1), (x2, y2) in zip(ref, again, strict=True):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    for x, y in ref:
+        assert torch.equal(y[0::2], y[1::2]) and len(y.unique()) == 4
+        ids = x[:, 2, 0, 0].round().long()  # channel 2 of a coord image is its index: the image matches its label
+        assert torch.equal(labels[ids], y)
+    assert not torch.equal(torch.cat([y for _, y in ref]), torch.cat([y for _, y in _balanced_batches(a, 5)]))
+
+
+def test_m_per_class_shards_keep_whole_classes():
+    imgs, labels = coord_images(64), torch.arange(64) % 8
+    full = DeviceLoader(imgs, labels, 16, train=True, seed=1, m_per_class=2, **RAW)
+    parts = []
+    for rank in range(2):
+        shard = DeviceLoader(imgs, labels, 16, train=True, seed=1, m_per_class=2, **RAW)
+        shard.shard(rank, 2)
+        parts.append(_balanced_batches(shard, 0))
+    for (x, y), (x0, y0), (x1, y1) in zip(_balanced_batches(full, 0), *parts, strict=True):
+        assert torch.equal(torch.cat([y0, y1]), y) and torch.equal(torch.cat([x0, x1]), x)
+        assert torch.equal(y0[0::2], y0[1::2]), "every class of a shard keeps both its images"
+    with pytest.raises(DataError, match="multiple of world size x data.m_per_class"):
+        DeviceLoader(imgs, labels, 12, train=True, m_per_class=2, **RAW).shard(0, 4)
+
+
+def test_m_per_class_from_config_and_its_refusals(tmp_path):
+    write_cifar10(tmp_path, per_batch=20)
+    cfg = DataConfig(
+        dataset="cifar10", root=str(tmp_path), download=False, batch_size=8, sampler="m_per_class", holdout=0
+    )
+    train, test, _, _ = build_loaders(cfg, seed=0, device="cpu")
+    assert train.m_per_class == 2 and test.m_per_class == 0 and len(train) == 100 // 8
+    _, y = next(iter(train))
+    assert torch.equal(y[0::2], y[1::2])
+    with pytest.raises(DataError, match="12 classes per batch, but the training split has 10"):
+        build_loaders(dataclasses.replace(cfg, batch_size=24), seed=0, device="cpu")
+    held_train, held = split_holdout(train, 10)
+    assert held.m_per_class == 0 and len(held) == 10 // 8 + 1 and held_train.m_per_class == 2
+
+
+@pytest.mark.parametrize(
+    ("overrides", "says"),
+    [
+        (["data.sampler=m_per_class", "data.m_per_class=3"], "must be >= 1 and divide data.batch_size"),
+        (["data.sampler=m_per_class", "data.dataset=imagenet"], "CIFAR loaders only"),
+        (["data.sampler=balanced"], "data.sampler='balanced' is not valid"),
+    ],
+)
+def test_m_per_class_config_checks(overrides, says):
+    with pytest.raises(ConfigError, match=says):
+        load_config(None, overrides)
+    assert "sampler" not in load_config(None, []).to_dict()["data"], "the default is stored as before"
+    assert load_config(None, ["data.sampler=m_per_class"]).to_dict()["data"]["m_per_class"] == 2
