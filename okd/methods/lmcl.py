@@ -122,7 +122,10 @@ class LMCL(Method):
 
     def param_groups(self) -> list[ParamGroup]:
         cohort = [*self.nets.parameters(), *self.embeds.parameters(), *self.aggregators.parameters()]
-        return [sgd_group("cohort", cohort, self.ctx.optim), sgd_group("loss_weights", self.weight_net.parameters(), self.ctx.optim)]
+        return [
+            sgd_group("cohort", cohort, self.ctx.optim),
+            sgd_group("loss_weights", self.weight_net.parameters(), self.ctx.optim),
+        ]
 
     def theta(self) -> list[tuple[nn.Module, str, nn.Parameter]]:
         """The meta round's theta: every parameter of the networks and Embed heads, as (module, name, param)."""

@@ -62,8 +62,10 @@ class LossWeightNetwork(nn.Module):
 
     def forward(self, features: list[list[Tensor]]) -> list[Tensor]:
         """One weight vector (B,) per ordered pair, in :func:`ordered_pairs` order."""
-        p = [[F.normalize(promote(proj(f)), dim=1) for proj, f in zip(row, fs, strict=True)]
-             for row, fs in zip(self.proj, features, strict=True)]
+        p = [
+            [F.normalize(promote(proj(f)), dim=1) for proj, f in zip(row, fs, strict=True)]
+            for row, fs in zip(self.proj, features, strict=True)
+        ]
         return [torch.sigmoid((p[i][k] * p[j][z]).sum(dim=1)) for i, k, j, z in self.pairs]
 
 
