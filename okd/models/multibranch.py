@@ -34,9 +34,12 @@ from okd.errors import ConfigError
 from okd.models.branch_split import BranchSplit
 from okd.models.densenet import CifarDenseNet
 from okd.models.factory import create_model
+from okd.models.hcgnet import HCGNet
 from okd.models.resnet_cifar import CifarResNet
+from okd.models.shufflenetv2 import ShuffleNetV2
 from okd.models.vgg import VGG16
 from okd.models.wide_resnet import WideResNet
+from okd.models.wide_resnet_crd import CRDWideResNet
 
 Parts = nn.ModuleDict
 
@@ -91,6 +94,61 @@ SPLITS: dict[type, BranchSplit] = {
 }
 
 
+def _stage1_channels(net: nn.Module) -> int:
+    return net.tap_channels[0]
+
+
+def _hcgnet_stage1_channels(net: nn.Module) -> int:
+    return net.tap_channels[0] // 2  # HybridBlock1 then Transition1, which halves the channels
+
+
+#: MCL(x4)'s split, one stage earlier than the branch methods': the trunk ends after stage 1
+#: (docs/methods.md#mcl; methods-mcl.md 1.1). Every later stage, the final norm and the classifier are per branch.
+STAGE1_SPLITS: dict[type, BranchSplit] = {
+    CifarResNet: BranchSplit(
+        trunk=("conv1", "bn1", "relu", "layer1"),
+        branch=("layer2", "layer3", "fc"),
+        head="fc",
+        block="layer2",
+        trunk_channels=_stage1_channels,
+    ),
+    CRDWideResNet: BranchSplit(
+        trunk=("conv1", "layer1"),
+        branch=("layer2", "layer3", "bn1", "relu", "fc"),
+        head="fc",
+        block="layer2",
+        trunk_channels=_stage1_channels,
+    ),
+    ShuffleNetV2: BranchSplit(
+        trunk=("stem", "stage1"),
+        branch=("stage2", "stage3", "head_conv", "fc"),
+        head="fc",
+        block="stage2",
+        trunk_channels=_stage1_channels,
+    ),
+    HCGNet: BranchSplit(
+        trunk=("conv1", "block1", "trans1"),
+        branch=("block2", "trans2", "block3", "bn", "relu", "fc"),
+        head="fc",
+        block="block2",
+        trunk_channels=_hcgnet_stage1_channels,
+    ),
+}
+
+
+def stage1_split_for(model: nn.Module, name: str = "") -> BranchSplit:
+    """MCL(x4)'s split after stage 1 (``STAGE1_SPLITS``); ``ConfigError`` for other families."""
+    for cls, split in STAGE1_SPLITS.items():
+        if isinstance(model, cls):
+            return split
+    raise ConfigError(
+        f"model {name or type(model).__name__!r} has no split after stage 1 (MCL's shared-trunk cohort); it is "
+        "defined for the CIFAR ResNets (resnet32/56/110_bottleneck), the CRD WRNs (wrn16_2_crd, wrn40_2_crd, "
+        "wrn28_4_crd), shufflenetv2_x0_5/x1_0 and hcgnet_a1/a2. Use independent networks instead "
+        "(method.shared_trunk=false)"
+    )
+
+
 def split_for(model: nn.Module, name: str = "") -> BranchSplit:
     """The :class:`BranchSplit` of a backbone instance; ``ConfigError`` for families without one."""
     if getattr(model, "split", None) is not None and isinstance(model.split, BranchSplit):
@@ -132,7 +190,10 @@ class MultiBranchNet(nn.Module):
         *,
         dropout: float | None = None,
         share_branch_block: bool = False,
+        split: Callable[[nn.Module, str], BranchSplit] = split_for,
     ) -> None:
+        """``split`` picks the cut of a backbone instance: ``split_for`` (the branch methods'), or
+        ``stage1_split_for`` (MCL's)."""
         super().__init__()
         if num_branches < 1:
             raise ConfigError(f"a multi-branch network needs at least 1 branch, got {num_branches}")
@@ -140,7 +201,7 @@ class MultiBranchNet(nn.Module):
         self.num_classes = num_classes
         self.num_branches = num_branches
         nets = [create_model(backbone_name, num_classes) for _ in range(num_branches)]
-        self.split = split_for(nets[0], backbone_name)
+        self.split = split(nets[0], backbone_name)
         self.share_branch_block = share_branch_block
         self.shared = nn.ModuleDict({n: getattr(nets[0], n) for n in self.split.trunk})
         branches = []

@@ -21,14 +21,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from okd.errors import DataError
+from okd.nn.losses import at_least_float32 as _promote
 
 #: D, the embedding width of both papers' CIFAR code
 EMBED_DIM = 128
-
-
-def _promote(x: Tensor) -> Tensor:
-    """float16/bfloat16 -> float32; float32 and float64 unchanged."""
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
 class Embed(nn.Module):

@@ -12,6 +12,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def at_least_float32(x: Tensor) -> Tensor:
+    """float16/bfloat16 (autocast) -> float32; float32 and float64 unchanged (float64 parity checks stay exact)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def kl_div_t(
     student_logits: Tensor,
     target_logits: Tensor,
@@ -24,17 +29,17 @@ def kl_div_t(
     """KL_T(target -> student): T^2 * (1/B) sum_b sum_k q (log q - log p), q = softmax(z_t/T), p = softmax(z_s/T).
 
     Batch-mean reduction (sum over classes, divide by B). ``target_eps`` adds a constant to q before the
-    log (the OKDDip/FFL/CMFF repos use 1e-7). Computed in float32 whatever the input dtype.
+    log (the OKDDip/FFL/CMFF repos use 1e-7). Computed in float32 (float64 for float64 inputs).
     """
     if detach_target:
         target_logits = target_logits.detach()
     t = float(temperature)
-    log_p = F.log_softmax(student_logits.float() / t, dim=1)
+    log_p = F.log_softmax(at_least_float32(student_logits) / t, dim=1)
     if target_eps:
-        q = F.softmax(target_logits.float() / t, dim=1) + target_eps
+        q = F.softmax(at_least_float32(target_logits) / t, dim=1) + target_eps
         kl = (q * (q.log() - log_p)).sum(dim=1).mean()
     else:
-        log_q = F.log_softmax(target_logits.float() / t, dim=1)
+        log_q = F.log_softmax(at_least_float32(target_logits) / t, dim=1)
         kl = (log_q.exp() * (log_q - log_p)).sum(dim=1).mean()
     return kl * (t * t) if scale_t2 else kl
 
@@ -80,8 +85,8 @@ def ramped_kl_weight(params, epoch: int) -> dict[str, float]:
 
 
 def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
-    """Batch-mean cross-entropy, computed in float32."""
-    return F.cross_entropy(logits.float(), labels)
+    """Batch-mean cross-entropy, computed in float32 (float64 for float64 logits)."""
+    return F.cross_entropy(at_least_float32(logits), labels)
 
 
 def logit_mean(logits: list[Tensor]) -> Tensor:

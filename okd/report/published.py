@@ -3,7 +3,8 @@
 One row per printed number, transcribed from those documents (``spec_row`` numbers the rows of that
 transcription; cells holding several numbers, e.g. the three FFSD README runs, became one row each). Rows 306 on
 continue that numbering with the SwitOKD README's Tables 4 and 7 (DML, KDCL and Vanilla on different networks;
-docs/cohorts.md#switokds-heterogeneous-cells). Columns:
+docs/cohorts.md#switokds-heterogeneous-cells); rows 401 on are the MCL README's CIFAR-100 tables
+(docs/methods.md#mcl). Columns:
 
 - ``source``, ``table``, ``dataset``, ``method``, ``backbone``, ``metric``, ``value``, ``std``, ``note``: as printed
   (``value``/``std`` are strings, so trailing zeros survive; ``std`` is empty where none is printed);
@@ -60,6 +61,7 @@ VARIANT_KEYS: dict[str, tuple[str, ...]] = {
     "dml": ("num_nets",),
     "dml_sl": ("num_nets",),
     "kdcl": ("models",),  # the published KDCL rows are homogeneous cohorts
+    "mcl": ("num_nets", "shared_trunk", "logit_distill"),
 }
 
 #: preferred source when several rows match (lower first), then the transcription's order (``spec_row``)

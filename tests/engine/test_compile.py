@@ -32,6 +32,10 @@ def teacher_file(tmp_path_factory):
     return path
 
 
+#: methods whose loss needs every class of a batch twice (trained with data.sampler=m_per_class)
+PAIRED_LABELS = {"mcl"}
+
+
 def make(name: str, teacher_file, **params):
     params = {**PARAMS.get(name, {}), **params}
     if name == "kd":
@@ -46,7 +50,10 @@ def batch(name: str, method, n: int = 4, size: int = 16, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     views = type(method).views_for(method.hp)
     xs = [torch.randn(n, 3, size, size, generator=g) for _ in range(views)]
-    return (xs[0] if views == 1 else xs), torch.randint(0, K, (n,), generator=g)
+    labels = torch.randint(0, K, (n,), generator=g)
+    if name in PAIRED_LABELS:  # every class twice, as data.sampler=m_per_class gives
+        labels = torch.arange(n) // 2
+    return (xs[0] if views == 1 else xs), labels
 
 
 def runner(method, compile_: bool, backend="aot_eager") -> StepRunner:

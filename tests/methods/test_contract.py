@@ -43,6 +43,8 @@ DEFAULTS = ["data.dataset=cifar10", f"model.name={MODEL}", "train.device=cpu", "
 SETUP: dict[str, list[str]] = {
     "kd": [f"method.teacher_model={MODEL}", "method.teacher_checkpoint={teacher}"],
 }
+#: methods whose loss needs every class of a batch twice (trained with data.sampler=m_per_class): labels 0, 0, 1, 1
+PAIRED_LABELS = {"mcl"}
 LOSS_KEY = re.compile(r"[A-Za-z0-9_]+/[A-Za-z0-9_]+")
 
 
@@ -57,7 +59,10 @@ def inputs(method: Method, seed: int = 1) -> tuple[Tensor | list[Tensor], Tensor
     """A training batch: one tensor, or a list of ``views_for`` independently drawn views."""
     g = torch.Generator().manual_seed(seed)
     views = [torch.randn(BATCH, 3, 32, 32, generator=g) for _ in range(type(method).views_for(method.hp))]
-    return (views[0] if len(views) == 1 else views), torch.randint(0, K, (BATCH,), generator=g)
+    labels = torch.randint(0, K, (BATCH,), generator=g)
+    if any(isinstance(method, METHODS.get(n)) for n in PAIRED_LABELS):
+        labels = torch.arange(BATCH) // 2
+    return (views[0] if len(views) == 1 else views), labels
 
 
 def check_optimization(method: Method, cfg: Config):
