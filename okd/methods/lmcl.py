@@ -258,14 +258,19 @@ class LMCL(Method):
 
     def derived_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
         """``net_avg``: the mean of the backbone heads (the honest per-network figure); ``net<i>_max_heads``: the
-        best of network i's three heads at this evaluation (its max over epochs is the code's ``best_accs[i]``)."""
+        best of network i's three heads at this evaluation (its max over epochs is the code's ``best_accs[i]``);
+        ``best_head``: the best head of every network (its max over epochs is the code's ``best_accuracy``)."""
         n = len(self.nets)
         out = average_accuracy(metrics, [f"net{i}" for i in range(n)], "net_avg")
-        for i in range(n):
-            for k in ("top1", "top5"):
+        for k in ("top1", "top5"):
+            per_net = []
+            for i in range(n):
                 values = [metrics.get(f"{head_name(i, s)}/{k}") for s in range(len(STAGES))]
                 if all(v is not None for v in values):
                     out[f"net{i}_max_heads/{k}"] = max(values)
+                    per_net.append(max(values))
+            if len(per_net) == n:
+                out[f"best_head/{k}"] = max(per_net)
         return out
 
     def deployable(self) -> nn.Module:

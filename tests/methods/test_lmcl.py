@@ -469,7 +469,7 @@ def test_heads_deployment_and_groups():
     }
     derived = m.derived_metrics(metrics)
     assert derived["net_avg/top1"] == 40.0 and derived["net0_max_heads/top1"] == 52.0
-    assert derived["net1_max_heads/top1"] == 30.0
+    assert derived["net1_max_heads/top1"] == 30.0 and derived["best_head/top1"] == 52.0
 
 
 def test_heterogeneous_pair_builds_each_member():
