@@ -74,7 +74,7 @@ class LMCLParams:
                 raise ConfigError(f"method.{key} must be >= 0, got {getattr(self, key)}")
         for key in ("tau", "temperature"):
             if getattr(self, key) <= 0:
-                raise ConfigError(f"method.{key} must be > 0, got {getattr(self, key)}")
+                raise ConfigError(f"method.{key} must be positive, got {getattr(self, key)}")
         if not 0 <= self.deploy_net < self.num_nets:
             raise ConfigError(f"method.deploy_net={self.deploy_net} is not a net; choose 0..{self.num_nets - 1}")
 
