@@ -89,12 +89,15 @@ def test_kdcl_takes_its_cohort_once_and_its_older_spelling_gains_every_entry_for
     assert cfg.method_params.student_count() == 2  # a timm: entry is accepted (built only with the timm extra)
 
 
-def test_only_dml_and_kdcl_take_different_networks():
-    assert accepting_methods() == ["dml", "kdcl"]
-    assert all(METHODS.get(n).mixed_cohort for n in METHODS.names() if n not in ("dml", "kdcl"))
+MIXING = ("dml", "kdcl", "lmcl")  # the methods that take different networks
 
 
-@pytest.mark.parametrize("name", [n for n in METHODS.names() if n not in ("dml", "kdcl")])
+def test_only_dml_kdcl_and_lmcl_take_different_networks():
+    assert accepting_methods() == list(MIXING)
+    assert all(METHODS.get(n).mixed_cohort for n in METHODS.names() if n not in MIXING)
+
+
+@pytest.mark.parametrize("name", [n for n in METHODS.names() if n not in MIXING])
 def test_every_other_method_refuses_a_mixed_cohort_before_any_data_is_read(name, tmp_path, capsys):
     """The refusal comes from ``okd train`` itself, with the method's reason, before the (missing) data set is
     looked at and before a run folder is made."""
@@ -107,7 +110,7 @@ def test_every_other_method_refuses_a_mixed_cohort_before_any_data_is_read(name,
     err = "".join(capsys.readouterr().err.split())
     assert "".join(f"okd: error: {name} cannot train a cohort of different networks".split()) in err
     assert "".join(METHODS.get(name).mixed_cohort.split()) in err
-    assert "trainthemixedcohortwithdml,kdcl" in err and not out.exists()
+    assert "trainthemixedcohortwith" + ",".join(MIXING) in err and not out.exists()
 
 
 def test_copies_listed_as_members_are_the_cohort_of_copies():
