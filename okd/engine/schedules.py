@@ -77,6 +77,16 @@ class EpochCosineLR(LRScheduler):
     def get_lr(self) -> list[float]:  # closed form: never chained on the current lr
         return [cosine_lr(base, self.last_epoch, self.epochs) for base in self.base_lrs]
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Resume at the saved epoch, keeping this run's E: a run extended on resume (``train.epochs`` raised)
+        follows the cosine of its new length from the next epoch on (the optimizer's lr is set to it)."""
+        epochs = self.epochs
+        super().load_state_dict(state_dict)
+        self.epochs = epochs
+        self._last_lr = self.get_lr()
+        for group, lr in zip(self.optimizer.param_groups, self._last_lr, strict=True):
+            group["lr"] = lr
+
     _get_closed_form_lr = get_lr
 
 

@@ -164,6 +164,13 @@ def test_cosine_resume_is_exact():
     opt2.load_state_dict(restored["opt"])
     sched2.load_state_dict(restored["sched"])
     assert head + lr_trace(sched2, opt2, total - cut) == full
+    # a run extended on resume follows the cosine of its new length (the saved E is not restored)
+    opt3 = optimizer(0.1)
+    longer, _ = build_scheduler(opt3, cfg, 5, epochs=2 * total)
+    opt3.load_state_dict(restored["opt"])
+    longer.load_state_dict(restored["sched"])
+    assert longer.epochs == 2 * total and longer.last_epoch == cut
+    assert opt3.param_groups[0]["lr"] == cosine_lr(0.1, cut, 2 * total) == longer.get_last_lr()[0]
 
 
 # ------------------------------------------------------------------------------------------------ optimizers

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import helpers
 import pytest
 import torch
 from method_helpers import K, close, make, no_grad_in, ref_ce, ref_kl, some_grad_in, summed
@@ -18,6 +19,9 @@ from okd.methods.base import METHODS, MethodContext
 from okd.methods.build import build_method, load_config
 from okd.methods.mcl import mcl_contrast
 from okd.models import count_parameters, create_model
+from okd.models.deploy_file import build_network, read_deploy
+from okd.report.export import export
+from okd.runs.metrics import read_metrics_csv
 
 Y = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
 
@@ -239,7 +243,7 @@ def test_x4_parameter_counts_and_heads_match_the_spec(model, x4_params):
 
 def test_hcgnet_x4_runs():
     m = make("mcl", model="hcgnet_a1", num_nets=4)
-    x, y = balanced_batch(4, size=32)
+    x, y = balanced_batch(4)
     losses = m.training_step(x, y, 0)
     assert all(math.isfinite(float(v.detach())) for v in losses.values())
 
@@ -438,7 +442,7 @@ def test_golden_values_of_the_official_code(case, num_nets, logit_distill):
     want = GOLDEN[case]
     assert set(losses) == set(want["terms"])
     for key, value in want["terms"].items():
-        assert float(losses[key]) == pytest.approx(value, rel=1e-10), key
+        assert float(losses[key].detach()) == pytest.approx(value, rel=1e-10), key
     summed(losses).backward()
     cfg = load_config(None, ["method.name=mcl", f"method.num_nets={num_nets}", "optim.schedule=cosine"])
     plan = build_optimization(m, cfg)
@@ -448,3 +452,42 @@ def test_golden_values_of_the_official_code(case, num_nets, logit_distill):
         assert float(p.grad.norm()) == pytest.approx(norm, rel=1e-10), name
         assert p.grad.flatten()[:3].tolist() == pytest.approx(first, rel=1e-10, abs=1e-15), name
         assert p.detach().flatten()[:3].tolist() == pytest.approx(after, rel=1e-10, abs=1e-15), name
+
+
+# ------------------------------------------------------------------------------------------------- end to end
+@pytest.mark.slow
+def test_x4_trains_end_to_end_on_class_balanced_batches_and_resumes_exactly(cifar10_root, tmp_path):
+    settings = {
+        "method.name": "mcl",
+        "method.num_nets": 4,
+        "method.logit_distill": "true",
+        "model.name": "resnet20",
+        "data.dataset": "cifar10",
+        "data.sampler": "m_per_class",
+        "data.batch_size": 8,
+        "data.limit_train": 96,
+        "data.limit_test": 40,
+        "optim.schedule": "cosine",
+        "train.max_steps_per_epoch": 2,
+    }
+    full, resumed = helpers.train_and_resume(
+        None, lambda name, epochs: helpers.quick_overrides(cifar10_root, tmp_path, name, epochs, settings)
+    )
+    helpers.assert_same_runs(full, resumed, metrics=False)
+    rows = read_metrics_csv(full / "metrics.csv")
+    # the 1-epoch run logged lr(1) of its own cosine (E = 1): 0; every other number is the same
+    split = helpers.comparable(read_metrics_csv(resumed / "metrics.csv"))
+    assert split[0].pop("lr/cohort") == pytest.approx(0.0, abs=1e-17)
+    assert [
+        {k: v for k, v in r.items() if k != "lr/cohort" or i} for i, r in enumerate(helpers.comparable(rows))
+    ] == split
+    last = rows[-1]
+    nets = [last[f"test/net{i}/top1"] for i in range(4)]
+    assert last["test/net_best_of_4/top1"] == max(nets)
+    assert last["test/net_avg/top1"] == pytest.approx(sum(nets) / 4)
+    assert {"train/net3/kd", "train/contrast/icl"} <= set(last) and "train/net0/kd" not in last
+    # each row logs the lr of the next epoch: lr(1) = 0.1 * 0.5 * (1 + cos(pi / 2)) = 0.05, lr(2) = 0
+    assert [r["lr/cohort"] for r in rows] == pytest.approx([0.05, 0.0], abs=1e-17)
+    assert type(build_network(read_deploy(full / "deploy.pt"), full / "deploy.pt")).__name__ == "CifarResNet"
+    res = export(full, "state_dict", tmp_path / "branch3.pt", overrides=["method.deploy_net=3"])
+    assert res.training_diff is not None and res.training_diff <= 1e-5  # the trunk + branch 3 scores as head net3
