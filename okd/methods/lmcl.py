@@ -145,10 +145,10 @@ class LMCL(Method):
         hp = self.hp
         vcl, svcl, icl, sicl = layer_contrast(embeddings, labels, weights, hp.tau, hp.temperature)
         return {
-            "cohort/vcl": hp.vcl_weight * vcl,
-            "cohort/soft_vcl": hp.soft_vcl_weight * svcl,
-            "cohort/icl": hp.icl_weight * icl,
-            "cohort/soft_icl": hp.soft_icl_weight * sicl,
+            "contrast/vcl": hp.vcl_weight * vcl,
+            "contrast/soft_vcl": hp.soft_vcl_weight * svcl,
+            "contrast/icl": hp.icl_weight * icl,
+            "contrast/soft_icl": hp.soft_icl_weight * sicl,
         }
 
     def training_step(self, images: Tensor, labels: Tensor, epoch: int) -> dict[str, Tensor]:

@@ -204,10 +204,10 @@ def test_main_step_terms_against_their_equations():
         torch.testing.assert_close(losses[f"net{i}/ce_aggregated"], ref_ce(zhat[i], SMALL))
         # KD into the backbone head from every aggregated logit, its own included (4 terms for 2 networks)
         torch.testing.assert_close(losses[f"net{i}/kd"], sum(ref_kl(logits[i][2], zhat[j], 3.0) for j in range(2)))
-    torch.testing.assert_close(losses["cohort/vcl"], 0.1 * vcl)
-    torch.testing.assert_close(losses["cohort/soft_vcl"], svcl)
-    torch.testing.assert_close(losses["cohort/icl"], 0.1 * icl)
-    torch.testing.assert_close(losses["cohort/soft_icl"], sicl)
+    torch.testing.assert_close(losses["contrast/vcl"], 0.1 * vcl)
+    torch.testing.assert_close(losses["contrast/soft_vcl"], svcl)
+    torch.testing.assert_close(losses["contrast/icl"], 0.1 * icl)
+    torch.testing.assert_close(losses["contrast/soft_icl"], sicl)
     assert len([k for k in losses if "/ce_" in k]) == 8
 
 
@@ -225,7 +225,7 @@ def test_main_step_gradient_flow():
     assert no_grad_in(m.nets[0].aux1.fc) and no_grad_in(m.nets[0].aux2.fc) and some_grad_in(m.nets[0].backbone.fc)
     m.zero_grad(set_to_none=True)
     losses = m.training_step(images(), SMALL, 0)
-    losses["cohort/icl"].backward()
+    losses["contrast/icl"].backward()
     assert some_grad_in(m.embeds) and some_grad_in(m.nets[1].aux1.layer2) and no_grad_in(m.aggregators)
 
 
@@ -373,10 +373,10 @@ GOLDEN_LOSSES = {
     "net1/ce_aggregated": 2.72405304431666,
     "net0/kd": 1.9987157815283803,
     "net1/kd": 1.8236099737534825,
-    "cohort/vcl": 3.3600963764955725,
-    "cohort/soft_vcl": 2.1571650302428167,
-    "cohort/icl": 3.677809201496971,
-    "cohort/soft_icl": 2.358087606097046,
+    "contrast/vcl": 3.3600963764955725,
+    "contrast/soft_vcl": 2.1571650302428167,
+    "contrast/icl": 3.677809201496971,
+    "contrast/soft_icl": 2.358087606097046,
 }
 GOLDEN_GRADS = {
     "nets.0.backbone.fc.weight": [-0.23511054148981203, -0.5965876450139543, -0.5028595734996948],
