@@ -83,12 +83,22 @@ def test_aux_branch_parameter_counts(model):
     assert (backbone, sum(p.numel() for p in net.parameters()) - backbone) == COUNTS[model]
 
 
-def test_whole_graph_counts_resnet32_pair():
-    """Spec §3.4: networks 2,563,704; Embed heads 148,992; loss-weight network 49,920; aggregator 25,094."""
+@pytest.mark.parametrize(
+    ("members", "counts"),
+    [
+        (["resnet32", "resnet32"], [2_563_704, 148_992, 49_920, 25_094]),
+        (["shufflenetv2_x1_0", "resnet110_bottleneck"], [6_944_304, 591_360, 492_288, 3_347_462]),
+    ],
+)
+def test_whole_graph_counts(members, counts):
+    """The reference's whole training graph: networks, Embed heads, loss-weight network, aggregators."""
+    ctx = MethodContext(model=members[0], num_classes=100, optim=OptimConfig(), params=LMCLParams(), epochs=1)
+    ctx.members = members
     with torch.device("meta"):
-        m = make_lmcl("resnet32", 100)
-    counts = [sum(p.numel() for p in mod.parameters()) for mod in (m.nets, m.embeds, m.weight_net, m.aggregators)]
-    assert counts == [2_563_704, 148_992, 49_920, 25_094]
+        m = LMCL(ctx)
+    assert [
+        sum(p.numel() for p in mod.parameters()) for mod in (m.nets, m.embeds, m.weight_net, m.aggregators)
+    ] == counts
 
 
 def test_aux_heads_run_their_own_later_stages_and_the_backbone_head_is_the_backbone():
