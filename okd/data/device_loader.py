@@ -47,21 +47,22 @@ def m_per_class_order(
         )
     by_class = labels.argsort(stable=True)  # indices grouped by class, in class order
     starts = torch.cumsum(counts, 0) - counts
-    out = torch.empty(batches, k, m, dtype=torch.int64)
-    widest = int(counts.max())
-    for b in range(batches):
-        chosen = torch.randperm(len(classes), generator=gen)[:k]
-        n = counts[chosen]
-        keys = torch.rand(k, widest, generator=gen).masked_fill(
-            torch.arange(widest).view(1, -1) >= n.view(-1, 1), 2.0
-        )  # random order of each class's images, padding sorted last
-        pick = keys.argsort(dim=1)[:, :m]
-        short = n < m  # fewer than m images: draw with replacement
-        if bool(short.any()):
-            repl = (torch.rand(k, m, generator=gen) * n.view(-1, 1)).long()
-            pick = torch.where(short.view(-1, 1), repl, pick)
-        out[b] = by_class[starts[chosen].view(-1, 1) + pick]
-    return out.view(-1)
+    chosen = torch.rand(batches, len(classes), generator=gen).argsort(dim=1)[:, :k]  # a class permutation per batch
+    n = counts[chosen]
+    # m distinct positions in [0, n): draw r in [0, n - j), then step it past the earlier picks in ascending order
+    picked = torch.empty(batches, k, 0, dtype=torch.int64)
+    for j in range(m):
+        r = (torch.rand(batches, k, generator=gen) * (n - j).clamp_min(1)).long()
+        for t in range(j):
+            r = r + (r >= picked[..., t]).long()
+        picked = torch.cat([picked, r.unsqueeze(-1)], dim=-1).sort(dim=-1).values
+    if m > 1:  # in random order within the class, not sorted
+        picked = picked.gather(-1, torch.rand(batches, k, m, generator=gen).argsort(dim=-1))
+    short = n < m  # fewer than m images: draw with replacement
+    if bool(short.any()):
+        repl = (torch.rand(batches, k, m, generator=gen) * n.unsqueeze(-1)).long()
+        picked = torch.where(short.unsqueeze(-1), repl, picked)
+    return by_class[starts[chosen].unsqueeze(-1) + picked].view(-1)
 
 
 def _source_index(pos: torch.Tensor, size: int, mode: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -46,8 +46,11 @@ class Embed(nn.Module):
 
 
 def similarity(u: Tensor, v: Tensor, tau: float) -> Tensor:
-    """S(U, V) = U V^T / tau for row-normalised U, V of shape (B, D): a (B, B) matrix."""
-    return _promote(u) @ _promote(v).t() / float(tau)
+    """S(U, V) = U V^T / tau for row-normalised U, V of shape (B, D): a (B, B) matrix.
+
+    Outside autocast (float32 at least): under bf16 the logits in [-1/tau, 1/tau] would keep ~2 digits."""
+    with torch.autocast(u.device.type, enabled=False):
+        return _promote(u) @ _promote(v).t() / float(tau)
 
 
 def positive_mask(labels: Tensor, *, instance_positive: bool = False) -> Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import pickle
 import tarfile
 from pathlib import Path
@@ -752,6 +753,20 @@ def test_m_per_class_order_draws_independent_class_balanced_batches():
     assert torch.equal(few[picks[:, :, 0]], few[picks[:, :, 1]])
     with pytest.raises(ValueError, match="needs 4 classes, the split has 3"):
         m_per_class_order(few, 2, 8, 1, gen)
+
+
+def test_m_per_class_draws_are_uniform_over_distinct_pairs_and_classes():
+    """A class of 3 images gives each of its 6 ordered pairs 1/6 of the time; each of 5 classes is in a batch of
+    2 classes 2/5 of the time (6000 batches: a 5-sigma band)."""
+    labels = torch.tensor([0, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4])
+    order = m_per_class_order(labels, 2, 4, 6000, torch.Generator().manual_seed(2)).view(-1, 2)
+    pairs = order[labels[order[:, 0]] == 0]
+    counts = torch.tensor(
+        [int(((pairs[:, 0] == a) & (pairs[:, 1] == b)).sum()) for a in range(3) for b in range(3) if a != b]
+    )
+    n = len(pairs)
+    assert n == pytest.approx(6000 * 2 / 5, abs=5 * math.sqrt(6000 * 0.4 * 0.6))
+    assert bool((counts - n / 6).abs().max() < 5 * math.sqrt(n / 6 * 5 / 6)), counts
 
 
 def test_m_per_class_loader_length_resume_and_labels():

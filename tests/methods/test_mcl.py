@@ -4,6 +4,7 @@ these weights loaded; only its numbers are kept here)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import helpers
@@ -21,6 +22,7 @@ from okd.methods.mcl import mcl_contrast
 from okd.models import count_parameters, create_model
 from okd.models.deploy_file import build_network, read_deploy
 from okd.report.export import export
+from okd.report.published import find_published
 from okd.runs.metrics import read_metrics_csv
 
 Y = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
@@ -491,3 +493,17 @@ def test_x4_trains_end_to_end_on_class_balanced_batches_and_resumes_exactly(cifa
     assert type(build_network(read_deploy(full / "deploy.pt"), full / "deploy.pt")).__name__ == "CifarResNet"
     res = export(full, "state_dict", tmp_path / "branch3.pt", overrides=["method.deploy_net=3"])
     assert res.training_diff is not None and res.training_diff <= 1e-5  # the trunk + branch 3 scores as head net3
+
+
+def test_published_rows_are_the_code_metric_of_each_variant():
+    """The MCL README rows sit on ``net_best_of_<N>`` (its best column is the code's metric), one per variant."""
+    defaults = dataclasses.asdict(METHODS.get("mcl").Params())
+
+    def found(model: str, **params) -> list[tuple[str, str, str]]:
+        rows = find_published("mcl", model, "cifar100", {**defaults, **params}, defaults, recipe="mcl")
+        return [(r.value, r.std, r.head) for r in rows]
+
+    assert found("resnet32") == [("72.96", "0.28", "net_best_of_2")]
+    assert found("resnet32", num_nets=4) == [("74.04", "0.07", "net_best_of_4")]
+    assert found("wrn16_2_crd", num_nets=4, logit_distill=True) == [("76.34", "0.22", "net_best_of_4")]
+    assert found("resnet32", num_nets=4, shared_trunk=False) == [], "independent x4 networks are not the README's"

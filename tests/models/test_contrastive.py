@@ -158,3 +158,10 @@ def test_embed_shapes_norms_and_parameter_count():
         for p in emb.proj[2].parameters():
             p.zero_()
     assert torch.equal(emb(x), torch.zeros(3, 128, dtype=torch.float64)), "a zero row stays zero, not NaN"
+
+
+def test_similarity_stays_float32_under_bf16_autocast():
+    u = torch.nn.functional.normalize(torch.randn(8, 16, generator=torch.Generator().manual_seed(19)), dim=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        s = similarity(u, u, TAU)
+    assert s.dtype == torch.float32 and torch.equal(s, u @ u.t() / TAU)
