@@ -507,3 +507,35 @@ def test_published_rows_are_the_code_metric_of_each_variant():
     assert found("resnet32", num_nets=4) == [("74.04", "0.07", "net_best_of_4")]
     assert found("wrn16_2_crd", num_nets=4, logit_distill=True) == [("76.34", "0.22", "net_best_of_4")]
     assert found("resnet32", num_nets=4, shared_trunk=False) == [], "independent x4 networks are not the README's"
+
+
+X2 = ["resnet32", "resnet56", "resnet110_bottleneck", "wrn16_2_crd", "wrn40_2_crd", "hcgnet_a1"]
+X2 += ["shufflenetv2_x0_5", "shufflenetv2_x1_0"]
+X4_KD = ["wrn16_2_crd", "wrn40_2_crd", "wrn28_4_crd", "shufflenetv2_x1_0", "hcgnet_a2"]
+
+
+def test_configs_are_every_published_cell_with_the_code_hyperparameters():
+    """methods-mcl.md 1.7 and 4: one config per README cell; 300 epochs of per-epoch cosine from 0.1, SGD Nesterov
+    0.9, wd 5e-4, batch 128 as 64 classes x 2, zero padding, MCL's normalisation, test batch 128."""
+    cells = [(f"mcl_{m}", m, 2, False) for m in X2] + [(f"mcl_x4_{m}", m, 4, False) for m in X2]
+    cells += [(f"mcl_x4_kd_{m}", m, 4, True) for m in X4_KD]
+    for name, model, n, kd in cells:
+        cfg = load_config(f"cifar100/{name}")
+        run, hp = cfg.run, cfg.method_params
+        assert (run.recipe, run.model.name, hp.num_nets, hp.logit_distill, hp.shared_trunk) == (
+            "mcl",
+            model,
+            n,
+            kd,
+            True,
+        )
+        o, d = run.optim, run.data
+        assert (run.train.epochs, o.lr, o.schedule, o.nesterov, o.momentum, o.weight_decay) == (
+            300, 0.1, "cosine", True, 0.9, 5e-4,
+        )  # fmt: skip
+        assert (d.batch_size, d.sampler, d.m_per_class, d.pad, d.padding_mode, d.test_batch_size, run.seed) == (
+            128, "m_per_class", 2, 4, "zeros", 128, 0,
+        )  # fmt: skip
+        assert d.mean == [0.5071, 0.4867, 0.4408] and d.std == [0.2675, 0.2565, 0.2761]
+        assert (hp.tau, hp.temperature, hp.embed_dim) == (0.1, 3.0, 128)
+        assert (hp.vcl_weight, hp.soft_vcl_weight, hp.icl_weight, hp.soft_icl_weight) == (0.1, 1.0, 0.1, 1.0)
