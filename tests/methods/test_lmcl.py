@@ -5,6 +5,7 @@ an end-to-end run with exact resume."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import replace
 
 import helpers
@@ -17,11 +18,13 @@ from torch import nn
 from okd.config import OptimConfig
 from okd.errors import ConfigError
 from okd.methods.base import MethodContext
+from okd.methods.build import load_config
 from okd.methods.lmcl import LMCL, LMCLParams
 from okd.methods.lmcl_meta import MetaSettings, hypergradient
 from okd.methods.lmcl_net import Aggregator, LossWeightNetwork, layer_contrast, ordered_pairs
 from okd.models import create_model
 from okd.models.aux_branches import AuxBranchNet
+from okd.report.published import find_published
 
 LABELS = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])  # the golden batch
 SMALL = torch.tensor([0, 0, 1, 1])  # every other test: two classes, two images each
@@ -493,6 +496,53 @@ def test_heterogeneous_pair_builds_each_member():
     assert [x.in_features for x in m.weight_net.proj[1]] == [128] * 3
 
 
+HOMOGENEOUS = {
+    "resnet32": "75.82", "resnet56": "77.51", "resnet110_bottleneck": "79.48", "wrn16_2_crd": "77.31",
+    "wrn40_2_crd": "80.96", "shufflenetv2_x0_5": "72.61", "shufflenetv2_x1_0": "77.25", "hcgnet_a1": "81.66",
+    "hcgnet_a2": "83.14",
+}  # fmt: skip
+HETEROGENEOUS = {
+    ("resnet32", "resnet110_bottleneck"): ("75.82", "79.71"),
+    ("resnet56", "resnet110_bottleneck"): ("77.04", "79.56"),
+    ("wrn16_2_crd", "wrn40_2_crd"): ("76.88", "80.24"),
+    ("wrn40_2_crd", "wrn28_4_crd"): ("80.42", "82.61"),
+    ("resnet56", "wrn40_2_crd"): ("77.54", "80.72"),
+    ("resnet110_bottleneck", "wrn28_4_crd"): ("80.02", "82.84"),
+    ("shufflenetv2_x1_0", "resnet110_bottleneck"): ("76.85", "79.17"),
+    ("shufflenetv2_x1_0", "wrn40_2_crd"): ("77.06", "80.29"),
+}
+
+
+def test_configs_are_every_published_cell_with_the_code_hyperparameters():
+    """methods-mcl.md 2.10 and 4: one config per README cell (the pairs as model.members, net 0 first), the mcl
+    recipe's schedule and data, the script's loss weights and meta settings; each cell's published rows."""
+    cells = [(f"lmcl_{m}", [m, m]) for m in HOMOGENEOUS] + [(f"lmcl_{a}_{b}", [a, b]) for a, b in HETEROGENEOUS]
+    for name, members in cells:
+        cfg = load_config(f"cifar100/{name}")
+        run, hp = cfg.run, cfg.method_params
+        nets = [run.model.name] * 2 if run.model.members is None else list(run.model.members)
+        assert (run.recipe, nets, hp.num_nets) == ("mcl", members, 2), name
+        o, d = run.optim, run.data
+        assert (run.train.epochs, o.lr, o.schedule, o.nesterov, o.momentum, o.weight_decay) == (
+            300, 0.1, "cosine", True, 0.9, 5e-4,
+        )  # fmt: skip
+        assert (d.batch_size, d.sampler, d.m_per_class, d.pad, d.padding_mode, d.test_batch_size, run.seed) == (
+            128, "m_per_class", 2, 4, "zeros", 128, 0,
+        )  # fmt: skip
+        assert (hp.tau, hp.temperature, hp.embed_dim) == (0.1, 3.0, 128)
+        assert (hp.vcl_weight, hp.soft_vcl_weight, hp.icl_weight, hp.soft_icl_weight) == (0.1, 1.0, 0.1, 1.0)
+        assert (hp.meta_every, hp.inner_steps, hp.meta_adjoint_wd_bug, hp.meta_bn_side_effect) == (50, 2, True, True)
+    defaults = dataclasses.asdict(LMCLParams())
+    for model, value in HOMOGENEOUS.items():
+        rows = find_published("lmcl", model, "cifar100", defaults, defaults, recipe="mcl")
+        assert [(r.value, r.head) for r in rows] == [(value, "best_head")], model
+    for (a, b), values in HETEROGENEOUS.items():
+        rows = find_published("lmcl", f"{a}+{b}", "cifar100", defaults, defaults, recipe="mcl")
+        heads = ("net0_max_heads", "net1_max_heads")
+        assert [(r.value, r.head) for r in rows] == list(zip(values, heads, strict=True)), (a, b)
+
+
+@pytest.mark.slow
 def test_lmcl_trains_and_resumes_exactly(cifar10_root, tmp_path):
     settings = {
         "model.name": "resnet20",
