@@ -88,8 +88,8 @@ def head_name(i: int, s: int) -> str:
     "lmcl",
     description="L-MCL: networks with two auxiliary heads each; layer-pair contrastive learning weighted by a "
     "meta-learned network, CE on every head and on aggregated logits, KD into the final heads",
-    paper="Yang, An, Wan, Liu, Xu, Tian. Online Knowledge Distillation via Mutual Contrastive Learning for "
-    "Visual Recognition. TPAMI 2023",
+    paper="Yang et al. Online Knowledge Distillation via Mutual Contrastive Learning for Visual Recognition. "
+    "TPAMI 2023 (arXiv 2207.11518)",
 )
 class LMCL(Method):
     Params = LMCLParams
