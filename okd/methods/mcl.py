@@ -13,13 +13,15 @@ one network with a shared trunk cut after stage 1 and N branches (``shared_trunk
 same image seen by the other network is neither positive nor negative in SC(S_ij) (``icl_instance_positive``
 is the opt-in alternative); the optional logit KD (``logit_distill``) distils the detached logit mean into the
 last network only when N != 2 (``kd_last_net_only``). The batches must hold >= 2 images per class: train with
-``data.sampler=m_per_class`` (the reference's sampler); a batch that does not is refused, never NaN.
+``data.sampler=m_per_class`` (the reference's sampler); the first batch of a process is checked (a loader without
+class pairs is refused with a ``DataError``), later ones are left to the sampler (no host read per step).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from okd.errors import ConfigError
@@ -140,6 +142,8 @@ class MCL(Method):
                     "cohort cannot mix networks; set method.shared_trunk=false for independent networks"
                 )
             self.net = MultiBranchNet(ctx.model, ctx.num_classes, hp.num_nets, split=stage1_split_for)
+            for branch in self.net.branches:  # the code's x4 classifiers keep PyTorch's default init (CRD WRN: its
+                branch[self.net.split.head].reset_parameters()  # single network zeroes the bias; its x4 does not)
             dims = [self.net.feature_dim] * hp.num_nets
         else:
             self.nets = nn.ModuleList(create_model(m, ctx.num_classes) for m in self.networks)
@@ -148,6 +152,7 @@ class MCL(Method):
             dims = [int(net.tap_channels[-1]) for net in self.nets]
         self.embeds = nn.ModuleList(Embed(d, hp.embed_dim) for d in dims)
         self.deploy_head = f"net{hp.deploy_net}"
+        self._labels_checked = False  # the first batch is checked for positives (one host read); see training_step
 
     @property
     def deployed_member(self) -> int:
@@ -176,7 +181,11 @@ class MCL(Method):
         return logits, feats
 
     def training_step(self, images: Tensor, labels: Tensor, epoch: int) -> dict[str, Tensor]:
-        check_positives(labels)
+        if not torch.compiler.is_compiling() and not self._labels_checked:
+            # a loader without class pairs (data.sampler=random) fails here, on its first batch, with a DataError;
+            # data.sampler=m_per_class gives every later batch its pairs, so no step after it reads the host
+            check_positives(labels)
+            self._labels_checked = True
         logits, feats = self.forward_cohort(images)
         losses = {f"net{i}/ce": cross_entropy(z, labels) for i, z in enumerate(logits)}
         if self.hp.logit_distill:

@@ -21,6 +21,7 @@ from okd.methods.build import build_method, load_config
 from okd.methods.mcl import mcl_contrast
 from okd.models import count_parameters, create_model
 from okd.models.deploy_file import build_network, read_deploy
+from okd.models.multibranch import stage1_split_for
 from okd.report.export import export
 from okd.report.published import find_published
 from okd.runs.metrics import read_metrics_csv
@@ -161,6 +162,10 @@ def test_a_batch_without_positives_is_refused():
     x, _ = balanced_batch(4)
     with pytest.raises(DataError, match="data.sampler=m_per_class"):
         m.training_step(x, torch.tensor([0, 0, 1, 2]), 0)
+    m = make("mcl")
+    m.training_step(x, torch.tensor([0, 0, 1, 1]), 0)  # the first batch is checked once
+    later = m.training_step(x, torch.tensor([0, 0, 1, 2]), 0)  # later batches are not read on the host
+    assert math.isnan(float(later["contrast/vcl"].detach())), "what the trainer's non-finite check then refuses"
 
 
 # ------------------------------------------------------------------------------------------------- gradients
@@ -241,6 +246,7 @@ def test_x4_parameter_counts_and_heads_match_the_spec(model, x4_params):
     assert count_parameters(m_100.net) == x4_params
     d = m_100.net.feature_dim
     assert count_parameters(m_100.embeds) == 4 * (d * 128 + 128 + 128 * 128 + 128)
+    assert all(b["fc"].bias.abs().sum() > 0 for b in m_100.net.branches), "x4 classifiers: PyTorch's default init"
 
 
 def test_hcgnet_x4_runs():
@@ -267,8 +273,8 @@ def test_bad_params_fail_at_config_time(overrides, says):
 
 
 def test_shared_trunk_refuses_mixed_members_and_families_without_a_split():
-    with pytest.raises(ConfigError, match="shared_trunk=false"):
-        make("mcl", model="vgg16", num_nets=4)
+    with pytest.raises(ConfigError, match="shared_trunk=false"):  # what MCL x4 on a VGG-16 raises
+        stage1_split_for(create_model("vgg16", K), "vgg16")
     ctx = MethodContext(
         model="resnet20",
         num_classes=K,
