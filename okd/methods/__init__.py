@@ -11,6 +11,7 @@ from okd.methods import (  # noqa: F401  (each import registers its methods)
     kd,
     kdcl,
     leader_sl,
+    lmcl,
     mcl,
     okddip,
     one,

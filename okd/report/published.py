@@ -4,7 +4,7 @@ One row per printed number, transcribed from those documents (``spec_row`` numbe
 transcription; cells holding several numbers, e.g. the three FFSD README runs, became one row each). Rows 306 on
 continue that numbering with the SwitOKD README's Tables 4 and 7 (DML, KDCL and Vanilla on different networks;
 docs/cohorts.md#switokds-heterogeneous-cells); rows 401 on are the MCL README's CIFAR-100 tables
-(docs/methods.md#mcl). Columns:
+(docs/methods.md#mcl), rows 451 on the L-MCL README's (docs/methods.md#lmcl). Columns:
 
 - ``source``, ``table``, ``dataset``, ``method``, ``backbone``, ``metric``, ``value``, ``std``, ``note``: as printed
   (``value``/``std`` are strings, so trailing zeros survive; ``std`` is empty where none is printed);

@@ -24,6 +24,7 @@ K = 10
 PARAMS = {"cmff": {"image_size": 16}}  # CMFF's auxiliary heads are sized for the input resolution
 #: methods whose algorithm decides inside every step which optimizers step (their networks' forwards are compiled)
 STEPWISE = ("switokd",)
+PARAMS["lmcl"] = {"meta_every": 0}  # the main step; L-MCL's meta round steps optimizers itself (eager)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,7 @@ def teacher_file(tmp_path_factory):
 
 
 #: methods whose loss needs every class of a batch twice (trained with data.sampler=m_per_class)
-PAIRED_LABELS = {"mcl"}
+PAIRED_LABELS = {"mcl", "lmcl"}
 
 
 def make(name: str, teacher_file, **params):

@@ -44,7 +44,7 @@ SETUP: dict[str, list[str]] = {
     "kd": [f"method.teacher_model={MODEL}", "method.teacher_checkpoint={teacher}"],
 }
 #: methods whose loss needs every class of a batch twice (trained with data.sampler=m_per_class): labels 0, 0, 1, 1
-PAIRED_LABELS = {"mcl"}
+PAIRED_LABELS = {"mcl", "lmcl"}
 LOSS_KEY = re.compile(r"[A-Za-z0-9_]+/[A-Za-z0-9_]+")
 
 
