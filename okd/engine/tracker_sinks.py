@@ -6,6 +6,7 @@ Each takes the trackers' interface (:class:`okd.engine.trackers.Tracker`) and, g
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -13,6 +14,7 @@ from okd.engine.tensorboard import finite_scalars
 from okd.extras import require
 
 MLFLOW_BATCH = 100  # MLflow takes at most 100 params (1000 metrics) per log_batch call
+FILE_STORE_ENV = "MLFLOW_ALLOW_FILE_STORE"
 PARAM_CHARS = 500  # MLflow's shortest limit on a param value among its stores
 
 
@@ -25,6 +27,9 @@ class MLflowTracker:
     def __init__(self, uri: str | None, experiment: str, run_name: str, run_id: str | None = None) -> None:
         require("mlflow", "mlflow")
         from mlflow.tracking import MlflowClient
+
+        if uri is not None and uri.startswith("file:"):  # asked for by name: MLflow 3 refuses file stores unless
+            os.environ.setdefault(FILE_STORE_ENV, "true")  # told (it keeps them in maintenance mode)
 
         self.client = MlflowClient(tracking_uri=uri)
         if run_id is not None:
