@@ -86,7 +86,8 @@ def cmd_test(args: argparse.Namespace) -> int:
         args.path, which=args.checkpoint, overrides=args.overrides, precision=args.precision
     )
     print(f"{info['path']} (epoch {info['epoch']})")
-    print(precision_line(info["precision"], info["run_precision"]))
+    if info["run_precision"] != "fp32":  # said where it matters: a run trained and scored under autocast
+        print(precision_line(info["precision"], info["run_precision"]))
     if info.get("note"):
         print(textwrap.fill(f"note: {info['note']}", 100))
     head, networks = info["deploy_head"], info.get("labels") or {}
