@@ -54,7 +54,7 @@ class Failing(Recording):
 
 
 def test_a_failing_tracker_never_breaks_or_changes_the_run(cifar10_root, tmp_path, monkeypatch, capsys):
-    reference = train(load_config(CONFIG, tiny(cifar10_root, tmp_path, "plain", 2)))
+    reference = train(load_config(CONFIG, tiny(cifar10_root, tmp_path, "plain", 1)))
     failing, recording = Failing(), Recording()
     opened = {"failing": failing, "recording": recording}
 
@@ -66,16 +66,16 @@ def test_a_failing_tracker_never_breaks_or_changes_the_run(cifar10_root, tmp_pat
     monkeypatch.setattr(trackers_mod, "wanted", lambda train_cfg: ["broken", "failing", "recording"])
     monkeypatch.setattr(trainer_mod, "check_trackers", lambda train_cfg: None)
     monkeypatch.setattr(trackers_mod, "_open", fake_open)
-    run = train(load_config(CONFIG, tiny(cifar10_root, tmp_path, "tracked", 2, **{"train.track_every_steps": 2})))
+    run = train(load_config(CONFIG, tiny(cifar10_root, tmp_path, "tracked", 1, **{"train.track_every_steps": 1})))
     err = capsys.readouterr().err
     assert helpers.mentions(err, "tracker broken could not start (ConnectionError: tracking server unreachable)")
     assert helpers.mentions(err, "tracker failing failed in log_metrics (OSError")
     assert err.count("tracker failing failed") == 1
-    assert failing.calls == [("params", failing.calls[0][1]), ("global_step", 2)]  # left out after its failure
+    assert failing.calls == [("params", failing.calls[0][1]), ("global_step", 1)]  # left out after its failure
     steps = [c[:2] for c in recording.calls if c[0] in ("epoch", "global_step")]
-    assert steps == [("global_step", 2), ("epoch", 1), ("global_step", 5), ("epoch", 2)]
+    assert steps == [("global_step", 1), ("global_step", 2), ("global_step", 3), ("epoch", 1)]
     assert recording.calls[-1] == ("close",)
-    assert "test/net/top1" in recording.calls[2][2] and recording.calls[1][2] == ["step/loss", "step/lr/net"]
+    assert "test/net/top1" in recording.calls[4][2] and recording.calls[1][2] == ["step/loss", "step/lr/net"]
     helpers.assert_same_runs(reference, run)  # the record is the run's own, trackers or not
     assert not (run / TRACKERS_FILE).exists()  # neither fake has a tracker run id
 
