@@ -18,6 +18,11 @@ FILE_STORE_ENV = "MLFLOW_ALLOW_FILE_STORE"
 PARAM_CHARS = 500  # MLflow's shortest limit on a param value among its stores
 
 
+def is_file_store(uri: str | None) -> bool:
+    """A tracking URI that names a folder: ``file:...``, a plain path, or none (MLflow's default ``./mlruns``)."""
+    return uri is None or uri.startswith("file:") or "://" not in uri and not uri.startswith("databricks")
+
+
 class MLflowTracker:
     """One MLflow run (through ``MlflowClient``: no global active run), in experiment ``experiment`` of the
     tracking store ``uri`` (None: ``MLFLOW_TRACKING_URI`` or MLflow's default)."""
@@ -28,8 +33,8 @@ class MLflowTracker:
         require("mlflow", "mlflow")
         from mlflow.tracking import MlflowClient
 
-        if uri is not None and uri.startswith("file:"):  # asked for by name: MLflow 3 refuses file stores unless
-            os.environ.setdefault(FILE_STORE_ENV, "true")  # told (it keeps them in maintenance mode)
+        if is_file_store(uri or os.environ.get("MLFLOW_TRACKING_URI")):  # MLflow 3 refuses file stores (in
+            os.environ.setdefault(FILE_STORE_ENV, "true")  # maintenance mode) unless told; okd was told to use one
 
         self.client = MlflowClient(tracking_uri=uri)
         if run_id is not None:

@@ -157,3 +157,13 @@ def test_wandb_offline_receives_the_metrics_and_a_resume_continues_its_run(cifar
     assert {p.name.rsplit("-", 1)[1] for p in tmp_path.glob("wandb/offline-run-*")} == {run_id}
     epochs = [(r["epoch"], r["test/net/top1"]) for r in wandb_history(tmp_path) if "epoch" in r]
     assert epochs == [(r["epoch"], r["test/net/top1"]) for r in read_metrics_csv(run / "metrics.csv")]
+
+
+def test_which_mlflow_stores_are_folders():
+    """okd allows MLflow 3's file store (maintenance mode) for these only: the run asked for a folder."""
+    from okd.engine.tracker_sinks import is_file_store
+
+    folders = [None, "file:/data/mlruns", "file:///data/mlruns", "mlruns", "/data/mlruns"]
+    servers = ["http://mlflow:5000", "https://host/mlflow", "sqlite:///mlflow.db", "databricks", "databricks://p"]
+    assert [is_file_store(u) for u in folders] == [True] * 5
+    assert [is_file_store(u) for u in servers] == [False] * 5
