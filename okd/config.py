@@ -102,8 +102,8 @@ class TrainConfig:
     #: off a terminal (output to a file): a step line every N steps (0: off) or every N seconds (0: off)
     log_every_steps: int = 0
     log_every_seconds: float = 60.0
-    mlflow: bool = False  # also log to MLflow (the mlflow extra; train.mlflow_uri, else MLFLOW_TRACKING_URI)
-    mlflow_uri: str | None = None  # e.g. file:/path/mlruns; null: MLflow's own default
+    mlflow: bool = False  # also log to MLflow (the mlflow extra)
+    mlflow_uri: str | None = None  # e.g. file:/path/mlruns; null: MLFLOW_TRACKING_URI, else <output_dir>/mlruns
     wandb: bool = False  # also log to Weights & Biases (the wandb extra; WANDB_MODE=offline works offline)
     tracker_project: str = "okd"  # the MLflow experiment and the W&B project
     track_every_steps: int = 0  # trackers: also log the step's loss and learning rates every N steps (0: off)

@@ -13,6 +13,7 @@ refused before training (:func:`check_trackers`).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -91,12 +92,19 @@ class Trackers:
         self.close()
 
 
+def mlflow_uri(cfg) -> str:
+    """``train.mlflow_uri``, else ``MLFLOW_TRACKING_URI``, else a file store beside the runs,
+    ``<output_dir>/mlruns`` (MLflow's own default needs a database the mlflow extra does not install)."""
+    given = cfg.run.train.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    return given or (Path(cfg.run.output_dir).resolve() / "mlruns").as_uri()
+
+
 def _open(name: str, cfg, run_dir: Path, run_id: str | None) -> Tracker:
     t = cfg.run.train
     if name == "tensorboard":
         return TensorBoardLogger(run_dir)
     if name == "mlflow":
-        return MLflowTracker(t.mlflow_uri, t.tracker_project, run_dir.name, run_id)
+        return MLflowTracker(mlflow_uri(cfg), t.tracker_project, run_dir.name, run_id)
     return WandbTracker(t.tracker_project, run_dir.name, run_id)
 
 

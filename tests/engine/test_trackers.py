@@ -167,3 +167,15 @@ def test_which_mlflow_stores_are_folders():
     servers = ["http://mlflow:5000", "https://host/mlflow", "sqlite:///mlflow.db", "databricks", "databricks://p"]
     assert [is_file_store(u) for u in folders] == [True] * 5
     assert [is_file_store(u) for u in servers] == [False] * 5
+
+
+def test_the_mlflow_store_is_the_key_else_the_environment_else_beside_the_runs(tmp_path, monkeypatch):
+    from okd.engine.trackers import mlflow_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = load_config(CONFIG, [f"output_dir={tmp_path / 'runs'}"])
+    assert mlflow_uri(cfg) == (tmp_path / "runs" / "mlruns").as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    assert mlflow_uri(cfg) == "http://mlflow:5000"
+    cfg = load_config(CONFIG, ["train.mlflow_uri=file:/data/mlruns"])
+    assert mlflow_uri(cfg) == "file:/data/mlruns"
