@@ -19,13 +19,15 @@ PARAM_CHARS = 500  # MLflow's shortest limit on a param value among its stores
 
 
 def is_file_store(uri: str | None) -> bool:
-    """A tracking URI that names a folder: ``file:...``, a plain path, or none (MLflow's default ``./mlruns``)."""
-    return uri is None or uri.startswith("file:") or "://" not in uri and not uri.startswith("databricks")
+    """A tracking URI that names a folder: ``file:...`` or a plain path (not a server, a database or Databricks)."""
+    if uri is None:
+        return False
+    return uri.startswith("file:") or ("://" not in uri and not uri.startswith("databricks"))
 
 
 class MLflowTracker:
     """One MLflow run (through ``MlflowClient``: no global active run), in experiment ``experiment`` of the
-    tracking store ``uri`` (None: ``MLFLOW_TRACKING_URI`` or MLflow's default)."""
+    tracking store ``uri`` (:func:`okd.engine.trackers.mlflow_uri`)."""
 
     name = "mlflow"
 

@@ -163,10 +163,10 @@ def test_which_mlflow_stores_are_folders():
     """okd allows MLflow 3's file store (maintenance mode) for these only: the run asked for a folder."""
     from okd.engine.tracker_sinks import is_file_store
 
-    folders = [None, "file:/data/mlruns", "file:///data/mlruns", "mlruns", "/data/mlruns"]
-    servers = ["http://mlflow:5000", "https://host/mlflow", "sqlite:///mlflow.db", "databricks", "databricks://p"]
-    assert [is_file_store(u) for u in folders] == [True] * 5
-    assert [is_file_store(u) for u in servers] == [False] * 5
+    folders = ["file:/data/mlruns", "file:///data/mlruns", "mlruns", "/data/mlruns"]
+    others = [None, "http://mlflow:5000", "https://host/mlflow", "sqlite:///mlflow.db", "databricks", "databricks://p"]
+    assert [is_file_store(u) for u in folders] == [True] * 4
+    assert [is_file_store(u) for u in others] == [False] * 6
 
 
 def test_the_mlflow_store_is_the_key_else_the_environment_else_beside_the_runs(tmp_path, monkeypatch):
