@@ -55,7 +55,7 @@ class TensorBoardLogger:
         """Write every finite numeric value of ``row`` (except ``epoch``) at ``step``, then flush."""
         self.log_metrics(row, step)
 
-    def close(self) -> None:
+    def close(self, status: str = "finished") -> None:
         self.writer.close()
 
     def __enter__(self) -> TensorBoardLogger:

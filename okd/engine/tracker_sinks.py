@@ -16,6 +16,7 @@ from okd.extras import require
 MLFLOW_BATCH = 100  # MLflow takes at most 100 params (1000 metrics) per log_batch call
 FILE_STORE_ENV = "MLFLOW_ALLOW_FILE_STORE"
 PARAM_CHARS = 500  # MLflow's shortest limit on a param value among its stores
+MLFLOW_STATUS = {"finished": "FINISHED", "stopped": "KILLED", "failed": "FAILED"}  # okd's ending -> MLflow's
 
 
 def is_file_store(uri: str | None) -> bool:
@@ -66,8 +67,8 @@ class MLflowTracker:
         for i in range(0, len(items), 10 * MLFLOW_BATCH):
             self.client.log_batch(self.run_id, metrics=items[i : i + 10 * MLFLOW_BATCH])
 
-    def close(self) -> None:
-        self.client.set_terminated(self.run_id)
+    def close(self, status: str = "finished") -> None:
+        self.client.set_terminated(self.run_id, status=MLFLOW_STATUS[status])
 
 
 class WandbTracker:
@@ -92,5 +93,5 @@ class WandbTracker:
             self._defined.add(key)
         self.run.log({**values, axis: int(step)})
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, status: str = "finished") -> None:
+        self.run.finish(exit_code=0 if status == "finished" else 1)

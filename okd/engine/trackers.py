@@ -1,7 +1,8 @@
 """The one logging interface the trainer calls: experiment trackers (TensorBoard, MLflow, W&B), never the record.
 
 A :class:`Tracker` takes ``log_params(params)``, ``log_metrics(metrics, step, axis)`` (``axis``: ``epoch`` for
-an epoch's metrics row, ``global_step`` for per-step scalars, ``train.track_every_steps``) and ``close()``; its
+an epoch's metrics row, ``global_step`` for per-step scalars, ``train.track_every_steps``) and ``close(status)``
+(``finished``, ``stopped``: Ctrl-C or SIGTERM, ``failed``: an error ended the run); its
 ``run_id`` (None where there is none) is kept in the run folder's ``trackers.json`` (:mod:`okd.runs.tracker_ids`)
 so a resumed run continues the same tracker run.
 
@@ -37,7 +38,7 @@ class Tracker(Protocol):
 
     def log_metrics(self, metrics: dict[str, float], step: int, axis: str = "epoch") -> None: ...
 
-    def close(self) -> None: ...
+    def close(self, status: str = "finished") -> None: ...
 
 
 def wanted(train_cfg) -> list[str]:
@@ -81,15 +82,18 @@ class Trackers:
     def log_step(self, metrics: dict[str, float], global_step: int) -> None:
         self._each("log_metrics", lambda t: t.log_metrics(metrics, global_step, "global_step"))
 
-    def close(self) -> None:
-        self._each("close", lambda t: t.close())
+    def close(self, status: str = "finished") -> None:
+        self._each("close", lambda t: t.close(status))
         self.trackers = []
 
     def __enter__(self) -> Trackers:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.close("finished")
+        else:
+            self.close("stopped" if issubclass(exc_type, KeyboardInterrupt) else "failed")
 
 
 def mlflow_uri(cfg) -> str:

@@ -4,6 +4,7 @@ resumed run continuing the same tracker run (its id kept in the run folder's tra
 
 from __future__ import annotations
 
+import contextlib
 import json
 import struct
 import sys
@@ -41,8 +42,8 @@ class Recording:
     def log_metrics(self, metrics, step, axis="epoch"):
         self.calls.append((axis, step, sorted(metrics)))
 
-    def close(self):
-        self.calls.append(("close",))
+    def close(self, status="finished"):
+        self.calls.append(("close", status))
 
 
 class Failing(Recording):
@@ -74,7 +75,7 @@ def test_a_failing_tracker_never_breaks_or_changes_the_run(cifar10_root, tmp_pat
     assert failing.calls == [("params", failing.calls[0][1]), ("global_step", 1)]  # left out after its failure
     steps = [c[:2] for c in recording.calls if c[0] in ("epoch", "global_step")]
     assert steps == [("global_step", 1), ("global_step", 2), ("global_step", 3), ("epoch", 1)]
-    assert recording.calls[-1] == ("close",)
+    assert recording.calls[-1] == ("close", "finished")
     assert "test/net/top1" in recording.calls[4][2] and recording.calls[1][2] == ["step/loss", "step/lr/net"]
     helpers.assert_same_runs(reference, run)  # the record is the run's own, trackers or not
     assert not (run / TRACKERS_FILE).exists()  # neither fake has a tracker run id
@@ -179,3 +180,15 @@ def test_the_mlflow_store_is_the_key_else_the_environment_else_beside_the_runs(t
     assert mlflow_uri(cfg) == "http://mlflow:5000"
     cfg = load_config(CONFIG, ["train.mlflow_uri=file:/data/mlruns"])
     assert mlflow_uri(cfg) == "file:/data/mlruns"
+
+
+def test_trackers_are_closed_with_how_the_run_ended():
+    for raised, status in ((None, "finished"), (KeyboardInterrupt, "stopped"), (OSError, "failed")):
+        recording = Recording()
+        with contextlib.suppress(KeyboardInterrupt, OSError), trackers_mod.Trackers([recording]):
+            if raised is not None:
+                raise raised
+        assert recording.calls == [("close", status)]
+    from okd.engine.tracker_sinks import MLFLOW_STATUS
+
+    assert MLFLOW_STATUS == {"finished": "FINISHED", "stopped": "KILLED", "failed": "FAILED"}
