@@ -207,8 +207,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: DistContext, store: R
     started = time.perf_counter()
     ckpt = _check_start(cfg, store, resume, dist)
     store.committed_epoch = int(ckpt["epoch"]) if ckpt is not None else 0  # what a stop in start-up leaves
-    if dist.is_main:
-        check_trackers(r.train)  # a tracker's missing package: refused before anything is built
+    check_trackers(r.train)  # a tracker's missing package: refused before anything is built (on every rank alike)
     set_deterministic(r.train.deterministic)
     seed_everything(r.seed)  # identical initial weights on every rank
     device = rank_device(dist, resolve_device(r.train.device))
