@@ -28,7 +28,7 @@ from okd.methods.build import load_config
 from okd.models import count_macs, count_parameters, create_model, list_models
 from okd.models.registry import MODELS
 from okd.report import commands as report_commands
-from okd.report.scoring import score_checkpoint
+from okd.report.scoring import PRECISIONS, score_checkpoint
 from okd.runs.metrics import best_in_history
 
 DESCRIPTION = """\
@@ -82,8 +82,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_test(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     warn_threads_once()
-    metrics, info = score_checkpoint(args.path, which=args.checkpoint, overrides=args.overrides)
+    metrics, info = score_checkpoint(
+        args.path, which=args.checkpoint, overrides=args.overrides, precision=args.precision
+    )
     print(f"{info['path']} (epoch {info['epoch']})")
+    if info["run_precision"] != "fp32":  # said where it matters: a run trained and scored under autocast
+        print(precision_line(info["precision"], info["run_precision"]))
     if info.get("note"):
         print(textwrap.fill(f"note: {info['note']}", 100))
     head, networks = info["deploy_head"], info.get("labels") or {}
@@ -102,6 +106,14 @@ def cmd_test(args: argparse.Namespace) -> int:
     summary = run_summary(head, metrics[f"{head}/top1"], info["epoch"], best, deploy, wall)
     print("\n" + summary)
     return 0
+
+
+def precision_line(used: str, run: str) -> str:
+    """Which precision ``okd test`` evaluated under, beside the run's own."""
+    if used == run:
+        extra = " (--precision fp32: full precision)" if run != "fp32" else ""
+        return f"evaluated under {used}, the run's precision, as training scored its epochs{extra}"
+    return f"evaluated under {used} (--precision); training scored its epochs under {run}, so figures may differ"
 
 
 def cmd_configs(args: argparse.Namespace) -> int:
@@ -183,6 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.root=/elsewhere")
     p.add_argument(
         "--checkpoint", choices=("last", "best"), default="last", help="for a run folder: last.pt (default) or best.pt"
+    )
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="run",
+        help="run (default): under the run's train.precision, as training scored its epochs (the figures of its "
+        "log and metrics.csv); fp32: full precision",
     )
     p.set_defaults(func=cmd_test)
 

@@ -38,7 +38,9 @@ class DataConfig:
     limit_train: int | None = None  # first N training images (quick runs and tests)
     limit_test: int | None = None
     holdout: int = 0  # last N training images withheld from training, un-augmented (KDCL "general")
-    workers: int = 8  # DataLoader workers (ImageNet-style folders only; CIFAR lives on the device)
+    #: DataLoader workers (ImageNet-style folders only; CIFAR lives on the device); null: what the machine has,
+    #: min(8, usable cores - 1) (okd.data.folder.loader.default_workers)
+    workers: int | None = None
     pin_memory: bool = True
     skip_unreadable: bool = False  # folders: skip (and report) unreadable images instead of failing
     # data.dataset=folder only (imagenet/tinyimagenet are fixed presets of it):
@@ -99,6 +101,16 @@ class TrainConfig:
     find_unused_parameters: bool = False  # distributed: for ablations that leave modules unused
     allow_world_size_change: bool = False  # distributed: permit resuming with another process count
     tensorboard: bool = False  # also log every metric to <run>/tensorboard (the tensorboard extra)
+    #: evaluate on the test split every N epochs, and always at the last epoch; best.pt is chosen among those
+    eval_every: int = 1
+    #: off a terminal (output to a file): a step line every N steps (0: off) or every N seconds (0: off)
+    log_every_steps: int = 0
+    log_every_seconds: float = 60.0
+    mlflow: bool = False  # also log to MLflow (the mlflow extra)
+    mlflow_uri: str | None = None  # e.g. file:/path/mlruns; null: MLFLOW_TRACKING_URI, else <output_dir>/mlruns
+    wandb: bool = False  # also log to Weights & Biases (the wandb extra; WANDB_MODE=offline works offline)
+    tracker_project: str = "okd"  # the MLflow experiment and the W&B project
+    track_every_steps: int = 0  # trackers: also log the step's loss and learning rates every N steps (0: off)
 
 
 @dataclass
@@ -247,9 +259,14 @@ def validate_run(run: RunConfig) -> None:
             raise ConfigError(f"data.{key} must be positive or null, got {v}")
     if run.train.max_steps_per_epoch is not None and run.train.max_steps_per_epoch <= 0:
         raise ConfigError("train.max_steps_per_epoch must be positive or null")
+    for key in ("eval_every", "log_every_steps", "log_every_seconds", "track_every_steps"):
+        value = getattr(run.train, key)
+        if value < (1 if key == "eval_every" else 0):
+            least = "a positive number of epochs" if key == "eval_every" else ">= 0 (0: off)"
+            raise ConfigError(f"train.{key} must be {least}, got {value}")
     if run.data.holdout < 0:
         raise ConfigError(f"data.holdout must be >= 0, got {run.data.holdout}")
-    if run.data.workers < 0:
+    if run.data.workers is not None and run.data.workers < 0:
         raise ConfigError(f"data.workers must be >= 0 (0: load in the main process), got {run.data.workers}")
     if run.data.pad < 0:
         raise ConfigError(f"data.pad must be >= 0, got {run.data.pad}")
@@ -318,6 +335,14 @@ EXECUTION_KEYS = frozenset(
         "train.cudnn_benchmark",
         "train.channels_last",
         "train.tensorboard",
+        "train.eval_every",
+        "train.log_every_steps",
+        "train.log_every_seconds",
+        "train.mlflow",
+        "train.mlflow_uri",
+        "train.wandb",
+        "train.tracker_project",
+        "train.track_every_steps",
         "train.find_unused_parameters",
         "train.allow_world_size_change",
     }

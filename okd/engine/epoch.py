@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from okd.engine.distributed import DistContext, all_reduce_sum
+from okd.engine.heartbeat import StepReport
 from okd.engine.run_log import format_duration, live_eta
 from okd.engine.step import StepRunner
 from okd.errors import ConfigError, NonFiniteError
@@ -20,6 +21,11 @@ def interactive(progress: str) -> bool:
     return progress == "bar" or (progress == "auto" and sys.stderr.isatty())
 
 
+def heartbeat(progress: str) -> bool:
+    """Whether step lines stand in for the bar: ``log``, or ``auto`` off a terminal (output to a file)."""
+    return progress != "none" and not interactive(progress)
+
+
 def steps_per_epoch(loader, train_cfg) -> int:
     """The optimizer steps of one epoch: the loader's length, capped by ``train.max_steps_per_epoch``."""
     n = len(loader)
@@ -27,10 +33,17 @@ def steps_per_epoch(loader, train_cfg) -> int:
 
 
 def train_epoch(
-    runner: StepRunner, loader, epoch: int, train_cfg, dist: DistContext, paces: list[float] = ()
+    runner: StepRunner,
+    loader,
+    epoch: int,
+    train_cfg,
+    dist: DistContext,
+    paces: list[float] = (),
+    report: StepReport | None = None,
 ) -> dict[str, float]:
     """One epoch of training steps; the bar (when interactive) shows "epoch k/N" and the run's ETA from the
-    step time and ``paces``, the seconds of the epochs timed before."""
+    step time and ``paces``, the seconds of the epochs timed before; ``report`` (the main process's heartbeat
+    and per-step tracker scalars) is called after every step."""
     runner.method.train()
     loader.set_epoch(epoch)
     sums: dict[str, Tensor] = {}
@@ -45,6 +58,10 @@ def train_epoch(
         desc = f"epoch {epoch + 1}/{train_cfg.epochs}"
         batches = bar = tqdm(loader, total=n_steps, desc=desc, leave=False, file=sys.stderr)
     start = time.perf_counter()
+    if report is not None and not report.active:
+        report = None
+    if report is not None:
+        report.start_epoch(epoch, n_steps, paces)
     for step, (images, labels) in enumerate(batches):
         if max_steps is not None and step >= max_steps:
             break
@@ -59,6 +76,8 @@ def train_epoch(
             eta = live_eta(paces, train_cfg.epochs - epoch - 1, step_s, n_steps - step - 1, n_steps)
             bar.set_postfix_str(f"run ETA {format_duration(eta)}", refresh=False)
         nonfinite = nonfinite + (~torch.isfinite(total.detach())).float()
+        if report is not None:
+            report.after_step(step, images_seen, total)
     if images_seen == 0:
         raise ConfigError("the training split yielded no batch; lower data.batch_size or set data.drop_last=false")
     keys = list(sums)

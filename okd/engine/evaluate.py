@@ -70,3 +70,14 @@ def evaluate(
     for j, name in enumerate(oracles):
         result[f"{name}/top1"] = 100.0 * packed[2 * n + j] / total
     return result
+
+
+def is_scored(epoch: int, train_cfg) -> bool:
+    """Whether 1-based ``epoch`` is evaluated on the test split: every ``train.eval_every`` epochs, and the
+    last epoch (``train.epochs``) always."""
+    return epoch % train_cfg.eval_every == 0 or epoch >= train_cfg.epochs
+
+
+def last_scored(history: list[dict]) -> dict | None:
+    """The last row of a run's history that holds test scores (None before any epoch is scored)."""
+    return next((row for row in reversed(history) if any(k.startswith("test/") for k in row)), None)

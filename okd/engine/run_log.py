@@ -23,13 +23,12 @@ def epoch_line(
     of different networks with its network, ``net1(wrn16_2)``), times, run ETA."""
     shown = [h for h in ordered_heads(heads, deployed) if f"test/{h}/top1" in row]
     accs = " ".join(f"{'*' if h == deployed else ''}{head_label(h, labels)}={row[f'test/{h}/top1']:.2f}" for h in shown)
+    scores = f"top1 [{accs}]" if shown else "not scored (train.eval_every)"
     times = f"train {row['time/epoch_s']:.1f}s ({row['time/images_per_s']:.0f} img/s)"
     if "time/eval_s" in row:
         times += f" + eval {row['time/eval_s']:.1f}s"
     eta = f", run ETA {format_duration(eta_s)}" if eta_s is not None else ""
-    return (
-        f"epoch {int(row['epoch'])}/{epochs}: loss={row.get('train/loss', float('nan')):.4f} top1 [{accs}] {times}{eta}"
-    )
+    return f"epoch {int(row['epoch'])}/{epochs}: loss={row.get('train/loss', float('nan')):.4f} {scores} {times}{eta}"
 
 
 def head_label(head: str, labels: dict[str, str] | None, sep: str = "") -> str:

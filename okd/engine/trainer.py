@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import sys
 import time
@@ -25,14 +24,15 @@ from okd.engine.distributed import (
     rank_device,
     shutdown,
 )
-from okd.engine.epoch import interactive, steps_per_epoch, sync, train_epoch
-from okd.engine.evaluate import evaluate
+from okd.engine.epoch import heartbeat, interactive, steps_per_epoch, sync, train_epoch
+from okd.engine.evaluate import evaluate, is_scored, last_scored
+from okd.engine.heartbeat import StepReport
 from okd.engine.last_batch import drop_single_image_batches
 from okd.engine.run_log import epoch_line, run_eta, run_summary
 from okd.engine.seeding import restore_rng_state, rng_state, seed_everything, set_deterministic
 from okd.engine.step import StepRunner, autocast, configure_backends, prepare_method
-from okd.engine.tensorboard import TensorBoardLogger
 from okd.engine.threads import warn_threads_once
+from okd.engine.trackers import Trackers, check_trackers, open_trackers
 from okd.errors import CheckpointError, ConfigError, NonFiniteError, StopRequested
 from okd.io import load_state_checked
 from okd.log import log, setup_logging
@@ -208,6 +208,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: DistContext, store: R
     started = time.perf_counter()
     ckpt = _check_start(cfg, store, resume, dist)
     store.committed_epoch = int(ckpt["epoch"]) if ckpt is not None else 0  # what a stop in start-up leaves
+    check_trackers(r.train)  # a tracker's missing package: refused before anything is built (on every rank alike)
     set_deterministic(r.train.deterministic)
     seed_everything(r.seed)  # identical initial weights on every rank
     device = rank_device(dist, resolve_device(r.train.device))
@@ -256,27 +257,30 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: DistContext, store: R
     deploy_head = method.deploy_head
     bars = interactive(r.train.progress) and dist.is_main
     paces: list[float] = []  # seconds per epoch (training + evaluation) in this process
-    board = TensorBoardLogger(run_dir) if r.train.tensorboard and dist.is_main else None
-    with _GracefulStop(), board or contextlib.nullcontext():
+    trackers = open_trackers(cfg, store) if dist.is_main else Trackers([])
+    report = StepReport(r.train, heartbeat(r.train.progress), trackers, plan.learning_rates) if dist.is_main else None
+    with _GracefulStop(), trackers:
         for epoch in range(start_epoch, r.train.epochs):
             if holdout_loader is not None:
                 fit_on_holdout(method, holdout_loader, r.train, device)
-            row = train_epoch(runner, train_loader, epoch, r.train, dist, paces)
+            row = train_epoch(runner, train_loader, epoch, r.train, dist, paces, report)
             plan.end_of_epoch()
-            eval_start = time.perf_counter()
-            with autocast(r.train, device):
-                metrics = evaluate(method, test_loader, dist=dist, progress=bars)
-            sync(device)
-            row["time/eval_s"] = time.perf_counter() - eval_start
-            paces.append(row["time/epoch_s"] + row["time/eval_s"])
-            metrics.update(method.derived_metrics(metrics))
-            deploy_head = deploy_head or next(iter(metrics)).split("/")[0]
-            row.update({f"test/{k}": v for k, v in metrics.items()})
+            metrics: dict[str, float] = {}
+            if is_scored(epoch + 1, r.train):  # every train.eval_every epochs and the last
+                eval_start = time.perf_counter()
+                with autocast(r.train, device):
+                    metrics = evaluate(method, test_loader, dist=dist, progress=bars)
+                sync(device)
+                row["time/eval_s"] = time.perf_counter() - eval_start
+                metrics.update(method.derived_metrics(metrics))
+                deploy_head = deploy_head or next(iter(metrics)).split("/")[0]
+                row.update({f"test/{k}": v for k, v in metrics.items()})
+            paces.append(row["time/epoch_s"] + row.get("time/eval_s", 0.0))
             row.update(plan.learning_rates())
             _check_finite(method, row, epoch + 1)
             history.append(row)
             score = metrics.get(f"{deploy_head}/top1", -1.0)
-            improved = score > best["top1"]
+            improved = bool(metrics) and score > best["top1"]  # best.pt: chosen among the scored epochs only
             if improved:
                 best = {"top1": score, "epoch": epoch + 1, "head": deploy_head}
             rngs = all_gather_objects(rng_state(), dist)
@@ -285,8 +289,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: DistContext, store: R
                 store.commit(last, improved, deploy_record(cfg, method, epoch + 1, rebuild))
                 eta = run_eta(paces, r.train.epochs - epoch - 1)
                 _report_epoch(row, r.train.progress, r.train.epochs, deploy_head, eta, method.head_networks())
-                if board is not None:
-                    board.log_row(row, epoch + 1)
+                trackers.log_epoch(row, epoch + 1)
             else:
                 store.committed_epoch = epoch + 1
             barrier(dist)
@@ -296,8 +299,12 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: DistContext, store: R
 
 
 def _log_summary(run_dir: Path, history: list[dict], head: str | None, wall_s: float) -> None:
-    """The closing summary: deployed head, its final and best (test-selected) top-1, deploy.pt, wall time."""
-    last = history[-1]
+    """The closing summary: deployed head, its final and best (test-selected) top-1, deploy.pt, wall time
+    (final: the last scored epoch, which is the last epoch but in a run stopped between train.eval_every epochs)."""
+    last = last_scored(history)
+    if last is None:
+        log.info(f"{run_dir}: no epoch was scored on the test split yet (train.eval_every)")
+        return
     head = head or next(k.split("/")[1] for k in last if k.startswith("test/") and k.endswith("/top1"))
     deploy = run_dir / "deploy.pt"
     summary = run_summary(

@@ -190,6 +190,7 @@ def build_comparison(run_dirs: list[str | Path], allow_mixed: bool = False) -> C
         unfinished = [r for r in row.runs if r.epochs is not None and r.epochs_done < r.epochs]
         if unfinished:
             notes.append(f"{row.method} / {row.model}: unfinished runs " + ", ".join(str(r.path) for r in unfinished))
+        notes += [note for r in row.runs if (note := r.scoring_note())]  # train.eval_every: final/best over those
     recipes = {label: f"{label}: {_departures(members[0])}" for label, members in by_label.items()}
     return Comparison(rows=rows, recipes=recipes, mixed=mixed, notes=notes)
 

@@ -11,6 +11,7 @@ waits for them (for trying a sweep without a cluster). Needs the optional extra 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import submitit
 from submitit.helpers import Checkpointable, DelayedSubmission
 
 from okd.engine import trainer
+from okd.engine.run_log import format_duration
 from okd.engine.trainer import run_dir_for
 from okd.errors import ConfigError, OKDError
 from okd.methods.build import load_config
@@ -114,7 +116,7 @@ def launch_sweep(
     opts: ClusterOptions | None = None,
 ) -> list[tuple[str, Path]]:
     """Submit one job per config and seed; returns ``(job id, run folder)`` pairs. ``local`` waits for every
-    job and raises if one fails; ``slurm`` returns once the array is queued."""
+    job, printing a line as each one ends, and raises if one fails; ``slurm`` returns once the array is queued."""
     opts = opts or ClusterOptions()
     opts.validate(launcher)
     plan = sweep_plan(configs, seeds, overrides)
@@ -125,13 +127,33 @@ def launch_sweep(
     with executor.batch():
         submitted = [executor.submit(job) for job in jobs]
     pairs = [(str(s.job_id), Path(j.run_dir)) for s, j in zip(submitted, jobs, strict=True)]
+    failed = wait_local(submitted, dict(pairs), folder) if launcher == "local" else []
+    with contextlib.suppress(OSError):  # submitit makes a folder named by the pattern itself: removed when empty
+        (folder / "%j").rmdir()
     if launcher == "local":
-        failed = []
-        for s, (_, run_dir) in zip(submitted, pairs, strict=True):
-            try:
-                s.result()
-            except Exception as exc:  # submitit re-raises the job's error with its traceback
-                failed.append(f"{run_dir} (job {s.job_id}): {str(exc).strip().splitlines()[-1]}")
         if failed:
             raise OKDError(f"{len(failed)} sweep job(s) failed; logs in {folder}: " + "; ".join(failed))
     return pairs
+
+
+def wait_local(submitted: list, run_dirs: dict[str, Path], folder: Path) -> list[str]:
+    """Wait for the local jobs, printing a line as each one ends (in the order they end); returns the failures."""
+    print(f"okd sweep: {len(submitted)} job(s) running here; their logs: {folder}", flush=True)
+    failed: list[str] = []
+    started = time.perf_counter()
+    for done, job in enumerate(submitted_as_completed(submitted), 1):
+        run_dir = run_dirs[str(job.job_id)]
+        try:
+            job.result()
+            outcome = "finished"
+        except Exception as exc:  # submitit re-raises the job's error with its traceback
+            outcome = f"FAILED: {str(exc).strip().splitlines()[-1]}"
+            failed.append(f"{run_dir} (job {job.job_id}): {str(exc).strip().splitlines()[-1]}")
+        elapsed = format_duration(time.perf_counter() - started)
+        print(f"okd sweep: [{done}/{len(submitted)}] {elapsed} job {job.job_id} {outcome} -> {run_dir}", flush=True)
+    return failed
+
+
+def submitted_as_completed(submitted: list):
+    """The jobs in the order they end (submitit's ``as_completed``, polled every second)."""
+    return submitit.helpers.as_completed(submitted, poll_frequency=1.0)

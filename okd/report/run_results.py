@@ -16,6 +16,7 @@ from okd.config import CUSTOM
 from okd.errors import CheckpointError
 from okd.models.members import cohort_label
 from okd.runs.reader import Run
+from okd.runs.records import scored_epochs
 
 METRICS = ("top1", "top5")
 #: head families averaged per epoch into ``avg(<prefix>*)`` (FFSD Table IV's "2-net average")
@@ -46,6 +47,19 @@ class RunResult:
     device: str | None = None  # what the timings were measured on (last.pt's record; None for older runs)
     #: a cohort of different networks: each per-network head's network (last.pt's ``head_networks``)
     networks: dict[str, str] = field(default_factory=dict)
+    #: the epochs evaluated on the test split (all, or every train.eval_every-th and the last); ``final`` is the
+    #: last of them, ``best`` the best among them
+    scored_epochs: list[int] = field(default_factory=list)
+
+    def scoring_note(self) -> str | None:
+        """Which epochs were scored, when not every epoch was (None when every one was)."""
+        if len(self.scored_epochs) == self.epochs_done:
+            return None
+        shown = self.scored_epochs
+        epochs = ", ".join(map(str, shown)) if len(shown) <= 6 else f"{shown[0]}, {shown[1]}, ..., {shown[-1]}"
+        final = f"; final is epoch {shown[-1]}'s" if shown and shown[-1] != self.epochs_done else ""
+        where = f"{self.path.name} scored only at epochs {epochs or 'none'} of {self.epochs_done}"
+        return f"{where} (train.eval_every){final}"
 
     @property
     def recipe_name(self) -> str:
@@ -119,6 +133,7 @@ def read_run(run_dir: str | Path) -> RunResult:
         seconds=sum(r.get("time/epoch_s", 0.0) + r.get("time/eval_s", 0.0) for r in rows),
         world_size=int(run.last.get("world_size") or 1),
         device=run.last.get("device"),
+        scored_epochs=scored_epochs(rows),
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -12,7 +13,8 @@ from okd.config import parse_overrides
 from okd.data import build_loaders
 from okd.engine.builder import resolve_device
 from okd.engine.evaluate import evaluate
-from okd.errors import CheckpointError
+from okd.engine.step import autocast
+from okd.errors import CheckpointError, ConfigError
 from okd.io import load_checkpoint, load_state_checked
 from okd.methods import METHODS
 from okd.methods.build import build_config, build_method
@@ -21,20 +23,29 @@ from okd.models.members import is_mixed, member_entries
 from okd.models.spec import check_stored_config
 from okd.runs.reader import Run
 
+PRECISIONS = ("run", "fp32")
 
-def score_checkpoint(path: str | Path, which: str = "last", overrides: list[str] = ()) -> tuple[dict, dict]:
+
+def score_checkpoint(
+    path: str | Path, which: str = "last", overrides: list[str] = (), precision: str = "run"
+) -> tuple[dict, dict]:
     """Evaluate every head of a run's checkpoint (or the one network of a ``deploy.pt``) on the test split.
 
     A run folder (or its last.pt/best.pt/deploy.pt) is read through :class:`~okd.runs.reader.Run`: as last.pt
-    commits it. Returns (metrics, info): info holds the source, epoch, note, ``deploy_head`` (the head that
-    scores the deployed network) and ``run`` (the :class:`Run`, or None for a file outside a run folder).
+    commits it. ``precision``: ``run`` evaluates under the run's ``train.precision`` (bf16/fp16 autocast), as
+    training scores its epochs, so the figures agree with the run's log and metrics.csv; ``fp32`` in full
+    precision. Returns (metrics, info): info holds the source, epoch, note, ``deploy_head`` (the head that
+    scores the deployed network), ``precision`` (what was used; ``run_precision``: the run's) and ``run`` (the
+    :class:`Run`, or None for a file outside a run folder).
     """
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
     path = Path(path)
     run = _run_of(path)
     if run is not None and (path.is_dir() or path.stem in ("last", "best")):
         record, source = run.checkpoint(path.stem if path.is_file() else which)
     elif run is not None:  # the run's deploy.pt: the committed epoch's deploy record
-        return _score_deploy_record(*run.deploy_record(), run.dir, overrides, run)
+        return _score_deploy_record(*run.deploy_record(), run.dir, overrides, run, precision)
     else:
         if not path.is_file():
             raise CheckpointError(f"{str(path)!r} does not exist; give a run folder (runs/<name>) or a .pt file")
@@ -42,7 +53,7 @@ def score_checkpoint(path: str | Path, which: str = "last", overrides: list[str]
             return _score_deploy_record(read_deploy(path), str(path), path.parent, overrides, None)
         record, source = load_checkpoint(path), str(path)
         if record.get("format") == DEPLOY_FORMAT:
-            return _score_deploy_record(read_deploy(path), source, path.parent, overrides, None)
+            return _score_deploy_record(read_deploy(path), source, path.parent, overrides, None, precision)
     if "config" not in record or "method" not in record:
         raise CheckpointError(f"{source} is neither a run checkpoint (last.pt, best.pt) nor a deploy.pt")
     check_stored_config(record["config"])
@@ -52,12 +63,24 @@ def score_checkpoint(path: str | Path, which: str = "last", overrides: list[str]
     _, test_loader, num_classes, _ = build_loaders(cfg.run.data, cfg.run.seed, device, views=1)
     method = build_method(cfg, num_classes).to(device)
     load_state_checked(method, record["method"], source)
-    metrics = evaluate(method, test_loader)
-    metrics.update(method.derived_metrics(metrics))
+    with _precision(cfg, device, precision):
+        metrics = evaluate(method, test_loader)
+        metrics.update(method.derived_metrics(metrics))
     head = method.deploy_head or next(iter(metrics)).split("/")[0]
     info = {"path": source, "epoch": record.get("epoch"), "note": record.get("note"), "deploy_head": head, "run": run}
+    info.update(_precision_info(cfg, precision))
     info["labels"] = method.head_networks()
     return metrics, info
+
+
+def _precision(cfg, device: torch.device, precision: str):
+    """The run's autocast (``run``), as the trainer evaluates each epoch; none for ``fp32``."""
+    return autocast(cfg.run.train, device) if precision == "run" else contextlib.nullcontext()
+
+
+def _precision_info(cfg, precision: str) -> dict[str, str]:
+    used = cfg.run.train.precision if precision == "run" else "fp32"
+    return {"precision": used, "run_precision": cfg.run.train.precision}
 
 
 def _run_of(path: Path) -> Run | None:
@@ -87,7 +110,7 @@ class _DeployedNetwork(nn.Module):
 
 
 def _score_deploy_record(
-    record: dict, source: str, folder: Path, overrides: list[str], run: Run | None
+    record: dict, source: str, folder: Path, overrides: list[str], run: Run | None, precision: str = "run"
 ) -> tuple[dict, dict]:
     """A deploy record scored with the data settings of its run (the run's config, else ``config.yaml``
     beside a standalone deploy.pt or export, or in the run folder above an ``export/`` folder)."""
@@ -109,11 +132,12 @@ def _score_deploy_record(
     _, test_loader, num_classes, _ = build_loaders(cfg.run.data, cfg.run.seed, device, views=1)
     head = record.get("head") or _deployed_head_name(cfg, num_classes, test_loader)
     net = build_network(record, source).eval().to(device)
-    metrics = evaluate(_DeployedNetwork(net, head), test_loader)
+    with _precision(cfg, device, precision):
+        metrics = evaluate(_DeployedNetwork(net, head), test_loader)
     mixed = is_mixed(member_entries(cfg.run.model.members))  # the network of a member of a mixed cohort
     labels = {head: record["model"]} if mixed and record.get("head") else {}
     info = {"path": source, "epoch": record.get("epoch"), "note": None, "deploy_head": head, "run": run}
-    return metrics, {**info, "labels": labels}
+    return metrics, {**info, "labels": labels, **_precision_info(cfg, precision)}
 
 
 def _deployed_head_name(cfg, num_classes: int, loader) -> str:

@@ -110,6 +110,7 @@ def _group_notes(runs: list[RunResult]) -> list[str]:
     if partial:
         done = ", ".join(f"{r.path.name} ({r.epochs_done}/{r.epochs})" for r in partial)
         notes.append(f"unfinished runs (epochs done/planned): {done}")
+    notes += [note for r in runs if (note := r.scoring_note())]
     seeds = [r.seed for r in runs]
     if len(set(seeds)) < len(seeds):
         notes.append(f"repeated seeds: {seeds}")

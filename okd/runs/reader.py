@@ -184,7 +184,8 @@ class Run:
         cls = method_class(self.config_dict["method"]["name"])
         if cls is not None and getattr(cls, "deploy_head", None):
             return cls.deploy_head
-        heads = [k.split("/")[1] for k in (self.history[-1] if self.history else {}) if k.endswith("/top1")]
+        scored = [row for row in self.history if any(k.startswith("test/") for k in row)]  # train.eval_every
+        heads = [k.split("/")[1] for k in (scored[-1] if scored else {}) if k.endswith("/top1")]
         return heads[0] if heads else None
 
     @property

@@ -51,8 +51,24 @@ def device_label(device: torch.device) -> str:
 
 
 def best_record(last: dict) -> dict:
-    """best.pt: the last.pt record of the best epoch, marked as selected on the test split."""
-    return {"format": CHECKPOINT_FORMAT + "-best", "note": BEST_NOTE, "selected_on": "test", **last}
+    """best.pt: the last.pt record of the best epoch, marked as selected on the test split among the epochs that
+    were scored (``scored_epochs``: every epoch, or every ``train.eval_every``-th and the last)."""
+    scored = scored_epochs(last["history"])
+    note = BEST_NOTE
+    if len(scored) < len(last["history"]):
+        note += f"; chosen among the scored epochs {', '.join(map(str, scored))} (train.eval_every)"
+    return {
+        "format": CHECKPOINT_FORMAT + "-best",
+        "note": note,
+        "selected_on": "test",
+        "scored_epochs": scored,
+        **last,
+    }
+
+
+def scored_epochs(history: list[dict]) -> list[int]:
+    """The epochs of a run's history that were evaluated on the test split (their rows hold ``test/`` keys)."""
+    return [int(row["epoch"]) for row in history if any(k.startswith("test/") for k in row)]
 
 
 def deploy_record(cfg, method, epoch: int, rebuild: dict | None = None) -> dict:

@@ -5,7 +5,11 @@ streams were produced by the recipe saved with it. A config key given on resume 
 key=value``, or a config file given with ``--resume``) is therefore one of three kinds:
 
 - **may change** (:data:`MAY_CHANGE`): where and how the run executes, not what it computes: ``train.epochs``
-  (at least the epochs already trained), ``train.progress``, ``train.device``, ``train.tensorboard``,
+  (at least the epochs already trained), ``train.progress``, ``train.device``, ``train.tensorboard``, the
+  evaluation interval ``train.eval_every`` (evaluation never touches the training state: the weights a run
+  reaches do not depend on it; the epochs already scored stay as they were), the heartbeat
+  (``train.log_every_steps``/``log_every_seconds``), the trackers (``train.mlflow``, ``mlflow_uri``, ``wandb``,
+  ``tracker_project``, ``track_every_steps``),
   ``train.deterministic``, ``train.compile``/``compile_mode``, ``train.tf32``, ``train.cudnn_benchmark``,
   ``train.channels_last``, ``train.find_unused_parameters``, ``train.allow_world_size_change``, ``data.root``,
   ``data.download``, ``data.workers``, ``data.pin_memory``, ``data.test_batch_size`` (evaluation only),
@@ -55,6 +59,14 @@ MAY_CHANGE = frozenset(
         "train.progress",
         "train.device",
         "train.tensorboard",
+        "train.eval_every",
+        "train.log_every_steps",
+        "train.log_every_seconds",
+        "train.mlflow",
+        "train.mlflow_uri",
+        "train.wandb",
+        "train.tracker_project",
+        "train.track_every_steps",
         "train.deterministic",
         "train.compile",
         "train.compile_mode",

@@ -34,6 +34,7 @@ from okd.io import atomic_save, atomic_write_text
 from okd.log import log
 from okd.runs.metrics import metrics_csv_text
 from okd.runs.records import best_lost_message, best_record, epoch_of
+from okd.runs.tracker_ids import TRACKERS_FILE, read_tracker_ids, tracker_ids_text
 
 LOCK_NAME = ".okd.lock"
 BEST_BACKUP = ".best.pt.prev"  # the committed best.pt while its replacement is not yet committed
@@ -212,7 +213,7 @@ class RunStore:
                 else:
                     self.refuse_orphaned_results()
                     self._write_text("a new run: no epoch committed yet\n", UNCOMMITTED, 0)
-                    for name in RESULT_FILES:
+                    for name in (*RESULT_FILES, TRACKERS_FILE):
                         (self.dir / name).unlink(missing_ok=True)
                 self._write_text(cfg.to_yaml(), "config.yaml", self.committed_epoch)
         except OSError as exc:
@@ -246,6 +247,21 @@ class RunStore:
                 (self.dir / UNCOMMITTED).unlink(missing_ok=True)
         else:
             self.committed_epoch = epoch
+
+    def record_tracker_ids(self, ids: dict[str, dict[str, str]]) -> None:
+        """Merge ``ids`` (``{tracker: {"run_id": ...}}``) into ``trackers.json`` (atomically; outside the commit).
+        A failure to write it is logged and leaves the run as it is: a tracker id is never part of the record."""
+        if not self.writer or not ids:
+            return
+        merged = {**read_tracker_ids(self.dir), **ids}
+        try:
+            self._wrote = True
+            atomic_write_text(tracker_ids_text(merged), self.dir / TRACKERS_FILE)
+        except OSError as exc:
+            log.warning(
+                f"{self.dir}: could not write {TRACKERS_FILE} ({exc.strerror or exc}); a resume of this "
+                "run will start new tracker runs"
+            )
 
     def intact(self) -> str:
         """What the folder holds now, in words (for stop and failure messages)."""

@@ -310,3 +310,20 @@ def test_folder_loader_needs_rank_and_world_together(imagenet_folder):
         FolderLoader(ds, 2, rank=0)
     loader = FolderLoader(ds, 5)  # no process group: rank 0 of 1
     assert (loader.rank, loader.world_size, len(loader)) == (0, 1, 3)
+
+
+def test_workers_default_to_what_the_machine_has(imagenet_folder, monkeypatch):
+    """``data.workers`` unset: min(8, usable cores - 1), 0 (the training process loads) on one core; the packaged
+    examples leave it unset, so none of them asks a small machine for more workers than it has."""
+    from okd.configs import packaged_configs, resolve_config
+    from okd.data.folder import loader as loader_mod
+    from okd.data.folder.loader import default_workers
+
+    assert [default_workers(c) for c in (1, 2, 3, 4, 9, 64)] == [0, 1, 2, 3, 8, 8]
+    assert DataConfig().workers is None
+    monkeypatch.setattr(loader_mod.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    train, _ = scan_imagenet(imagenet_folder)
+    ds = FolderDataset(train, ResizeCenterCropTransform(8, 8), train=False)
+    assert FolderLoader(ds, 5, workers=None).workers == 1 and FolderLoader(ds, 5, workers=0).workers == 0
+    examples = [n for n in packaged_configs() if n.startswith("examples/")]
+    assert examples and all("workers" not in resolve_config(n).read_text() for n in examples)

@@ -174,7 +174,7 @@ def test_tensorboard_logging_writes_every_epoch(cifar10_root, tmp_path, monkeypa
 
     closed = []
     real_close = TensorBoardLogger.close
-    monkeypatch.setattr(TensorBoardLogger, "close", lambda self: closed.append(self) or real_close(self))
+    monkeypatch.setattr(TensorBoardLogger, "close", lambda self, *a: closed.append(self) or real_close(self, *a))
 
     overrides = quick(
         cifar10_root, tmp_path, "board", epochs=2, **{"train.tensorboard": "true", "train.max_steps_per_epoch": "2"}

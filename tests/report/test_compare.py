@@ -188,3 +188,14 @@ def test_compare_refuses_then_marks_the_real_mixed_runs(recipe_runs):
     assert text.startswith("# okd compare — MIXED RECIPES") and "| dml | resnet20 | okddip | 1 (0) |" in text
     report = helpers.cli("report", *runs)
     assert "**Mixed recipes:** these runs were trained under 2 recipes (ffsd: 4 run(s); okddip: 1 run(s))." in report
+
+
+def test_runs_scored_every_few_epochs_are_said(tmp_path):
+    """train.eval_every: an unscored epoch (no test column) is neither final nor best, and the notes say which
+    epochs were scored."""
+    rows = [timed({"test/net/top1": 70.0}), timed({}), timed({"test/net/top1": 60.0})]
+    fake_run(tmp_path / "runs" / "b1", "cifar100/baseline_resnet32", ["recipe=ffsd", "seed=1"], rows)
+    comparison = build_comparison([tmp_path / "runs"])
+    (base,) = comparison.rows
+    assert base.stats["final/top1"] == pytest.approx((60.0, 0.0)) and base.stats["best/top1"][0] == 70.0
+    assert "b1 scored only at epochs 1, 3 of 3 (train.eval_every)" in comparison.notes

@@ -53,6 +53,18 @@ def test_local_launcher_runs_two_seeds_through_submitit(local_sweep):
     assert f"summary: okd report {out / 'tiny_s1'} {out / 'tiny_s2'}" in text
     logs = list((out / "submitit").glob("*/*_log.out"))
     assert len(logs) == 2 and all("okd sweep job:" in p.read_text() for p in logs)  # each ran in its own job
+    assert not (out / "submitit" / "%j").exists()  # no folder named after submitit's pattern is left
+
+
+def test_local_launcher_prints_each_job_as_it_ends(local_sweep):
+    text, out = local_sweep
+    lines = text.splitlines()
+    assert lines[0] == f"okd sweep: 2 job(s) running here; their logs: {out / 'submitit'}"
+    ended = [line for line in lines if line.startswith("okd sweep: [")]
+    assert [line.split("]")[0] for line in ended] == ["okd sweep: [1/2", "okd sweep: [2/2"]
+    assert all(" finished -> " in line for line in ended)
+    assert {line.rsplit("-> ", 1)[1] for line in ended} == {str(out / "tiny_s1"), str(out / "tiny_s2")}
+    assert lines.index(ended[-1]) < lines.index("ran 2 job(s) through submitit (local):")  # before the summary
 
 
 def test_requeued_job_resumes_its_run_folder(local_sweep, capsys):

@@ -74,6 +74,24 @@ def test_keys_that_may_change_are_accepted_and_reported():
     assert {"train.epochs", "train.device", "data.root", "data.workers", "output_dir"} <= MAY_CHANGE
 
 
+def test_evaluation_heartbeat_and_trackers_may_change_on_resume():
+    """None of them touches the training state: the interval of test evaluations (tests/engine/test_eval_every.py
+    shows the weights do not depend on it), the step lines, and where metrics are also sent."""
+    asked = _asked(
+        train__eval_every=5,
+        train__log_every_steps=50,
+        train__log_every_seconds=0.0,
+        train__mlflow=True,
+        train__mlflow_uri="file:/tmp/mlruns",
+        train__wandb=True,
+        train__tracker_project="mine",
+        train__track_every_steps=10,
+    )
+    changes = check_changes(_saved(), asked, 3)
+    assert changes["train.eval_every"] == (1, 5) and changes["train.mlflow_uri"] == (None, "file:/tmp/mlruns")
+    assert len(changes) == 8
+
+
 @pytest.mark.parametrize(
     ("key", "value", "saved"),
     [("optim__lr", 0.5, "0.1"), ("method__temperature", 4.0, "3.0"), ("seed", 1, "0"), ("data__batch_size", 64, "128")],

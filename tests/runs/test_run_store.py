@@ -444,3 +444,33 @@ def test_releasing_an_unused_folder_tolerates_a_lock_file_already_gone(tmp_path)
     (run / LOCK_NAME).unlink()
     store.release()
     assert not run.exists()
+
+
+def test_tracker_ids_are_kept_outside_the_record_and_cleared_by_a_new_run(tmp_path, caplog):
+    from okd.runs.tracker_ids import TRACKERS_FILE, read_tracker_ids
+
+    with RunStore(tmp_path / "run").lock() as store:
+        store.begin(_Config(), None, lambda: {})
+        store.record_tracker_ids({"mlflow": {"run_id": "abc"}})
+        store.record_tracker_ids({"wandb": {"run_id": "xyz"}})
+        assert read_tracker_ids(store.dir) == {"mlflow": {"run_id": "abc"}, "wandb": {"run_id": "xyz"}}
+    RunStore(tmp_path / "run", writer=False).record_tracker_ids({"mlflow": {"run_id": "other"}})  # a DDP rank > 0
+    assert read_tracker_ids(tmp_path / "run")["mlflow"] == {"run_id": "abc"}
+    (tmp_path / "run" / TRACKERS_FILE).write_text("{not json")
+    assert read_tracker_ids(tmp_path / "run") == {}  # unreadable: the trackers start new runs, nothing breaks
+    with RunStore(tmp_path / "run").lock(create=False) as store:
+        store.begin(_Config(), None, lambda: {})  # a new run in the folder (no epoch was committed)
+    assert not (tmp_path / "run" / TRACKERS_FILE).exists()
+
+
+def test_a_tracker_id_that_cannot_be_written_is_logged_and_the_run_goes_on(tmp_path, monkeypatch, caplog):
+    from okd.runs import store as store_mod
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with RunStore(tmp_path / "run").lock() as store:
+        monkeypatch.setattr(store_mod, "atomic_write_text", full_disk)
+        with caplog.at_level("WARNING", logger="okd"):
+            store.record_tracker_ids({"mlflow": {"run_id": "abc"}})
+    assert "could not write trackers.json (No space left on device)" in caplog.text

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -16,6 +17,18 @@ from okd.errors import ConfigError, DataError
 log = logging.getLogger("okd")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+MAX_DEFAULT_WORKERS = 8
+
+
+def default_workers(cores: int | None = None) -> int:
+    """``data.workers`` left unset: min(8, cores - 1) DataLoader workers, one core kept for the training process
+    (0, loading in the training process itself, on a single core). ``cores``: the usable cores (affinity mask)."""
+    if cores is None:
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:  # macOS, Windows
+            cores = os.cpu_count() or 1
+    return max(0, min(MAX_DEFAULT_WORKERS, cores - 1))
 
 
 class FolderLoader:
@@ -40,7 +53,7 @@ class FolderLoader:
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         drop_last: bool = False,
-        workers: int = 0,
+        workers: int | None = 0,
         pin_memory: bool = True,
         device: torch.device | str | None = None,
         channels_last: bool = False,
@@ -57,7 +70,10 @@ class FolderLoader:
         self.views = dataset.views
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.channels_last, self.skip_unreadable = channels_last, bool(skip_unreadable)
-        self.drop_last, self.workers = bool(drop_last) and self.train, int(workers)
+        self.drop_last, self.workers = (
+            bool(drop_last) and self.train,
+            default_workers() if workers is None else int(workers),
+        )
         self._pin = bool(pin_memory) and self.device.type == "cuda"
         self.name = name or ("train" if self.train else "test")
         self.epoch, self.skipped = 0, 0
