@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
+from okd.data.views import VIEW_KINDS, check_view_names, cutout, rotate_nearest, view_draws
 from okd.errors import DataError
 
 PADDING_MODES = ("reflect", "zeros")
@@ -66,6 +67,7 @@ class DeviceLoader:
         device: torch.device | str | None = None,
         channels_last: bool = False,
         dtype: torch.dtype = torch.float32,
+        view_augs: Sequence[str] | None = None,
     ) -> None:
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ValueError(f"images must be uint8 N x C x H x W, got {images.dtype} {tuple(images.shape)}")
@@ -73,6 +75,10 @@ class DeviceLoader:
             raise ValueError(f"labels shape {tuple(labels.shape)} does not match {images.shape[0]} images")
         if batch_size <= 0 or views <= 0 or pad < 0:
             raise ValueError("batch_size and views must be positive and pad non-negative")
+        if view_augs is not None:
+            check_view_names(view_augs, "view_augs")
+            if len(view_augs) != views:
+                raise ValueError(f"view_augs names {len(view_augs)} views, but the loader makes {views}")
         if padding_mode not in PADDING_MODES:
             raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
         c, h, w = images.shape[1:]
@@ -94,6 +100,8 @@ class DeviceLoader:
         self._shift = -mean_t / std_t
         self.epoch = 0
         self._views = range(self.views)
+        #: per-view kinds (okd.data.views); None: every view is the standard crop + flip
+        self.view_kinds = None if view_augs is None else [VIEW_KINDS[name] for name in view_augs]
         self.rank, self.world_size = 0, 1
 
     def shard(self, rank: int, world_size: int) -> None:
@@ -152,6 +160,9 @@ class DeviceLoader:
         order = torch.randperm(n, generator=gen).to(self.device) if self.shuffle else None
         if self.train:
             offsets, flips = self._draws(gen, n)
+            if self.view_kinds is not None:
+                angles, centres = view_draws(gen, self.views, n, tuple(self.images.shape[2:]))
+                angles, centres = angles.to(self.device), centres.to(self.device)
         for i in range(len(self)):
             lo, hi = i * self.batch_size, min((i + 1) * self.batch_size, n)
             mine = slice(lo + self.rank, hi, self.world_size)
@@ -164,8 +175,28 @@ class DeviceLoader:
                 x = self.normalize(xb)
                 yield (x if self.views == 1 else [x] * self.views), yb
                 continue
-            xs = [self.normalize(self.augment(xb, offsets[v, mine], flips[v, mine])) for v in self._views]
+            if self.view_kinds is None:
+                xs = [self.normalize(self.augment(xb, offsets[v, mine], flips[v, mine])) for v in self._views]
+            else:
+                xs = [
+                    self.normalize(self._named_view(xb, v, offsets, flips, angles, centres, mine)) for v in self._views
+                ]
             yield (xs[0] if self.views == 1 else xs), yb
+
+    def _named_view(self, xb, v: int, offsets, flips, angles, centres, mine: slice) -> torch.Tensor:
+        """View ``v`` of a uint8 batch as its named kind makes it (crop, flip, then rotation or cutout)."""
+        kind = self.view_kinds[v]
+        off, flip = offsets[v, mine], flips[v, mine]
+        if not kind.crop:
+            off = torch.full_like(off, self.pad)
+        if not kind.flip:
+            flip = torch.zeros_like(flip)
+        x = self.augment(xb, off, flip)
+        if kind.rotate:
+            x = rotate_nearest(x, angles[v, mine] * kind.rotate)
+        if kind.cutout:
+            x = cutout(x, centres[v, mine], kind.cutout)
+        return x
 
 
 def split_holdout(loader: DeviceLoader, n: int) -> tuple[DeviceLoader, DeviceLoader]:
@@ -176,6 +207,7 @@ def split_holdout(loader: DeviceLoader, n: int) -> tuple[DeviceLoader, DeviceLoa
     train.images, train.labels = loader.images[:-n], loader.labels[:-n]
     held.images, held.labels = loader.images[-n:], loader.labels[-n:]
     held.train, held.shuffle, held.views, held._views, held.drop_last = False, False, 1, range(1), False
+    held.view_kinds = None
     return train, held
 
 
@@ -191,6 +223,7 @@ def split_loader(
     views: int,
     device: torch.device | str | None,
     pad: int | None = None,
+    view_augs: Sequence[str] | None = None,
 ) -> DeviceLoader:
     """The :class:`DeviceLoader` of one split with the settings of ``data_cfg`` (a ``DataConfig``; ``pad``
     overrides ``data.pad``); a training split smaller than one batch under ``drop_last`` is a ``DataError``."""
@@ -209,6 +242,7 @@ def split_loader(
         seed=seed,
         views=views if train else 1,
         device=device,
+        view_augs=view_augs if train else None,
     )
     if len(loader) == 0:
         raise DataError(

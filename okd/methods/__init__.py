@@ -12,6 +12,7 @@ from okd.methods import (  # noqa: F401  (each import registers its methods)
     kdcl,
     leader_sl,
     okddip,
+    okdph,
     one,
     pcl,
 )
