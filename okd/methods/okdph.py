@@ -8,7 +8,7 @@ Every network, H included, runs in train mode on its own view; with z_bar the de
     L_i = omega CE(z_i, y) + (1 - omega) CE(z_H, y) + beta T^2 KL_T(z_bar -> z_i),    T = 4
 
 As released (``hwm_grad="none"``) H's weights are copies, so the CE(z_H) term reaches no student: it is logged
-(``stat/hwm/ce``), and H's forward runs without autograd. The paper's reading (``hwm_grad="through_mix"``) runs H
+(``stat/hwm_ce``), and H's forward runs without autograd. The paper's reading (``hwm_grad="through_mix"``) runs H
 with the mix of the students' live parameters, so (1 - omega) CE(z_H), added once, gives student i
 (1 - omega) r_i dCE/dtheta_H. Fusion pulls each student to H, theta_i <- gamma theta_H + (1 - gamma) theta_i over
 the whole ``state_dict`` (momentum untouched): ``interval="<gap>_epoch"`` after the epoch's evaluation when
@@ -112,7 +112,7 @@ def okdph_losses(
     logits: list[Tensor], hwm_logits: Tensor, labels: Tensor, hp: OKDPHParams, hwm_ce: Tensor | None = None
 ) -> dict[str, Tensor]:
     """Each student's omega CE(z_i, y) and beta T^2 KL_T(z_bar -> z_i), z_bar the detached mean of the students'
-    and H's logits; CE(z_H, y) logged as ``stat/hwm/ce``, or ``hwm/ce`` = (1 - omega) CE(z_H, y) when given
+    and H's logits; CE(z_H, y) logged as ``stat/hwm_ce``, or ``hwm/ce`` = (1 - omega) CE(z_H, y) when given
     (``hwm_ce``: the through-mix reading, added once)."""
     target = logit_mean([*logits, hwm_logits]).detach()
     losses = {}
@@ -120,10 +120,10 @@ def okdph_losses(
         losses[f"student{i}/ce"] = hp.omega * cross_entropy(z, labels)
         losses[f"student{i}/kl"] = hp.beta * kl_div_t(z, target, hp.temperature, detach_target=True)
     if hwm_ce is None:
-        losses["stat/hwm/ce"] = cross_entropy(hwm_logits.detach(), labels)
+        losses["stat/hwm_ce"] = cross_entropy(hwm_logits.detach(), labels)
     else:
         losses["hwm/ce"] = (1.0 - hp.omega) * hwm_ce
-        losses["stat/hwm/ce"] = hwm_ce.detach()
+        losses["stat/hwm_ce"] = hwm_ce.detach()
     return losses
 
 
@@ -192,7 +192,7 @@ class OKDPH(Method):
             with torch.no_grad():
                 z_h = self.hwm(views[n])
             losses = okdph_losses(logits, z_h, labels, self.hp)
-        losses["stat/hwm/weighted_ce"] = (1.0 - self.hp.omega) * losses["stat/hwm/ce"]
+        losses["stat/hwm_weighted_ce"] = (1.0 - self.hp.omega) * losses["stat/hwm_ce"]
         losses["stat/mix_weight0"] = scalar(r[0], z_h)
         return losses
 
