@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
+from okd.data.randaugment import rand_augment
 from okd.data.views import VIEW_KINDS, check_view_names, cutout, rotate_nearest, view_draws
 from okd.errors import DataError
 
@@ -161,8 +162,7 @@ class DeviceLoader:
         if self.train:
             offsets, flips = self._draws(gen, n)
             if self.view_kinds is not None:
-                angles, centres = view_draws(gen, self.views, n, tuple(self.images.shape[2:]))
-                angles, centres = angles.to(self.device), centres.to(self.device)
+                draws = {k: v.to(self.device) for k, v in view_draws(gen, self.views, n, self.images.shape[2:]).items()}
         for i in range(len(self)):
             lo, hi = i * self.batch_size, min((i + 1) * self.batch_size, n)
             mine = slice(lo + self.rank, hi, self.world_size)
@@ -178,13 +178,12 @@ class DeviceLoader:
             if self.view_kinds is None:
                 xs = [self.normalize(self.augment(xb, offsets[v, mine], flips[v, mine])) for v in self._views]
             else:
-                xs = [
-                    self.normalize(self._named_view(xb, v, offsets, flips, angles, centres, mine)) for v in self._views
-                ]
+                xs = [self.normalize(self._named_view(xb, v, offsets, flips, draws, mine)) for v in self._views]
             yield (xs[0] if self.views == 1 else xs), yb
 
-    def _named_view(self, xb, v: int, offsets, flips, angles, centres, mine: slice) -> torch.Tensor:
-        """View ``v`` of a uint8 batch as its named kind makes it (crop, flip, then rotation or cutout)."""
+    def _named_view(self, xb, v: int, offsets, flips, draws: dict, mine: slice) -> torch.Tensor:
+        """View ``v`` of a uint8 batch as its named kind makes it (crop, flip, then rotation, cutout or
+        RandAugment)."""
         kind = self.view_kinds[v]
         off, flip = offsets[v, mine], flips[v, mine]
         if not kind.crop:
@@ -193,9 +192,11 @@ class DeviceLoader:
             flip = torch.zeros_like(flip)
         x = self.augment(xb, off, flip)
         if kind.rotate:
-            x = rotate_nearest(x, angles[v, mine] * kind.rotate)
+            x = rotate_nearest(x, draws["angles"][v, mine] * kind.rotate)
         if kind.cutout:
-            x = cutout(x, centres[v, mine], kind.cutout)
+            x = cutout(x, draws["centres"][v, mine], kind.cutout)
+        if kind.randaugment:
+            x = rand_augment(x, draws["ops"][v, mine], draws["negative"][v, mine])
         return x
 
 

@@ -7,11 +7,12 @@ Every view but ``base`` starts with the loader's random crop (``data.pad``, ``da
   nearest-neighbour, zero fill (torchvision's ``RandomRotation(15)`` on PIL images);
 - ``cutout``: the flip, then one 16 x 16 hole (centre uniform over the pixel grid, clipped at the borders) set to
   raw pixel 0, i.e. before normalisation;
+- ``augment``: no flip; torchvision's ``RandAugment()`` with its defaults (:mod:`okd.data.randaugment`);
 - ``base``: no crop and no flip, normalisation only.
 
 All ops run on uint8 batches on the loader's device; their draws come from the loader's per-epoch generator, so
-a resumed run sees the same views. RandAugment (``augment``) and AutoAugment (``auto_aug``) are not implemented:
-:func:`check_view_names` refuses them by name.
+a resumed run sees the same views. AutoAugment (``auto_aug``, ImageNet policy) is not implemented:
+:func:`check_view_names` refuses it by name.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from okd.data.randaugment import rand_augment_draws
 from okd.errors import ConfigError
 
 
@@ -34,18 +36,19 @@ class ViewKind:
     flip: bool = True
     rotate: float = 0.0  # max |angle| in degrees (0: none)
     cutout: int = 0  # side of the square hole (0: none)
+    randaugment: bool = False  # torchvision's RandAugment() defaults (okd.data.randaugment)
 
 
 VIEW_KINDS: dict[str, ViewKind] = {
     "hflip": ViewKind(),
     "hflip+rot": ViewKind(rotate=15.0),
     "cutout": ViewKind(cutout=16),
+    "augment": ViewKind(flip=False, randaugment=True),
     "base": ViewKind(crop=False, flip=False),
 }
 
 #: views the OKDPH release names that okd does not implement yet, and what they are
 MISSING_VIEWS = {
-    "augment": "torchvision's RandAugment() (2 ops, magnitude 9 of 31) after the crop",
     "auto_aug": "torchvision's AutoAugment() with its ImageNet policy after the crop",
 }
 
@@ -62,13 +65,20 @@ def check_view_names(names: Sequence[str], where: str) -> None:
             raise ConfigError(f"{where}: unknown view {name!r}; choose from {', '.join(VIEW_KINDS)}")
 
 
-def view_draws(gen: torch.Generator, views: int, n: int, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
-    """Per view and image: a rotation fraction uniform in [-1, 1) (views x n) and a cutout centre (views x n x 2,
-    row and column uniform over the grid), drawn on the CPU after the crop and flip draws."""
+def view_draws(gen: torch.Generator, views: int, n: int, size: tuple[int, int]) -> dict[str, Tensor]:
+    """Per view and image, drawn on the CPU after the crop and flip draws: ``angles``, a rotation fraction uniform
+    in [-1, 1) (views x n); ``centres``, a cutout centre (views x n x 2, row and column uniform over the grid);
+    ``ops`` and ``negative``, RandAugment's two op indices and sign flags (views x n x 2 each)."""
     angles = torch.rand((views, n), generator=gen, dtype=torch.float64) * 2 - 1
     rows = torch.randint(0, size[0], (views, n, 1), generator=gen)
     cols = torch.randint(0, size[1], (views, n, 1), generator=gen)
-    return angles, torch.cat([rows, cols], dim=2)
+    ops, negative = rand_augment_draws(gen, views * n)
+    return {
+        "angles": angles,
+        "centres": torch.cat([rows, cols], dim=2),
+        "ops": ops.view(views, n, -1),
+        "negative": negative.view(views, n, -1),
+    }
 
 
 def rotate_nearest(x: Tensor, degrees: Tensor) -> Tensor:

@@ -339,7 +339,6 @@ def test_bad_input_is_refused_before_anything_is_built():
         "method.hwm_mix=dir": "hwm_mix",
         "method.hwm_grad=all": "hwm_grad",
         "method.views=[hflip,cutout]": "num_students \\+ 1",
-        "method.views=[hflip,cutout,augment]": "RandAugment",
         "method.views=[hflip,cutout,auto_aug]": "AutoAugment",
         "method.views=[hflip,cutout,jitter]": "unknown view",
         "method.deploy_student=2": "deploy_student",
@@ -365,13 +364,13 @@ def test_reported_heads_and_derived_metrics():
 
 
 # ------------------------------------------------------------------------------------------------ end to end
-def test_okdph_trains_with_named_views_and_resumes_exactly(cifar10_root, tmp_path):
+def test_okdph_trains_with_the_released_views_and_resumes_exactly(cifar10_root, tmp_path):
     settings = {
         "method.name": "okdph",
         "model.name": "resnet20",
         "data.dataset": "cifar10",
         "data.padding_mode": "zeros",
-        "method.views": "[hflip+rot,cutout,base]",
+        "method.views": "[hflip+rot,cutout,augment]",
         "method.interval": "1_epoch",
         "optim.nesterov": "false",
         "data.limit_train": 96,

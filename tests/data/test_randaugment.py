@@ -1,0 +1,113 @@
+"""RandAugment on uint8 batches (``okd.data.randaugment``): each op against Pillow's arithmetic written out by hand on
+small images, the magnitudes of torchvision's defaults, and the per-image choice of ops."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from okd.data.randaugment import OPS, SIGNED, apply_op, magnitudes, rand_augment, rand_augment_draws
+
+
+def img(seed: int = 0, n: int = 2, size: int = 6) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.int64).to(torch.uint8)
+
+
+def mags(value: float, n: int = 2) -> torch.Tensor:
+    return torch.full((n,), value, dtype=torch.float64)
+
+
+def test_torchvision_default_magnitudes():
+    m = magnitudes((32, 32))
+    assert m["shear_x"] == pytest.approx(0.09) and m["rotate"] == pytest.approx(9.0)
+    assert m["translate_x"] == pytest.approx(150 / 331 * 32 * 0.3) and int(m["translate_x"]) == 4
+    assert m["brightness"] == pytest.approx(0.27) and m["solarize"] == pytest.approx(178.5)
+    assert m["posterize"] == 7.0  # 8 - round(9 / 7.5)
+    assert len(OPS) == 14 and len(SIGNED) == 9
+
+
+def test_geometric_ops_map_pixel_centres_through_the_inverse_matrix():
+    x = img(size=8)
+    out = apply_op("translate_x", x, mags(4.35))  # whole pixels: int(4.35) = 4, content moves right
+    assert torch.equal(out[..., 4:], x[..., :4]) and not out[..., :4].any()
+    out = apply_op("translate_y", x, mags(-4.35))
+    assert torch.equal(out[..., :4, :], x[..., 4:, :]) and not out[..., 4:, :].any()
+    m = 0.3
+    out = apply_op("shear_x", x, mags(m))  # x_in = x + m y about the corner (0, 0)
+    for i in range(8):
+        for j in range(8):
+            src = math.floor(j + 0.5 + m * (i + 0.5))
+            want = x[:, :, i, src] if src < 8 else torch.zeros_like(x[:, :, 0, 0])
+            assert torch.equal(out[:, :, i, j], want)
+    out = apply_op("shear_y", x, mags(-m))
+    for i in range(8):
+        for j in range(8):
+            src = math.floor(i + 0.5 - m * (j + 0.5))
+            want = x[:, :, src, j] if src >= 0 else torch.zeros_like(x[:, :, 0, 0])
+            assert torch.equal(out[:, :, i, j], want)
+    assert torch.equal(apply_op("rotate", x, mags(90.0)), torch.rot90(x, 1, dims=(2, 3)))
+
+
+def test_enhance_ops_blend_with_pillows_degenerate_images_and_truncate():
+    x = img()
+    f = 1.27
+    assert torch.equal(apply_op("brightness", x, mags(0.27)), (x.double() * f).trunc().clamp(0, 255).to(torch.uint8))
+    r, g, b = x.long().unbind(1)
+    grey = ((r * 19595 + g * 38470 + b * 7471 + 32768) >> 16).unsqueeze(1).double()
+    blend = lambda d, k: (d + k * (x.double() - d)).trunc().clamp(0, 255).to(torch.uint8)  # noqa: E731
+    torch.testing.assert_close(apply_op("color", x, mags(-0.27)), blend(grey, 0.73), rtol=0, atol=1)
+    mean = (grey.mean((1, 2, 3), keepdim=True) + 0.5).floor()
+    torch.testing.assert_close(apply_op("contrast", x, mags(0.27)), blend(mean, 1.27), rtol=0, atol=1)
+    xs = x.double()
+    smooth = xs.clone()
+    for i in range(1, 5):
+        for j in range(1, 5):
+            smooth[:, :, i, j] = (
+                (xs[:, :, i - 1 : i + 2, j - 1 : j + 2].sum((2, 3)) + 4 * xs[:, :, i, j]) / 13 + 0.5
+            ).floor()
+    torch.testing.assert_close(apply_op("sharpness", x, mags(0.27)), blend(smooth, 1.27), rtol=0, atol=1)
+
+
+def test_lookup_table_ops():
+    x = img()
+    assert torch.equal(apply_op("posterize", x, mags(7.0), bits=7), x & 0xFE)
+    assert torch.equal(apply_op("solarize", x, mags(178.5)), torch.where(x >= 179, 255 - x, x))
+    lo = x.flatten(2).min(2).values.double()[..., None, None]
+    hi = x.flatten(2).max(2).values.double()[..., None, None]
+    scale = 255 / (hi - lo)
+    assert torch.equal(apply_op("autocontrast", x, mags(0)), (x.double() * scale - lo * scale).trunc().to(torch.uint8))
+    flat = torch.full((1, 3, 4, 4), 9, dtype=torch.uint8)
+    assert torch.equal(apply_op("autocontrast", flat, mags(0, 1)), flat)  # hi == lo: unchanged
+    assert torch.equal(apply_op("equalize", flat, mags(0, 1)), flat)  # one level: unchanged
+
+
+def test_equalize_follows_pillows_lookup_table():
+    x = img(3, n=1, size=8)
+    out = apply_op("equalize", x, mags(0, 1))
+    for c in range(3):
+        values = x[0, c].flatten().tolist()
+        h = [values.count(v) for v in range(256)]
+        step = (len(values) - h[max(v for v in range(256) if h[v])]) // 255
+        lut, acc = [], step // 2
+        for v in range(256):
+            lut.append(min(acc // step, 255) if step else v)
+            acc += h[v]
+        assert out[0, c].flatten().tolist() == [lut[v] for v in values]
+
+
+def test_each_image_gets_its_own_ops_in_order():
+    x = img(n=3)
+    ops = torch.tensor([[0, 0], [OPS.index("posterize"), OPS.index("solarize")], [OPS.index("brightness"), 0]])
+    negative = torch.tensor([[False, False], [True, True], [True, False]])
+    out = rand_augment(x, ops, negative)
+    assert torch.equal(out[0], x[0])
+    p = x[1] & 0xFE
+    assert torch.equal(out[1], torch.where(p >= 179, 255 - p, p))  # unsigned ops ignore the sign
+    assert torch.equal(out[2], (x[2].double() * 0.73).trunc().to(torch.uint8))
+    gen = torch.Generator().manual_seed(0)
+    ops, negative = rand_augment_draws(gen, 4000)
+    assert ops.shape == (4000, 2) and set(ops.unique().tolist()) == set(range(14))
+    assert 0.45 < negative.float().mean() < 0.55
