@@ -111,8 +111,8 @@ def _autocontrast(x: Tensor) -> Tensor:
     flat = x.flatten(2)
     lo = flat.min(2).values.double()[..., None, None]
     hi = flat.max(2).values.double()[..., None, None]
-    scale = 255.0 / (hi - lo).clamp_min(1)
-    out = (x.double() * scale - lo * scale).trunc().clamp(0, 255).to(torch.uint8)
+    scale = torch.full_like(hi, 255.0) / (hi - lo).clamp_min(1)  # a true division, as Pillow's (not 255 * 1/d)
+    out = (x.double() * scale + -lo * scale).trunc().clamp(0, 255).to(torch.uint8)
     return torch.where(hi > lo, out, x)
 
 

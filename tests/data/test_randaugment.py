@@ -77,8 +77,11 @@ def test_lookup_table_ops():
     assert torch.equal(apply_op("solarize", x, mags(178.5)), torch.where(x >= 179, 255 - x, x))
     lo = x.flatten(2).min(2).values.double()[..., None, None]
     hi = x.flatten(2).max(2).values.double()[..., None, None]
-    scale = 255 / (hi - lo)
+    scale = torch.full_like(hi, 255.0) / (hi - lo)
     assert torch.equal(apply_op("autocontrast", x, mags(0)), (x.double() * scale - lo * scale).trunc().to(torch.uint8))
+    # Pillow's table: int(145 * 255 / 220 - 13 * 255 / 220) = int(153.00000000000003) = 153 (with 255 * (1 / 220): 152)
+    edge = torch.tensor([13, 145, 233], dtype=torch.uint8).view(1, 1, 1, 3).expand(1, 3, 1, 3)
+    assert apply_op("autocontrast", edge, mags(0, 1))[0, 0, 0].tolist() == [0, 153, 255]
     flat = torch.full((1, 3, 4, 4), 9, dtype=torch.uint8)
     assert torch.equal(apply_op("autocontrast", flat, mags(0, 1)), flat)  # hi == lo: unchanged
     assert torch.equal(apply_op("equalize", flat, mags(0, 1)), flat)  # one level: unchanged
