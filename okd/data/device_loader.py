@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
+from okd.data.autoaugment import auto_augment
 from okd.data.randaugment import rand_augment
 from okd.data.views import VIEW_KINDS, check_view_names, cutout, rotate_nearest, view_draws
 from okd.errors import DataError
@@ -183,7 +184,7 @@ class DeviceLoader:
 
     def _named_view(self, xb, v: int, offsets, flips, draws: dict, mine: slice) -> torch.Tensor:
         """View ``v`` of a uint8 batch as its named kind makes it (crop, flip, then rotation, cutout or
-        RandAugment)."""
+        RandAugment or AutoAugment)."""
         kind = self.view_kinds[v]
         off, flip = offsets[v, mine], flips[v, mine]
         if not kind.crop:
@@ -197,6 +198,8 @@ class DeviceLoader:
             x = cutout(x, draws["centres"][v, mine], kind.cutout)
         if kind.randaugment:
             x = rand_augment(x, draws["ops"][v, mine], draws["negative"][v, mine])
+        if kind.autoaugment:
+            x = auto_augment(x, draws["policy"][v, mine], draws["probs"][v, mine], draws["policy_negative"][v, mine])
         return x
 
 

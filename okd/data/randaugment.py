@@ -22,23 +22,26 @@ OPS = (
 SIGNED = {"shear_x", "shear_y", "translate_x", "translate_y", "rotate", "brightness", "color", "contrast", "sharpness"}
 
 
-def magnitudes(size: tuple[int, int], magnitude: int = 9, bins: int = 31) -> dict[str, float]:
-    """Each op's unsigned magnitude at bin ``magnitude`` of ``bins`` (torchvision's augmentation space)."""
-    at = magnitude / (bins - 1)
+def op_magnitude(op: str, index: int, bins: int, size: tuple[int, int]) -> float:
+    """The unsigned magnitude of ``op`` at bin ``index`` of ``bins``, as torchvision's augmentation space gives it
+    (float32 ``linspace`` values)."""
     h, w = size
-    return {
-        "shear_x": 0.3 * at,
-        "shear_y": 0.3 * at,
-        "translate_x": 150.0 / 331.0 * w * at,
-        "translate_y": 150.0 / 331.0 * h * at,
-        "rotate": 30.0 * at,
-        "brightness": 0.9 * at,
-        "color": 0.9 * at,
-        "contrast": 0.9 * at,
-        "sharpness": 0.9 * at,
-        "posterize": float(8 - round(magnitude / ((bins - 1) / 4))),
-        "solarize": 255.0 * (1 - at),
-    }
+    top = {
+        "shear_x": 0.3, "shear_y": 0.3, "translate_x": 150.0 / 331.0 * w, "translate_y": 150.0 / 331.0 * h,
+        "rotate": 30.0, "brightness": 0.9, "color": 0.9, "contrast": 0.9, "sharpness": 0.9,
+    }  # fmt: skip
+    if op in top:
+        return float(torch.linspace(0.0, top[op], bins)[index])
+    if op == "posterize":
+        return float(8 - (torch.arange(bins) / ((bins - 1) / 4)).round().int()[index])
+    if op == "solarize":
+        return float(torch.linspace(255.0, 0.0, bins)[index])
+    return 0.0
+
+
+def magnitudes(size: tuple[int, int], magnitude: int = 9, bins: int = 31) -> dict[str, float]:
+    """Each op's unsigned magnitude at bin ``magnitude`` of ``bins`` (RandAugment's defaults)."""
+    return {op: op_magnitude(op, magnitude, bins, size) for op in OPS}
 
 
 def rand_augment_draws(gen: torch.Generator, n: int, num_ops: int = 2) -> tuple[Tensor, Tensor]:
@@ -48,21 +51,29 @@ def rand_augment_draws(gen: torch.Generator, n: int, num_ops: int = 2) -> tuple[
     return ops, negative
 
 
+def _fixed(v: Tensor) -> Tensor:
+    """Pillow's 16.16 fixed point of a coefficient: floor(v * 2^16 + 1/2)."""
+    return torch.floor(v * 65536.0 + 0.5).long()
+
+
 def affine_nearest(x: Tensor, matrix: Tensor) -> Tensor:
     """Pillow's AFFINE transform with NEAREST and fill 0: output pixel (i, j) takes the input pixel holding
-    (a (j + .5) + b (i + .5) + c, d (j + .5) + e (i + .5) + f), ``matrix`` b x 6 rows (a, b, c, d, e, f)."""
+    (a (j + .5) + b (i + .5) + c, d (j + .5) + e (i + .5) + f), ``matrix`` b x 6 rows (a, b, c, d, e, f), in
+    Pillow's 16.16 fixed-point arithmetic (its path for NEAREST on small images), so that pixel centres that land on
+    a boundary go where Pillow sends them."""
     n, ch, h, w = x.shape
     m = matrix.to(torch.float64).view(n, 6, 1, 1)
-    ys = torch.arange(h, dtype=torch.float64, device=x.device).view(1, h, 1) + 0.5
-    xs = torch.arange(w, dtype=torch.float64, device=x.device).view(1, 1, w) + 0.5
-    src_x = torch.floor(m[:, 0] * xs + m[:, 1] * ys + m[:, 2]).long()
-    src_y = torch.floor(m[:, 3] * xs + m[:, 4] * ys + m[:, 5]).long()
+    a, b, c, d, e, f = m.unbind(1)
+    ys = torch.arange(h, device=x.device).view(1, h, 1)
+    xs = torch.arange(w, device=x.device).view(1, 1, w)
+    src_x = (_fixed(c + a * 0.5 + b * 0.5) + ys * _fixed(b) + xs * _fixed(a)) >> 16
+    src_y = (_fixed(f + d * 0.5 + e * 0.5) + ys * _fixed(e) + xs * _fixed(d)) >> 16
     inside = (src_x >= 0) & (src_x < w) & (src_y >= 0) & (src_y < h)
     index = (src_y.clamp(0, h - 1) * w + src_x.clamp(0, w - 1)).view(n, 1, h * w).expand(n, ch, h * w)
     return x.reshape(n, ch, h * w).gather(2, index).view(n, ch, h, w) * inside.view(n, 1, h, w)
 
 
-def _affine_matrix(op: str, mag: Tensor, size: tuple[int, int]) -> Tensor:
+def affine_matrix(op: str, mag: Tensor, size: tuple[int, int]) -> Tensor:
     """The inverse matrices torchvision gives Pillow for the geometric ops (shears about the corner (0, 0),
     rotation about the centre; translations by whole pixels)."""
     n, (h, w) = mag.shape[0], size
@@ -135,7 +146,7 @@ def apply_op(op: str, x: Tensor, mag: Tensor, bits: int = 7) -> Tensor:
     """Op ``op`` on every image of ``x`` with its signed magnitude (b); ``bits``: posterize's bits kept."""
     size = (x.shape[2], x.shape[3])
     if op in ("shear_x", "shear_y", "translate_x", "translate_y", "rotate"):
-        return affine_nearest(x, _affine_matrix(op, mag, size))
+        return affine_nearest(x, affine_matrix(op, mag, size))
     factor = 1.0 + mag
     if op == "brightness":
         return _blend(torch.zeros_like(x), x, factor)
@@ -154,6 +165,8 @@ def apply_op(op: str, x: Tensor, mag: Tensor, bits: int = 7) -> Tensor:
         return _autocontrast(x)
     if op == "equalize":
         return _equalize(x)
+    if op == "invert":
+        return 255 - x
     return x
 
 
@@ -167,7 +180,7 @@ def rand_augment(x: Tensor, ops: Tensor, negative: Tensor, magnitude: int = 9, b
         out = x
         for k, op in enumerate(OPS[1:], start=1):
             chosen = (ops[:, j] == k).view(-1, 1, 1, 1)
-            mag = torch.full((x.shape[0],), mags.get(op, 0.0), dtype=torch.float64, device=x.device)
+            mag = torch.full((x.shape[0],), mags[op], dtype=torch.float64, device=x.device)
             if op in SIGNED:
                 mag = torch.where(negative[:, j], -mag, mag)
             out = torch.where(chosen, apply_op(op, x, mag, bits=int(mags["posterize"])), out)

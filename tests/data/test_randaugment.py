@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from okd.data.randaugment import OPS, SIGNED, apply_op, magnitudes, rand_augment, rand_augment_draws
+from okd.data.autoaugment import IMAGENET_POLICY, auto_augment, auto_augment_draws
+from okd.data.randaugment import OPS, SIGNED, apply_op, magnitudes, op_magnitude, rand_augment, rand_augment_draws
 
 
 def img(seed: int = 0, n: int = 2, size: int = 6) -> torch.Tensor:
@@ -22,6 +23,7 @@ def mags(value: float, n: int = 2) -> torch.Tensor:
 
 def test_torchvision_default_magnitudes():
     m = magnitudes((32, 32))
+    assert m["identity"] == 0.0 and m["equalize"] == 0.0
     assert m["shear_x"] == pytest.approx(0.09) and m["rotate"] == pytest.approx(9.0)
     assert m["translate_x"] == pytest.approx(150 / 331 * 32 * 0.3) and int(m["translate_x"]) == 4
     assert m["brightness"] == pytest.approx(0.27) and m["solarize"] == pytest.approx(178.5)
@@ -49,6 +51,19 @@ def test_geometric_ops_map_pixel_centres_through_the_inverse_matrix():
             want = x[:, :, src, j] if src >= 0 else torch.zeros_like(x[:, :, 0, 0])
             assert torch.equal(out[:, :, i, j], want)
     assert torch.equal(apply_op("rotate", x, mags(90.0)), torch.rot90(x, 1, dims=(2, 3)))
+
+
+def test_geometry_uses_pillows_fixed_point_at_boundaries():
+    """Shear x by float32(0.2) (bin 20 of 31): row 7's centre maps to 2.0 exactly in reals; Pillow's 16.16
+    fixed point puts it just below (shift 1), where a float floor gives 2. Pillow's output of that row, as
+    torchvision 0.29.1 with Pillow 13 returns it, on pixels valued 16 * column + row + 1."""
+    cols = torch.arange(8).view(1, 8) * 16 + torch.arange(8).view(8, 1) + 1
+    x = cols.to(torch.uint8).expand(1, 3, 8, 8)
+    m = op_magnitude("shear_x", 20, 31, (8, 8))
+    assert m == pytest.approx(0.2) and m != 0.2  # torchvision's float32 linspace value
+    out = apply_op("shear_x", x, mags(m, 1))
+    assert out[0, 0, 7].tolist() == [24, 40, 56, 72, 88, 104, 120, 0]
+    assert out[0, 0, 2].tolist() == [19, 35, 51, 67, 83, 99, 115, 0]
 
 
 def test_enhance_ops_blend_with_pillows_degenerate_images_and_truncate():
@@ -114,3 +129,20 @@ def test_each_image_gets_its_own_ops_in_order():
     ops, negative = rand_augment_draws(gen, 4000)
     assert ops.shape == (4000, 2) and set(ops.unique().tolist()) == set(range(14))
     assert 0.45 < negative.float().mean() < 0.55
+
+
+def test_auto_augment_applies_each_images_sub_policy_when_its_draws_pass():
+    x = img(n=4)
+    invert_then_equalize = IMAGENET_POLICY.index((("invert", 0.6, None), ("equalize", 1.0, None)))
+    posterize_rotate = 0  # (posterize 0.4 bin 8 -> 4 bits, rotate 0.6 bin 9 -> 30 degrees)
+    policy = torch.tensor([invert_then_equalize, invert_then_equalize, posterize_rotate, posterize_rotate])
+    probs = torch.tensor([[0.5, 1.0], [0.7, 0.2], [0.4, 0.9], [0.9, 0.1]])
+    negative = torch.tensor([[False, False], [False, False], [False, False], [False, True]])
+    out = auto_augment(x, policy, probs, negative)
+    eq = lambda t: apply_op("equalize", t[None], mags(0, 1))[0]  # noqa: E731
+    assert torch.equal(out[0], eq(255 - x[0]))  # both ops pass (0.5 <= 0.6, 1.0 <= 1.0)
+    assert torch.equal(out[1], eq(x[1]))  # 0.7 > 0.6: no invert
+    assert torch.equal(out[2], x[2] & 0xF0)  # posterize to 4 bits; 0.9 > 0.6: no rotation
+    assert torch.equal(out[3], apply_op("rotate", x[3:4], mags(-30.0, 1))[0])  # the sign draw negates the rotation
+    policy, probs, negative = auto_augment_draws(torch.Generator().manual_seed(0), 5000)
+    assert set(policy.unique().tolist()) == set(range(25)) and 0.45 < probs.mean() < 0.55

@@ -339,7 +339,6 @@ def test_bad_input_is_refused_before_anything_is_built():
         "method.hwm_mix=dir": "hwm_mix",
         "method.hwm_grad=all": "hwm_grad",
         "method.views=[hflip,cutout]": "num_students \\+ 1",
-        "method.views=[hflip,cutout,auto_aug]": "AutoAugment",
         "method.views=[hflip,cutout,jitter]": "unknown view",
         "method.deploy_student=2": "deploy_student",
     }
