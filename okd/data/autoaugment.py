@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from okd.data.randaugment import SIGNED, apply_op, op_magnitude
+from okd.data.randaugment import SIGNED, apply_where, op_magnitude
 
 #: torchvision's ImageNet policy: per sub-policy, two (op, probability, magnitude bin of 10 or None)
 IMAGENET_POLICY: tuple[tuple[tuple[str, float, int | None], tuple[str, float, int | None]], ...] = (
@@ -51,20 +51,21 @@ def auto_augment_draws(gen: torch.Generator, n: int) -> tuple[Tensor, Tensor, Te
 
 
 def auto_augment(x: Tensor, policy: Tensor, probs: Tensor, negative: Tensor) -> Tensor:
-    """AutoAugment (ImageNet policy) of a uint8 batch: op slot after op slot, every sub-policy's op runs on the whole
-    batch and is kept for the images that drew that sub-policy and passed its probability (no host sync)."""
+    """AutoAugment (ImageNet policy) of a uint8 batch: op slot after op slot, each sub-policy's op is applied to the
+    images that drew that sub-policy and passed its probability (:func:`~okd.data.randaugment.apply_where`)."""
     size = (x.shape[2], x.shape[3])
     policy, probs, negative = policy.to(x.device), probs.to(x.device), negative.to(x.device)
+    subset = x.device.type == "cpu"
     for j in range(2):
         out = x
         for k, sub in enumerate(IMAGENET_POLICY):
             op, p, index = sub[j]
-            chosen = ((policy == k) & (probs[:, j] <= p)).view(-1, 1, 1, 1)
+            chosen = (policy == k) & (probs[:, j] <= p)
             value = op_magnitude(op, index, BINS, size) if index is not None else 0.0
             mag = torch.full((x.shape[0],), value, dtype=torch.float64, device=x.device)
             if op in SIGNED:
                 mag = torch.where(negative[:, j], -mag, mag)
             bits = int(value) if op == "posterize" else 8
-            out = torch.where(chosen, apply_op(op, x, mag, bits=bits), out)
+            out = apply_where(out, chosen, op, x, mag, bits, subset)
         x = out
     return x

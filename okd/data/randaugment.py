@@ -170,19 +170,32 @@ def apply_op(op: str, x: Tensor, mag: Tensor, bits: int = 7) -> Tensor:
     return x
 
 
+def apply_where(out: Tensor, chosen: Tensor, op: str, x: Tensor, mag: Tensor, bits: int, subset: bool) -> Tensor:
+    """``out`` with op ``op`` of ``x`` in the images where ``chosen`` (b): on the chosen subset only when ``subset``
+    (the CPU, where a host read costs nothing), else on the whole batch and kept where chosen (no host sync)."""
+    if not subset:
+        return torch.where(chosen.view(-1, 1, 1, 1), apply_op(op, x, mag, bits=bits), out)
+    idx = chosen.nonzero().squeeze(1)
+    if idx.numel() == 0:
+        return out
+    out = out.clone()
+    out[idx] = apply_op(op, x[idx], mag[idx], bits=bits)
+    return out
+
+
 def rand_augment(x: Tensor, ops: Tensor, negative: Tensor, magnitude: int = 9, bins: int = 31) -> Tensor:
     """RandAugment of a uint8 batch: op slot after op slot, image i gets op ``OPS[ops[i, j]]`` with its magnitude,
-    negated where ``negative[i, j]`` and the op is signed. Every op runs on the whole batch and is kept where
-    chosen (fixed work per batch, no host synchronisation)."""
+    negated where ``negative[i, j]`` and the op is signed. On a GPU every op runs on the whole batch and is kept
+    where chosen (fixed work per batch, no host synchronisation); on the CPU each op runs on its images only."""
     mags = magnitudes((x.shape[2], x.shape[3]), magnitude, bins)
     ops, negative = ops.to(x.device), negative.to(x.device)
+    subset = x.device.type == "cpu"
     for j in range(ops.shape[1]):
         out = x
         for k, op in enumerate(OPS[1:], start=1):
-            chosen = (ops[:, j] == k).view(-1, 1, 1, 1)
             mag = torch.full((x.shape[0],), mags[op], dtype=torch.float64, device=x.device)
             if op in SIGNED:
                 mag = torch.where(negative[:, j], -mag, mag)
-            out = torch.where(chosen, apply_op(op, x, mag, bits=int(mags["posterize"])), out)
+            out = apply_where(out, ops[:, j] == k, op, x, mag, int(mags["posterize"]), subset)
         x = out
     return x

@@ -9,7 +9,16 @@ import pytest
 import torch
 
 from okd.data.autoaugment import IMAGENET_POLICY, auto_augment, auto_augment_draws
-from okd.data.randaugment import OPS, SIGNED, apply_op, magnitudes, op_magnitude, rand_augment, rand_augment_draws
+from okd.data.randaugment import (
+    OPS,
+    SIGNED,
+    apply_op,
+    apply_where,
+    magnitudes,
+    op_magnitude,
+    rand_augment,
+    rand_augment_draws,
+)
 
 
 def img(seed: int = 0, n: int = 2, size: int = 6) -> torch.Tensor:
@@ -146,3 +155,16 @@ def test_auto_augment_applies_each_images_sub_policy_when_its_draws_pass():
     assert torch.equal(out[3], apply_op("rotate", x[3:4], mags(-30.0, 1))[0])  # the sign draw negates the rotation
     policy, probs, negative = auto_augment_draws(torch.Generator().manual_seed(0), 5000)
     assert set(policy.unique().tolist()) == set(range(25)) and 0.45 < probs.mean() < 0.55
+
+
+def test_the_subset_path_equals_the_whole_batch_path():
+    """The CPU applies each op to its chosen images only; a GPU runs it on the whole batch and keeps the chosen."""
+    x = img(5, n=6, size=8)
+    chosen = torch.tensor([True, False, True, True, False, False])
+    mag = torch.tensor([0.27, -0.27, 0.09, -0.09, 4.0, -9.0], dtype=torch.float64)
+    base = 255 - x
+    for op in (*OPS, "invert"):
+        whole = apply_where(base, chosen, op, x, mag, 7, subset=False)
+        assert torch.equal(whole, apply_where(base, chosen, op, x, mag, 7, subset=True)), op
+        assert torch.equal(whole[~chosen], base[~chosen]), op
+    assert torch.equal(apply_where(base, torch.zeros(6, dtype=torch.bool), "equalize", x, mag, 7, True), base)
