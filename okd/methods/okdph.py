@@ -73,11 +73,11 @@ class OKDPHParams:
     def validate(self) -> None:
         if self.num_students < 2:
             raise ConfigError(f"method.num_students must be >= 2, got {self.num_students}")
-        for key in ("omega", "beta", "gamma"):
-            value = getattr(self, key)
-            if not 0 <= value <= (1 if key != "beta" else float("inf")):
-                bound = "[0, 1]" if key != "beta" else ">= 0"
-                raise ConfigError(f"method.{key} must be in {bound}, got {value}")
+        for key in ("omega", "gamma"):
+            if not 0 <= getattr(self, key) <= 1:
+                raise ConfigError(f"method.{key} must be in [0, 1], got {getattr(self, key)}")
+        if self.beta < 0:
+            raise ConfigError(f"method.beta must be >= 0, got {self.beta}")
         if self.temperature <= 0:
             raise ConfigError(f"method.temperature must be positive, got {self.temperature}")
         fusion_schedule(self.interval)
