@@ -12,7 +12,7 @@ from okd.errors import DataError
 
 
 def build_loaders(
-    data_cfg: DataConfig, seed: int, device: torch.device | str | None, views: int = 1
+    data_cfg: DataConfig, seed: int, device: torch.device | str | None, views: int = 1, view_augs=None
 ) -> tuple[DeviceLoader | FolderLoader, DeviceLoader | FolderLoader, int, list[str]]:
     """Load (or download) the dataset and return ``(train_loader, test_loader, num_classes, class_names)``.
 
@@ -20,8 +20,14 @@ def build_loaders(
     statistics; ``padding_mode='zeros'`` pads with raw pixel value 0 (before normalisation), as
     torchvision's ``RandomCrop(32, padding=4)`` does. ``imagenet``/``tinyimagenet`` are image folders read by
     :func:`okd.data.folder.build_folder_loaders` (DataLoader workers, sharded under torch.distributed).
+    ``view_augs`` names each training view's augmentation (:mod:`okd.data.views`; CIFAR only).
     """
     if data_cfg.dataset in FOLDER_DATASETS:
+        if view_augs is not None:
+            raise DataError(
+                f"named per-view augmentations ({', '.join(view_augs)}) are implemented for CIFAR only, not for "
+                f"data.dataset={data_cfg.dataset}; leave the method's views out to give every view the standard crop"
+            )
         return build_folder_loaders(data_cfg, seed, device, views)
     spec = get_spec(data_cfg.dataset)
     default_mean, default_std = DATASET_STATS[spec.name]
@@ -39,7 +45,7 @@ def build_loaders(
             images, labels = images[:limit], labels[:limit]
         loader = split_loader(
             torch.from_numpy(images), torch.from_numpy(labels), data_cfg, train=train, mean=mean, std=std,
-            seed=seed, views=views, device=device,
+            seed=seed, views=views, device=device, view_augs=view_augs,
         )  # fmt: skip
         loaders.append(loader)
     return loaders[0], loaders[1], spec.num_classes, classes

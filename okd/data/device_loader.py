@@ -17,6 +17,9 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
+from okd.data.autoaugment import auto_augment
+from okd.data.randaugment import rand_augment
+from okd.data.views import VIEW_KINDS, check_view_names, cutout, rotate_nearest, view_draws
 from okd.errors import DataError
 
 PADDING_MODES = ("reflect", "zeros")
@@ -107,6 +110,7 @@ class DeviceLoader:
         channels_last: bool = False,
         dtype: torch.dtype = torch.float32,
         m_per_class: int = 0,
+        view_augs: Sequence[str] | None = None,
     ) -> None:
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ValueError(f"images must be uint8 N x C x H x W, got {images.dtype} {tuple(images.shape)}")
@@ -114,6 +118,10 @@ class DeviceLoader:
             raise ValueError(f"labels shape {tuple(labels.shape)} does not match {images.shape[0]} images")
         if batch_size <= 0 or views <= 0 or pad < 0:
             raise ValueError("batch_size and views must be positive and pad non-negative")
+        if view_augs is not None:
+            check_view_names(view_augs, "view_augs")
+            if len(view_augs) != views:
+                raise ValueError(f"view_augs names {len(view_augs)} views, but the loader makes {views}")
         if padding_mode not in PADDING_MODES:
             raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
         c, h, w = images.shape[1:]
@@ -138,6 +146,8 @@ class DeviceLoader:
         self.m_per_class = int(m_per_class)
         self.epoch = 0
         self._views = range(self.views)
+        #: per-view kinds (okd.data.views); None: every view is the standard crop + flip
+        self.view_kinds = None if view_augs is None else [VIEW_KINDS[name] for name in view_augs]
         self.rank, self.world_size = 0, 1
         #: leave out a last training batch that gives some rank a single image (set by the trainer for
         #: networks with BatchNorm: :func:`okd.engine.last_batch.drop_single_image_batches`)
@@ -224,6 +234,8 @@ class DeviceLoader:
             order = torch.randperm(n, generator=gen).to(self.device) if self.shuffle else None
         if self.train:
             offsets, flips = self._draws(gen, n)
+            if self.view_kinds is not None:
+                draws = {k: v.to(self.device) for k, v in view_draws(gen, self.views, n, self.images.shape[2:]).items()}
         per_rank = self.batch_size // self.world_size
         for i in range(len(self)):
             lo, hi = i * self.batch_size, min((i + 1) * self.batch_size, n)
@@ -240,8 +252,31 @@ class DeviceLoader:
                 x = self.normalize(xb)
                 yield (x if self.views == 1 else [x] * self.views), yb
                 continue
-            xs = [self.normalize(self.augment(xb, offsets[v, mine], flips[v, mine])) for v in self._views]
+            if self.view_kinds is None:
+                xs = [self.normalize(self.augment(xb, offsets[v, mine], flips[v, mine])) for v in self._views]
+            else:
+                xs = [self.normalize(self._named_view(xb, v, offsets, flips, draws, mine)) for v in self._views]
             yield (xs[0] if self.views == 1 else xs), yb
+
+    def _named_view(self, xb, v: int, offsets, flips, draws: dict, mine: slice) -> torch.Tensor:
+        """View ``v`` of a uint8 batch as its named kind makes it (crop, flip, then rotation, cutout or
+        RandAugment or AutoAugment)."""
+        kind = self.view_kinds[v]
+        off, flip = offsets[v, mine], flips[v, mine]
+        if not kind.crop:
+            off = torch.full_like(off, self.pad)
+        if not kind.flip:
+            flip = torch.zeros_like(flip)
+        x = self.augment(xb, off, flip)
+        if kind.rotate:
+            x = rotate_nearest(x, draws["angles"][v, mine] * kind.rotate)
+        if kind.cutout:
+            x = cutout(x, draws["centres"][v, mine], kind.cutout)
+        if kind.randaugment:
+            x = rand_augment(x, draws["ops"][v, mine], draws["negative"][v, mine])
+        if kind.autoaugment:
+            x = auto_augment(x, draws["policy"][v, mine], draws["probs"][v, mine], draws["policy_negative"][v, mine])
+        return x
 
 
 def split_holdout(loader: DeviceLoader, n: int) -> tuple[DeviceLoader, DeviceLoader]:
@@ -253,6 +288,7 @@ def split_holdout(loader: DeviceLoader, n: int) -> tuple[DeviceLoader, DeviceLoa
     held.images, held.labels = loader.images[-n:], loader.labels[-n:]
     held.train, held.shuffle, held.views, held._views, held.drop_last = False, False, 1, range(1), False
     held.m_per_class = 0
+    held.view_kinds = None
     return train, held
 
 
@@ -268,6 +304,7 @@ def split_loader(
     views: int,
     device: torch.device | str | None,
     pad: int | None = None,
+    view_augs: Sequence[str] | None = None,
 ) -> DeviceLoader:
     """The :class:`DeviceLoader` of one split with the settings of ``data_cfg`` (a ``DataConfig``; ``pad``
     overrides ``data.pad``); a training split smaller than one batch under ``drop_last`` is a ``DataError``."""
@@ -287,6 +324,7 @@ def split_loader(
         views=views if train else 1,
         device=device,
         m_per_class=data_cfg.m_per_class if train and data_cfg.sampler == "m_per_class" else 0,
+        view_augs=view_augs if train else None,
     )
     if loader.m_per_class:
         classes, k = len(labels.unique()), loader.batch_size // loader.m_per_class

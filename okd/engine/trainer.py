@@ -213,7 +213,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: DistContext, store: R
     seed_everything(r.seed)  # identical initial weights on every rank
     device = rank_device(dist, resolve_device(r.train.device))
     check_global_batch(r.data.batch_size, dist)
-    train_loader, test_loader, num_classes, classes = build_loaders(r.data, r.seed, device, views=_method_views(cfg))
+    views, view_augs = _method_views(cfg)
+    train_loader, test_loader, num_classes, classes = build_loaders(r.data, r.seed, device, views, view_augs)
     rebuild = deploy_fields(cfg, train_loader, classes)
     holdout_loader = None
     if r.data.holdout:
@@ -276,6 +277,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: DistContext, store: R
                 deploy_head = deploy_head or next(iter(metrics)).split("/")[0]
                 row.update({f"test/{k}": v for k, v in metrics.items()})
             paces.append(row["time/epoch_s"] + row.get("time/eval_s", 0.0))
+            method.after_evaluation(epoch)  # every epoch, scored or not (OKDPH's epoch-level fusion)
             row.update(plan.learning_rates())
             _check_finite(method, row, epoch + 1)
             history.append(row)
@@ -356,8 +358,10 @@ def _log_start(
         warn_threads_once()
 
 
-def _method_views(cfg: Config) -> int:
-    return METHODS.get(cfg.method_name).views_for(cfg.method_params)
+def _method_views(cfg: Config) -> tuple[int, list[str] | None]:
+    """The method's views per training image and their named augmentations (None: the standard crop)."""
+    cls = METHODS.get(cfg.method_name)
+    return cls.views_for(cfg.method_params), cls.view_augmentations(cfg.method_params)
 
 
 def _report_epoch(

@@ -14,6 +14,7 @@ from okd.methods import (  # noqa: F401  (each import registers its methods)
     lmcl,
     mcl,
     okddip,
+    okdph,
     one,
     pcl,
     switokd,

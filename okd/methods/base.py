@@ -160,6 +160,11 @@ class Method(nn.Module):
     def after_optimizer_step(self) -> None:
         """Called after every optimizer step (e.g. to update an EMA copy)."""
 
+    def after_evaluation(self, epoch: int) -> None:
+        """Called at the end of every epoch (0-based ``epoch``), after its evaluation when the epoch is scored
+        (``train.eval_every``) and before the checkpoint is written (OKDPH's epoch-level fusion); what it changes
+        is saved with the epoch."""
+
     def fit_on_holdout(self, batches) -> None:
         """Called before every training epoch with un-augmented held-out training batches when
         ``data.holdout > 0`` (e.g. KDCL's "general" ensembling weights)."""
@@ -172,6 +177,11 @@ class Method(nn.Module):
     def views_for(cls, params) -> int:
         """Augmented views per training image for these parameters (default: the class's ``views``)."""
         return cls.views
+
+    @classmethod
+    def view_augmentations(cls, params) -> list[str] | None:
+        """The named augmentation of each view (``okd.data.views``), or None: every view gets the standard crop."""
+        return None
 
     @classmethod
     def cohort_size(cls, params) -> int:

@@ -162,7 +162,7 @@ def test_unknown_recipes_say_what_exists():
         load_config("cifar100/dml_resnet32", ["recipe=fsd"])
     msg = str(info.value)
     assert "unknown recipe 'fsd' for cifar100; did you mean ffsd?" in msg
-    assert "cmff, cmff_vgg, ffl, ffsd, ffsd_paper, kdcl, mcl, okddip, pcl" in msg and "okd recipes" in msg
+    assert "cmff, cmff_vgg, ffl, ffsd, ffsd_paper, kdcl, mcl, okddip, okdph, pcl" in msg and "okd recipes" in msg
     with pytest.raises(ConfigError, match="okd ships no recipes for data.dataset=folder"):
         load_config("cifar100/dml_resnet32", ["recipe=ffsd", "data.dataset=folder"])
     with pytest.raises(ConfigError, match="must be a recipe name"):

@@ -216,6 +216,7 @@ SMALLEST = [
     ("pcl", "num_branches", 2, []), ("individual", "num_branches", 1, []), ("okddip", "num_branches", 2, []),
     ("okddip", "num_branches", 3, ["method.self_attention=false"]),  # a peer cannot attend to itself alone
     ("dml", "num_nets", 2, []), ("ffsd", "num_students", 2, []), ("kdcl", "num_students", 2, []),
+    ("okdph", "num_students", 2, []),
 ]  # fmt: skip
 
 
