@@ -18,7 +18,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from okd.configs import read_recipe, recipe_names, resolve_config
+from okd.configs import close_configs, read_recipe, recipe_names, resolve_config
 from okd.errors import ConfigError
 
 
@@ -262,8 +262,10 @@ def load_raw(path: str | Path | None) -> DictConfig:
         return OmegaConf.create({})
     found = resolve_config(path)
     if found is None:
+        close = close_configs(path)
+        hint = f" (did you mean {' or '.join(close)}?)" if close else ""
         raise ConfigError(
-            f"config file {str(path)!r} does not exist, and no packaged config has that name; "
+            f"config file {str(path)!r} does not exist, and no packaged config has that name{hint}; "
             "`okd configs` lists the packaged ones (e.g. cifar100/ffsd_resnet32)"
         )
     path = found
