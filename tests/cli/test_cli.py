@@ -25,6 +25,7 @@ def test_methods_lists_every_registered_method_with_its_paper(capsys):
         assert line.startswith(name) and "[" in line
 
 
+@pytest.mark.slow
 def test_models_lists_counts_at_native_resolution(capsys):
     assert main(["models"]) == 0
     out = capsys.readouterr().out
