@@ -1,8 +1,9 @@
 # Sourced by scripts/demo.sh and scripts/test.sh: picks the Python to run okd with and installs what is missing.
 #
 # The Python: $OKD_PYTHON if set, else the active virtual environment's, else ./.venv (created here on first use).
-# Then torch (the CPU build on a Linux machine without an NVIDIA driver: the default Linux build is the ~2.7 GB CUDA
-# one), then okd itself from this checkout with the extras named in $OKD_EXTRAS, each only if it is missing.
+# Then torch (the CPU build on a Linux machine without an NVIDIA driver, from $OKD_TORCH_INDEX, by default PyTorch's
+# CPU index: the default Linux build is the ~2.7 GB CUDA one), then okd itself from this checkout with the extras
+# named in $OKD_EXTRAS, each only if it is missing.
 set -euo pipefail
 
 if [ -n "${OKD_PYTHON:-}" ]; then
@@ -21,7 +22,7 @@ fi
 if ! "$PY" -c "import torch" 2>/dev/null; then
     if [ "$(uname -s)" = Linux ] && ! command -v nvidia-smi >/dev/null 2>&1; then
         echo "setup: installing torch (CPU build)"
-        "$PY" -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu
+        "$PY" -m pip install -q torch --extra-index-url "${OKD_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}"
     else
         echo "setup: installing torch"
         "$PY" -m pip install -q torch
