@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import inspect
 import io
 import json
@@ -249,8 +250,9 @@ def _info(key: str, f: dataclasses.Field, doc: str, check, method: str | None = 
     return KeyInfo(key, annotation, default, doc, accepts, _resume(key), key in EXECUTION_KEYS, method)
 
 
+@functools.cache
 def all_keys() -> tuple[list[KeyInfo], dict[str, list[KeyInfo]]]:
-    """The run keys and, per registered method, its parameters."""
+    """The run keys and, per registered method, its parameters (computed once per process)."""
     return run_keys(), {m: method_keys(m) for m in METHODS.names()}
 
 
