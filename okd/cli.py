@@ -28,6 +28,7 @@ from okd.methods.build import load_config
 from okd.models import count_macs, count_parameters, create_model, list_models
 from okd.models.registry import MODELS
 from okd.report import commands as report_commands
+from okd.report import config_reference
 from okd.report.scoring import PRECISIONS, score_checkpoint
 from okd.runs.metrics import best_in_history
 
@@ -40,6 +41,7 @@ Typical use:
   okd train --resume runs/<name>                                continue a stopped run exactly
   okd test runs/<name> [--checkpoint best]                      top-1/top-5 of every head on the test split
   okd configs | okd config cifar10/ffsd_resnet20 seed=3         packaged configs; one resolved config
+  okd config --explain [KEY|SECTION|METHOD]                     what every key means: type, default, range, resume
   okd recipes | okd train cifar100/dml_resnet32 recipe=ffsd     recipes; a method under another paper's recipe
   okd models | okd methods                                      what can be trained
   okd bench cifar100/ffsd_resnet32                              speed, side by side with the reference recipe
@@ -122,7 +124,21 @@ def cmd_configs(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    print(load_config(args.name, args.overrides).to_yaml(), end="")
+    if args.explain is not None or args.markdown:
+        if args.name is not None or args.overrides:
+            given = " ".join([args.name or "", *args.overrides]).strip()
+            raise OKDError(
+                f"okd config --explain takes one key, section or method (okd config --explain train.epochs), not "
+                f"{given!r} besides it"
+            )
+        if args.markdown and args.explain:
+            raise OKDError("okd config --explain --markdown prints the whole reference; give no key with it")
+        print(config_reference.markdown() if args.markdown else config_reference.explain(args.explain), end="")
+        return 0
+    config_path, overrides = _split_config_and_overrides([args.name, *args.overrides] if args.name else [])
+    if config_path is None:
+        raise OKDError("okd config needs a config (okd config cifar10/ffsd_resnet20 seed=3), or --explain [KEY]")
+    print(load_config(config_path, overrides).to_yaml(), end="")
     return 0
 
 
@@ -208,9 +224,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("configs", help="list the packaged configs (names for okd train, okd config, ...)")
     p.set_defaults(func=cmd_configs)
 
-    p = sub.add_parser("config", help="print a config fully resolved (defaults, file and overrides), as YAML")
-    p.add_argument("name", metavar="CONFIG", help="packaged config name (okd configs) or YAML file")
+    p = sub.add_parser(
+        "config",
+        help="print a config fully resolved (defaults, file and overrides), as YAML; --explain: what each key means",
+    )
+    p.add_argument("name", nargs="?", metavar="CONFIG", help="packaged config name (okd configs) or YAML file")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. seed=3")
+    p.add_argument(
+        "--explain",
+        nargs="?",
+        const="",
+        metavar="KEY|SECTION|METHOD",
+        help="the reference of every key (type, default, accepted values, resume), or of one key (train.epochs), "
+        "section (optim), method (ffsd) or method parameter (method.temperature); docs/config-reference.md",
+    )
+    p.add_argument("--markdown", action="store_true", help="with --explain: the reference as docs/config-reference.md")
     p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("recipes", help="list the recipes (a paper's data, optimiser, schedule and epochs)")

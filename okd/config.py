@@ -18,30 +18,30 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from okd.configs import read_recipe, recipe_names, resolve_config
+from okd.configs import close_configs, read_recipe, recipe_names, resolve_config
 from okd.errors import ConfigError
 
 
 @dataclass
 class DataConfig:
     dataset: str = "cifar100"  # cifar10 | cifar100 | imagenet | tinyimagenet | folder (root/train, root/val)
-    root: str = "data"
-    download: bool = True
-    pad: int = 4
+    root: str = "data"  # the folder holding the data set (CIFAR: downloaded into it when missing)
+    download: bool = True  # CIFAR: download (MD5-checked) when missing from data.root
+    pad: int = 4  # pixels of padding before the random crop (CIFAR, pad_crop)
     padding_mode: str = "reflect"  # reflect | zeros
-    flip: bool = True
+    flip: bool = True  # random horizontal flips in training
     mean: list[float] | None = None  # None: the dataset's standard statistics
-    std: list[float] | None = None
-    batch_size: int = 128
-    test_batch_size: int = 500
-    drop_last: bool = False
+    std: list[float] | None = None  # per channel, R, G, B, like data.mean
+    batch_size: int = 128  # the global training batch (split over processes under torchrun)
+    test_batch_size: int = 500  # evaluation batch (evaluation only)
+    drop_last: bool = False  # drop the last, smaller training batch of each epoch
     limit_train: int | None = None  # first N training images (quick runs and tests)
-    limit_test: int | None = None
+    limit_test: int | None = None  # first N test images
     holdout: int = 0  # last N training images withheld from training, un-augmented (KDCL "general")
     #: DataLoader workers (ImageNet-style folders only; CIFAR lives on the device); null: what the machine has,
     #: min(8, usable cores - 1) (okd.data.folder.loader.default_workers)
     workers: int | None = None
-    pin_memory: bool = True
+    pin_memory: bool = True  # DataLoader pinned memory (ImageNet-style folders)
     skip_unreadable: bool = False  # folders: skip (and report) unreadable images instead of failing
     # data.dataset=folder only (imagenet/tinyimagenet are fixed presets of it):
     image_size: int = 224  # the side of the square crops the network sees
@@ -63,7 +63,7 @@ class ModelConfig:
     taps: list[str] | None = None  # submodules whose outputs are the feature taps (FFSD, DML-leader, ...)
     branch_from: str | None = None  # branch methods: the first stage that is replicated per branch
     pretrained: bool = False  # timm: load model.weights (a local file; nothing is downloaded)
-    weights: str | None = None
+    weights: str | None = None  # timm: the local weights file model.pretrained loads
     #: the cohort, network by network (null: copies of the network above). Each entry is a name of the three
     #: kinds model.name takes, or a mapping with this section's keys ({name: ..., kwargs: ..., taps: ...});
     #: docs/cohorts.md. Methods whose structure needs equal networks refuse different members before training.
@@ -72,31 +72,31 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    milestones: list[int] = field(default_factory=lambda: [150, 225])
-    gamma: float = 0.1
+    lr: float = 0.1  # the SGD learning rate of every network (methods may give their own modules another)
+    momentum: float = 0.9  # SGD momentum
+    nesterov: bool = True  # Nesterov momentum
+    weight_decay: float = 5e-4  # SGD weight decay (L2, coupled)
+    milestones: list[int] = field(default_factory=lambda: [150, 225])  # epochs after which the lr is x gamma
+    gamma: float = 0.1  # the lr factor at each milestone
     schedule: str = "multistep"  # multistep | ffsd_imagenet_code | ffsd_imagenet_paper | cosine (per epoch)
-    warmup_epochs: int = 0
+    warmup_epochs: int = 0  # ffsd_imagenet_paper: epochs of linear lr warm-up
     lr_scaling: str = "none"  # none | linear: every group's lr x data.batch_size / reference_batch
-    reference_batch: int = 128
+    reference_batch: int = 128  # the batch optim.lr is given for (optim.lr_scaling=linear)
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 300
+    epochs: int = 300  # training epochs (a resume may raise it to extend a run)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    deterministic: bool = False
+    deterministic: bool = False  # deterministic kernels: bitwise repeatable on the same hardware and kernels
     progress: str = "auto"  # auto | bar | log | none
-    max_steps_per_epoch: int | None = None
+    max_steps_per_epoch: int | None = None  # stop each epoch after N steps (quick runs and tests)
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; losses in float32; fp16 uses a GradScaler)
     channels_last: bool = True  # measured 1.25x on CPU (fp32) and part of the 1.75-2.15x with bf16; see benchmarks
-    compile: bool = False
+    compile: bool = False  # torch.compile the whole training step into one graph
     compile_mode: str = "default"  # default | reduce-overhead | max-autotune
-    tf32: bool = True
-    cudnn_benchmark: bool = True
+    tf32: bool = True  # CUDA: TF32 matrix multiplies and convolutions
+    cudnn_benchmark: bool = True  # CUDA: cuDNN picks the fastest kernels (not with train.deterministic)
     sync_bn: bool = False  # distributed: SyncBatchNorm (CUDA only)
     find_unused_parameters: bool = False  # distributed: for ablations that leave modules unused
     allow_world_size_change: bool = False  # distributed: permit resuming with another process count
@@ -115,9 +115,9 @@ class TrainConfig:
 
 @dataclass
 class RunConfig:
-    name: str | None = None
-    output_dir: str = "runs"
-    seed: int = 0
+    name: str | None = None  # the run folder's name (None: <dataset>_<method>_<model>_s<seed>)
+    output_dir: str = "runs"  # the folder run folders are made in
+    seed: int = 0  # seeds weights, data order and augmentation
     #: the packaged recipe the data, optim and train settings come from (docs/recipes.md); None: no recipe, the
     #: settings are the config file's and the overrides' own ("custom")
     recipe: str | None = None
@@ -302,8 +302,10 @@ def load_raw(path: str | Path | None) -> DictConfig:
         return OmegaConf.create({})
     found = resolve_config(path)
     if found is None:
+        close = close_configs(path)
+        hint = f" (did you mean {' or '.join(close)}?)" if close else ""
         raise ConfigError(
-            f"config file {str(path)!r} does not exist, and no packaged config has that name; "
+            f"config file {str(path)!r} does not exist, and no packaged config has that name{hint}; "
             "`okd configs` lists the packaged ones (e.g. cifar100/ffsd_resnet32)"
         )
     path = found

@@ -47,6 +47,25 @@ def resolve_config(name: str | Path) -> Path | None:
     return candidate if candidate.is_file() else None
 
 
+def close_configs(name: str | Path) -> list[str]:
+    """Packaged config names close to a mistyped ``name`` (best first; empty when none is close).
+
+    ``cifar10/ffsd_resnt20`` suggests ``cifar10/ffsd_resnet20``; a name without its data set folder
+    (``ffsd_resnt20``) is compared with the part after the folder, and suggests every data set's config of
+    that name."""
+    text = Path(name).as_posix()
+    for prefix in ("./", "okd/configs/", "configs/"):
+        if text.startswith(prefix):
+            text = text[len(prefix) :]
+    text = text.removesuffix(".yaml").removesuffix(".yml")
+    known = packaged_configs()
+    if "/" in text:
+        return difflib.get_close_matches(text, known, n=1, cutoff=0.75)
+    stems = sorted({k.split("/", 1)[-1] for k in known})
+    close = difflib.get_close_matches(text, stems, n=1, cutoff=0.75)
+    return [k for k in known if close and k.split("/", 1)[-1] == close[0]]
+
+
 # --------------------------------------------------------------------------------------------------- recipes
 def recipe_datasets() -> list[str]:
     """The datasets (``data.dataset`` values) okd ships recipes for."""

@@ -141,6 +141,7 @@ def test_config_prints_the_resolved_config(capsys):
     assert helpers.mentions(capsys.readouterr().err, "unknown config key optim.nope")
 
 
+@pytest.mark.slow
 def test_closed_pipe_ends_quietly():
     """``okd configs | head -0``: no BrokenPipeError traceback, the shell's SIGPIPE status."""
     proc = subprocess.Popen(

@@ -58,6 +58,7 @@ def test_bad_override_syntax_and_missing_file(tmp_path):
         load_config(bad)
 
 
+@pytest.mark.slow
 def test_every_shipped_config_validates():
     from okd.configs import packaged_configs
 

@@ -20,6 +20,8 @@ from okd.engine.step import StepRunner, prepare_method
 from okd.methods import METHODS, MethodContext
 from okd.models import create_model
 
+pytestmark = pytest.mark.slow  # torch.compile of whole training steps
+
 K = 10
 PARAMS = {"cmff": {"image_size": 16}}  # CMFF's auxiliary heads are sized for the input resolution
 #: methods whose algorithm decides inside every step which optimizers step (their networks' forwards are compiled)

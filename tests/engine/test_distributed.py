@@ -20,6 +20,8 @@ from okd.io import load_checkpoint
 from okd.methods.build import build_method, load_config
 from okd.runs.metrics import read_metrics_csv
 
+pytestmark = pytest.mark.slow  # every test here trains under torchrun or two processes
+
 METHOD_CONFIGS = {
     "baseline": "cifar10/baseline_resnet20",
     "ffsd": "cifar10/ffsd_resnet20",

@@ -28,6 +28,8 @@ from okd.engine import step as step_module
 from okd.engine.trainer import train
 from okd.methods.build import load_config
 
+pytestmark = pytest.mark.slow  # every test here trains for many steps and measures memory
+
 BATCH, STEPS, WARMUP = 8, 6, 2
 
 

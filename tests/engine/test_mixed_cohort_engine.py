@@ -50,6 +50,7 @@ def ddp_args(root, out, name: str, epochs: int, steps: int) -> list[str]:
     return mixed_overrides(root, out, name, epochs, *extra)
 
 
+@pytest.mark.slow
 def test_ddp_mixed_cohort_step_is_the_mean_of_the_shards_and_resumes_exactly(code, cifar10_root, tmp_path):
     """Two processes: one step equals a single-process step whose gradient is the mean of the two shards'
     (BatchNorm statistics per process, as on the CPU without SyncBatchNorm); a run stopped after one epoch and
@@ -112,6 +113,7 @@ def assert_same_step(eager: StepRunner, compiled: StepRunner, x, y) -> None:
         torch.testing.assert_close(buffers_c[n], b, rtol=1e-4, atol=1e-5, msg=n)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("method", "backend"), [("dml", "eager"), ("kdcl", "eager"), ("dml", "aot_eager")])
 def test_mixed_cohort_step_compiles_as_one_graph_and_equals_eager(code, method, backend):
     torch._dynamo.reset()

@@ -22,6 +22,8 @@ from okd.methods.build import load_config
 from okd.report.scoring import score_checkpoint
 from okd.runs.metrics import read_metrics_csv
 
+pytestmark = pytest.mark.slow  # every test here trains real runs end to end
+
 CONFIG = "cifar10/baseline_resnet20"
 
 

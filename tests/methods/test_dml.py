@@ -157,6 +157,7 @@ def test_alternating_updates_need_detached_targets_and_one_process():
         runner.wrap_distributed(DistContext(rank=0, world_size=2), TrainConfig())
 
 
+@pytest.mark.slow
 def test_alternating_dml_trains_and_resumes_exactly(cifar10_root, tmp_path):
     settings = {
         "model.name": "resnet20",

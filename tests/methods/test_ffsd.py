@@ -515,6 +515,7 @@ def test_deployable_is_the_plain_leader_backbone():
 
 
 # ------------------------------------------------------------------------------------------------ end to end
+@pytest.mark.slow
 def test_end_to_end_every_head_and_loss_logged_and_resume_exact(cifar10_root, tmp_path):
     from okd.io import load_checkpoint
     from okd.runs.metrics import read_metrics_csv

@@ -205,6 +205,7 @@ def dml_runs(code, cifar10_root, tmp_path_factory):
     return full, resumed, config, lines.lines
 
 
+@pytest.mark.slow
 def test_dml_mixed_cohort_trains_resumes_exactly_and_names_its_heads(dml_runs):
     full, resumed, _, lines = dml_runs
     last, _ = helpers.assert_same_runs(full, resumed)
@@ -236,6 +237,7 @@ def test_dml_mixed_cohort_reports_every_member(dml_runs, capsys, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_dml_mixed_cohort_deploys_each_member_in_turn(dml_runs, cifar10_root, tmp_path):
     """deploy.pt holds net0 (method.deploy_net's default) as a resnet20; ``okd export RUN method.deploy_net=1``
     rebuilds and writes the user's network instead, which predict, ``okd test`` and a KD teacher read back."""
@@ -311,6 +313,7 @@ def test_resume_refuses_a_changed_member_list_by_name(dml_runs, capsys):
 
 
 # --------------------------------------------------------------------------------------------- KDCL, end to end
+@pytest.mark.slow
 def test_kdcl_mixed_cohort_trains_resumes_reports_and_deploys_the_chosen_student(code, cifar10_root, tmp_path, capsys):
     members = f"model.members=[resnet20,'{SMALL}']"
     full, resumed = helpers.train_and_resume(

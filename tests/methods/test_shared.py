@@ -450,6 +450,7 @@ METHOD_RUNS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(METHOD_RUNS))
 def test_trains_end_to_end_and_resumes_exactly(name, cifar10_root, tmp_path):
     full, resumed = helpers.train_and_resume(

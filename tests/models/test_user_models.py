@@ -139,6 +139,7 @@ def example_module(monkeypatch):
     sys.modules.pop("my_cnn", None)
 
 
+@pytest.mark.slow
 def test_ffsd_example_config_on_the_example_cnn(user_env, example_module, tmp_path, monkeypatch):
     full, deploy = _train_resume_export_predict(
         user_env, tmp_path, monkeypatch, None, "model.kwargs.width=4", "method.warmup_epochs=0",
@@ -159,6 +160,7 @@ def test_ffsd_example_config_on_the_example_cnn(user_env, example_module, tmp_pa
         assert again[key] == deploy[key], key
 
 
+@pytest.mark.slow
 def test_dml_example_config_on_the_example_cnn(user_env, example_module, tmp_path, monkeypatch):
     _, deploy = _train_resume_export_predict(
         user_env, tmp_path, monkeypatch, None, "model.kwargs.width=3", "data.in_memory=true",
@@ -252,6 +254,7 @@ def test_folder_statistics_are_the_training_splits(user_env):
     assert x.shape == (12, 3, 16, 16) and y.tolist()[:4] == [0, 0, 0, 0]
 
 
+@pytest.mark.slow
 def test_one_example_config_with_branch_from_then_kd_from_its_branch(user_env, example_module, tmp_path, monkeypatch):
     full, deploy = _train_resume_export_predict(
         user_env, tmp_path, monkeypatch, None, "model.kwargs.width=4", config="examples/one_my_cnn",

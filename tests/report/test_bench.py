@@ -112,6 +112,7 @@ def test_empty_csv_path_is_refused_before_the_run(tmp_path, monkeypatch, capsys)
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_also_eager_times_the_uncompiled_step_in_the_same_windows(tmp_path):
     """``--also-eager``: the compiled okd path, the same step uncompiled and the reference, ABBA in one run."""
     cfg = load_config("cifar100/baseline_resnet20", [*TINY, "train.compile=true"])

@@ -156,6 +156,7 @@ def recipe_runs(tmp_path_factory, cifar10_root) -> dict[str, list[Path]]:
     return {"ffsd": same, "okddip": own}
 
 
+@pytest.mark.slow
 def test_compare_on_small_real_runs(recipe_runs):
     names = [p.name for p in recipe_runs["ffsd"]]
     assert names == [
@@ -179,6 +180,7 @@ def test_compare_on_small_real_runs(recipe_runs):
     assert row.endswith("| cpu |") and float(row.split("|")[9].replace(",", "")) > 0  # images/s of the runs
 
 
+@pytest.mark.slow
 def test_compare_refuses_then_marks_the_real_mixed_runs(recipe_runs):
     runs = [*recipe_runs["ffsd"], *recipe_runs["okddip"]]
     assert [p.name for p in recipe_runs["okddip"]] == ["cifar10_dml_resnet20_s0"]

@@ -98,6 +98,7 @@ def test_torchscript_round_trip(ffsd_run, torchscript_file):
         torch.testing.assert_close(module(x), _leader_logits(ffsd_run, x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_onnx_matches_pytorch_in_onnxruntime(ffsd_run, tmp_path):
     pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
@@ -113,6 +114,7 @@ def test_onnx_matches_pytorch_in_onnxruntime(ffsd_run, tmp_path):
     assert "resnet20" in session.get_modelmeta().custom_metadata_map["okd"]
 
 
+@pytest.mark.slow
 def test_onnx_past_the_inline_limit_keeps_its_weights_beside_it(ffsd_run, tmp_path, monkeypatch):
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")

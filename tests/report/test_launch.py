@@ -42,6 +42,7 @@ def local_sweep(tmp_path_factory, cifar10_root) -> tuple[str, Path]:
     return text, out
 
 
+@pytest.mark.slow
 def test_local_launcher_runs_two_seeds_through_submitit(local_sweep):
     text, out = local_sweep
     assert "ran 2 job(s) through submitit (local):" in text

@@ -15,6 +15,7 @@ PLAN = helpers.REPO / "benchmarks" / "sweeps" / "cifar100_ffsd_recipe.yaml"
 BACKBONES = ("resnet32", "wrn16_2")
 
 
+@pytest.mark.slow
 def test_the_planned_table_covers_every_method_on_both_backbones():
     plan = load_sweep_file(PLAN)
     assert plan.recipe == "ffsd" and plan.seeds == [0, 1, 2]
@@ -32,6 +33,7 @@ def test_the_planned_table_covers_every_method_on_both_backbones():
     assert "\nexpected_time: " in PLAN.read_text()  # how long it takes, measured how
 
 
+@pytest.mark.slow
 def test_sweep_file_prints_its_commands_and_what_it_leaves_out():
     text = helpers.cli("sweep", "--file", PLAN, "--print")
     commands = [line for line in text.splitlines() if line.startswith("okd train ")]

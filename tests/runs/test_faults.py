@@ -26,6 +26,8 @@ from okd.io import load_checkpoint
 from okd.runs.metrics import read_metrics_csv
 from okd.runs.store import BEST_BACKUP, FAULT_ENV, LOCK_NAME, UNCOMMITTED
 
+pytestmark = pytest.mark.slow  # every test here trains, stops and resumes real runs
+
 CONFIG = "cifar10/baseline_resnet20"
 RUN = Path("runs/run")  # relative: config.yaml is then the same for every run of these tests
 FILES = ("metrics.csv", "best.pt", "deploy.pt", "last.pt")

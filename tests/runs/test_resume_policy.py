@@ -114,6 +114,7 @@ def test_milestones_may_change_only_after_the_epochs_trained():
 
 
 # ------------------------------------------------------------------------------------------- end to end
+@pytest.mark.slow
 def test_new_milestones_move_the_restored_scheduler(two_epochs, cifar10_root, tmp_path, monkeypatch):
     """Extending 2 epochs to 4 with a decay at 3 equals a straight 4-epoch run with milestones [3], bitwise."""
     run = _copy(two_epochs, tmp_path)
