@@ -14,6 +14,7 @@ import contextlib
 from collections.abc import Callable
 
 import torch
+import torch.distributed
 from torch import Tensor
 
 from okd.config import TrainConfig
@@ -118,12 +119,13 @@ class StepRunner:
         self.scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
         self.compile_backend, self.compile_fullgraph = compile_backend, compile_fullgraph
         self._losses: LossFunction | None = None  # built at the first step (after a DDP wrap)
+        self.world_size = 1  # processes taking part in each step (set by wrap_distributed)
 
     def wrap_distributed(self, dist, cfg: TrainConfig) -> None:
         """Wrap the whole cohort in one DistributedDataParallel so all gradients share buckets."""
         from torch.nn.parallel import DistributedDataParallel
 
-        if self.method.manual_optimization:
+        if self.method.manual_optimization and not getattr(self.method, "ddp_manual_step", False):
             raise ConfigError(
                 "this method configuration steps its optimizers one by one within a step (e.g. DML's "
                 "method.alternate_updates=true), which DistributedDataParallel cannot synchronise; run it in "
@@ -134,11 +136,25 @@ class StepRunner:
             if self.device.type != "cuda":
                 raise ConfigError("train.sync_bn=true needs CUDA devices (SyncBatchNorm has no CPU kernel)")
             self.method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.method)
+        ignored = getattr(self.method, "ddp_ignored_parameters", lambda: [])()
+        if ignored:  # gradients the method averages itself (average_across_processes)
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self.method, ignored)
+        self.world_size = dist.world_size
         self.model = DistributedDataParallel(
             self.method,
             device_ids=[self.device.index] if self.device.type == "cuda" else None,
             find_unused_parameters=cfg.find_unused_parameters,
         )
+
+    def average_across_processes(self, tensors: list[Tensor]) -> list[Tensor]:
+        """The mean of each tensor over the processes (one all-reduce; the tensors themselves in one process): for
+        gradients a ``manual_step`` computes outside DDP's backward, so that every rank steps with the same ones."""
+        if self.world_size == 1 or not tensors:
+            return tensors
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+        flat /= self.world_size
+        return [v.view_as(t) for v, t in zip(flat.split([t.numel() for t in tensors]), tensors, strict=True)]
 
     def zero_grad(self, index: int | None = None) -> None:
         for opt in self.optimizers if index is None else [self.optimizers[index]]:

@@ -100,6 +100,9 @@ class Method(nn.Module):
     cohort_key: ClassVar[str | None] = None
     #: a ``Params`` field that lists the cohort in the method's own older spelling (KDCL: ``models``)
     members_key: ClassVar[str | None] = None
+    #: True when ``manual_step`` keeps the processes of a DistributedDataParallel run in step itself: its backward
+    #: goes through ``runner.model`` and every other gradient through ``runner.average_across_processes``
+    ddp_manual_step: ClassVar[bool] = False
 
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__()
@@ -156,6 +159,11 @@ class Method(nn.Module):
         alternating updates). Use ``runner.zero_grad(i)``, ``runner.backward(loss)`` and ``runner.step_optimizer(i)``
         (optimizer ``i`` = the i-th ParamGroup); return detached losses for logging."""
         raise NotImplementedError
+
+    def ddp_ignored_parameters(self) -> list[str]:
+        """Names of parameters DistributedDataParallel leaves alone (no gradient in the wrapped forward; the method
+        averages theirs itself)."""
+        return []
 
     def after_optimizer_step(self) -> None:
         """Called after every optimizer step (e.g. to update an EMA copy)."""

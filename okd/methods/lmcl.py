@@ -14,7 +14,8 @@ computed under no-grad. After the main step of every ``meta_every``-th batch of 
 round on the same batch (``okd/methods/lmcl_meta.py``) gives phi its hypergradient and one Nesterov SGD step.
 The method steps its optimizers itself (``manual_step``): ``cohort`` (networks, Embed heads, aggregators) and
 ``loss_weights`` (phi), both at the run's lr schedule; the meta round's virtual optimiser uses the cohort's
-current lr with plain momentum.
+current lr with plain momentum. Under DistributedDataParallel the main step's gradients are averaged by DDP and the
+meta round's by the round itself (``okd/methods/lmcl_meta.py``); DDP leaves phi alone.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from torch.func import functional_call
 from okd.errors import ConfigError
 from okd.methods.base import Method, MethodContext, ParamGroup, register_method, sgd_group
 from okd.methods.branch_base import average_accuracy, check_int
-from okd.methods.lmcl_meta import MetaSettings, hypergradient
+from okd.methods.lmcl_meta import Average, MetaSettings, hypergradient
 from okd.methods.lmcl_net import Aggregator, LossWeightNetwork, ce, kl_t, layer_contrast
 from okd.models.aux_branches import STAGES, AuxBranchNet
 from okd.models.members import head_labels
@@ -95,6 +96,7 @@ class LMCL(Method):
     Params = LMCLParams
     mixed_cohort = None  # any networks with a stage cut (okd/models/aux_branches.py): they meet only in the losses
     cohort_key = "num_nets"
+    ddp_manual_step = True  # the main step's forward goes through runner.model; the meta round averages its own
 
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)
@@ -126,6 +128,10 @@ class LMCL(Method):
             sgd_group("cohort", cohort, self.ctx.optim),
             sgd_group("loss_weights", self.weight_net.parameters(), self.ctx.optim),
         ]
+
+    def ddp_ignored_parameters(self) -> list[str]:
+        """phi: no gradient in the main step; the meta round averages its gradient over the processes itself."""
+        return [f"weight_net.{n}" for n, _ in self.weight_net.named_parameters()]
 
     def theta(self) -> list[tuple[nn.Module, str, nn.Parameter]]:
         """The meta round's theta: every parameter of the networks and Embed heads, as (module, name, param)."""
@@ -206,7 +212,7 @@ class LMCL(Method):
 
     def manual_step(self, images: Tensor, labels: Tensor, epoch: int, runner) -> dict[str, Tensor]:
         """The main step (optimizer 0), then the meta round on the same batch when this batch index is due."""
-        losses = self.training_step(images, labels, epoch)
+        losses = runner.model(images, labels, epoch)  # training_step, through the DDP wrapper when there is one
         runner.zero_grad(0)
         runner.backward(sum(v for k, v in losses.items() if not k.startswith("stat/")))
         runner.step_optimizer(0)
@@ -215,7 +221,7 @@ class LMCL(Method):
             self.step_in_epoch.zero_()
         if int(self.step_in_epoch) % self.hp.meta_every == 0:
             lr = float(runner.optimizers[0].param_groups[0]["lr"])
-            self.meta_step(images, labels, lr, runner.optimizers[1])
+            self.meta_step(images, labels, lr, runner.optimizers[1], runner.average_across_processes)
         self.step_in_epoch.add_(1)
         return {k: v.detach() for k, v in losses.items()}
 
@@ -223,9 +229,12 @@ class LMCL(Method):
         optim = self.ctx.optim
         return MetaSettings(lr, optim.momentum, optim.weight_decay, self.hp.inner_steps, self.hp.meta_adjoint_wd_bug)
 
-    def meta_step(self, images: Tensor, labels: Tensor, lr: float, weight_optimizer) -> Tensor:
+    def meta_step(
+        self, images: Tensor, labels: Tensor, lr: float, weight_optimizer, average: Average | None = None
+    ) -> Tensor:
         """One meta round: phi's hypergradient into ``phi.grad``, one step of ``weight_optimizer``; returns
-        L_out(theta_3). The networks stay at theta_0; BN statistics as ``meta_bn_side_effect`` says."""
+        L_out(theta_3). The networks stay at theta_0; BN statistics as ``meta_bn_side_effect`` says (this process's
+        shard under DDP). ``average``: the mean over the processes (``hypergradient``), None in one process."""
         buffers = [b for net in self.nets for b in net.buffers()]
         before = [b.clone() for b in buffers]
         after_first: list[Tensor] = []
@@ -241,6 +250,7 @@ class LMCL(Method):
             lambda th: self.outer_objective(th, images, labels),
             self.meta_settings(lr),
             after_first_forward=record,
+            average=average,
         )
         with torch.no_grad():
             for b, saved in zip(buffers, after_first if self.hp.meta_bn_side_effect else before, strict=True):

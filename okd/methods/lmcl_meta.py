@@ -18,6 +18,12 @@ with c = 1 as the reference code writes it (``meta_adjoint_wd_bug=true``) or c =
 networks are left at theta_0 (everything here is functional; nothing is written into the parameters), and the
 BatchNorm running statistics end as after one train-mode forward at theta_0 on the batch (the reference's
 rollback-then-recompute side effect; ``meta_bn_side_effect=false`` restores them exactly instead).
+
+Under DistributedDataParallel each process holds a shard of the batch and its own objectives on it; ``average``
+(the mean over the processes) is applied to every g_t before its virtual step, to the adjoint a_0 of L_out(theta_3),
+to every h and to phi's gradient. Every process then follows the same virtual trajectory and gets the same phi
+gradient: the hypergradient, exactly, of the mean over the shards of L_out with the mean over the shards of L_in
+(each shard's objective as one process computes it, its BatchNorm batch statistics and contrastive terms per shard).
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ from torch import Tensor
 
 #: an objective of theta: (parameter list) -> scalar
 Objective = Callable[[list[Tensor]], Tensor]
+#: the mean over the processes of a list of tensors (the identity in one process)
+Average = Callable[[list[Tensor]], list[Tensor]]
 
 
 @dataclass
@@ -60,14 +68,17 @@ def hypergradient(
     outer: Objective,
     cfg: MetaSettings,
     after_first_forward: Callable[[], None] | None = None,
+    average: Average | None = None,
 ) -> tuple[list[Tensor], Tensor]:
     """(d L_out(theta_3) / d phi as the reverse sweep gives it, L_out(theta_3)).
 
     ``inner`` and ``outer`` compute the objectives at the given theta (``inner`` reads ``phi`` itself).
     ``after_first_forward`` runs right after the first inner forward at theta_0 (to record the BN statistics).
+    ``average``: the mean over the processes (module docstring); None in one process.
     Each step's gradient graph is kept from the forward sweep for the reverse sweep (the reference recomputes it
-    from a snapshot; the values are the same).
+    from a snapshot; the values are the same). The returned L_out(theta_3) is this process's.
     """
+    mean = average if average is not None else (lambda xs: xs)
     eta, mu, wd = cfg.lr, cfg.momentum, cfg.weight_decay
     objectives = [inner] * cfg.inner_steps + [outer]
     theta = [t.detach() for t in theta0]
@@ -81,12 +92,12 @@ def hypergradient(
         grads = _grads(loss, leaves, create_graph=True)
         tape.append((leaves, grads))
         with torch.no_grad():
-            step = [g.detach() + wd * x for g, x in zip(grads, theta, strict=True)]
+            step = [g + wd * x for g, x in zip(mean([g.detach() for g in grads]), theta, strict=True)]
             velocity = step if velocity is None else [mu * v + s for v, s in zip(velocity, step, strict=True)]
             theta = [x - eta * v for x, v in zip(theta, velocity, strict=True)]
     leaves = _leaves(theta)
     outer_loss = outer(leaves)
-    a0 = [g.detach() for g in _grads(outer_loss, leaves)]
+    a0 = mean([g.detach() for g in _grads(outer_loss, leaves)])
     a1 = [torch.zeros_like(x) for x in a0]
     phi_grad = [torch.zeros_like(p) for p in phi]
     carry = 1.0 if cfg.adjoint_wd_bug else wd
@@ -95,8 +106,8 @@ def hypergradient(
         dot = sum((g * v).sum() for g, v in zip(grads, u, strict=True))
         back = _grads(dot, [*phi, *leaves]) if dot.requires_grad else [torch.zeros_like(x) for x in (*phi, *leaves)]
         phi_grad = [acc + g.detach() for acc, g in zip(phi_grad, back[: len(phi)], strict=True)]
-        h = [g.detach() for g in back[len(phi) :]]
+        h = mean([g.detach() for g in back[len(phi) :]])
         new_a0 = [x * (1 - eta * wd) + carry * y + z for x, y, z in zip(a0, a1, h, strict=True)]
         a1 = [mu * y - eta * mu * x for x, y in zip(a0, a1, strict=True)]
         a0 = new_a0
-    return phi_grad, outer_loss.detach()
+    return mean(phi_grad), outer_loss.detach()

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import helpers
+import lmcl_ddp_worker
 import pytest
 import torch
 
@@ -15,9 +16,10 @@ import okd.methods  # noqa: F401  (registers every method)
 from okd.data import build_loaders
 from okd.engine.builder import build_optimization
 from okd.engine.seeding import seed_everything
-from okd.engine.step import prepare_method
+from okd.engine.step import prepare_method, sum_losses
 from okd.io import load_checkpoint
 from okd.methods.build import build_method, load_config
+from okd.methods.lmcl_meta import hypergradient
 from okd.runs.metrics import read_metrics_csv
 
 pytestmark = pytest.mark.slow  # every test here trains under torchrun or two processes
@@ -86,6 +88,47 @@ def test_one_ddp_step_equals_the_mean_of_per_shard_gradients(method, cifar10_roo
     for name, value in ddp_state["method"].items():
         if name in params:
             torch.testing.assert_close(value, params[name].detach(), rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_lmcl_ddp_step_and_meta_round_equal_the_mean_over_shards(tmp_path):
+    """L-MCL under DDP with its meta round (a round after batch 0): both processes end with bitwise the same
+    networks and phi, equal (float64 rounding) to one process that steps the mean over the two shards of each
+    shard's main loss, then runs the meta round on the means over the shards of L_in and L_out (contrastive terms
+    and BatchNorm statistics per shard) and steps phi."""
+    worker = Path(lmcl_ddp_worker.__file__)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", str(worker)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([*cmd, str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+
+    ref, optimizers, _ = lmcl_ddp_worker.build()
+    phi_init = {n: p.detach().clone() for n, p in ref.named_parameters() if n.startswith("weight_net.")}
+    images, labels = lmcl_ddp_worker.batch()
+    shards = [(images[s], labels[s]) for s in lmcl_ddp_worker.SHARDS]
+    for x, y in shards:
+        (sum_losses(ref.training_step(x, y, 0)) / len(shards)).backward()
+    optimizers[0].step()
+
+    def mean_over_shards(objective):
+        return lambda theta: sum(objective(theta, x, y) for x, y in shards) / len(shards)
+
+    phi = list(ref.weight_net.parameters())
+    theta0 = [p for _, _, p in ref.theta()]
+    settings = ref.meta_settings(optimizers[0].param_groups[0]["lr"])
+    grads, _ = hypergradient(
+        theta0, phi, mean_over_shards(ref.inner_objective), mean_over_shards(ref.outer_objective), settings
+    )
+    for p, g in zip(phi, grads, strict=True):
+        p.grad = g
+    optimizers[1].step()
+
+    params = dict(ref.named_parameters())
+    assert ranks[0].keys() == ranks[1].keys() == params.keys()
+    for name, value in ranks[0].items():
+        assert torch.equal(value, ranks[1][name]), name
+        torch.testing.assert_close(value, params[name].detach(), rtol=1e-10, atol=1e-12, msg=name)
+    assert all(not torch.equal(ranks[0][n], v) for n, v in phi_init.items())  # phi took its meta step
 
 
 @pytest.mark.parametrize("method", ["ffsd", "dml"])

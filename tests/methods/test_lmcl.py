@@ -44,9 +44,11 @@ def images(n: int = 4, size: int = 8, seed: int = 1, dtype=torch.float64) -> tor
 
 
 class Runner:
-    """The three calls ``manual_step`` makes, on plain SGD optimizers built from the method's groups."""
+    """What ``manual_step`` uses of a StepRunner in one process, on plain SGD optimizers built from the method's
+    groups."""
 
     def __init__(self, method: LMCL) -> None:
+        self.model = method
         self.optimizers = [
             torch.optim.SGD(g.params, lr=g.lr, momentum=g.momentum, weight_decay=g.weight_decay, nesterov=g.nesterov)
             for g in method.param_groups()
@@ -60,6 +62,9 @@ class Runner:
 
     def step_optimizer(self, i: int) -> None:
         self.optimizers[i].step()
+
+    def average_across_processes(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        return tensors
 
 
 # ------------------------------------------------------------------------------------------------ networks
