@@ -90,45 +90,53 @@ def test_one_ddp_step_equals_the_mean_of_per_shard_gradients(method, cifar10_roo
             torch.testing.assert_close(value, params[name].detach(), rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_lmcl_ddp_step_and_meta_round_equal_the_mean_over_shards(tmp_path):
-    """L-MCL under DDP with its meta round (a round after batch 0): both processes end with bitwise the same
-    networks and phi, equal (float64 rounding) to one process that steps the mean over the two shards of each
-    shard's main loss, then runs the meta round on the means over the shards of L_in and L_out (contrastive terms
-    and BatchNorm statistics per shard) and steps phi."""
+def lmcl_reference(meta_every: int) -> dict[str, torch.Tensor]:
+    """One process on the worker's two batches: each main step on the mean over the shards of each shard's loss;
+    after the first, with ``meta_every > 0``, the meta round on the means over the shards of L_in and L_out."""
+    ref, optimizers, _ = lmcl_ddp_worker.build(meta_every)
+    for index in range(2):
+        images, labels = lmcl_ddp_worker.batch(index)
+        shards = [(images[s], labels[s]) for s in lmcl_ddp_worker.SHARDS]
+        optimizers[0].zero_grad(set_to_none=True)
+        for x, y in shards:
+            (sum_losses(ref.training_step(x, y, 0)) / len(shards)).backward()
+        optimizers[0].step()
+        if index == 0 and meta_every:
+
+            def mean_over_shards(objective, shards=shards):
+                return lambda theta: sum(objective(theta, x, y) for x, y in shards) / len(shards)
+
+            phi = list(ref.weight_net.parameters())
+            settings = ref.meta_settings(optimizers[0].param_groups[0]["lr"])
+            inner, outer = mean_over_shards(ref.inner_objective), mean_over_shards(ref.outer_objective)
+            grads, _ = hypergradient([p for _, _, p in ref.theta()], phi, inner, outer, settings)
+            for p, g in zip(phi, grads, strict=True):
+                p.grad = g
+            optimizers[1].step()
+    return {n: p.detach() for n, p in ref.named_parameters()}
+
+
+def test_lmcl_ddp_steps_and_meta_round_equal_the_mean_over_shards(tmp_path):
+    """L-MCL under DDP, two steps with a meta round after the first (and, with meta_every=0, two plain steps):
+    both processes end with bitwise the same networks and phi, equal (float64 rounding) to one process that steps
+    the mean over the two shards of each shard's main loss and runs the meta round on the means over the shards of
+    L_in and L_out (contrastive terms and BatchNorm statistics per shard). phi gets no gradient in the main step:
+    DDP must leave it out, or its second step fails."""
     worker = Path(lmcl_ddp_worker.__file__)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", str(worker)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([*cmd, str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-
-    ref, optimizers, _ = lmcl_ddp_worker.build()
-    phi_init = {n: p.detach().clone() for n, p in ref.named_parameters() if n.startswith("weight_net.")}
-    images, labels = lmcl_ddp_worker.batch()
-    shards = [(images[s], labels[s]) for s in lmcl_ddp_worker.SHARDS]
-    for x, y in shards:
-        (sum_losses(ref.training_step(x, y, 0)) / len(shards)).backward()
-    optimizers[0].step()
-
-    def mean_over_shards(objective):
-        return lambda theta: sum(objective(theta, x, y) for x, y in shards) / len(shards)
-
-    phi = list(ref.weight_net.parameters())
-    theta0 = [p for _, _, p in ref.theta()]
-    settings = ref.meta_settings(optimizers[0].param_groups[0]["lr"])
-    grads, _ = hypergradient(
-        theta0, phi, mean_over_shards(ref.inner_objective), mean_over_shards(ref.outer_objective), settings
-    )
-    for p, g in zip(phi, grads, strict=True):
-        p.grad = g
-    optimizers[1].step()
-
-    params = dict(ref.named_parameters())
-    assert ranks[0].keys() == ranks[1].keys() == params.keys()
-    for name, value in ranks[0].items():
-        assert torch.equal(value, ranks[1][name]), name
-        torch.testing.assert_close(value, params[name].detach(), rtol=1e-10, atol=1e-12, msg=name)
-    assert all(not torch.equal(ranks[0][n], v) for n, v in phi_init.items())  # phi took its meta step
+    phi_init = {n: p.detach() for n, p in lmcl_ddp_worker.build(0)[0].named_parameters() if n.startswith("weight_")}
+    for meta_every in lmcl_ddp_worker.META_EVERY:
+        ranks = [torch.load(tmp_path / f"meta{meta_every}_rank{r}.pt") for r in range(2)]
+        params = lmcl_reference(meta_every)
+        assert ranks[0].keys() == ranks[1].keys() == params.keys()
+        for name, value in ranks[0].items():
+            assert torch.equal(value, ranks[1][name]), (meta_every, name)
+            torch.testing.assert_close(value, params[name], rtol=1e-10, atol=1e-12, msg=f"{meta_every} {name}")
+        moved = [not torch.equal(ranks[0][n], v) for n, v in phi_init.items()]
+        assert all(moved) if meta_every else not any(moved)  # phi takes its meta step, and only that one
 
 
 @pytest.mark.parametrize("method", ["ffsd", "dml"])
