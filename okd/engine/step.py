@@ -5,7 +5,8 @@ i.e. the function ``(images, labels, epoch, scalars) -> (losses, total)`` of :fu
 inside it; its backward is compiled with it (AOTAutograd). The epoch-dependent loss weights enter as inputs
 (``Method.epoch_scalars``), so a new epoch does not recompile. The optimizer steps stay outside the graph: they are
 fused kernels already (``okd.engine.builder.build_optimizer``). Methods that step optimizers inside the step
-(``manual_optimization``: DML's alternating updates) compile the forwards of their networks instead.
+(``manual_optimization``: DML's alternating updates) compile the forwards of their networks instead; under DDP
+such a method wraps each network separately (``Method.ddp_per_network``), or DDP refuses it.
 """
 
 from __future__ import annotations
@@ -120,25 +121,34 @@ class StepRunner:
         self._losses: LossFunction | None = None  # built at the first step (after a DDP wrap)
 
     def wrap_distributed(self, dist, cfg: TrainConfig) -> None:
-        """Wrap the whole cohort in one DistributedDataParallel so all gradients share buckets."""
+        """Wrap the whole cohort in one DistributedDataParallel so all gradients share buckets; a method that steps
+        its optimizers itself wraps each of its networks separately (``Method.ddp_per_network``) or is refused."""
         from torch.nn.parallel import DistributedDataParallel
 
-        if self.method.manual_optimization:
+        manual = self.method.manual_optimization
+        if manual and not getattr(self.method, "ddp_per_network", False):
             raise ConfigError(
                 "this method configuration steps its optimizers one by one within a step (e.g. DML's "
                 "method.alternate_updates=true), which DistributedDataParallel cannot synchronise; run it in "
                 "one process or switch that option off"
             )
-        self._losses = None  # the step's function is rebuilt over the wrapper
         if cfg.sync_bn:
             if self.device.type != "cuda":
                 raise ConfigError("train.sync_bn=true needs CUDA devices (SyncBatchNorm has no CPU kernel)")
             self.method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.method)
-        self.model = DistributedDataParallel(
-            self.method,
-            device_ids=[self.device.index] if self.device.type == "cuda" else None,
-            find_unused_parameters=cfg.find_unused_parameters,
-        )
+
+        def wrap(module: torch.nn.Module) -> torch.nn.Module:
+            return DistributedDataParallel(
+                module,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=cfg.find_unused_parameters,
+            )
+
+        if manual:
+            self.method.distribute_networks(wrap)
+            return
+        self._losses = None  # the step's function is rebuilt over the wrapper
+        self.model = wrap(self.method)
 
     def zero_grad(self, index: int | None = None) -> None:
         for opt in self.optimizers if index is None else [self.optimizers[index]]:

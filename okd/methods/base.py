@@ -8,6 +8,7 @@ hooks and the tests a method needs: docs/add-a-method.md.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -100,6 +101,8 @@ class Method(nn.Module):
     cohort_key: ClassVar[str | None] = None
     #: a ``Params`` field that lists the cohort in the method's own older spelling (KDCL: ``models``)
     members_key: ClassVar[str | None] = None
+    #: a ``manual_optimization`` method that runs under DDP with one wrapper per network (``distribute_networks``)
+    ddp_per_network: ClassVar[bool] = False
 
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__()
@@ -155,6 +158,13 @@ class Method(nn.Module):
         """One step for methods whose reference algorithm steps some optimizers before later forwards (DML's
         alternating updates). Use ``runner.zero_grad(i)``, ``runner.backward(loss)`` and ``runner.step_optimizer(i)``
         (optimizer ``i`` = the i-th ParamGroup); return detached losses for logging."""
+        raise NotImplementedError
+
+    def distribute_networks(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
+        """DistributedDataParallel for a ``manual_optimization`` method that sets ``ddp_per_network``: wrap each
+        network that trains in its own wrapper (``wrap`` builds one), forward through the wrappers, and reduce over
+        all ranks any batch statistic that decides which optimizers step, so that every rank takes the same
+        branch. Without ``ddp_per_network`` the runner refuses DDP for such a method."""
         raise NotImplementedError
 
     def after_optimizer_step(self) -> None:
