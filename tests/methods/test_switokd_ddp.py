@@ -2,8 +2,9 @@
 the CPU, each stepping its half of every batch through the trainer's runner, against one process stepping the
 whole batch. The switch statistics are global batch means, so both ranks take the whole batch's mode, also on a
 batch whose two halves alone would take different modes; a paused teacher's wrapper takes no backward and no
-rank hangs on it. The networks run in eval mode (BatchNorm on running statistics), so a half batch's logits are
-bitwise those rows of the whole batch's and the comparison is exact up to rounding."""
+rank hangs on it. Shards of 4 and 3 images (a short last batch) still give the means over all 7. The networks
+run in eval mode (BatchNorm on running statistics), so a half batch's logits are bitwise those rows of the whole
+batch's and the comparison is exact up to rounding."""
 
 from __future__ import annotations
 
@@ -72,6 +73,13 @@ def train(method, runner, shard: slice, steps: int = 3) -> list[dict]:
     return logged
 
 
+def odd_batch():
+    """Seven hand-made logit pairs (K = 10): shards of 4 and 3 images, as in a short last batch."""
+    g = torch.Generator().manual_seed(7)
+    z = 3 * torch.randn(2, 7, 10, generator=g, dtype=torch.float64)
+    return z[0], z[1], torch.randint(0, 10, (7,), generator=g)
+
+
 def rank_main(rank: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
@@ -81,7 +89,10 @@ def rank_main(rank: int, init_file: str, out_dir: str) -> None:
         logged = train(method, runner, slice(rank, None, WORLD))
         state = {k: v.clone() for k, v in method.state_dict().items()}
         momenta = [runner.optimizers[i].state_dict()["state"] for i in range(2)]
-        torch.save({"stats": logged, "state": state, "momenta": momenta}, os.path.join(out_dir, f"rank{rank}.pt"))
+        z_t, z_s, y = (v[rank::WORLD] for v in odd_batch())
+        odd = {k: float(v) for k, v in switch_statistics(z_t, z_s, y, 10, global_batch=True).items()}
+        saved = {"stats": logged, "state": state, "momenta": momenta, "odd": odd}
+        torch.save(saved, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -134,6 +145,10 @@ def test_two_processes_equal_one_process_on_the_whole_batch(tmp_path):
             for index, state in opt.state_dict()["state"].items():
                 buf = got["momenta"][i][index]["momentum_buffer"]
                 torch.testing.assert_close(buf, state["momentum_buffer"], rtol=1e-10, atol=1e-12)
+    # unequal shards (4 and 3 images): the statistics are still the means over all 7 images
+    odd = {k: float(v) for k, v in switch_statistics(*odd_batch(), 10).items()}
+    for got in ranks:
+        assert got["odd"] == pytest.approx(odd, rel=1e-12, abs=1e-14)
     for name, value in ranks[0]["state"].items():
         assert torch.equal(value, ranks[1]["state"][name]), name  # the ranks hold the same networks
     assert ranks[0]["stats"] == ranks[1]["stats"]
