@@ -5,7 +5,8 @@ i.e. the function ``(images, labels, epoch, scalars) -> (losses, total)`` of :fu
 inside it; its backward is compiled with it (AOTAutograd). The epoch-dependent loss weights enter as inputs
 (``Method.epoch_scalars``), so a new epoch does not recompile. The optimizer steps stay outside the graph: they are
 fused kernels already (``okd.engine.builder.build_optimizer``). Methods that step optimizers inside the step
-(``manual_optimization``: DML's alternating updates) compile the forwards of their networks instead.
+(``manual_optimization``: DML's alternating updates) compile the forwards of their networks instead; under DDP
+such a method wraps each network separately (``Method.ddp_per_network``), or DDP refuses it.
 """
 
 from __future__ import annotations
@@ -122,29 +123,40 @@ class StepRunner:
         self.world_size = 1  # processes taking part in each step (set by wrap_distributed)
 
     def wrap_distributed(self, dist, cfg: TrainConfig) -> None:
-        """Wrap the whole cohort in one DistributedDataParallel so all gradients share buckets."""
+        """Wrap the whole cohort in one DistributedDataParallel so all gradients share buckets. A method that steps
+        its optimizers itself wraps each of its networks separately (``Method.ddp_per_network``), keeps the one
+        wrapper in step itself (``Method.ddp_manual_step``), or is refused."""
         from torch.nn.parallel import DistributedDataParallel
 
-        if self.method.manual_optimization and not getattr(self.method, "ddp_manual_step", False):
+        manual = self.method.manual_optimization
+        per_network = getattr(self.method, "ddp_per_network", False)
+        if manual and not (per_network or getattr(self.method, "ddp_manual_step", False)):
             raise ConfigError(
                 "this method configuration steps its optimizers one by one within a step (e.g. DML's "
                 "method.alternate_updates=true), which DistributedDataParallel cannot synchronise; run it in "
                 "one process or switch that option off"
             )
-        self._losses = None  # the step's function is rebuilt over the wrapper
         if cfg.sync_bn:
             if self.device.type != "cuda":
                 raise ConfigError("train.sync_bn=true needs CUDA devices (SyncBatchNorm has no CPU kernel)")
             self.method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.method)
+        self.world_size = dist.world_size
+
+        def wrap(module: torch.nn.Module) -> torch.nn.Module:
+            return DistributedDataParallel(
+                module,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=cfg.find_unused_parameters,
+            )
+
+        if manual and per_network:
+            self.method.distribute_networks(wrap)
+            return
         ignored = getattr(self.method, "ddp_ignored_parameters", lambda: [])()
         if ignored:  # gradients the method averages itself (average_across_processes)
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self.method, ignored)
-        self.world_size = dist.world_size
-        self.model = DistributedDataParallel(
-            self.method,
-            device_ids=[self.device.index] if self.device.type == "cuda" else None,
-            find_unused_parameters=cfg.find_unused_parameters,
-        )
+        self._losses = None  # the step's function is rebuilt over the wrapper
+        self.model = wrap(self.method)
 
     def average_across_processes(self, tensors: list[Tensor]) -> list[Tensor]:
         """The mean of each tensor over the processes (one all-reduce; the tensors themselves in one process): for

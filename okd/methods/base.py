@@ -8,6 +8,7 @@ hooks and the tests a method needs: docs/add-a-method.md.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -103,6 +104,8 @@ class Method(nn.Module):
     #: True when ``manual_step`` keeps the processes of a DistributedDataParallel run in step itself: its backward
     #: goes through ``runner.model`` and every other gradient through ``runner.average_across_processes``
     ddp_manual_step: ClassVar[bool] = False
+    #: a ``manual_optimization`` method that runs under DDP with one wrapper per network (``distribute_networks``)
+    ddp_per_network: ClassVar[bool] = False
 
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__()
@@ -164,6 +167,12 @@ class Method(nn.Module):
         """Names of parameters DistributedDataParallel leaves alone (no gradient in the wrapped forward; the method
         averages theirs itself)."""
         return []
+    def distribute_networks(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
+        """DistributedDataParallel for a ``manual_optimization`` method that sets ``ddp_per_network``: wrap each
+        network that trains in its own wrapper (``wrap`` builds one), forward through the wrappers, and reduce over
+        all ranks any batch statistic that decides which optimizers step, so that every rank takes the same
+        branch. Without ``ddp_per_network`` the runner refuses DDP for such a method."""
+        raise NotImplementedError
 
     def after_optimizer_step(self) -> None:
         """Called after every optimizer step (e.g. to update an EMA copy)."""

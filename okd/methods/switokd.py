@@ -15,16 +15,20 @@ T = 1 without T^2. The teacher's forward runs in train mode in both modes, so a 
 running statistics still move (the official code); ``freeze_teacher_bn_in_expert=true`` restores them.
 
 The method drives its optimizers itself (``manual_step``), because skipping an optimizer step depends on the
-batch. Defaults follow the official CIFAR scripts; the student's lr is ``student_lr`` (0.01 in the CIFAR-100
-script, the run's lr in the CIFAR-10 one). ``deploy.pt`` holds the student.
+batch. Under DDP each network has its own wrapper and the statistics are global batch means (``global_means``),
+so every rank takes the same mode and a paused teacher's wrapper is left out on every rank. Defaults follow the
+official CIFAR scripts; the student's lr is ``student_lr`` (0.01 in the CIFAR-100 script, the run's lr in the
+CIFAR-10 one). ``deploy.pt`` holds the student.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from okd.errors import ConfigError
@@ -51,13 +55,27 @@ class SwitOKDParams:
             raise ConfigError(f"method.student_lr must be a positive lr or null (the run's), got {self.student_lr}")
 
 
-def switch_statistics(teacher_logits: Tensor, student_logits: Tensor, labels: Tensor, num_classes: int) -> dict:
-    """d_s, d_t, G, eps and delta of one batch (batch means, T = 1), from detached logits."""
+def switch_statistics(
+    teacher_logits: Tensor, student_logits: Tensor, labels: Tensor, num_classes: int, global_batch: bool = False
+) -> dict:
+    """d_s, d_t, G, eps and delta of one batch (batch means, T = 1), from detached logits. ``global_batch``: this
+    process holds one shard of a distributed batch; the means are then over every rank's images (the per-rank
+    sums and image counts are all-reduced), so every rank computes the same statistics and takes the same mode."""
     z_t, z_s = teacher_logits.detach(), student_logits.detach()
     y = one_hot(labels, num_classes, z_s)
-    d_s, d_t = label_l1(z_s, y), label_l1(z_t, y)
+    d_s, d_t, gap = label_l1(z_s, y), label_l1(z_t, y), prob_l1(z_t, z_s)
+    if global_batch:
+        d_s, d_t, gap = global_means((d_s, d_t, gap), labels.shape[0])
     epsilon = torch.exp(-(d_t / (d_t + d_s)))
-    return {"d_s": d_s, "d_t": d_t, "gap": prob_l1(z_t, z_s), "epsilon": epsilon, "delta": d_s - epsilon * d_t}
+    return {"d_s": d_s, "d_t": d_t, "gap": gap, "epsilon": epsilon, "delta": d_s - epsilon * d_t}
+
+
+def global_means(means: tuple[Tensor, ...], count: int) -> tuple[Tensor, ...]:
+    """Means over ``count`` local images turned into means over every rank's images: one all-reduce of the sums
+    and the count (the sum is the same on every rank, so is each mean)."""
+    sums = torch.stack([*(m * count for m in means), means[0].new_tensor(float(count))])
+    dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+    return tuple(sums[:-1] / sums[-1])
 
 
 def expert_mode(stats: dict, teacher_closer_guard: bool = True) -> Tensor:
@@ -86,12 +104,15 @@ class SwitOKD(Method):
     Params = SwitOKDParams
     mixed_cohort = None  # any two networks: only their logits meet
     deploy_head = "student"
+    ddp_per_network = True
 
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)
         self.networks = ctx.cohort(2)
         self.teacher = create_model(self.networks[TEACHER], ctx.num_classes)
         self.student = create_model(self.networks[STUDENT], ctx.num_classes)
+        #: under DDP: the teacher's and the student's own wrappers (a plain list: not submodules, no state keys)
+        self.ddp: list[nn.Module] = []
 
     @classmethod
     def cohort_size(cls, params) -> int:
@@ -114,8 +135,9 @@ class SwitOKD(Method):
     def training_step(self, images: Tensor, labels: Tensor, epoch: int) -> dict[str, Tensor]:
         """Both forwards, the loss terms and the switch statistics of one step; the teacher's terms are multiplied
         by 0 in expert mode (``manual_step`` then leaves them out of the backward and skips its optimizer)."""
-        z_t, z_s = self.teacher(images), self.student(images)
-        stats = switch_statistics(z_t, z_s, labels, self.ctx.num_classes)
+        teacher, student = self.ddp or (self.teacher, self.student)
+        z_t, z_s = teacher(images), student(images)
+        stats = switch_statistics(z_t, z_s, labels, self.ctx.num_classes, global_batch=bool(self.ddp))
         expert = expert_mode(stats, self.hp.teacher_closer_guard)
         losses = switokd_losses(z_t, z_s, labels)
         learning = (~expert).float()
@@ -150,6 +172,12 @@ class SwitOKD(Method):
             runner.backward(sum(v for k, v in losses.items() if not k.startswith("stat/")))
             runner.step_optimizer()  # the teacher's, then the student's (one grad-scaler update with fp16)
         return {k: v.detach() for k, v in losses.items()}
+
+    def distribute_networks(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
+        """One DDP wrapper per network: a paused teacher takes no backward, so no rank waits on its gradients'
+        all-reduce, while the student's are averaged on every step. The mode is the same on every rank (the
+        statistics are global batch means), so the ranks always agree on which wrappers reduce."""
+        self.ddp = [wrap(self.teacher), wrap(self.student)]
 
     def eval_outputs(self, images: Tensor) -> dict[str, Tensor]:
         return {"teacher": self.teacher(images), "student": self.student(images)}

@@ -15,7 +15,6 @@ from method_helpers import make, ref_ce, ref_kl
 
 from okd.config import OptimConfig, TrainConfig
 from okd.engine.builder import build_optimization, build_optimizer
-from okd.engine.distributed import DistContext
 from okd.engine.step import StepRunner
 from okd.errors import ConfigError
 from okd.methods import METHODS, MethodContext
@@ -421,10 +420,3 @@ def test_a_bf16_step_runs_and_pauses_the_teacher_alike():
     assert losses["stat/gap"].dtype == torch.float32 and torch.isfinite(total)
     assert float(losses["stat/expert"]) == 1.0
     assert all(torch.equal(p, before[n]) for n, p in method.teacher.named_parameters())
-
-
-def test_distributed_training_is_refused_with_a_reason():
-    """The mode is a statistic of the whole batch and decides which optimizers step: one process only."""
-    method, runner, _, _ = pair()
-    with pytest.raises(ConfigError, match="one process"):
-        runner.wrap_distributed(DistContext(rank=0, world_size=2), TrainConfig())
