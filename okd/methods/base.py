@@ -167,6 +167,7 @@ class Method(nn.Module):
         """Names of parameters DistributedDataParallel leaves alone (no gradient in the wrapped forward; the method
         averages theirs itself)."""
         return []
+
     def distribute_networks(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
         """DistributedDataParallel for a ``manual_optimization`` method that sets ``ddp_per_network``: wrap each
         network that trains in its own wrapper (``wrap`` builds one), forward through the wrappers, and reduce over
