@@ -14,7 +14,9 @@ CONTRACT, SHARED, FAULTS = "methods/test_contract.py", "methods/test_shared.py",
 TRAINING = "engine/test_training.py"
 #: source file -> the test files that cover it (under tests/), fastest first (pytest stops at the first failure)
 TESTS: dict[str, list[str]] = {
-    "okd/config.py": ["cli/test_config.py", "cli/test_cli_parsing.py", "runs/test_resume_policy.py"],
+    "okd/config.py": [
+        "cli/test_config.py", "cli/test_cli_parsing.py", "runs/test_resume_policy.py", "config/test_recipes.py"
+    ],
     "okd/io.py": ["runs/test_io.py", "runs/test_run_store.py", "runs/test_safe_loading.py", FAULTS],
     "okd/data/cifar.py": ["data/test_data.py"],
     "okd/data/device_loader.py": ["data/test_data.py"],
