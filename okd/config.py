@@ -319,15 +319,14 @@ def load_raw(path: str | Path | None) -> DictConfig:
 
 
 # --------------------------------------------------------------------------------------------------- recipes
-#: keys that say where and how a run executes, never what it computes: a recipe may not set them
-EXECUTION_KEYS = frozenset(
+#: where and how a run executes, never what it computes: a recipe may not set them and a resume may change them
+#: (the one list behind both; ``okd.runs.resume_policy.MAY_CHANGE`` adds the resume's own keys)
+RUNTIME_KEYS = frozenset(
     {
-        "data.dataset",
         "data.root",
         "data.download",
         "data.workers",
         "data.pin_memory",
-        "data.skip_unreadable",
         "train.device",
         "train.progress",
         "train.deterministic",
@@ -349,6 +348,9 @@ EXECUTION_KEYS = frozenset(
         "train.allow_world_size_change",
     }
 )
+#: what a recipe may not set: the runtime keys, the data set (a recipe lives under its data set's folder) and
+#: the policy for the user's unreadable files
+EXECUTION_KEYS = RUNTIME_KEYS | {"data.dataset", "data.skip_unreadable"}
 #: keys that never make two runs' recipes differ: the execution keys, the evaluation batch and the seed
 NOT_COMPARED = EXECUTION_KEYS | {"data.test_batch_size", "seed"}
 RECIPE_SECTIONS = ("data", "optim", "train")

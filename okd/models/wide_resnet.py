@@ -11,6 +11,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from okd.models._init import init_he_fan_out
+from okd.models._wide_trunk import WideTrunk
 from okd.models.registry import register_model
 
 
@@ -33,48 +34,21 @@ class WideBasic(nn.Module):
         return out + self.shortcut(x)
 
 
-class WideResNet(nn.Module):
-    """WRN-depth-k: conv3x3(3->16, bias), groups of (depth-4)/6 blocks at 16k/32k/64k, BN-ReLU, GAP, Linear.
+class WideResNet(WideTrunk):
+    """WRN-depth-k of :class:`WideBasic` blocks: biased convs, final BN momentum 0.9.
 
     Init: conv weights N(0, sqrt(2/(k^2 C_out))), conv biases and Linear PyTorch default, BN 1/0.
     """
 
     def __init__(self, depth: int, widen: int, num_classes: int = 100, dropout: float = 0.0) -> None:
-        super().__init__()
         if (depth - 4) % 6:
             raise ValueError(f"WRN depth must be 6n+4, got {depth}")
-        n = (depth - 4) // 6
-        widths = (16 * widen, 32 * widen, 64 * widen)
-        self.num_classes = num_classes
-        self.feature_dim = widths[2]
-        self.tap_channels = widths
-        self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=True)
-        cin = 16
-        groups = []
-        for width, stride in zip(widths, (1, 2, 2), strict=True):
-            blocks = [WideBasic(cin, width, stride, dropout)]
-            blocks += [WideBasic(width, width, 1, dropout) for _ in range(n - 1)]
-            groups.append(nn.Sequential(*blocks))
-            cin = width
-        self.layer1, self.layer2, self.layer3 = groups
-        self.bn1 = nn.BatchNorm2d(widths[2], momentum=0.9)
-        self.relu = nn.ReLU(inplace=True)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(widths[2], num_classes)
+
+        def block(cin: int, cout: int, stride: int) -> WideBasic:
+            return WideBasic(cin, cout, stride, dropout)
+
+        super().__init__(depth, widen, num_classes, block, conv_bias=True, final_bn_momentum=0.9)
         init_he_fan_out(self, bn_types=(nn.BatchNorm2d,))
-
-    def head(self, feat: Tensor) -> Tensor:
-        """Global average pool + fc of the deepest tap (the final BN->ReLU map)."""
-        return self.fc(self.avgpool(feat).flatten(1))
-
-    def forward_taps(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
-        t1 = self.layer1(self.conv1(x))
-        t2 = self.layer2(t1)
-        t3 = self.relu(self.bn1(self.layer3(t2)))
-        return self.head(t3), [t1, t2, t3]
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.relu(self.bn1(self.layer3(self.layer2(self.layer1(self.conv1(x)))))))
 
 
 @register_model("wrn16_2", family="wide_resnet")

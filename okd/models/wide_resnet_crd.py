@@ -12,6 +12,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from okd.models._init import init_he_fan_out
+from okd.models._wide_trunk import WideTrunk
 from okd.models.registry import register_model
 
 PAPERS = "MCL (AAAI 2022), L-MCL (TPAMI 2023); the RepDistiller/CRD wrn.py layout"
@@ -40,49 +41,18 @@ class CRDWideBlock(nn.Module):
         return out + (x if self.shortcut is None else self.shortcut(act))
 
 
-class CRDWideResNet(nn.Module):
-    """WRN-depth-k: conv3x3 (3 -> 16, no bias), three groups of (depth - 4)/6 blocks at 16k/32k/64k channels
-    (first-block strides 1/2/2), BN-ReLU, global pooling, Linear.
+class CRDWideResNet(WideTrunk):
+    """WRN-depth-k of :class:`CRDWideBlock` blocks: bias-free convs, every BN at PyTorch's momentum.
 
     Init: conv weights N(0, sqrt(2 / (kh kw C_out))), BN 1/0, Linear bias 0 (weight at PyTorch's default).
     """
 
     def __init__(self, depth: int, widen: int, num_classes: int = 100) -> None:
-        super().__init__()
         if depth < 10 or (depth - 4) % 6:
             raise ValueError(f"WRN depth must be 6n+4 with n >= 1, got {depth}")
-        n = (depth - 4) // 6
-        widths = (16 * widen, 32 * widen, 64 * widen)
-        self.num_classes = num_classes
-        self.feature_dim = widths[2]
-        self.tap_channels = widths
-        self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
-        cin = 16
-        groups = []
-        for width, stride in zip(widths, (1, 2, 2), strict=True):
-            blocks = [CRDWideBlock(cin, width, stride)] + [CRDWideBlock(width, width) for _ in range(n - 1)]
-            groups.append(nn.Sequential(*blocks))
-            cin = width
-        self.layer1, self.layer2, self.layer3 = groups
-        self.bn1 = nn.BatchNorm2d(widths[2])
-        self.relu = nn.ReLU(inplace=True)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(widths[2], num_classes)
+        super().__init__(depth, widen, num_classes, CRDWideBlock, conv_bias=False, final_bn_momentum=0.1)
         init_he_fan_out(self)
         nn.init.zeros_(self.fc.bias)
-
-    def head(self, feat: Tensor) -> Tensor:
-        """Global average pool + fc of the deepest tap (the final BN-ReLU map)."""
-        return self.fc(self.avgpool(feat).flatten(1))
-
-    def forward_taps(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
-        t1 = self.layer1(self.conv1(x))
-        t2 = self.layer2(t1)
-        t3 = self.relu(self.bn1(self.layer3(t2)))
-        return self.head(t3), [t1, t2, t3]
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.relu(self.bn1(self.layer3(self.layer2(self.layer1(self.conv1(x)))))))
 
 
 def _crd(depth: int, widen: int):

@@ -46,45 +46,23 @@ from typing import Any
 
 import yaml
 
+from okd.config import RUNTIME_KEYS
 from okd.data.cifar import SPECS
 from okd.errors import CheckpointError, ConfigError
 from okd.methods.build import build_config
 from okd.models.deploy_file import read_deploy
 from okd.runs.metrics import read_metrics_csv
 
-#: keys that only say where and how the run executes; applied on resume as given
-MAY_CHANGE = frozenset(
-    {
-        "train.epochs",
-        "train.progress",
-        "train.device",
-        "train.tensorboard",
-        "train.eval_every",
-        "train.log_every_steps",
-        "train.log_every_seconds",
-        "train.mlflow",
-        "train.mlflow_uri",
-        "train.wandb",
-        "train.tracker_project",
-        "train.track_every_steps",
-        "train.deterministic",
-        "train.compile",
-        "train.compile_mode",
-        "train.tf32",
-        "train.cudnn_benchmark",
-        "train.channels_last",
-        "train.find_unused_parameters",
-        "train.allow_world_size_change",
-        "data.root",
-        "data.download",
-        "data.workers",
-        "data.pin_memory",
-        "data.test_batch_size",
-        "name",
-        "output_dir",
-        "method.teacher_checkpoint",
-    }
-)
+#: keys that only say where and how the run executes; applied on resume as given: the runtime keys a recipe may
+#: not set either (:data:`okd.config.RUNTIME_KEYS`), the epochs, the evaluation batch, the run's name and place,
+#: and KD's teacher path
+MAY_CHANGE = RUNTIME_KEYS | {
+    "train.epochs",
+    "data.test_batch_size",
+    "name",
+    "output_dir",
+    "method.teacher_checkpoint",
+}
 #: recipe keys that :func:`restore_optimization` applies to the restored schedulers
 APPLIED = frozenset({"optim.milestones"})
 HISTORY_FILE = "resume_history.jsonl"

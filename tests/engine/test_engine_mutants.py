@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from okd.engine.distributed import DistContext
+from okd.engine.step import StepRunner
 from okd.engine.trainer import _log_start, rank_rng_state
 from okd.methods.build import load_config
 
@@ -397,3 +399,27 @@ def test_each_step_starts_from_fresh_gradients_and_steps_the_schedules():
     assert torch.equal(method.w.detach(), -3 * x)  # w - x each step, never w - (1 + 2 + ...) x
     assert sched.last_epoch == 3 and method.after == 3 and set(losses) == {"net/loss", "stat/w0"}
     assert total.item() == (method.w.detach() + x) @ x  # the last step's loss, stat terms left out
+
+
+class _ManualMethod(_LinearMethod):
+    """A 'method' that steps its own optimizers (as DML's alternate updates do) and records the autocast state."""
+
+    manual_optimization = True
+
+    def __init__(self):
+        super().__init__()
+        self.autocast = []
+
+    def manual_step(self, images, labels, epoch, runner):
+        self.autocast.append(torch.is_autocast_enabled("cpu"))
+        return {"net/loss": (self.w * images).sum().detach()}
+
+
+@pytest.mark.parametrize("precision, autocast", [("bf16", True), ("fp32", False)])
+def test_a_manual_step_runs_under_the_runs_autocast(precision, autocast):
+    """A method that steps its optimizers itself computes under the run's precision like every other method."""
+    method = _ManualMethod()
+    cfg = load_config("cifar10/baseline_resnet20", [f"train.precision={precision}"]).run.train
+    runner = StepRunner(method, [torch.optim.SGD(method.parameters(), lr=1.0)], cfg, torch.device("cpu"))
+    losses, total = runner.step(torch.tensor([1.0, -2.0]), None, 0)
+    assert method.autocast == [autocast] and method.after == 1 and total.item() == 0.0

@@ -11,6 +11,8 @@ from method_helpers import (
     summed,
 )
 
+from okd.methods.build import load_config
+
 
 # --------------------------------------------------------------------------------------- gradient flow
 def test_ffl_fusion_loss_reaches_the_branches_unless_detached():
@@ -24,3 +26,9 @@ def test_ffl_fusion_loss_reaches_the_branches_unless_detached():
         m.zero_grad(set_to_none=True)
         summed(losses, lambda k: k.startswith("branch")).backward()
         assert no_grad_in(m.fusion)  # z_f is a detached target of the branch KLs
+
+
+def test_ffl_accepts_a_fusion_weight_decay_of_zero():
+    """0 switches the fusion module's weight decay off; only a negative value is refused (``test_shared.py``)."""
+    cfg = load_config(None, ["method.name=ffl", "method.fusion_weight_decay=0"])
+    assert cfg.method_params.fusion_weight_decay == 0

@@ -13,6 +13,8 @@ from method_helpers import (
 )
 
 from okd.errors import CheckpointError
+from okd.methods.kd import load_teacher
+from okd.models.factory import create_model
 
 
 # --------------------------------------------------------------------------------------- gradient flow
@@ -108,3 +110,14 @@ def test_kd_teacher_mismatch_names_the_keys_and_the_class_count(teacher_file, tm
     torch.save({"state_dict": {}}, tmp_path / "empty.pt")
     with pytest.raises(CheckpointError, match=r"holds no state_dict \(a mapping of parameter names to tensors\)"):
         make("kd", teacher_model="resnet20", teacher_checkpoint=str(tmp_path / "empty.pt"))
+
+
+def test_a_teacher_named_as_its_run_built_it_gets_the_recorded_kwargs(tmp_path):
+    """A deploy.pt whose ``model_spec`` records the teacher's name with kwargs rebuilds it with them (the teacher as
+    its run built it), not with the registry's defaults."""
+    state = create_model("wrn16_2", 10, dropout=0.25).state_dict()
+    spec = {"name": "wrn16_2", "kind": "registered", "kwargs": {"dropout": 0.25}}
+    deploy = {"format": "okd-deploy-v1", "model": "wrn16_2", "num_classes": 10, "state_dict": state, "model_spec": spec}
+    torch.save(deploy, tmp_path / "deploy.pt")
+    teacher = load_teacher("wrn16_2", 10, str(tmp_path / "deploy.pt"))
+    assert teacher.layer1[0].dropout.p == 0.25 and not teacher.training

@@ -67,6 +67,18 @@ def test_a_folder_made_for_a_failed_start_is_removed_again(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_failed_start_in_an_existing_folder_removes_only_the_lock_file_it_made(tmp_path):
+    """In a folder that was there before, a store that wrote nothing removes the lock file it created and keeps
+    the folder, and a lock file it found stays."""
+    run = tmp_path / "run"
+    run.mkdir()
+    RunStore(run).lock().release()
+    assert run.is_dir() and not (run / LOCK_NAME).exists()
+    (run / LOCK_NAME).touch()
+    RunStore(run).lock().release()
+    assert (run / LOCK_NAME).exists()
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o027, 0o077])
 def test_run_files_honour_the_umask(umask, tmp_path):
     old = os.umask(umask)
