@@ -20,7 +20,7 @@ def test_the_planned_table_covers_every_method_on_both_backbones():
     plan = load_sweep_file(PLAN)
     assert plan.recipe == "ffsd" and plan.seeds == [0, 1, 2]
     resolved = sweep_plan(plan.runs, plan.seeds, with_recipe(plan.overrides, plan.recipe))
-    assert len(resolved) == len(plan.runs) * 3 == 75
+    assert len(resolved) == len(plan.runs) * 3 == 81
     covered = {(cfg.method_name, cfg.run.model.name) for *_, cfg in resolved}
     left_out = {(item["method"], model) for item in plan.left_out for model in BACKBONES if model in item["model"]}
     assert covered | left_out == {(m, b) for m in METHODS.names() for b in BACKBONES}
@@ -37,7 +37,7 @@ def test_the_planned_table_covers_every_method_on_both_backbones():
 def test_sweep_file_prints_its_commands_and_what_it_leaves_out():
     text = helpers.cli("sweep", "--file", PLAN, "--print")
     commands = [line for line in text.splitlines() if line.startswith("okd train ")]
-    assert len(commands) == 75 and all("recipe=ffsd" in c for c in commands)
+    assert len(commands) == 81 and all("recipe=ffsd" in c for c in commands)
     assert "okd train cifar100/pcl_resnet32 model.name=wrn16_2 output_dir=runs/cifar100_ffsd_recipe recipe=ffsd " \
            "seed=2 name=cifar100_pcl_wrn16_2_ffsd_s2" in commands  # fmt: skip
     assert "# left out: method=kd, model=resnet32 and wrn16_2, reason=not an online method" in text
