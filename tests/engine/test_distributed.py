@@ -9,6 +9,7 @@ from pathlib import Path
 
 import helpers
 import lmcl_ddp_worker
+import okdph_ddp_worker
 import pytest
 import torch
 
@@ -137,6 +138,48 @@ def test_lmcl_ddp_steps_and_meta_round_equal_the_mean_over_shards(tmp_path):
             torch.testing.assert_close(value, params[name], rtol=1e-10, atol=1e-12, msg=f"{meta_every} {name}")
         moved = [not torch.equal(ranks[0][n], v) for n, v in phi_init.items()]
         assert all(moved) if meta_every else not any(moved)  # phi takes its meta step, and only that one
+
+
+def okdph_reference(name: str) -> dict[str, torch.Tensor]:
+    """One process on the worker's two batches: each step on the mean over the shards of each shard's loss, with
+    the r that rank 0 draws (from rank 0's stream, once per step), then the batch-level fusion."""
+    ref, optimizers, _ = okdph_ddp_worker.build(name)
+    torch.manual_seed(7)  # rank 0's stream
+    for index in range(2):
+        views, labels = okdph_ddp_worker.batch(index)
+        r = ref.mix_weights()
+        ref.mix_weights = lambda r=r: r  # both shards mix with this step's one draw
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        for s in okdph_ddp_worker.SHARDS:
+            (sum_losses(ref.training_step([v[s] for v in views], labels[s], 0)) / 2).backward()
+        for opt in optimizers:
+            opt.step()
+        ref.after_optimizer_step()
+        del ref.mix_weights
+    return {n: p.detach() for n, p in ref.named_parameters()}
+
+
+def test_okdph_ddp_steps_keep_the_ranks_identical_and_equal_the_mean_over_shards(tmp_path):
+    """OKDPH under DDP, two steps with batch-level fusion, as released (mean mix) and in the paper's reading (a
+    Dirichlet r per step from per-rank streams, H's loss through the mix): both processes end with bitwise the
+    same students and H, equal (float64 rounding) to one process stepping the mean over the shards with rank 0's
+    r. Each rank drawing its own r would give each its own H, and fusion would pull the ranks apart."""
+    worker = Path(okdph_ddp_worker.__file__)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", str(worker)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([*cmd, str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    init = {n: p.detach() for n, p in okdph_ddp_worker.build("mean")[0].named_parameters()}
+    for name in okdph_ddp_worker.SETTINGS:
+        ranks = [torch.load(tmp_path / f"{name}_rank{r}.pt") for r in range(2)]
+        params = okdph_reference(name)
+        assert ranks[0].keys() == ranks[1].keys() == params.keys()
+        assert any(k.startswith("hwm.") for k in params)
+        for key, value in ranks[0].items():
+            assert torch.equal(value, ranks[1][key]), (name, key)
+            torch.testing.assert_close(value, params[key], rtol=1e-10, atol=1e-12, msg=f"{name} {key}")
+        assert not torch.equal(ranks[0]["hwm.fc.weight"], init["hwm.fc.weight"])  # H was rebuilt
 
 
 @pytest.mark.parametrize("method", ["ffsd", "dml"])
