@@ -19,6 +19,7 @@ from okd.engine.builder import build_optimization
 from okd.engine.seeding import seed_everything
 from okd.engine.step import prepare_method, sum_losses
 from okd.io import load_checkpoint
+from okd.methods.base import METHODS
 from okd.methods.build import build_method, load_config
 from okd.methods.lmcl_meta import hypergradient
 from okd.runs.metrics import read_metrics_csv
@@ -30,6 +31,7 @@ METHOD_CONFIGS = {
     "ffsd": "cifar10/ffsd_resnet20",
     "dml": "cifar100/dml_resnet32",
     "mcl": "cifar100/mcl_resnet32",  # its recipe's class-balanced sampler: 8 classes x 2 images per batch of 16
+    "okdph": "cifar10/okdph_resnet32",  # a view per network (hflip, cutout, RandAugment), fusion after the epoch
 }
 #: how a global batch of 16 is split between 2 processes: strided, or in whole classes (data.sampler=m_per_class)
 SHARDS = {"mcl": (slice(0, 8), slice(8, 16))}
@@ -59,10 +61,11 @@ def torchrun(config: str, args: list[str], nproc: int = 2, resume: Path | None =
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
-@pytest.mark.parametrize("method", ["baseline", "ffsd", "dml", "mcl"])
+@pytest.mark.parametrize("method", ["baseline", "ffsd", "dml", "mcl", "okdph"])
 def test_one_ddp_step_equals_the_mean_of_per_shard_gradients(method, cifar10_root, tmp_path):
     """A 2-process step equals a single-process step on the same global batch whose gradient is the mean of
-    the two shards' gradients (BatchNorm statistics are per process on the CPU, as without SyncBatchNorm)."""
+    the two shards' gradients (BatchNorm statistics are per process on the CPU, as without SyncBatchNorm), followed
+    by the step's and the epoch's hooks (OKDPH's fusion)."""
     config = METHOD_CONFIGS[method]
     args = overrides(cifar10_root, tmp_path, "ddp", epochs=1, steps=1)
     torchrun(config, args)
@@ -72,7 +75,9 @@ def test_one_ddp_step_equals_the_mean_of_per_shard_gradients(method, cifar10_roo
     cfg = load_config(config, args)
     torch.use_deterministic_algorithms(True)
     seed_everything(cfg.run.seed)
-    train_loader, _, num_classes, _ = build_loaders(cfg.run.data, cfg.run.seed, "cpu")
+    cls = METHODS.get(cfg.method_name)
+    views = cls.views_for(cfg.method_params), cls.view_augmentations(cfg.method_params)
+    train_loader, _, num_classes, _ = build_loaders(cfg.run.data, cfg.run.seed, "cpu", *views)
     train_loader.channels_last = cfg.run.train.channels_last  # the same layout as the trainer's
     ref = prepare_method(build_method(cfg, num_classes), cfg.run.train)
     plan = build_optimization(ref, cfg)
@@ -81,10 +86,13 @@ def test_one_ddp_step_equals_the_mean_of_per_shard_gradients(method, cifar10_roo
     for opt in plan.optimizers:
         opt.zero_grad(set_to_none=True)
     for shard in SHARDS.get(method, (slice(0, None, 2), slice(1, None, 2))):
-        losses = ref.training_step(images[shard], labels[shard], 0)
+        views = [v[shard] for v in images] if isinstance(images, list) else images[shard]
+        losses = ref.training_step(views, labels[shard], 0)
         (sum(v for k, v in losses.items() if not k.startswith("stat/")) / 2).backward()
     for opt in plan.optimizers:
         opt.step()
+    ref.after_optimizer_step()
+    ref.after_evaluation(0)
     params = dict(ref.named_parameters())
     for name, value in ddp_state["method"].items():
         if name in params:
