@@ -190,7 +190,7 @@ def test_okdph_ddp_steps_keep_the_ranks_identical_and_equal_the_mean_over_shards
         assert not torch.equal(ranks[0]["hwm.fc.weight"], init["hwm.fc.weight"])  # H was rebuilt
 
 
-@pytest.mark.parametrize("method", ["ffsd", "dml"])
+@pytest.mark.parametrize("method", ["ffsd", "dml", "okdph"])
 def test_ddp_run_writes_one_folder_and_resumes_exactly(method, cifar10_root, tmp_path):
     config = METHOD_CONFIGS[method]
     torchrun(config, overrides(cifar10_root, tmp_path, "full", epochs=2, steps=2))
