@@ -169,11 +169,18 @@ class OKDPH(Method):
         return [sgd_group(f"student{i}", s.parameters(), self.ctx.optim) for i, s in enumerate(self.students)]
 
     def mix_weights(self) -> list[float]:
-        """r: 1/N each, or one Dirichlet(1, ..., 1) draw (torch's global generator, on the CPU)."""
+        """r: 1/N each, or one Dirichlet(1, ..., 1) draw (torch's global generator, on the CPU; under DDP rank 0's
+        draw, broadcast to every process)."""
         n = len(self.students)
         if self.hp.hwm_mix == "mean":
             return [1.0 / n] * n
-        return torch.distributions.Dirichlet(torch.ones(n, dtype=torch.float64)).sample().tolist()
+        r = torch.distributions.Dirichlet(torch.ones(n, dtype=torch.float64)).sample()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # every process draws from its own stream: all take rank 0's r (the one a single-process run with
+            # that stream draws), or their H, its loss and every fusion would differ and the ranks drift apart
+            r = r.to(next(self.students[0].parameters()).device)  # NCCL broadcasts device tensors only
+            torch.distributed.broadcast(r, src=0)
+        return r.tolist()
 
     def build_hwm(self, weights: list[float]) -> None:
         """theta_H <- sum_i r_i theta_i over the whole state_dict (parameters only without ``mix_buffers``)."""

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import helpers
 import lmcl_ddp_worker
+import okdph_ddp_worker
 import pytest
 import torch
 
@@ -18,6 +19,7 @@ from okd.engine.builder import build_optimization
 from okd.engine.seeding import seed_everything
 from okd.engine.step import prepare_method, sum_losses
 from okd.io import load_checkpoint
+from okd.methods.base import METHODS
 from okd.methods.build import build_method, load_config
 from okd.methods.lmcl_meta import hypergradient
 from okd.runs.metrics import read_metrics_csv
@@ -29,6 +31,7 @@ METHOD_CONFIGS = {
     "ffsd": "cifar10/ffsd_resnet20",
     "dml": "cifar100/dml_resnet32",
     "mcl": "cifar100/mcl_resnet32",  # its recipe's class-balanced sampler: 8 classes x 2 images per batch of 16
+    "okdph": "cifar10/okdph_resnet32",  # a view per network (hflip, cutout, RandAugment), fusion after the epoch
 }
 #: how a global batch of 16 is split between 2 processes: strided, or in whole classes (data.sampler=m_per_class)
 SHARDS = {"mcl": (slice(0, 8), slice(8, 16))}
@@ -58,10 +61,11 @@ def torchrun(config: str, args: list[str], nproc: int = 2, resume: Path | None =
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
-@pytest.mark.parametrize("method", ["baseline", "ffsd", "dml", "mcl"])
+@pytest.mark.parametrize("method", ["baseline", "ffsd", "dml", "mcl", "okdph"])
 def test_one_ddp_step_equals_the_mean_of_per_shard_gradients(method, cifar10_root, tmp_path):
     """A 2-process step equals a single-process step on the same global batch whose gradient is the mean of
-    the two shards' gradients (BatchNorm statistics are per process on the CPU, as without SyncBatchNorm)."""
+    the two shards' gradients (BatchNorm statistics are per process on the CPU, as without SyncBatchNorm), followed
+    by the step's and the epoch's hooks (OKDPH's fusion)."""
     config = METHOD_CONFIGS[method]
     args = overrides(cifar10_root, tmp_path, "ddp", epochs=1, steps=1)
     torchrun(config, args)
@@ -71,7 +75,9 @@ def test_one_ddp_step_equals_the_mean_of_per_shard_gradients(method, cifar10_roo
     cfg = load_config(config, args)
     torch.use_deterministic_algorithms(True)
     seed_everything(cfg.run.seed)
-    train_loader, _, num_classes, _ = build_loaders(cfg.run.data, cfg.run.seed, "cpu")
+    cls = METHODS.get(cfg.method_name)
+    views = cls.views_for(cfg.method_params), cls.view_augmentations(cfg.method_params)
+    train_loader, _, num_classes, _ = build_loaders(cfg.run.data, cfg.run.seed, "cpu", *views)
     train_loader.channels_last = cfg.run.train.channels_last  # the same layout as the trainer's
     ref = prepare_method(build_method(cfg, num_classes), cfg.run.train)
     plan = build_optimization(ref, cfg)
@@ -80,10 +86,13 @@ def test_one_ddp_step_equals_the_mean_of_per_shard_gradients(method, cifar10_roo
     for opt in plan.optimizers:
         opt.zero_grad(set_to_none=True)
     for shard in SHARDS.get(method, (slice(0, None, 2), slice(1, None, 2))):
-        losses = ref.training_step(images[shard], labels[shard], 0)
+        views = [v[shard] for v in images] if isinstance(images, list) else images[shard]
+        losses = ref.training_step(views, labels[shard], 0)
         (sum(v for k, v in losses.items() if not k.startswith("stat/")) / 2).backward()
     for opt in plan.optimizers:
         opt.step()
+    ref.after_optimizer_step()
+    ref.after_evaluation(0)
     params = dict(ref.named_parameters())
     for name, value in ddp_state["method"].items():
         if name in params:
@@ -139,7 +148,49 @@ def test_lmcl_ddp_steps_and_meta_round_equal_the_mean_over_shards(tmp_path):
         assert all(moved) if meta_every else not any(moved)  # phi takes its meta step, and only that one
 
 
-@pytest.mark.parametrize("method", ["ffsd", "dml"])
+def okdph_reference(name: str) -> dict[str, torch.Tensor]:
+    """One process on the worker's two batches: each step on the mean over the shards of each shard's loss, with
+    the r that rank 0 draws (from rank 0's stream, once per step), then the batch-level fusion."""
+    ref, optimizers, _ = okdph_ddp_worker.build(name)
+    torch.manual_seed(7)  # rank 0's stream
+    for index in range(2):
+        views, labels = okdph_ddp_worker.batch(index)
+        r = ref.mix_weights()
+        ref.mix_weights = lambda r=r: r  # both shards mix with this step's one draw
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        for s in okdph_ddp_worker.SHARDS:
+            (sum_losses(ref.training_step([v[s] for v in views], labels[s], 0)) / 2).backward()
+        for opt in optimizers:
+            opt.step()
+        ref.after_optimizer_step()
+        del ref.mix_weights
+    return {n: p.detach() for n, p in ref.named_parameters()}
+
+
+def test_okdph_ddp_steps_keep_the_ranks_identical_and_equal_the_mean_over_shards(tmp_path):
+    """OKDPH under DDP, two steps with batch-level fusion, as released (mean mix) and in the paper's reading (a
+    Dirichlet r per step from per-rank streams, H's loss through the mix): both processes end with bitwise the
+    same students and H, equal (float64 rounding) to one process stepping the mean over the shards with rank 0's
+    r. Each rank drawing its own r would give each its own H, and fusion would pull the ranks apart."""
+    worker = Path(okdph_ddp_worker.__file__)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", str(worker)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([*cmd, str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    init = {n: p.detach() for n, p in okdph_ddp_worker.build("mean")[0].named_parameters()}
+    for name in okdph_ddp_worker.SETTINGS:
+        ranks = [torch.load(tmp_path / f"{name}_rank{r}.pt") for r in range(2)]
+        params = okdph_reference(name)
+        assert ranks[0].keys() == ranks[1].keys() == params.keys()
+        assert any(k.startswith("hwm.") for k in params)
+        for key, value in ranks[0].items():
+            assert torch.equal(value, ranks[1][key]), (name, key)
+            torch.testing.assert_close(value, params[key], rtol=1e-10, atol=1e-12, msg=f"{name} {key}")
+        assert not torch.equal(ranks[0]["hwm.fc.weight"], init["hwm.fc.weight"])  # H was rebuilt
+
+
+@pytest.mark.parametrize("method", ["ffsd", "dml", "okdph"])
 def test_ddp_run_writes_one_folder_and_resumes_exactly(method, cifar10_root, tmp_path):
     config = METHOD_CONFIGS[method]
     torchrun(config, overrides(cifar10_root, tmp_path, "full", epochs=2, steps=2))

@@ -11,7 +11,9 @@ import pytest
 import torch
 from method_helpers import K, make, ref_ce, ref_kl
 
+from okd.config import TrainConfig
 from okd.engine.builder import build_optimizer
+from okd.engine.step import StepRunner
 from okd.errors import ConfigError
 from okd.methods.build import load_config
 from okd.methods.okdph import OKDPH, OKDPHParams, fusion_schedule, okdph_losses
@@ -302,6 +304,24 @@ def test_batch_fusion_with_gamma_one_makes_the_students_equal_to_the_pre_step_me
     one_step(method, views, y, opts)  # step 0: due
     assert torch.equal(method.students[0].fc.weight, method.students[1].fc.weight)
     assert torch.allclose(method.students[0].fc.weight, mean, rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("hwm_grad", ["none", "through_mix"])
+def test_a_bf16_step_gives_finite_float32_losses_and_fuses(hwm_grad):
+    """One step under bf16 autocast (CPU) with batch-level fusion: every loss term is finite and float32, each
+    student's parameters stay float32, and fusion still makes the pre-step mean their target."""
+    method = make_okdph(interval="1_batch", gamma=1.0, hwm_grad=hwm_grad)
+    perturb(method)
+    cfg = TrainConfig(device="cpu", channels_last=False, precision="bf16")
+    runner = StepRunner(method, optimizers(method), cfg, torch.device("cpu"))
+    views, y = views_and_labels()
+    losses, total = runner.step(views, y, 0)
+    assert torch.isfinite(total) and total.dtype == torch.float32
+    for key, value in losses.items():
+        assert value.dtype == torch.float32 and torch.isfinite(value).all(), key
+    assert ("hwm/ce" in losses) == (hwm_grad == "through_mix")
+    assert all(p.dtype == torch.float32 for p in method.parameters())
+    assert torch.equal(method.students[0].fc.weight, method.students[1].fc.weight)  # gamma 1: both became H
 
 
 # ------------------------------------------------------------------------------------------------ golden values
