@@ -17,9 +17,9 @@ otherwise it minimises CE + KL(z_S -> z_k) + KL(z_other teacher -> z_k). S minim
 steps. Step order A, B, S. The official code takes pair B's eps from pair A's distances (``fix_eps_pairing``).
 
 The last member (the MobileNet) trains with Adam lr 0.01, wd 1e-4 (coupled L2) in the official scripts; the others
-with the run's SGD. Under DDP each network has its own wrapper and the statistics are global batch means, so every
-rank takes the same decisions. A paused network's BN running statistics still move (its forward runs in train
-mode, as in the official code). ``deploy.pt`` holds the last member.
+with the run's SGD. Under DDP the pair statistics are global batch means, so every rank makes the same
+decisions (2T1S: one wrapper per network; 1T2S: the trainer's one wrapper). A paused network's BN running
+statistics still move (its forward runs in train mode, as in the official code). ``deploy.pt`` holds the last member.
 """
 
 from __future__ import annotations
@@ -93,7 +93,6 @@ class _SwitOKDThree(Method):
 
     Params = SwitOKDMultiParams
     mixed_cohort = None  # any three networks: only their logits meet
-    ddp_per_network = True
     HEADS: tuple[str, str, str]
 
     def __init__(self, ctx: MethodContext) -> None:
@@ -183,6 +182,7 @@ class SwitOKD1T2S(_SwitOKDThree):
 class SwitOKD2T1S(_SwitOKDThree):
     HEADS = ("teacher1", "teacher2", "student")
     deploy_head = "student"
+    ddp_per_network = True  # one wrapper per network (distribute_networks): a paused teacher's reduces nothing
 
     def training_step(self, images: Tensor, labels: Tensor, epoch: int) -> dict[str, Tensor]:
         """All three forwards, losses and switches; a paused teacher's terms are multiplied by 0 (``manual_step``
