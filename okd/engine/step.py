@@ -175,9 +175,11 @@ class StepRunner:
     def backward(self, loss: Tensor) -> None:
         (loss if self.scaler is None else self.scaler.scale(loss)).backward()
 
-    def step_optimizer(self, index: int | None = None) -> None:
-        """Step one optimizer (or all); with fp16 through the grad scaler, updated after each call."""
-        for opt in self.optimizers if index is None else [self.optimizers[index]]:
+    def step_optimizer(self, index: int | list[int] | None = None) -> None:
+        """Step one optimizer, several (a list of indices, in that order) or all; with fp16 through the grad
+        scaler, updated once after each call."""
+        chosen = [index] if isinstance(index, int) else index
+        for opt in self.optimizers if chosen is None else [self.optimizers[i] for i in chosen]:
             if self.scaler is None:
                 opt.step()
             else:

@@ -18,6 +18,7 @@ from okd.methods import (  # noqa: F401  (each import registers its methods)
     one,
     pcl,
     switokd,
+    switokd_multi,
 )
 from okd.methods.base import METHODS, Method, MethodContext, ParamGroup, register_method
 

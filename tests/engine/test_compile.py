@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow  # torch.compile of whole training steps
 K = 10
 PARAMS = {"cmff": {"image_size": 16}}  # CMFF's auxiliary heads are sized for the input resolution
 #: methods whose algorithm decides inside every step which optimizers step (their networks' forwards are compiled)
-STEPWISE = ("switokd",)
+STEPWISE = ("switokd", "switokd_2t1s")
 PARAMS["lmcl"] = {"meta_every": 0}  # the main step; L-MCL's meta round steps optimizers itself (eager)
 
 

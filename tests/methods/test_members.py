@@ -37,7 +37,14 @@ from okd.runs.records import deploy_record
 
 TAPPED = {"name": SMALL, "taps": ["layer1", "layer2"]}  # the user's network with feature taps (for attention)
 MIXED = ["model.members=[resnet20,wrn16_2]"]
-ACCEPTING = ("dml", "kdcl", "lmcl", "switokd")  # the methods that train different networks
+ACCEPTING = (
+    "dml",
+    "kdcl",
+    "lmcl",
+    "switokd",
+    "switokd_1t2s",
+    "switokd_2t1s",
+)  # the methods that train different networks
 
 
 @pytest.fixture(scope="module")

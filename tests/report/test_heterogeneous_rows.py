@@ -126,3 +126,24 @@ def test_report_puts_switokds_own_figures_beside_its_student_and_teacher(tmp_pat
     assert g.recipe == "switokd" and _heads(g) == {"student": student, "teacher": teacher}
     md = to_markdown([g])
     assert "| **student** (deployed) | 61.00 | 61.00 |" in md and "| teacher | 69.00 | 70.00 |" in md
+
+
+@pytest.mark.parametrize(
+    ("name", "heads"),
+    [
+        (
+            "cifar100/switokd_1t2s_wrn16_10_wrn16_2_mobilenetv1",
+            {"student2": "64.62", "student1": "75.02", "teacher": "77.33"},
+        ),
+        (
+            "cifar100/switokd_2t1s_wrn16_2_wrn16_10_mobilenetv1",
+            {"student": "65.03", "teacher1": "71.73", "teacher2": "77.07"},
+        ),
+    ],
+)
+def test_report_puts_switokds_table7_figures_beside_each_of_its_three_networks(tmp_path, name, heads):
+    """SwitOKD 1T2S and 2T1S (Table 7): each network's published figure beside its head."""
+    rows = [{f"test/{h}/top1": 50.0 for h in heads}]
+    (g,) = build_report([fake_run(tmp_path / "run", name, [], rows)])
+    assert g.recipe == "switokd"
+    assert heads.items() <= _heads(g).items()

@@ -56,6 +56,7 @@ TESTS: dict[str, list[str]] = {
     "okd/methods/lmcl_meta.py": ["methods/test_lmcl.py"],
     "okd/methods/okdph.py": ["methods/test_okdph.py", CONTRACT],
     "okd/methods/switokd.py": ["methods/test_switokd.py", "methods/test_switokd_ddp.py", CONTRACT],
+    "okd/methods/switokd_multi.py": ["methods/test_switokd_multi.py", "methods/test_switokd_multi_ddp.py", CONTRACT],
     "okd/engine/step.py": ["engine/test_engine_mutants.py", "methods/test_dml.py", TRAINING],
     "okd/engine/epoch.py": ["engine/test_engine_mutants.py", "engine/test_heartbeat.py", TRAINING],
     "okd/engine/last_batch.py": ["engine/test_last_batch.py"],
