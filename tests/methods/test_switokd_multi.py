@@ -314,7 +314,7 @@ def test_configs_reproduce_the_official_settings(name):
     with N(0, 1/fan_in) init; every lr x0.1 at the start of epochs 140, 200 and 250 of range(1, 270)."""
     cfg = load_config(name)
     d = cfg.to_dict()
-    assert d["recipe"] == "switokd" and d["seed"] == 1 and d["train"]["epochs"] == 269
+    assert d["recipe"] == "switokd_multi" and d["seed"] == 1 and d["train"]["epochs"] == 269
     assert d["data"]["dataset"] == "cifar100" and d["data"]["batch_size"] == 128 and d["data"]["test_batch_size"] == 100
     assert d["data"]["padding_mode"] == "zeros" and d["data"]["pad"] == 4 and d["data"]["flip"]
     assert d["data"]["mean"] == [0.507, 0.487, 0.441] and d["data"]["std"] == [0.267, 0.256, 0.276]

@@ -145,5 +145,5 @@ def test_report_puts_switokds_table7_figures_beside_each_of_its_three_networks(t
     """SwitOKD 1T2S and 2T1S (Table 7): each network's published figure beside its head."""
     rows = [{f"test/{h}/top1": 50.0 for h in heads}]
     (g,) = build_report([fake_run(tmp_path / "run", name, [], rows)])
-    assert g.recipe == "switokd"
+    assert g.recipe == "switokd_multi"
     assert heads.items() <= _heads(g).items()
