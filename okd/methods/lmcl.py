@@ -33,7 +33,7 @@ from okd.methods.lmcl_meta import Average, MetaSettings, hypergradient
 from okd.methods.lmcl_net import Aggregator, LossWeightNetwork, ce, kl_t, layer_contrast
 from okd.models.aux_branches import STAGES, AuxBranchNet
 from okd.models.members import head_labels
-from okd.nn.contrastive import EMBED_DIM, Embed, check_positives
+from okd.nn.contrastive import EMBED_DIM, Embed, FirstBatchPositives
 
 
 @dataclass
@@ -107,6 +107,7 @@ class LMCL(Method):
         self.embeds = nn.ModuleList(nn.ModuleList(Embed(d, hp.embed_dim) for d in row) for row in dims)
         self.aggregators = nn.ModuleList(Aggregator(row[0], len(STAGES)) for row in dims)
         self.weight_net = LossWeightNetwork(dims)
+        self.check_first_batch = FirstBatchPositives()  # one host read, on the first batch
         self.deploy_head = head_name(hp.deploy_net, len(STAGES) - 1)
         # the epoch the step counter counts in, the batch index within it, the meta rounds so far (resumed)
         self.register_buffer("step_epoch", torch.tensor(-1, dtype=torch.long))
@@ -159,7 +160,7 @@ class LMCL(Method):
 
     def training_step(self, images: Tensor, labels: Tensor, epoch: int) -> dict[str, Tensor]:
         """The main step's loss terms (phi's weights constant)."""
-        check_positives(labels)
+        self.check_first_batch(labels)
         features, logits = self.forward_all(images)
         with torch.no_grad():
             weights = self.weight_net(features)

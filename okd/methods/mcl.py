@@ -31,7 +31,7 @@ from okd.models import create_model
 from okd.models.members import head_labels
 from okd.models.multibranch import MultiBranchNet, pool, stage1_split_for
 from okd.models.taps import require_taps
-from okd.nn.contrastive import Embed, check_positives, similarity, soft_contrast, sup_contrast
+from okd.nn.contrastive import Embed, FirstBatchPositives, similarity, soft_contrast, sup_contrast
 from okd.nn.losses import cross_entropy, kl_div_t, logit_mean
 
 
@@ -152,7 +152,7 @@ class MCL(Method):
             dims = [int(net.tap_channels[-1]) for net in self.nets]
         self.embeds = nn.ModuleList(Embed(d, hp.embed_dim) for d in dims)
         self.deploy_head = f"net{hp.deploy_net}"
-        self._labels_checked = False  # the first batch is checked for positives (one host read); see training_step
+        self.check_first_batch = FirstBatchPositives()  # one host read, on the first batch
 
     @property
     def deployed_member(self) -> int:
@@ -181,11 +181,7 @@ class MCL(Method):
         return logits, feats
 
     def training_step(self, images: Tensor, labels: Tensor, epoch: int) -> dict[str, Tensor]:
-        if not torch.compiler.is_compiling() and not self._labels_checked:
-            # a loader without class pairs (data.sampler=random) fails here, on its first batch, with a DataError;
-            # data.sampler=m_per_class gives every later batch its pairs, so no step after it reads the host
-            check_positives(labels)
-            self._labels_checked = True
+        self.check_first_batch(labels)
         logits, feats = self.forward_cohort(images)
         losses = {f"net{i}/ce": cross_entropy(z, labels) for i, z in enumerate(logits)}
         if self.hp.logit_distill:

@@ -78,6 +78,21 @@ def check_positives(labels: Tensor) -> None:
         )
 
 
+class FirstBatchPositives:
+    """``check_positives`` on the first batch a process trains on, then never again: a loader without class pairs
+    (``data.sampler=random``) fails on its first step with a ``DataError``, and the class-balanced sampler gives
+    every later batch its pairs, so no later step reads the labels on the host."""
+
+    def __init__(self) -> None:
+        self.checked = False
+
+    def __call__(self, labels: Tensor) -> None:
+        if self.checked or torch.compiler.is_compiling():
+            return
+        check_positives(labels)
+        self.checked = True
+
+
 def sup_contrast(
     sim: Tensor,
     labels: Tensor,

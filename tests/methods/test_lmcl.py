@@ -16,7 +16,7 @@ from method_helpers import no_grad_in, ref_ce, ref_kl, some_grad_in
 from torch import nn
 
 from okd.config import OptimConfig
-from okd.errors import ConfigError
+from okd.errors import ConfigError, DataError
 from okd.methods.base import MethodContext
 from okd.methods.build import load_config
 from okd.methods.lmcl import LMCL, LMCLParams
@@ -565,3 +565,14 @@ def test_lmcl_trains_and_resumes_exactly(cifar10_root, tmp_path):
     )
     helpers.assert_same_runs(full, resumed)
     assert int(torch.load(full / "last.pt", weights_only=False)["method"]["meta_rounds"]) == 2
+
+
+def test_the_first_batch_without_positives_is_refused_and_later_batches_are_not_read():
+    """One host read per process: the first batch is checked (a loader without class pairs fails at once), later
+    steps are not synchronised (the class-balanced sampler gives their pairs)."""
+    with pytest.raises(DataError, match="data.sampler=m_per_class"):
+        make_lmcl().training_step(images(dtype=torch.float32), torch.tensor([0, 0, 1, 2]), 0)
+    m = make_lmcl()
+    m.training_step(images(dtype=torch.float32), torch.tensor([0, 0, 1, 1]), 0)
+    later = m.training_step(images(dtype=torch.float32), torch.tensor([0, 0, 1, 2]), 0)
+    assert torch.isnan(later["contrast/vcl"].detach()), "what the trainer's non-finite check then refuses"
