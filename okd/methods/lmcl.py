@@ -26,34 +26,20 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from okd.errors import ConfigError
 from okd.methods.base import Method, MethodContext, ParamGroup, register_method, sgd_group
 from okd.methods.branch_base import average_accuracy, check_int
 from okd.methods.lmcl_meta import Average, MetaSettings, hypergradient
 from okd.methods.lmcl_net import Aggregator, LossWeightNetwork, ce, kl_t, layer_contrast
+from okd.methods.mcl import ContrastiveParams
 from okd.models.aux_branches import STAGES, AuxBranchNet
 from okd.models.members import head_labels
-from okd.nn.contrastive import EMBED_DIM, Embed, FirstBatchPositives
+from okd.nn.contrastive import Embed, FirstBatchPositives
 
 
 @dataclass
-class LMCLParams:
-    #: 2 (the reference's --number-net default; every published cell)
-    num_nets: int = 2
-    #: 0.1 (alpha, VCL weight; script default)
-    vcl_weight: float = 0.1
-    #: 1.0 (gamma, soft VCL weight)
-    soft_vcl_weight: float = 1.0
-    #: 0.1 (beta, ICL weight)
-    icl_weight: float = 0.1
-    #: 1.0 (lambda, soft ICL weight)
-    soft_icl_weight: float = 1.0
-    #: 0.1 (tau, contrastive temperature)
-    tau: float = 0.1
-    #: 3.0 (kd_T: temperature of the soft contrastive terms and of the logit KD)
-    temperature: float = 3.0
-    #: 128 (feat_dim, the Embed heads' width)
-    embed_dim: int = EMBED_DIM
+class LMCLParams(ContrastiveParams):
+    """MCL's knobs (every default is the L-MCL script's) and the meta round's."""
+
     #: 50 (--meta-freq: a meta round after the main step of batches 0, 50, 100, ... of each epoch) | 0 (never)
     meta_every: int = 50
     #: 2 (--times: inner virtual steps before the virtual step on the outer objective)
@@ -62,22 +48,11 @@ class LMCLParams:
     meta_adjoint_wd_bug: bool = True
     #: true (the code: BN running statistics gain one update at theta_0 per meta round) | false (left untouched)
     meta_bn_side_effect: bool = True
-    #: 0 (the network deploy.pt holds: net 0, its backbone head)
-    deploy_net: int = 0
 
     def validate(self) -> None:
-        check_int("num_nets", self.num_nets, 2)
-        check_int("embed_dim", self.embed_dim, 1)
+        super().validate()
         check_int("meta_every", self.meta_every, 0)
         check_int("inner_steps", self.inner_steps, 1)
-        for key in ("vcl_weight", "soft_vcl_weight", "icl_weight", "soft_icl_weight"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"method.{key} must be >= 0, got {getattr(self, key)}")
-        for key in ("tau", "temperature"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"method.{key} must be positive, got {getattr(self, key)}")
-        if not 0 <= self.deploy_net < self.num_nets:
-            raise ConfigError(f"method.deploy_net={self.deploy_net} is not a net; choose 0..{self.num_nets - 1}")
 
 
 def head_name(i: int, s: int) -> str:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor, nn
 
 from okd.errors import ConfigError
@@ -31,39 +30,31 @@ from okd.models import create_model
 from okd.models.members import head_labels
 from okd.models.multibranch import MultiBranchNet, pool, stage1_split_for
 from okd.models.taps import require_taps
-from okd.nn.contrastive import Embed, FirstBatchPositives, similarity, soft_contrast, sup_contrast
+from okd.nn.contrastive import EMBED_DIM, Embed, FirstBatchPositives, similarity, soft_contrast, sup_contrast
 from okd.nn.losses import cross_entropy, kl_div_t, logit_mean
 
 
 @dataclass
-class MCLParams:
-    #: N, the networks of the cohort: 2 (MCL(x2)) | 4 (MCL(x4))
+class ContrastiveParams:
+    """The knobs MCL and L-MCL share: the cohort size, the temperatures, the Embed width and the four weights."""
+
+    #: N, the networks of the cohort: 2 (MCL(x2), every L-MCL cell) | 4 (MCL(x4))
     num_nets: int = 2
-    #: true (the code, [quirk]): N != 2 builds one network with a trunk shared up to stage 1 and N branches
-    #: (MCL(x4) of the README); N = 2 is always two independent networks | false: N independent networks
-    shared_trunk: bool = True
     #: tau, the contrastive temperature (0.1, code)
     tau: float = 0.1
     #: T, the temperature of the soft losses SKL and of the logit KD (3, code ``kd_T``)
     temperature: float = 3.0
     #: D, the width of the Embed heads (128, code ``feat_dim``)
-    embed_dim: int = 128
-    #: alpha, weight of VCL, the intra-network supervised contrast (0.1, README commands)
+    embed_dim: int = EMBED_DIM
+    #: alpha, weight of VCL, the intra-network supervised contrast (0.1: MCL's README commands, L-MCL's defaults)
     vcl_weight: float = 0.1
-    #: gamma, weight of soft VCL (1, README commands)
+    #: gamma, weight of soft VCL (1)
     soft_vcl_weight: float = 1.0
-    #: beta, weight of ICL, the cross-network supervised contrast (0.1, README commands)
+    #: beta, weight of ICL, the cross-network supervised contrast (0.1)
     icl_weight: float = 0.1
-    #: lambda, weight of soft ICL (1, README commands)
+    #: lambda, weight of soft ICL (1)
     soft_icl_weight: float = 1.0
-    #: false (code default) | true: KL_T from the detached logit mean (the README's "MCL(x4)+Logit KD" column)
-    logit_distill: bool = False
-    #: true (code, [quirk]): with N != 2 the logit KD trains the last network only | false: every network
-    kd_last_net_only: bool = True
-    #: false (code, [quirk]): in SC(S_ij) the same image's embedding by network j is neither positive nor
-    #: negative | true: it is an extra positive and stays in the denominator
-    icl_instance_positive: bool = False
-    #: which network ``deploy.pt`` holds (for the shared trunk: the trunk plus that branch)
+    #: which network ``deploy.pt`` holds (MCL's shared trunk: the trunk plus that branch; L-MCL: its backbone head)
     deploy_net: int = 0
 
     def validate(self) -> None:
@@ -77,6 +68,20 @@ class MCLParams:
                 raise ConfigError(f"method.{key} must be >= 0, got {getattr(self, key)}")
         if not 0 <= self.deploy_net < self.num_nets:
             raise ConfigError(f"method.deploy_net={self.deploy_net} is not a net; choose 0..{self.num_nets - 1}")
+
+
+@dataclass
+class MCLParams(ContrastiveParams):
+    #: true (the code, [quirk]): N != 2 builds one network with a trunk shared up to stage 1 and N branches
+    #: (MCL(x4) of the README); N = 2 is always two independent networks | false: N independent networks
+    shared_trunk: bool = True
+    #: false (code default) | true: KL_T from the detached logit mean (the README's "MCL(x4)+Logit KD" column)
+    logit_distill: bool = False
+    #: true (code, [quirk]): with N != 2 the logit KD trains the last network only | false: every network
+    kd_last_net_only: bool = True
+    #: false (code, [quirk]): in SC(S_ij) the same image's embedding by network j is neither positive nor
+    #: negative | true: it is an extra positive and stays in the denominator
+    icl_instance_positive: bool = False
 
     @property
     def uses_shared_trunk(self) -> bool:
