@@ -5,6 +5,9 @@ probes, and the loss references written from the equations, independently of ``o
 from __future__ import annotations
 
 import math
+import multiprocessing
+import time
+from pathlib import Path
 
 import helpers
 import torch
@@ -131,3 +134,23 @@ def ce_manual(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def views_batch(views: int, seed: int = 1) -> tuple[list[torch.Tensor], torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(B, 3, 32, 32, generator=g) for _ in range(views)], torch.tensor([0, 3, 7, 3])
+
+
+def run_spawned_ranks(target, leading: tuple, tmp_path: Path, world: int, timeout: float = 90.0) -> list[dict]:
+    """Run ``target(*leading, rank, store, out_dir)`` in ``world`` spawned processes and load what each saved as
+    ``out_dir/rank<r>.pt``; a rank that waits on a collective the others never enter is killed after ``timeout``."""
+    ctx = multiprocessing.get_context("spawn")
+    args = [(*leading, r, str(tmp_path / "store"), str(tmp_path)) for r in range(world)]
+    procs = [ctx.Process(target=target, args=a) for a in args]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        p.join(timeout=max(0.0, deadline - time.monotonic()))
+    hung = [p for p in procs if p.is_alive()]
+    for p in hung:
+        p.kill()
+        p.join()
+    assert not hung, f"a rank did not finish in {timeout:.0f} s (waiting on a collective another rank never entered?)"
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]

@@ -8,14 +8,12 @@ batch's and the comparison is exact up to rounding."""
 
 from __future__ import annotations
 
-import multiprocessing
 import os
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-from method_helpers import make
+from method_helpers import make, run_spawned_ranks
 
 from okd.config import TrainConfig
 from okd.engine.builder import build_optimizer
@@ -97,23 +95,6 @@ def rank_main(rank: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def run_two_ranks(tmp_path) -> list[dict]:
-    ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=rank_main, args=(r, str(tmp_path / "store"), str(tmp_path))) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + 90
-    for p in procs:
-        p.join(timeout=max(0.0, deadline - time.monotonic()))
-    hung = [p for p in procs if p.is_alive()]
-    for p in hung:
-        p.kill()
-        p.join()
-    assert not hung, "a rank did not finish in 90 s (waiting on a collective another rank never entered?)"
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
-
-
 def test_mixed_batch_halves_alone_would_take_different_modes():
     """The precondition that makes the DDP test below decisive: per-rank statistics would split the ranks."""
     method, runner = build()
@@ -130,7 +111,7 @@ def test_mixed_batch_halves_alone_would_take_different_modes():
 
 @pytest.mark.slow
 def test_two_processes_equal_one_process_on_the_whole_batch(tmp_path):
-    ranks = run_two_ranks(tmp_path)
+    ranks = run_spawned_ranks(rank_main, (), tmp_path, WORLD)
     method, runner = build()
     want = train(method, runner, slice(None))
     assert [s["expert"] for s in want] == [0.0, 1.0, 0.0]  # both modes exercised

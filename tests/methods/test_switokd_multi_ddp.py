@@ -7,14 +7,12 @@ ranks). The networks run in eval mode, so a half batch's logits are those rows o
 
 from __future__ import annotations
 
-import multiprocessing
 import os
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-from method_helpers import make
+from method_helpers import make, run_spawned_ranks
 
 from okd.config import TrainConfig
 from okd.engine.builder import build_optimizer
@@ -92,28 +90,9 @@ def rank_main(name: str, rank: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def run_two_ranks(name: str, tmp_path) -> list[dict]:
-    ctx = multiprocessing.get_context("spawn")
-    procs = [
-        ctx.Process(target=rank_main, args=(name, r, str(tmp_path / "store"), str(tmp_path))) for r in range(WORLD)
-    ]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + 90
-    for p in procs:
-        p.join(timeout=max(0.0, deadline - time.monotonic()))
-    hung = [p for p in procs if p.is_alive()]
-    for p in hung:
-        p.kill()
-        p.join()
-    assert not hung, "a rank did not finish in 90 s (waiting on a collective another rank never entered?)"
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
-
-
 @pytest.mark.parametrize("name", ["switokd_1t2s", "switokd_2t1s"])
 def test_two_processes_equal_one_process_on_the_whole_batch(name, tmp_path):
-    ranks = run_two_ranks(name, tmp_path)
+    ranks = run_spawned_ranks(rank_main, (name,), tmp_path, WORLD)
     method, runner = build(name)
     want = train(name, method, runner, slice(None))
     assert [[s["pair1_expert"], s["pair2_expert"]] for s in want] == EXPERTS[name]
