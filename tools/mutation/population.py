@@ -12,6 +12,11 @@ from tools.mutation.operators import OPERATORS, Mutant, mutants_of
 
 CONTRACT, SHARED, FAULTS = "methods/test_contract.py", "methods/test_shared.py", "runs/test_faults.py"
 TRAINING = "engine/test_training.py"
+#: image folders (okd/data/folder/): their own tests, then the messy-folder and own-network edge cases
+FOLDER = [
+    "data/test_folder_data.py", "data/test_messy_folders.py", "engine/test_last_batch.py",
+    "models/test_own_network_edges.py",
+]  # fmt: skip
 #: source file -> the test files that cover it (under tests/), fastest first (pytest stops at the first failure)
 TESTS: dict[str, list[str]] = {
     "okd/config.py": [
@@ -24,6 +29,14 @@ TESTS: dict[str, list[str]] = {
     "okd/data/randaugment.py": ["data/test_randaugment.py"],
     "okd/data/autoaugment.py": ["data/test_randaugment.py"],
     "okd/data/builder.py": ["data/test_data.py", "data/test_folder_data.py"],
+    "okd/data/facts.py": ["data/test_data.py", "methods/test_members.py", "report/test_export.py"],
+    "okd/data/folder/builder.py": FOLDER,
+    "okd/data/folder/dataset.py": FOLDER,
+    "okd/data/folder/loader.py": FOLDER,
+    "okd/data/folder/presets.py": FOLDER,
+    "okd/data/folder/samplers.py": FOLDER,
+    "okd/data/folder/scan.py": FOLDER,
+    "okd/data/folder/transforms.py": FOLDER,
     "okd/nn/losses.py": ["models/test_nn_blocks.py", SHARED, "methods/test_ffsd.py", "methods/test_cmff.py"],
     "okd/nn/diversity.py": ["models/test_nn_blocks.py", "methods/test_ffsd.py"],
     "okd/nn/fusion.py": ["models/test_nn_blocks.py", "methods/test_ffsd.py", SHARED],
@@ -47,6 +60,7 @@ TESTS: dict[str, list[str]] = {
     "okd/methods/kd.py": ["methods/test_kd.py", CONTRACT, SHARED, "runs/test_safe_loading.py"],
     "okd/methods/kdcl.py": ["methods/test_kdcl.py", CONTRACT, SHARED],
     "okd/methods/pcl.py": ["methods/test_pcl.py", CONTRACT, SHARED],
+    "okd/methods/cohort.py": ["methods/test_members.py", "engine/test_mixed_cohort_engine.py"],
     "okd/methods/ffsd.py": ["methods/test_ffsd.py", CONTRACT],
     "okd/methods/cmff.py": ["methods/test_cmff.py", CONTRACT],
     "okd/methods/cmff_net.py": ["methods/test_cmff.py", CONTRACT],
@@ -61,6 +75,11 @@ TESTS: dict[str, list[str]] = {
     "okd/engine/epoch.py": ["engine/test_engine_mutants.py", "engine/test_heartbeat.py", TRAINING],
     "okd/engine/last_batch.py": ["engine/test_last_batch.py"],
     "okd/engine/heartbeat.py": ["engine/test_heartbeat.py"],
+    "okd/engine/distributed.py": ["engine/test_engine_mutants.py", "methods/test_dml.py", "engine/test_distributed.py"],
+    "okd/engine/run_log.py": ["report/test_run_report.py", "methods/test_members.py"],
+    "okd/engine/tensorboard.py": ["report/test_report.py", "engine/test_trackers.py"],
+    "okd/engine/threads.py": ["report/test_run_report.py", "engine/test_engine_mutants.py"],
+    "okd/engine/tracker_sinks.py": ["engine/test_trackers.py"],
     "okd/engine/trackers.py": ["engine/test_trackers.py"],
     "okd/engine/evaluate.py": ["runs/test_run_store.py", TRAINING],
     "okd/engine/schedules.py": ["engine/test_schedules.py"],

@@ -1,0 +1,24 @@
+"""The mutation tool's map (tools/mutation/population.py): every core source file has test files, and they exist."""
+
+from pathlib import Path
+
+from tools.mutation.population import CORE, TESTS
+
+ROOT = Path(__file__).resolve().parents[2]
+CORE_DIRS = ("okd/data", "okd/nn", "okd/methods", "okd/engine", "okd/runs")
+
+
+def test_every_core_source_file_is_mapped_to_test_files():
+    on_disk = {"okd/config.py", "okd/io.py"} | {
+        p.relative_to(ROOT).as_posix()
+        for folder in CORE_DIRS
+        for p in (ROOT / folder).rglob("*.py")
+        if p.name != "__init__.py"
+    }
+    assert sorted(on_disk - set(TESTS)) == [], "add these to TESTS in tools/mutation/population.py"
+    assert sorted(set(CORE) - on_disk) == [], "TESTS names source files that no longer exist"
+
+
+def test_every_mapped_test_file_exists():
+    missing = sorted({t for tests in TESTS.values() for t in tests if not (ROOT / "tests" / t).is_file()})
+    assert missing == []
