@@ -190,6 +190,23 @@ def test_shard_sampler_covers_each_index_once(n):
         assert sum(len(ShardSampler(n, r, world)) for r in range(world)) == n
 
 
+def test_shard_sampler_defaults_to_the_whole_range_and_refuses_a_rank_outside_the_world():
+    assert list(ShardSampler(4)) == [0, 1, 2, 3] and len(ShardSampler(4)) == 4
+    for rank, world in ((2, 2), (-1, 2), (0, 0)):
+        with pytest.raises(ValueError, match=f"rank {rank} is outside world size {world}"):
+            ShardSampler(4, rank, world)
+
+
+def test_a_test_split_asked_for_views_gives_each_view_the_same_images(imagenet_folder):
+    """A FolderDataset that is not training decodes one view; the loader hands it out ``views`` times."""
+    _, test, _, _ = build_loaders(cfg(imagenet_folder), seed=0, device="cpu")
+    loader = FolderLoader(FolderDataset(test.dataset.split, test.dataset.transform, train=False, views=3), 4)
+    xs, y = next(iter(loader))
+    x, y1 = next(iter(test))
+    assert isinstance(xs, list) and len(xs) == 3 and torch.equal(y, y1)
+    assert all(torch.equal(v, x) for v in xs)
+
+
 def _signatures(x: torch.Tensor, y: torch.Tensor) -> list[tuple]:
     return sorted((int(label), round(float(img.double().sum()), 3)) for img, label in zip(x, y, strict=True))
 

@@ -1,18 +1,22 @@
-"""A user's messy class-folder dataset: unreadable images under data.compute_stats, empty class folders."""
+"""A user's class-folder dataset: data.compute_stats (exact, and with unreadable images), empty class folders."""
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from okd.config import DataConfig
 from okd.data.folder import build_folder_loaders
+from okd.data.folder.builder import build_transforms, split_statistics
+from okd.data.folder.scan import scan_train_val
 from okd.errors import DataError
 
 pytest.importorskip("PIL")
 from folder_fixtures import write_class_folder  # noqa: E402
+from PIL import Image  # noqa: E402
 
 
 def _stats_cfg(root: Path, **kw) -> DataConfig:
@@ -51,3 +55,27 @@ def test_an_empty_class_folder_is_named_with_the_fix(tmp_path):
     (root / "train" / "hexagon" / "readme.txt").write_text("todo")
     with pytest.raises(DataError, match=r"hold no image .*: hexagon\. Put that class's images into each, or delete"):
         build_folder_loaders(_stats_cfg(root), 0, "cpu", rank=0, world_size=1)
+
+
+def test_compute_stats_are_the_mean_and_std_of_every_pixel(tmp_path):
+    """The streamed sums equal numpy's mean and std over all test-transformed training pixels at once."""
+    root = write_class_folder(tmp_path / "data", train_per_class=3, val_per_class=1)
+    data_cfg = _stats_cfg(root)
+    train_split, _ = scan_train_val(root)
+    transform = build_transforms(data_cfg, train=False)
+    pixels = (
+        np.concatenate(
+            [np.asarray(transform(img, None), dtype=np.float64).reshape(-1, 3) for img in _images(train_split)]
+        )
+        / 255.0
+    )
+    mean, std = split_statistics(train_split, transform)
+    np.testing.assert_allclose(mean, pixels.mean(axis=0), atol=1e-6)
+    np.testing.assert_allclose(std, pixels.std(axis=0), atol=1e-6)
+    assert build_folder_loaders(data_cfg, 0, "cpu", rank=0, world_size=1)[0].mean == mean
+
+
+def _images(split):
+    for i in range(len(split)):
+        with Image.open(split.path(i)) as img:
+            yield img.convert("RGB")

@@ -192,3 +192,27 @@ def test_trackers_are_closed_with_how_the_run_ended():
     from okd.engine.tracker_sinks import MLFLOW_STATUS
 
     assert MLFLOW_STATUS == {"finished": "FINISHED", "stopped": "KILLED", "failed": "FAILED"}
+
+
+def test_wandb_runs_are_named_after_the_folder_and_only_a_known_run_is_resumed(tmp_path, monkeypatch):
+    """The arguments ``wandb.init`` gets, seen through a stand-in module: a fresh run has no id and no resume."""
+    inits: list[dict] = []
+
+    class StandInRun:
+        def __init__(self, id):  # noqa: A002 - wandb's own keyword
+            self.id = id or "new-id"
+
+    def init(**kwargs):
+        inits.append(kwargs)
+        return StandInRun(kwargs["id"])
+
+    monkeypatch.setitem(sys.modules, "wandb", type(sys)("wandb"))
+    monkeypatch.setattr(sys.modules["wandb"], "init", init, raising=False)
+    cfg = load_config(CONFIG, ["train.tracker_project=proj"])
+    fresh = trackers_mod._open("wandb", cfg, tmp_path / "my-run", None)
+    resumed = trackers_mod._open("wandb", cfg, tmp_path / "my-run", "abc123")
+    assert inits == [
+        {"project": "proj", "name": "my-run", "id": None, "resume": None},
+        {"project": "proj", "name": "my-run", "id": "abc123", "resume": "allow"},
+    ]
+    assert (fresh.run_id, resumed.run_id) == ("new-id", "abc123")

@@ -134,7 +134,10 @@ def test_copies_listed_as_members_are_the_cohort_of_copies():
     assert record["model"] == "wrn16_2" and record["model_spec"]["name"] == "wrn16_2"
     with pytest.raises(ConfigError, match="model.members lists 2 networks, but baseline builds 1"):
         load_config(None, ["method.name=baseline", "model.members=[resnet20,resnet20]"])
-    assert build_method(load_config(None, ["model.members=[wrn16_2]"]), 10).net.__class__.__name__ == "WideResNet"
+    single = load_config(None, ["model.members=[wrn16_2]"])
+    single_method = build_method(single, 10)
+    assert single_method.net.__class__.__name__ == "WideResNet"
+    assert deploy_record(single, single_method, 0)["model_spec"]["name"] == "wrn16_2"  # a cohort of one deploys it
 
 
 def test_labels_tell_members_of_one_name_apart_and_the_stored_members_need_consent(monkeypatch):

@@ -29,7 +29,9 @@ TESTS: dict[str, list[str]] = {
     "okd/data/randaugment.py": ["data/test_randaugment.py"],
     "okd/data/autoaugment.py": ["data/test_randaugment.py"],
     "okd/data/builder.py": ["data/test_data.py", "data/test_folder_data.py"],
-    "okd/data/facts.py": ["data/test_data.py", "methods/test_members.py", "report/test_export.py"],
+    "okd/data/facts.py": [
+        "data/test_data_facts.py", "data/test_data.py", "methods/test_members.py", "report/test_export.py"
+    ],
     "okd/data/folder/builder.py": FOLDER,
     "okd/data/folder/dataset.py": FOLDER,
     "okd/data/folder/loader.py": FOLDER,
