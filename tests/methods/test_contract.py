@@ -87,6 +87,9 @@ def check_step(method: Method, cfg: Config, plan) -> dict[str, Tensor]:
     bad_keys = [k for k in losses if not isinstance(k, str) or not LOSS_KEY.fullmatch(k)]
     assert not bad_keys, f"loss keys must be named <component>/<term>: {bad_keys}"
     assert any(not k.startswith("stat/") for k in losses), "every loss is a stat/ entry: nothing is trained"
+    if method.manual_optimization:  # the automatic step's total is backwarded by the runner, freeing its graph
+        kept = sorted(k for k, v in losses.items() if v.requires_grad)
+        assert not kept, f"manual_step's losses must be detached (a kept graph outlives the step): {kept}"
     values = {k: float(v.detach()) for k, v in losses.items()}
     assert all(math.isfinite(v) for v in values.values()), f"non-finite losses: {values}"
     assert math.isfinite(float(total.detach())), f"non-finite total {float(total)}"
@@ -163,6 +166,16 @@ def returns_a_nonfinite_loss(method):
     return lambda *args, **kwargs: {k: v * math.inf for k, v in step(*args, **kwargs).items()}
 
 
+def keeps_the_graph(method):
+    manual_step = method.manual_step
+
+    def undetached(images, labels, epoch, runner):
+        losses = manual_step(images, labels, epoch, runner)
+        return {k: v.detach().requires_grad_() * 1.0 for k, v in losses.items()}
+
+    return undetached
+
+
 def returns_an_unnamed_loss(method):
     step = method.training_step
     return lambda *args, **kwargs: {"loss": sum(step(*args, **kwargs).values())}
@@ -182,6 +195,15 @@ def test_the_contract_fails_a_broken_method(hook, breaks, message, teacher_file,
     cfg, method = build("dml", teacher_file)
     monkeypatch.setattr(method, hook, breaks(method))
     with pytest.raises((AssertionError, RuntimeError), match=message):
+        check_contract(cfg, method, tmp_path)
+
+
+def test_the_contract_fails_a_manual_step_that_returns_its_graph(teacher_file, tmp_path, monkeypatch):
+    """SwitOKD (a manual step) returning undetached losses: in expert mode the teacher's loss is never
+    backwarded, so its graph and activations would live on into the next step."""
+    cfg, method = build("switokd", teacher_file)
+    monkeypatch.setattr(method, "manual_step", keeps_the_graph(method))
+    with pytest.raises(AssertionError, match="must be detached"):
         check_contract(cfg, method, tmp_path)
 
 
