@@ -12,6 +12,7 @@ import torch
 
 from okd.config import DataConfig
 from okd.data import build_loaders
+from okd.data.device_loader import DeviceLoader
 from okd.data.folder import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -30,7 +31,7 @@ from okd.errors import ConfigError, DataError
 
 pytest.importorskip("PIL")
 import folder_fixtures  # noqa: E402
-from folder_fixtures import IMAGENET_CLASSES, write_tinyimagenet_folder  # noqa: E402
+from folder_fixtures import IMAGENET_CLASSES, write_class_folder, write_tinyimagenet_folder  # noqa: E402
 from PIL import Image  # noqa: E402
 
 imagenet_folder = folder_fixtures.imagenet_folder  # the shared fixture
@@ -205,6 +206,21 @@ def test_a_test_split_asked_for_views_gives_each_view_the_same_images(imagenet_f
     x, y1 = next(iter(test))
     assert isinstance(xs, list) and len(xs) == 3 and torch.equal(y, y1)
     assert all(torch.equal(v, x) for v in xs)
+
+
+def test_in_memory_folder_serves_the_streaming_test_batches(tmp_path):
+    data = write_class_folder(tmp_path / "data")
+    common = {"dataset": "folder", "root": str(data), "image_size": 16, "resize": 20, "workers": 0}
+    common.update({"train_crop": "pad_crop", "pad": 2, "batch_size": 8, "test_batch_size": 5, "pin_memory": False})
+    streamed = build_folder_loaders(DataConfig(**common), 0, "cpu", rank=0, world_size=1)
+    held = build_folder_loaders(DataConfig(**common, in_memory=True), 0, "cpu", rank=0, world_size=1)
+    assert isinstance(held[0], DeviceLoader) and held[2:] == streamed[2:]
+    for (xa, ya), (xb, yb) in zip(streamed[1], held[1], strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    x, _ = next(iter(held[0]))
+    assert x.shape == (8, 3, 16, 16) and len(held[0]) == 3
+    with pytest.raises(ConfigError, match="needs data.train_crop=pad_crop or center"):
+        build_folder_loaders(DataConfig(**{**common, "train_crop": "random_resized"}, in_memory=True), 0, "cpu")
 
 
 def _signatures(x: torch.Tensor, y: torch.Tensor) -> list[tuple]:

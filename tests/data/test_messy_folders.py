@@ -10,8 +10,6 @@ import pytest
 
 from okd.config import DataConfig
 from okd.data.folder import build_folder_loaders
-from okd.data.folder.builder import build_transforms, split_statistics
-from okd.data.folder.scan import scan_train_val
 from okd.errors import DataError
 
 pytest.importorskip("PIL")
@@ -20,7 +18,17 @@ from PIL import Image  # noqa: E402
 
 
 def _stats_cfg(root: Path, **kw) -> DataConfig:
-    return DataConfig(dataset="folder", root=str(root), image_size=12, resize=12, compute_stats=True, workers=0, **kw)
+    return DataConfig(
+        **{
+            "dataset": "folder",
+            "root": str(root),
+            "image_size": 12,
+            "resize": 12,
+            "workers": 0,
+            "compute_stats": True,
+            **kw,
+        }
+    )
 
 
 @pytest.fixture
@@ -57,25 +65,24 @@ def test_an_empty_class_folder_is_named_with_the_fix(tmp_path):
         build_folder_loaders(_stats_cfg(root), 0, "cpu", rank=0, world_size=1)
 
 
-def test_compute_stats_are_the_mean_and_std_of_every_pixel(tmp_path):
-    """The streamed sums equal numpy's mean and std over all test-transformed training pixels at once."""
-    root = write_class_folder(tmp_path / "data", train_per_class=3, val_per_class=1)
-    data_cfg = _stats_cfg(root)
-    train_split, _ = scan_train_val(root)
-    transform = build_transforms(data_cfg, train=False)
-    pixels = (
-        np.concatenate(
-            [np.asarray(transform(img, None), dtype=np.float64).reshape(-1, 3) for img in _images(train_split)]
-        )
-        / 255.0
+def test_compute_stats_are_the_training_splits_mean_and_std(tmp_path):
+    """Against every training pixel resized (shorter side 16, bilinear) and centre-cropped here, independently."""
+    data = write_class_folder(tmp_path / "data")
+    train, test, k, classes = build_folder_loaders(
+        _stats_cfg(data, image_size=16, resize=16), 0, "cpu", rank=0, world_size=1
     )
-    mean, std = split_statistics(train_split, transform)
-    np.testing.assert_allclose(mean, pixels.mean(axis=0), atol=1e-6)
-    np.testing.assert_allclose(std, pixels.std(axis=0), atol=1e-6)
-    assert build_folder_loaders(data_cfg, 0, "cpu", rank=0, world_size=1)[0].mean == mean
-
-
-def _images(split):
-    for i in range(len(split)):
-        with Image.open(split.path(i)) as img:
-            yield img.convert("RGB")
+    assert k == 3 and classes == ["circle", "square", "zigzag"] and len(train.dataset) == 24
+    pixels = []
+    for path in sorted((data / "train").glob("*/*.png")):
+        img = Image.open(path).convert("RGB")
+        w, h = img.size
+        s = 16 / min(w, h)
+        img = img.resize((max(16, int(w * s)) if w > h else 16, max(16, int(h * s)) if h > w else 16), Image.BILINEAR)
+        arr = np.asarray(img, dtype=np.float64) / 255.0
+        top, left = int(round((arr.shape[0] - 16) / 2)), int(round((arr.shape[1] - 16) / 2))
+        pixels.append(arr[top : top + 16, left : left + 16].reshape(-1, 3))
+    allpix = np.concatenate(pixels)
+    np.testing.assert_allclose(train.mean, allpix.mean(0), atol=1e-5)
+    np.testing.assert_allclose(train.std, allpix.std(0), atol=1e-5)
+    x, y = next(iter(test))
+    assert x.shape == (12, 3, 16, 16) and y.tolist()[:4] == [0, 0, 0, 0]

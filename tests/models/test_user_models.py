@@ -7,7 +7,6 @@ import textwrap
 from pathlib import Path
 
 import helpers
-import numpy as np
 import pytest
 import torch
 
@@ -229,31 +228,6 @@ def test_rebuilding_from_a_stored_spec_needs_the_users_consent(user_env, monkeyp
     assert net(torch.zeros(1, 3, 16, 16)).shape == (1, 4)
 
 
-def test_folder_statistics_are_the_training_splits(user_env):
-    from PIL import Image
-
-    from okd.config import DataConfig
-    from okd.data.folder import build_folder_loaders
-
-    _, data = user_env
-    cfg = DataConfig(dataset="folder", root=str(data), image_size=16, resize=16, compute_stats=True, workers=0)
-    train, test, k, classes = build_folder_loaders(cfg, 0, "cpu", rank=0, world_size=1)
-    assert k == 3 and classes == ["circle", "square", "zigzag"] and len(train.dataset) == 24
-    pixels = []
-    for path in sorted((data / "train").glob("*/*.png")):
-        img = Image.open(path).convert("RGB")
-        w, h = img.size
-        s = 16 / min(w, h)
-        img = img.resize((max(16, int(w * s)) if w > h else 16, max(16, int(h * s)) if h > w else 16), Image.BILINEAR)
-        arr = np.asarray(img, dtype=np.float64) / 255.0
-        top, left = int(round((arr.shape[0] - 16) / 2)), int(round((arr.shape[1] - 16) / 2))
-        pixels.append(arr[top : top + 16, left : left + 16].reshape(-1, 3))
-    allpix = np.concatenate(pixels)
-    assert np.allclose(train.mean, allpix.mean(0), atol=1e-5) and np.allclose(train.std, allpix.std(0), atol=1e-5)
-    x, y = next(iter(test))
-    assert x.shape == (12, 3, 16, 16) and y.tolist()[:4] == [0, 0, 0, 0]
-
-
 @pytest.mark.slow
 def test_one_example_config_with_branch_from_then_kd_from_its_branch(user_env, example_module, tmp_path, monkeypatch):
     full, deploy = _train_resume_export_predict(
@@ -293,25 +267,6 @@ def test_branch_from_refuses_networks_that_are_not_a_chain_of_stages(user_env):
         _build(user_env, "one", f"model.name={MODULE}:build", "model.branch_from=layer7")
     with pytest.raises(ConfigError, match="must both output feature maps"):
         _build(user_env, "one", f"model.name={MODULE}:build", "model.branch_from=flatten")
-
-
-def test_in_memory_folder_serves_the_streaming_test_batches(user_env):
-    from okd.config import DataConfig
-    from okd.data.device_loader import DeviceLoader
-    from okd.data.folder import build_folder_loaders
-
-    _, data = user_env
-    common = {"dataset": "folder", "root": str(data), "image_size": 16, "resize": 20, "workers": 0}
-    common.update({"train_crop": "pad_crop", "pad": 2, "batch_size": 8, "test_batch_size": 5, "pin_memory": False})
-    streamed = build_folder_loaders(DataConfig(**common), 0, "cpu", rank=0, world_size=1)
-    held = build_folder_loaders(DataConfig(**common, in_memory=True), 0, "cpu", rank=0, world_size=1)
-    assert isinstance(held[0], DeviceLoader) and held[2:] == streamed[2:]
-    for (xa, ya), (xb, yb) in zip(streamed[1], held[1], strict=True):
-        assert torch.equal(xa, xb) and torch.equal(ya, yb)
-    x, _ = next(iter(held[0]))
-    assert x.shape == (8, 3, 16, 16) and len(held[0]) == 3
-    with pytest.raises(ConfigError, match="needs data.train_crop=pad_crop or center"):
-        build_folder_loaders(DataConfig(**{**common, "train_crop": "random_resized"}, in_memory=True), 0, "cpu")
 
 
 def test_default_run_name_of_an_import_path_has_no_colon():
