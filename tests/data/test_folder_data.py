@@ -58,8 +58,10 @@ def copy_of(root: Path, tmp_path: Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- ImageNet
-def test_scan_imagenet_layout(imagenet_folder):
-    train, val = scan_imagenet(imagenet_folder)
+def test_scan_imagenet_layout(imagenet_folder, caplog):
+    with caplog.at_level(logging.WARNING, logger="okd"):
+        train, val = scan_imagenet(imagenet_folder)
+    assert "3 class folders (ImageNet has 1000); training a 3-way classifier" in caplog.text
     assert train.classes == list(IMAGENET_CLASSES) == val.classes
     assert len(train) == 12 and len(val) == 6
     assert np.bincount(train.labels).tolist() == [4, 4, 4]
@@ -208,12 +210,14 @@ def test_a_test_split_asked_for_views_gives_each_view_the_same_images(imagenet_f
     assert all(torch.equal(v, x) for v in xs)
 
 
-def test_in_memory_folder_serves_the_streaming_test_batches(tmp_path):
+def test_in_memory_folder_serves_the_streaming_test_batches(tmp_path, caplog):
     data = write_class_folder(tmp_path / "data")
     common = {"dataset": "folder", "root": str(data), "image_size": 16, "resize": 20, "workers": 0}
     common.update({"train_crop": "pad_crop", "pad": 2, "batch_size": 8, "test_batch_size": 5, "pin_memory": False})
     streamed = build_folder_loaders(DataConfig(**common), 0, "cpu", rank=0, world_size=1)
-    held = build_folder_loaders(DataConfig(**common, in_memory=True), 0, "cpu", rank=0, world_size=1)
+    with caplog.at_level(logging.INFO, logger="okd"):
+        held = build_folder_loaders(DataConfig(**common, in_memory=True), 0, "cpu", rank=0, world_size=1)
+    assert "data.in_memory: 0.0 MiB of uint8 images on cpu" in caplog.text  # 36 images of 3 x 16 x 16
     assert isinstance(held[0], DeviceLoader) and held[2:] == streamed[2:]
     for (xa, ya), (xb, yb) in zip(streamed[1], held[1], strict=True):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)

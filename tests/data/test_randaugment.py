@@ -168,3 +168,27 @@ def test_the_subset_path_equals_the_whole_batch_path():
         assert torch.equal(whole, apply_where(base, chosen, op, x, mag, 7, subset=True)), op
         assert torch.equal(whole[~chosen], base[~chosen]), op
     assert torch.equal(apply_where(base, torch.zeros(6, dtype=torch.bool), "equalize", x, mag, 7, True), base)
+
+
+#: AutoAugment's ImageNet policy as published (Cubuk et al. 2019, Table 9; torchvision's AutoAugmentPolicy.IMAGENET):
+#: 25 sub-policies of two (op, probability, magnitude bin of 10)
+PUBLISHED_IMAGENET_POLICY = """
+posterize .4 8, rotate .6 9 | solarize .6 5, autocontrast .6 - | equalize .8 -, equalize .6 - |
+posterize .6 7, posterize .6 6 | equalize .4 -, solarize .2 4 | equalize .4 -, rotate .8 8 |
+solarize .6 3, equalize .6 - | posterize .8 5, equalize 1 - | rotate .2 3, solarize .6 8 |
+equalize .6 -, posterize .4 6 | rotate .8 8, color .4 0 | rotate .4 9, equalize .6 - |
+equalize 0 -, equalize .8 - | invert .6 -, equalize 1 - | color .6 4, contrast 1 8 |
+rotate .8 8, color 1 2 | color .8 8, solarize .8 7 | sharpness .4 7, invert .6 - |
+shear_x .6 5, equalize 1 - | color .4 0, equalize .6 - | equalize .4 -, solarize .2 4 |
+solarize .6 5, autocontrast .6 - | invert .6 -, equalize 1 - | color .6 4, contrast 1 8 |
+equalize .8 -, equalize .6 -
+"""
+
+
+def test_the_auto_augment_table_is_the_published_imagenet_policy():
+    def op(text: str) -> tuple:
+        name, p, m = text.split()
+        return name, float(p), None if m == "-" else int(m)
+
+    published = [tuple(op(o) for o in sub.split(",")) for sub in PUBLISHED_IMAGENET_POLICY.split("|")]
+    assert len(published) == 25 and list(IMAGENET_POLICY) == published

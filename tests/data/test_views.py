@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from okd.data.device_loader import DeviceLoader
-from okd.data.views import check_view_names, cutout, rotate_nearest
+from okd.data.views import check_view_names, cutout, rotate_nearest, view_draws
 from okd.errors import ConfigError
 
 
@@ -76,3 +76,13 @@ def test_named_views_are_drawn_per_epoch_and_per_view():
     with pytest.raises(ValueError, match="names 2 views"):
         DeviceLoader(images(2, 32), torch.arange(2), 2, mean=[0] * 3, std=[1] * 3, train=True, views=3,
                      view_augs=["hflip", "base"])  # fmt: skip
+
+
+def test_cutout_centres_range_over_the_rows_and_the_columns_of_a_non_square_image():
+    draws = view_draws(torch.Generator().manual_seed(0), views=2, n=500, size=(4, 40))
+    centres = draws["centres"]
+    assert centres.shape == (2, 500, 2)
+    assert centres[..., 0].min() == 0 and centres[..., 0].max() == 3
+    assert centres[..., 1].min() == 0 and centres[..., 1].max() == 39
+    assert draws["angles"].shape == (2, 500) and -1 <= draws["angles"].min() and draws["angles"].max() < 1
+    assert draws["angles"].min() < -0.9 and draws["angles"].max() > 0.9

@@ -77,7 +77,10 @@ TESTS: dict[str, list[str]] = {
     "okd/engine/epoch.py": ["engine/test_engine_mutants.py", "engine/test_heartbeat.py", TRAINING],
     "okd/engine/last_batch.py": ["engine/test_last_batch.py"],
     "okd/engine/heartbeat.py": ["engine/test_heartbeat.py"],
-    "okd/engine/distributed.py": ["engine/test_engine_mutants.py", "methods/test_dml.py", "engine/test_distributed.py"],
+    "okd/engine/distributed.py": [
+        "engine/test_distributed_context.py", "engine/test_engine_mutants.py", "methods/test_dml.py",
+        "engine/test_distributed.py",
+    ],
     "okd/engine/run_log.py": ["report/test_run_report.py", "methods/test_members.py"],
     "okd/engine/tensorboard.py": ["report/test_report.py", "engine/test_trackers.py"],
     "okd/engine/threads.py": ["report/test_run_report.py", "engine/test_engine_mutants.py"],
