@@ -8,6 +8,7 @@ import contextlib
 import json
 import struct
 import sys
+import time
 from pathlib import Path
 
 import helpers
@@ -107,6 +108,7 @@ def test_mlflow_file_store_receives_the_metrics_and_a_resume_continues_its_run(c
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     uri = (tmp_path / "mlruns").as_uri()
     extra = {"train.mlflow": "true", "train.mlflow_uri": uri, "train.track_every_steps": 1}
+    started_ms = time.time() * 1000
     run = train(load_config(CONFIG, tiny(cifar10_root, tmp_path, "ml", 1, **extra)))
     run_id = read_tracker_ids(run)["mlflow"]["run_id"]
     train(config_from_run(run, ["train.epochs=2"]), run_dir=run, resume=True)
@@ -115,6 +117,7 @@ def test_mlflow_file_store_receives_the_metrics_and_a_resume_continues_its_run(c
     rows = read_metrics_csv(run / "metrics.csv")
     history = client.get_metric_history(run_id, "test/net/top1")
     assert [(m.step, m.value) for m in history] == [(r["epoch"], r["test/net/top1"]) for r in rows]
+    assert all(started_ms - 1000 <= m.timestamp <= time.time() * 1000 for m in history)  # milliseconds, as MLflow
     assert [m.step for m in client.get_metric_history(run_id, "step/loss")] == [1, 2, 3, 4, 5, 6]
     found = client.get_run(run_id)
     assert found.data.params["train.epochs"] == "1" and found.data.params["method.name"] == "baseline"
@@ -200,7 +203,13 @@ def test_wandb_runs_are_named_after_the_folder_and_only_a_known_run_is_resumed(t
 
     class StandInRun:
         def __init__(self, id):  # noqa: A002 - wandb's own keyword
-            self.id = id or "new-id"
+            self.id, self.calls = id or "new-id", []
+
+        def define_metric(self, key, step_metric):
+            self.calls.append(("define", key, step_metric))
+
+        def log(self, row):
+            self.calls.append(("log", row))
 
     def init(**kwargs):
         inits.append(kwargs)
@@ -216,3 +225,13 @@ def test_wandb_runs_are_named_after_the_folder_and_only_a_known_run_is_resumed(t
         {"project": "proj", "name": "my-run", "id": "abc123", "resume": "allow"},
     ]
     assert (fresh.run_id, resumed.run_id) == ("new-id", "abc123")
+    fresh.log_metrics({"train/loss": 1.5, "lr": 0.1}, 1)
+    fresh.log_metrics({"train/loss": 1.25, "lr": 0.1, "test/net/top1": float("nan")}, 2)
+    fresh.log_metrics({"step/loss": 2.0}, 7, axis="global_step")
+    defines = sorted(c[1:] for c in fresh.run.calls if c[0] == "define")  # once per key, against its axis
+    assert defines == [("lr", "epoch"), ("step/loss", "global_step"), ("train/loss", "epoch")]
+    assert [c[1] for c in fresh.run.calls if c[0] == "log"] == [  # non-finite values left out
+        {"train/loss": 1.5, "lr": 0.1, "epoch": 1},
+        {"train/loss": 1.25, "lr": 0.1, "epoch": 2},
+        {"step/loss": 2.0, "global_step": 7},
+    ]

@@ -459,10 +459,12 @@ def test_params_validation_names_the_key():
         ({"tau": 0.0}, "tau"),
         ({"icl_weight": -1.0}, "icl_weight"),
         ({"meta_every": -1}, "meta_every"),
+        ({"inner_steps": 0}, "inner_steps"),
         ({"deploy_net": 2}, "deploy_net"),
     ):
         with pytest.raises(ConfigError, match=key):
             LMCLParams(**bad).validate()
+    LMCLParams(meta_every=0, inner_steps=1).validate()  # the smallest accepted
 
 
 def test_heads_deployment_and_groups():
