@@ -3,6 +3,7 @@ seconds (never for an epoch's last step, whose epoch line follows), and the trac
 
 from __future__ import annotations
 
+import warnings
 from types import SimpleNamespace
 
 import helpers
@@ -28,10 +29,15 @@ class Clock:
 
 
 def run_epoch(report: StepReport, clock: Clock, times: list[float], epoch: int = 0) -> None:
+    """Steps whose total is, as the trainer hands it over, still attached to its graph: reading it must not warn
+    (torch warns when a tensor that requires grad is turned into a float)."""
     report.start_epoch(epoch, len(times), paces=[])
-    for step, t in enumerate(times):
-        clock.now = 100.0 + t
-        report.after_step(step, 10 * (step + 1), torch.tensor(2.5 - step))
+    weight = torch.ones((), requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for step, t in enumerate(times):
+            clock.now = 100.0 + t
+            report.after_step(step, 10 * (step + 1), weight * (2.5 - step))
 
 
 def test_lines_every_n_steps_but_not_at_the_last_step(caplog):
