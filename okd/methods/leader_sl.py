@@ -142,10 +142,6 @@ class DMLSL(DML):
         "and its leader is one more copy of the nets' network"
     )
 
-    @property
-    def deployed_member(self) -> None:
-        return None  # the leader: a copy of the (equal) nets' network
-
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)
         self.deploy_head = "leader"

@@ -159,10 +159,6 @@ class MCL(Method):
         self.deploy_head = f"net{hp.deploy_net}"
         self.check_first_batch = FirstBatchPositives()  # one host read, on the first batch
 
-    @property
-    def deployed_member(self) -> int:
-        return self.hp.deploy_net
-
     def head_networks(self) -> dict[str, str]:
         return head_labels(self.net_names(), self.networks)
 

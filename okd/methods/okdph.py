@@ -161,10 +161,6 @@ class OKDPH(Method):
     def view_augmentations(cls, params: OKDPHParams) -> list[str] | None:
         return list(params.views) or None
 
-    @property
-    def deployed_member(self) -> int:
-        return self.hp.deploy_student
-
     def param_groups(self) -> list[ParamGroup]:
         return [sgd_group(f"student{i}", s.parameters(), self.ctx.optim) for i, s in enumerate(self.students)]
 

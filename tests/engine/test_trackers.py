@@ -10,6 +10,7 @@ import struct
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import helpers
 import pytest
@@ -235,3 +236,28 @@ def test_wandb_runs_are_named_after_the_folder_and_only_a_known_run_is_resumed(t
         {"train/loss": 1.25, "lr": 0.1, "epoch": 2},
         {"step/loss": 2.0, "global_step": 7},
     ]
+
+
+def test_a_tracker_run_that_cannot_be_continued_is_replaced_by_a_new_one(tmp_path, monkeypatch, caplog):
+    """trackers.json names a W&B run the service no longer has: a new tracker run starts (with a warning) and
+    its id replaces the old one; a tracker that cannot start at all is left out, and the run goes on."""
+    from okd.runs.store import RunStore
+
+    class StandInRun:
+        def __init__(self, id):  # noqa: A002 - wandb's own keyword
+            self.id, self.config = id or "fresh", SimpleNamespace(update=lambda *a, **k: None)
+
+    def init(**kwargs):
+        if kwargs["id"] is not None:
+            raise RuntimeError("run gone-run not found")
+        return StandInRun(None)
+
+    monkeypatch.setitem(sys.modules, "wandb", SimpleNamespace(init=init))
+    cfg = load_config(CONFIG, ["train.wandb=true"])
+    with RunStore(tmp_path / "run").lock() as store:
+        store.record_tracker_ids({"wandb": {"run_id": "gone-run"}})
+        with caplog.at_level("WARNING", logger="okd"):
+            trackers = trackers_mod.open_trackers(cfg, store)
+    assert "tracker wandb cannot continue run gone-run (RuntimeError); starting a new one" in caplog.text
+    assert [t.run_id for t in trackers.trackers] == ["fresh"]
+    assert read_tracker_ids(tmp_path / "run") == {"wandb": {"run_id": "fresh"}}

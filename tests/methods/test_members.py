@@ -9,6 +9,7 @@ import csv
 import logging
 import re
 import textwrap
+from types import SimpleNamespace
 
 import helpers
 import numpy as np
@@ -24,7 +25,7 @@ from okd.errors import ConfigError
 from okd.io import load_checkpoint
 from okd.methods import METHODS, MethodContext
 from okd.methods.build import build_config, build_method, load_config
-from okd.methods.cohort import accepting_methods
+from okd.methods.cohort import accepting_methods, deployed_spec
 from okd.models import create_model
 from okd.models.members import cohort_label, member_entries, member_labels
 from okd.models.spec import check_stored_config
@@ -138,6 +139,13 @@ def test_copies_listed_as_members_are_the_cohort_of_copies():
     single_method = build_method(single, 10)
     assert single_method.net.__class__.__name__ == "WideResNet"
     assert deploy_record(single, single_method, 0)["model_spec"]["name"] == "wrn16_2"  # a cohort of one deploys it
+
+
+def test_a_mixed_cohort_method_must_say_which_member_it_deploys():
+    mixed = load_config(None, ["method.name=dml", *MIXED])
+    assert deployed_spec(mixed, SimpleNamespace(deployed_member=1))["name"] == "wrn16_2"
+    with pytest.raises(ValueError, match="dml trains a mixed cohort but does not say which member it deploys"):
+        deployed_spec(mixed, SimpleNamespace(deployed_member=None))
 
 
 def test_labels_tell_members_of_one_name_apart_and_the_stored_members_need_consent(monkeypatch):

@@ -17,7 +17,7 @@ from okd.engine.step import StepRunner
 from okd.errors import ConfigError
 from okd.methods.build import load_config
 from okd.methods.okdph import OKDPH, OKDPHParams, fusion_schedule, okdph_losses
-from okd.nn.hybrid import fuse_into, mix_into
+from okd.nn.hybrid import check_same_layout, fuse_into, mix_into
 from okd.nn.losses import cross_entropy
 
 B = 4
@@ -104,6 +104,13 @@ def test_hwm_is_the_mean_of_the_whole_state_dicts():
     assert torch.allclose(
         method.hwm.fc.weight, 0.25 * method.students[0].fc.weight + 0.75 * method.students[1].fc.weight
     )
+
+
+def test_mixing_refuses_networks_of_different_layouts_naming_the_entries():
+    same = [torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)]
+    check_same_layout(same)
+    with pytest.raises(ValueError, match=r"network 2 differs from network 0 .*\('weight', \(2, 4\)\).*equal nets"):
+        check_same_layout([*same, torch.nn.Linear(4, 2)])
 
 
 def test_hwm_without_buffers_keeps_its_own_statistics():

@@ -470,6 +470,10 @@ def test_tracker_ids_are_kept_outside_the_record_and_cleared_by_a_new_run(tmp_pa
     assert read_tracker_ids(tmp_path / "run")["mlflow"] == {"run_id": "abc"}
     (tmp_path / "run" / TRACKERS_FILE).write_text("{not json")
     assert read_tracker_ids(tmp_path / "run") == {}  # unreadable: the trackers start new runs, nothing breaks
+    (tmp_path / "run" / TRACKERS_FILE).write_text('[{"run_id": "abc"}]')
+    assert read_tracker_ids(tmp_path / "run") == {}  # not an object of trackers
+    (tmp_path / "run" / TRACKERS_FILE).write_text('{"mlflow": {"run_id": 7}, "wandb": "x", "tb": {"run_id": "t"}}')
+    assert read_tracker_ids(tmp_path / "run") == {"tb": {"run_id": "t"}}  # entries without a string id left out
     with RunStore(tmp_path / "run").lock(create=False) as store:
         store.begin(_Config(), None, lambda: {})  # a new run in the folder (no epoch was committed)
     assert not (tmp_path / "run" / TRACKERS_FILE).exists()
