@@ -194,6 +194,23 @@ def test_thread_warning_counts_the_cores_that_are_free(monkeypatch, okd_log):
     assert sum("torch uses 3 threads" in line for line in okd_log) == 1
 
 
+def test_cores_and_load_where_the_os_has_no_affinity_or_load_average(monkeypatch):
+    """macOS and Windows: every core counts; Windows has no load average, so none is taken as busy."""
+    monkeypatch.delattr(threads.os, "sched_getaffinity", raising=False)
+    monkeypatch.setattr(threads.os, "cpu_count", lambda: 6)
+    assert threads.usable_cores() == 6
+    monkeypatch.setattr(threads.os, "cpu_count", lambda: None)
+    assert threads.usable_cores() == 1
+
+    def no_load_average():
+        raise OSError("load average unobtainable")
+
+    monkeypatch.setattr(threads.os, "getloadavg", no_load_average)
+    assert threads.load_average() == 0.0
+    monkeypatch.delattr(threads.os, "getloadavg")
+    assert threads.load_average() == 0.0 and threads.free_cores() == 1
+
+
 # ---------------------------------------------------------------------------- the user's own CIFAR-10
 
 
