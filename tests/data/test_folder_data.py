@@ -24,9 +24,13 @@ from okd.data.folder import (
     _rrc_params,
     balanced_prefix,
     build_folder_loaders,
+    build_transforms,
+    scan,
     scan_imagenet,
     scan_tinyimagenet,
+    scan_train_val,
 )
+from okd.data.folder.transforms import _center_crop, _resize_shorter
 from okd.errors import ConfigError, DataError
 
 pytest.importorskip("PIL")
@@ -128,6 +132,21 @@ def test_random_resized_crop_params_in_bounds():
         for _ in range(50):
             top, left, ch, cw = _rrc_params(w, h, rng)
             assert 0 <= top and 0 <= left and 0 < ch and 0 < cw and top + ch <= h and left + cw <= w
+
+
+def test_random_resized_crop_falls_back_to_the_central_crop_of_an_allowed_ratio():
+    """When none of the 10 tries fits (here: every target area exceeds the image), torchvision's fallback: the whole
+    image if its ratio is within [3/4, 4/3] (bounds included), else the largest central crop at the nearest bound."""
+    rng = np.random.default_rng(0)
+    for (w, h), want in {
+        (20, 20): (0, 0, 20, 20),
+        (30, 40): (0, 0, 40, 30),  # ratio exactly 3/4
+        (40, 30): (0, 0, 30, 40),  # ratio exactly 4/3
+        (41, 30): (0, 0, 30, 40),  # just above 4/3: cut to 40 wide, offset (41 - 40) // 2 = 0
+        (10, 20): (3, 0, 13, 10),  # 1/2: 10 wide, round(10 * 4/3) = 13 high, centred
+        (20, 10): (0, 3, 10, 13),  # 2: 10 high, 13 wide, centred
+    }.items():
+        assert _rrc_params(w, h, rng, scale=(1.5, 2.0)) == want, (w, h)
 
 
 def test_limits_are_class_balanced(imagenet_folder):
@@ -364,3 +383,188 @@ def test_workers_default_to_what_the_machine_has(imagenet_folder, monkeypatch):
     assert FolderLoader(ds, 5, workers=None).workers == 1 and FolderLoader(ds, 5, workers=0).workers == 0
     examples = [n for n in packaged_configs() if n.startswith("examples/")]
     assert examples and all("workers" not in resolve_config(n).read_text() for n in examples)
+
+
+# ------------------------------------------------------------------------------------------ edge cases
+def test_a_dataset_that_is_not_an_image_folder_is_refused(tmp_path):
+    root = write_class_folder(tmp_path / "data", train_per_class=1, val_per_class=1)
+    listed = r"\(imagenet, tinyimagenet, folder\)"
+    with pytest.raises(DataError, match=r"data\.dataset='cifar100' is not an image-folder dataset " + listed):
+        build_transforms(DataConfig(dataset="cifar100"), train=True)
+    with pytest.raises(DataError, match=r"data\.dataset='cifar10' is not an image-folder dataset " + listed):
+        scan("cifar10", root)
+    assert isinstance(
+        build_transforms(DataConfig(dataset="folder", image_size=8), train=False), ResizeCenterCropTransform
+    )
+    train, val = scan("folder", root)
+    assert (len(train), len(val), train.classes) == (3, 3, ["circle", "square", "zigzag"])
+
+
+def _val_loader(root: Path, batch_size: int, **kw) -> FolderLoader:
+    _, val = scan_train_val(root)
+    return FolderLoader(FolderDataset(val, ResizeCenterCropTransform(8, 8), train=False), batch_size, **kw)
+
+
+@pytest.mark.parametrize("batch_size", [0, -2])
+def test_folder_loader_refuses_a_batch_size_below_one(tmp_path, batch_size):
+    root = write_class_folder(tmp_path / "data", train_per_class=1, val_per_class=1)
+    with pytest.raises(ValueError, match=f"batch_size must be positive, got {batch_size}"):
+        _val_loader(root, batch_size)
+    assert [len(y) for _, y in _val_loader(root, 1)] == [1, 1, 1]
+
+
+def test_folder_loader_refuses_a_rank_outside_its_world(tmp_path):
+    root = write_class_folder(tmp_path / "data", train_per_class=1, val_per_class=1)
+    for rank, world in ((2, 2), (-1, 2), (0, 0)):
+        with pytest.raises(ValueError, match=f"rank {rank} outside world of size {world}"):
+            _val_loader(root, 2, rank=rank, world_size=world)
+    loader = _val_loader(root, 2, rank=1, world_size=2)  # the last rank of the world
+    assert (loader.rank, loader.world_size, [y.tolist() for _, y in loader]) == (1, 2, [[1]])
+    with pytest.raises(ValueError, match="rank 3 outside world of size 3"):
+        loader.shard(3, 3)
+    assert (loader.rank, loader.world_size) == (1, 2)  # unchanged by the refused shard
+
+
+def test_a_batch_emptied_by_unreadable_images_is_left_out(tmp_path, caplog):
+    """The val split in order, batches of 4: every image of the first class unreadable leaves batch 0 empty."""
+    root = write_class_folder(tmp_path / "data", train_per_class=1, val_per_class=4)
+    for path in (root / "val" / "circle").glob("*.png"):
+        path.write_text("not an image")
+    loader = _val_loader(root, 4, skip_unreadable=True)
+    with caplog.at_level(logging.WARNING, logger="okd"):
+        batches = list(loader)
+    assert [tuple(x.shape) for x, _ in batches] == [(4, 3, 8, 8), (4, 3, 8, 8)]
+    assert [y.tolist() for _, y in batches] == [[1, 1, 1, 1], [2, 2, 2, 2]]
+    assert loader.skipped == 4 and "skipped 4 unreadable image(s) in this pass on rank 0" in caplog.text
+
+
+def _train_loader(root: Path, rank: int, world: int, drop_single: bool) -> FolderLoader:
+    train, _ = scan_train_val(root)
+    ds = FolderDataset(train, ResizeCenterCropTransform(8, 8), train=True, seed=3)
+    loader = FolderLoader(ds, 2 * world, rank=rank, world_size=world, skip_unreadable=True)
+    loader.drop_single = drop_single
+    return loader
+
+
+def test_a_training_batch_left_with_one_readable_image(tmp_path, caplog):
+    """drop_single (BatchNorm): on several ranks such a batch fails (skipping it alone would hang the others); on
+    one rank it is left out and logged; without drop_single it is trained on."""
+    root = write_class_folder(tmp_path / "data", classes=("circle", "square"), train_per_class=4, val_per_class=1)
+    loader = _train_loader(root, 0, 2, drop_single=True)
+    loader.sampler.set_epoch(0)
+    first = list(loader.sampler)[0]  # rank 0's first batch: positions 0 and 2 of the shuffled pass
+    bad = Path(loader.dataset.split.path(first))
+    bad.write_text("not an image")
+    with pytest.raises(
+        DataError,
+        match=rf"a training batch on rank 0 holds a single readable image .*first: .*{bad.parent.name}.{bad.name}"
+        r".*BatchNorm layers cannot train on one image",
+    ):
+        list(loader)
+    assert [len(y) for _, y in _train_loader(root, 0, 2, drop_single=False)] == [1, 2]
+    assert [len(y) for _, y in _train_loader(root, 1, 2, drop_single=True)] == [2, 2]  # the other rank's batches
+    one = _train_loader(root, 0, 1, drop_single=True)  # batches of 2: positions 0 and 1 of the same pass
+    with caplog.at_level(logging.WARNING, logger="okd"):
+        assert [len(y) for _, y in one] == [2, 2, 2]
+    assert "skipped 1 unreadable image(s)" in caplog.text and "1 batch(es) left with a single image" in caplog.text
+    assert [len(y) for _, y in _train_loader(root, 0, 1, drop_single=False)] == [1, 2, 2, 2]
+
+
+def test_tinyimagenet_annotations_skip_blank_lines_and_must_list_an_image(tmp_path):
+    top = write_tinyimagenet_folder(tmp_path)
+    _, want = scan_tinyimagenet(top)
+    ann = top / "val" / "val_annotations.txt"
+    lines = ann.read_text().splitlines(keepends=True)
+    ann.write_text("\n" + lines[0] + "   \n\t\n" + "".join(lines[1:]) + "\n")
+    _, got = scan_tinyimagenet(top)
+    assert got.paths.tolist() == want.paths.tolist() and got.labels.tolist() == want.labels.tolist()
+    ann.write_text("\n  \n")
+    with pytest.raises(DataError, match=r"val_annotations\.txt lists no image"):
+        scan_tinyimagenet(top)
+
+
+def test_tinyimagenet_wnids_listing_a_class_twice_is_refused(tmp_path):
+    top = write_tinyimagenet_folder(tmp_path)
+    (top / "wnids.txt").write_text("n02124075\nn01443537\nn04067472\nn01443537\n")
+    with pytest.raises(DataError, match=r"wnids\.txt lists a class twice"):
+        scan_tinyimagenet(top)
+
+
+def _class_folder_val(top: Path) -> None:
+    """Rewrite ``top/val`` as one folder per class (val/<wnid>/images/*.JPEG), two images each."""
+    wnids = (top / "wnids.txt").read_text().split()
+    shutil.rmtree(top / "val")
+    for w in wnids:
+        for i in range(2):
+            dst = top / "val" / w / "images" / f"v_{i}.JPEG"
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(top / "train" / w / "images" / f"{w}_{i}.JPEG", dst)
+
+
+def test_tinyimagenet_val_may_be_one_folder_per_class(tmp_path):
+    top = write_tinyimagenet_folder(tmp_path)
+    _class_folder_val(top)
+    _, val = scan_tinyimagenet(top)
+    assert val.classes == ["n01443537", "n02124075", "n04067472"] and val.labels.tolist() == [0, 0, 1, 1, 2, 2]
+    assert [Path(val.path(i)).parent.parent.name for i in range(6)] == [val.classes[c] for c in (0, 0, 1, 1, 2, 2)]
+
+
+@pytest.mark.parametrize("val", ["images only", "empty", "missing"])
+def test_tinyimagenet_val_in_neither_layout_is_refused(tmp_path, val):
+    """No val_annotations.txt, and val/ holds only images/ (or nothing, or is missing): no labels to read."""
+    top = write_tinyimagenet_folder(tmp_path)
+    (top / "val" / "val_annotations.txt").unlink()
+    if val != "images only":
+        shutil.rmtree(top / "val")
+    if val == "empty":
+        (top / "val").mkdir()
+    with pytest.raises(DataError, match=r"val: neither val_annotations\.txt with images/ nor one folder per class"):
+        scan_tinyimagenet(top)
+
+
+def test_center_crop_zero_pads_an_image_smaller_than_the_crop():
+    """torchvision's CenterCrop: the padding is split with the odd pixel after (bottom, right); offsets round."""
+
+    def image(h, w):
+        return np.arange(1, h * w + 1, dtype=np.uint8).reshape(h, w, 1)
+
+    def rows(out):
+        return out[..., 0].tolist()
+
+    # 3 x 2 to 6: 3 rows of padding (1 above, 2 below), 4 columns (2 each side)
+    assert rows(_center_crop(image(3, 2), 6)) == [
+        [0, 0, 0, 0, 0, 0],
+        [0, 0, 1, 2, 0, 0],
+        [0, 0, 3, 4, 0, 0],
+        [0, 0, 5, 6, 0, 0],
+        [0, 0, 0, 0, 0, 0],
+        [0, 0, 0, 0, 0, 0],
+    ]
+    # 2 x 3 to 4: 1 column of padding, on the right
+    assert rows(_center_crop(image(2, 3), 4)) == [[0, 0, 0, 0], [1, 2, 3, 0], [4, 5, 6, 0], [0, 0, 0, 0]]
+    # 5 x 2 to 4: rows cropped (offset round(0.5) = 0), columns padded
+    assert rows(_center_crop(image(5, 2), 4)) == [[0, 1, 2, 0], [0, 3, 4, 0], [0, 5, 6, 0], [0, 7, 8, 0]]
+    # the boundaries: the image's own size is itself; one pixel more pads one row and column after it
+    assert rows(_center_crop(image(3, 3), 3)) == rows(image(3, 3))
+    assert rows(_center_crop(image(3, 3), 4)) == [[1, 2, 3, 0], [4, 5, 6, 0], [7, 8, 9, 0], [0, 0, 0, 0]]
+    assert rows(_center_crop(image(4, 4), 3)) == [[1, 2, 3], [5, 6, 7], [9, 10, 11]]
+
+
+def test_resize_shorter_leaves_an_image_whose_shorter_side_is_the_size_alone():
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 20, 3), dtype=np.uint8))  # 20 wide, 30 high
+    assert _resize_shorter(img, 20) is img
+    assert _resize_shorter(img, 21).size == (21, 31) and _resize_shorter(img, 19).size == (19, 28)
+
+
+def test_tiny_train_transform_refuses_an_unknown_padding_mode():
+    with pytest.raises(ValueError, match="padding_mode must be zeros or reflect, got 'edge'"):
+        TinyTrainTransform(8, padding_mode="edge")
+    src = np.random.default_rng(1).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    padded = np.pad(src, ((2, 2), (2, 2), (0, 0)), mode="reflect")
+    draw = np.random.default_rng(0)
+    top, left = int(draw.integers(0, 5)), int(draw.integers(0, 5))  # the transform's own first two draws
+    assert (top, left) != (2, 2)  # a window that holds padding
+    out = TinyTrainTransform(8, pad=2, padding_mode="reflect", flip=False)(
+        Image.fromarray(src), np.random.default_rng(0)
+    )
+    assert np.array_equal(out, padded[top : top + 8, left : left + 8])

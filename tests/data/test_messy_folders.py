@@ -86,3 +86,53 @@ def test_compute_stats_are_the_training_splits_mean_and_std(tmp_path):
     np.testing.assert_allclose(train.std, allpix.std(0), atol=1e-5)
     x, y = next(iter(test))
     assert x.shape == (12, 3, 16, 16) and y.tolist()[:4] == [0, 0, 0, 0]
+
+
+def test_compute_stats_refuses_a_split_whose_images_are_all_unreadable(tmp_path):
+    """With skip_unreadable every image is left out: nothing to average, so it fails naming the count and the first."""
+    root = write_class_folder(tmp_path / "data", train_per_class=1, val_per_class=1)
+    for path in (root / "train").glob("*/*.png"):
+        path.write_text("not an image")
+    with pytest.raises(
+        DataError, match=r"data\.compute_stats: none of the 3 training images can be read; first: .*circle.0\.png"
+    ):
+        build_folder_loaders(_stats_cfg(root, skip_unreadable=True), 0, "cpu", rank=0, world_size=1)
+
+
+def _write_constant_green(root: Path, green: int) -> Path:
+    """train/ and val/ of 2 classes x 2 random 12 x 12 PNGs whose green channel is ``green`` everywhere."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for name in ("a", "b"):
+            for i in range(2):
+                arr = rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)
+                arr[..., 1] = green
+                path = root / split / name / f"{i}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(arr).save(path)
+    return root
+
+
+def test_a_constant_channel_is_refused_by_compute_stats(tmp_path):
+    """A channel of one value (0: exact in floating point) has std 0, which cannot normalise; one varying pixel
+    in it is accepted."""
+    root = _write_constant_green(tmp_path / "data", 0)
+    with pytest.raises(DataError, match=r"data\.compute_stats: a channel of the training images is constant \(std "):
+        build_folder_loaders(_stats_cfg(root), 0, "cpu", rank=0, world_size=1)
+    arr = np.asarray(Image.open(root / "train" / "a" / "0.png")).copy()
+    arr[5, 6, 1] = 255  # images of 12 x 12 are used as they are: one pixel of 576 varies
+    Image.fromarray(arr).save(root / "train" / "a" / "0.png")
+    train = build_folder_loaders(_stats_cfg(root), 0, "cpu", rank=0, world_size=1)[0]
+    assert train.mean[1] == round(1 / (4 * 144), 6) and train.std[1] > 0
+
+
+@pytest.mark.parametrize("std", [[0.2, 0.0, 0.2], [0.2, 0.2, -0.1]])
+def test_a_std_that_is_not_positive_is_refused(tmp_path, std):
+    """data.std given (compute_stats off) must be positive in every channel; a tiny positive one is used as given."""
+    from okd.data.folder import preprocessing
+
+    root = write_class_folder(tmp_path / "data", train_per_class=1, val_per_class=1)
+    with pytest.raises(DataError, match=r"data\.std must be positive, got \[" + str(std[0])):
+        preprocessing(_stats_cfg(root, compute_stats=False, std=std))
+    classes, mean, got = preprocessing(_stats_cfg(root, compute_stats=False, std=[0.2, 1e-6, 0.2]))
+    assert (classes, mean, got) == (["circle", "square", "zigzag"], [0.485, 0.456, 0.406], [0.2, 1e-6, 0.2])
