@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from okd.config import DataConfig
-from okd.data.folder import build_folder_loaders
+from okd.data.folder import build_folder_loaders, preprocessing
 from okd.errors import DataError
 
 pytest.importorskip("PIL")
@@ -100,11 +100,11 @@ def test_compute_stats_refuses_a_split_whose_images_are_all_unreadable(tmp_path)
 
 
 def _write_constant_green(root: Path, green: int) -> Path:
-    """train/ and val/ of 2 classes x 2 random 12 x 12 PNGs whose green channel is ``green`` everywhere."""
+    """train/ and val/ of 2 classes x 3 random 12 x 12 PNGs whose green channel is ``green`` everywhere."""
     rng = np.random.default_rng(0)
     for split in ("train", "val"):
         for name in ("a", "b"):
-            for i in range(2):
+            for i in range(3):
                 arr = rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)
                 arr[..., 1] = green
                 path = root / split / name / f"{i}.png"
@@ -113,24 +113,23 @@ def _write_constant_green(root: Path, green: int) -> Path:
     return root
 
 
-def test_a_constant_channel_is_refused_by_compute_stats(tmp_path):
-    """A channel of one value (0: exact in floating point) has std 0, which cannot normalise; one varying pixel
-    in it is accepted."""
-    root = _write_constant_green(tmp_path / "data", 0)
+@pytest.mark.parametrize("value", [0, 128])
+def test_a_constant_channel_is_refused_by_compute_stats(tmp_path, value):
+    """A channel of one value has std 0, which cannot normalise (128: E[x^2] - E[x]^2 leaves a rounding remainder
+    of about 1e-17 that once let it through as std 0.0); one varying pixel in it is accepted."""
+    root = _write_constant_green(tmp_path / "data", value)
     with pytest.raises(DataError, match=r"data\.compute_stats: a channel of the training images is constant \(std "):
         build_folder_loaders(_stats_cfg(root), 0, "cpu", rank=0, world_size=1)
     arr = np.asarray(Image.open(root / "train" / "a" / "0.png")).copy()
-    arr[5, 6, 1] = 255  # images of 12 x 12 are used as they are: one pixel of 576 varies
+    arr[5, 6, 1] = 255  # images of 12 x 12 are used as they are: one pixel of 864 varies
     Image.fromarray(arr).save(root / "train" / "a" / "0.png")
     train = build_folder_loaders(_stats_cfg(root), 0, "cpu", rank=0, world_size=1)[0]
-    assert train.mean[1] == round(1 / (4 * 144), 6) and train.std[1] > 0
+    assert train.mean[1] == round((value * 863 + 255) / 255 / (6 * 144), 6) and train.std[1] > 0
 
 
 @pytest.mark.parametrize("std", [[0.2, 0.0, 0.2], [0.2, 0.2, -0.1]])
 def test_a_std_that_is_not_positive_is_refused(tmp_path, std):
     """data.std given (compute_stats off) must be positive in every channel; a tiny positive one is used as given."""
-    from okd.data.folder import preprocessing
-
     root = write_class_folder(tmp_path / "data", train_per_class=1, val_per_class=1)
     with pytest.raises(DataError, match=r"data\.std must be positive, got \[" + str(std[0])):
         preprocessing(_stats_cfg(root, compute_stats=False, std=std))

@@ -102,10 +102,10 @@ def split_statistics(
     if count == 0:
         raise DataError(f"data.compute_stats: none of the {len(ds)} training images can be read; first: {skipped[0]}")
     mean = total / count
-    std = np.sqrt(np.maximum(squares / count - mean**2, 0.0))
-    if np.any(std <= 0):
-        raise DataError(f"data.compute_stats: a channel of the training images is constant (std {std.tolist()})")
-    return [round(float(v), 6) for v in mean], [round(float(v), 6) for v in std]
+    std = [round(float(v), 6) for v in np.sqrt(np.maximum(squares / count - mean**2, 0.0))]
+    if any(v <= 0 for v in std):  # the rounded value: E[x^2] - E[x]^2 of a constant channel may cancel to ~1e-17
+        raise DataError(f"data.compute_stats: a channel of the training images is constant (std {std})")
+    return [round(float(v), 6) for v in mean], std
 
 
 def _statistics(data_cfg, train_split: FolderSplit) -> tuple[list[float], list[float]]:
