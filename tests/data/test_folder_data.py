@@ -307,7 +307,8 @@ def test_drop_last_with_too_few_images(imagenet_folder):
 
 # ------------------------------------------------------------------------------------------------ errors
 def test_missing_and_malformed_folders(tmp_path, imagenet_folder):
-    with pytest.raises(DataError, match=r"must hold train/ and val/ .*\(root/train/n01440764/\*\.JPEG, .*not downloaded"):
+    layout = r"must hold train/ and val/ .*\(root/train/n01440764/\*\.JPEG, .*not downloaded"
+    with pytest.raises(DataError, match=layout):
         build_loaders(cfg(tmp_path / "nowhere"), seed=0, device="cpu")
     root = copy_of(imagenet_folder, tmp_path)
     (root / "train" / "n99999999").mkdir()
