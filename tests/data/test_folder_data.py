@@ -30,7 +30,8 @@ from okd.data.folder import (
     scan_tinyimagenet,
     scan_train_val,
 )
-from okd.data.folder.transforms import _center_crop, _resize_shorter
+from okd.data.folder.samplers import dist_rank_world
+from okd.data.folder.transforms import _center_crop, _resize_shorter, sample_generator
 from okd.errors import ConfigError, DataError
 
 pytest.importorskip("PIL")
@@ -210,6 +211,22 @@ def test_shard_sampler_covers_each_index_once(n):
         idx = [i for r in range(world) for i in ShardSampler(n, r, world)]
         assert sorted(idx) == list(range(n))
         assert sum(len(ShardSampler(n, r, world)) for r in range(world)) == n
+
+
+def test_rank_and_world_come_from_the_process_group_when_there_is_one(monkeypatch):
+    assert dist_rank_world() == (0, 1)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 2)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 3)
+    assert dist_rank_world() == (2, 3)
+
+
+def test_each_seed_epoch_and_index_has_its_own_augmentation_stream():
+    first = sample_generator(1, 0, 5).integers(0, 2**31, 4).tolist()
+    assert sample_generator(1, 0, 5).integers(0, 2**31, 4).tolist() == first  # a pure function of the three
+    for other in ((2, 0, 5), (1, 1, 5), (1, 0, 6), (2**32 + 1, 0, 5)):
+        drawn = sample_generator(*other).integers(0, 2**31, 4).tolist()
+        assert (drawn == first) == (other == (2**32 + 1, 0, 5)), other  # seeds are taken modulo 2**32
 
 
 def test_shard_sampler_defaults_to_the_whole_range_and_refuses_a_rank_outside_the_world():

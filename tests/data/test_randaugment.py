@@ -192,3 +192,10 @@ def test_the_auto_augment_table_is_the_published_imagenet_policy():
 
     published = [tuple(op(o) for o in sub.split(",")) for sub in PUBLISHED_IMAGENET_POLICY.split("|")]
     assert len(published) == 25 and list(IMAGENET_POLICY) == published
+
+
+def test_rotation_turns_a_non_square_image_about_its_own_centre():
+    """180 degrees about (W/2, H/2) maps every pixel centre of an even-sized image onto its mirror: a flip of both
+    axes, for a 4 x 6 image as for a square one."""
+    x = img(3, n=2, size=6)[:, :, :4, :]
+    assert torch.equal(apply_op("rotate", x, mags(180.0)), torch.flip(x, dims=(2, 3)))

@@ -89,7 +89,7 @@ TESTS: dict[str, list[str]] = {
     "okd/engine/evaluate.py": ["runs/test_run_store.py", TRAINING],
     "okd/engine/schedules.py": ["engine/test_schedules.py"],
     "okd/engine/builder.py": ["engine/test_schedules.py", SHARED],
-    "okd/engine/seeding.py": ["engine/test_engine_mutants.py", TRAINING],
+    "okd/engine/seeding.py": ["engine/test_seeding.py", "engine/test_engine_mutants.py", TRAINING],
     "okd/engine/trainer.py": [
         "engine/test_engine_mutants.py", "runs/test_resume_policy.py", FAULTS, TRAINING, "engine/test_distributed.py"
     ],
