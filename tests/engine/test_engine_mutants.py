@@ -239,6 +239,24 @@ def test_sync_bn_and_stepwise_methods_are_refused_before_the_ddp_wrap():
         stepwise.wrap_distributed(DistContext(rank=0, world_size=2), cfg)
 
 
+def test_a_wrapped_runner_averages_a_manual_steps_gradients_over_its_processes(monkeypatch):
+    """After wrap_distributed, average_across_processes divides the all-reduced sum by the world size (here an
+    all-reduce that stands in for two ranks holding the same tensors)."""
+    from okd.engine.step import StepRunner
+
+    cfg = load_config("cifar10/baseline_resnet20").run.train
+    wrapped = []
+    method = SimpleNamespace(manual_optimization=True, ddp_per_network=True, distribute_networks=wrapped.append)
+    runner = StepRunner(method, [], cfg, torch.device("cpu"))
+    grads = [torch.tensor([1.0, 2.0]), torch.tensor([[3.0]])]
+    assert runner.average_across_processes(grads) is grads  # one process: the tensors themselves
+    runner.wrap_distributed(DistContext(rank=0, world_size=2), cfg)
+    assert len(wrapped) == 1 and runner.world_size == 2
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda t, op=None: t.mul_(2))
+    averaged = runner.average_across_processes(grads)
+    assert [a.tolist() for a in averaged] == [[1.0, 2.0], [[3.0]]]
+
+
 def test_train_epoch_keeps_no_graph_in_its_loss_sums(monkeypatch):
     """The per-key and total sums hold detached values: a step's graph must not live on for the whole epoch."""
     from okd.engine import epoch as epoch_mod

@@ -18,7 +18,7 @@ import pytest
 from okd.engine import trackers as trackers_mod
 from okd.engine import trainer as trainer_mod
 from okd.engine.trainer import config_from_run, train
-from okd.errors import OKDError
+from okd.errors import OKDError, StopRequested
 from okd.methods.build import load_config
 from okd.runs.metrics import read_metrics_csv
 from okd.runs.tracker_ids import TRACKERS_FILE, read_tracker_ids
@@ -187,9 +187,10 @@ def test_the_mlflow_store_is_the_key_else_the_environment_else_beside_the_runs(t
 
 
 def test_trackers_are_closed_with_how_the_run_ended():
-    for raised, status in ((None, "finished"), (KeyboardInterrupt, "stopped"), (OSError, "failed")):
+    stops = ((KeyboardInterrupt, "stopped"), (StopRequested(15), "stopped"), (BaseException, "failed"))  # 15: SIGTERM
+    for raised, status in ((None, "finished"), *stops, (OSError, "failed")):
         recording = Recording()
-        with contextlib.suppress(KeyboardInterrupt, OSError), trackers_mod.Trackers([recording]):
+        with contextlib.suppress(BaseException), trackers_mod.Trackers([recording]):
             if raised is not None:
                 raise raised
         assert recording.calls == [("close", status)]
