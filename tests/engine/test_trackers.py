@@ -262,3 +262,26 @@ def test_a_tracker_run_that_cannot_be_continued_is_replaced_by_a_new_one(tmp_pat
     assert "tracker wandb cannot continue run gone-run (RuntimeError); starting a new one" in caplog.text
     assert [t.run_id for t in trackers.trackers] == ["fresh"]
     assert read_tracker_ids(tmp_path / "run") == {"wandb": {"run_id": "fresh"}}
+
+
+def test_mlflow_batches_stay_within_its_limits_and_lose_nothing():
+    """MLflow takes at most 100 params and 1,000 metrics per log_batch: 1 and 250 new params, 1,001 metrics, go
+    in as few calls as those limits allow; params already logged are not sent again (MLflow refuses a new value)."""
+    pytest.importorskip("mlflow", reason="the mlflow extra is not installed")
+    from okd.engine.tracker_sinks import MLflowTracker
+
+    batches = []
+    client = SimpleNamespace(
+        get_run=lambda run_id: SimpleNamespace(data=SimpleNamespace(params={"seen": "1"})),
+        log_batch=lambda run_id, params=(), metrics=(): batches.append((run_id, len(params), len(metrics))),
+    )
+    tracker = MLflowTracker.__new__(MLflowTracker)
+    tracker.client, tracker.run_id = client, "r1"
+    tracker.log_params({"seen": 1, "new": 2})
+    assert batches == [("r1", 1, 0)]
+    batches.clear()
+    tracker.log_params({f"p{i:03d}": i for i in range(250)})
+    assert batches == [("r1", 100, 0), ("r1", 100, 0), ("r1", 50, 0)]
+    batches.clear()
+    tracker.log_metrics({f"m{i:04d}": float(i) for i in range(1001)}, step=3)
+    assert batches == [("r1", 0, 1000), ("r1", 0, 1)]
