@@ -47,8 +47,8 @@ class MetaSettings:
     lr: float
     momentum: float
     weight_decay: float
-    inner_steps: int = 2
-    adjoint_wd_bug: bool = True
+    inner_steps: int
+    adjoint_wd_bug: bool
 
 
 def _grads(loss: Tensor, inputs: list[Tensor], create_graph: bool = False) -> list[Tensor]:

@@ -227,6 +227,8 @@ def test_main_step_terms_against_their_equations():
     torch.testing.assert_close(losses["contrast/icl"], 0.1 * icl)
     torch.testing.assert_close(losses["contrast/soft_icl"], sicl)
     assert len([k for k in losses if "/ce_" in k]) == 8
+    assert len(weights) == 18  # the logged statistic: the mean of the 18 pair weights
+    torch.testing.assert_close(losses["stat/pair_weight_mean"], torch.stack(weights).mean().float())
 
 
 def test_main_step_gradient_flow():
