@@ -87,6 +87,8 @@ def check_step(method: Method, cfg: Config, plan) -> dict[str, Tensor]:
     bad_keys = [k for k in losses if not isinstance(k, str) or not LOSS_KEY.fullmatch(k)]
     assert not bad_keys, f"loss keys must be named <component>/<term>: {bad_keys}"
     assert any(not k.startswith("stat/") for k in losses), "every loss is a stat/ entry: nothing is trained"
+    trained_stats = sorted(k for k, v in losses.items() if k.startswith("stat/") and v.requires_grad)
+    assert not trained_stats, f"stat/ entries are logged, never trained: detach them ({trained_stats})"
     if method.manual_optimization:  # the automatic step's total is backwarded by the runner, freeing its graph
         kept = sorted(k for k, v in losses.items() if v.requires_grad)
         assert not kept, f"manual_step's losses must be detached (a kept graph outlives the step): {kept}"
@@ -171,7 +173,7 @@ def keeps_the_graph(method):
 
     def undetached(images, labels, epoch, runner):
         losses = manual_step(images, labels, epoch, runner)
-        return {k: v.detach().requires_grad_() * 1.0 for k, v in losses.items()}
+        return {k: v if k.startswith("stat/") else v.detach().requires_grad_() * 1.0 for k, v in losses.items()}
 
     return undetached
 

@@ -213,6 +213,7 @@ def test_through_mix_gives_student_i_its_share_of_the_hwm_gradient():
     method.train()
     losses = method.training_step(views, y, 0)
     assert losses["stat/mix_weight0"].item() == pytest.approx(r[0])
+    assert losses["hwm/ce"].requires_grad and not losses["stat/hwm_ce"].requires_grad  # the logged copy is detached
     sum(v for k, v in losses.items() if not k.startswith("stat/")).backward()
     for i, (got, want) in enumerate(zip(student_grads(method), released, strict=True)):
         for g, w, gh in zip(got, want, g_h, strict=True):
