@@ -293,6 +293,25 @@ def test_the_commit_renames_last_pt_last_and_keeps_the_previous_best_until_then(
     assert not (run / BEST_BACKUP).exists() and _epochs(run) == {"best.pt": 2, "deploy.pt": 2, "last.pt": 2}
 
 
+def test_a_filesystem_without_hard_links_commits_without_the_best_backup(tmp_path, monkeypatch):
+    """The previous best.pt is kept by a hard link; where the filesystem has none, the save goes on without it."""
+    import errno
+
+    from okd.runs import store as store_mod
+    from okd.runs.store import BEST_BACKUP
+
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    run = tmp_path / "run"
+    with RunStore(run).lock() as store:
+        store.begin(_Config(), None, lambda: {})
+        store.commit(*records(1))
+        monkeypatch.setattr(store_mod.os, "link", no_links)
+        store.commit(*records(2))
+    assert not (run / BEST_BACKUP).exists() and _epochs(run) == {"best.pt": 2, "deploy.pt": 2, "last.pt": 2}
+
+
 def test_a_failed_save_puts_the_previous_best_back_and_says_what_is_intact(tmp_path, monkeypatch):
     import errno
 
