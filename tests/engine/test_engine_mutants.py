@@ -11,7 +11,7 @@ import torch
 from okd.engine.distributed import DistContext
 from okd.engine.step import StepRunner
 from okd.engine.trainer import _log_start, rank_rng_state
-from okd.methods.build import load_config
+from okd.methods.build import build_method, load_config
 
 
 def test_start_line_gives_the_per_process_batch(tmp_path, caplog, monkeypatch):
@@ -237,6 +237,10 @@ def test_sync_bn_and_stepwise_methods_are_refused_before_the_ddp_wrap():
     stepwise = StepRunner(SimpleNamespace(manual_optimization=True), [], cfg, torch.device("cpu"))
     with pytest.raises(ConfigError, match="steps its optimizers one by one"):
         stepwise.wrap_distributed(DistContext(rank=0, world_size=2), cfg)
+    dml = load_config(None, ["method.name=dml", "method.alternate_updates=true"])
+    alternating = StepRunner(build_method(dml, 10), [], dml.run.train, torch.device("cpu"))
+    with pytest.raises(ConfigError, match="DML's method.alternate_updates=true"):  # Method's own defaults refuse it
+        alternating.wrap_distributed(DistContext(rank=0, world_size=2), dml.run.train)
 
 
 def test_a_wrapped_runner_averages_a_manual_steps_gradients_over_its_processes(monkeypatch):

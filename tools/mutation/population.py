@@ -48,7 +48,7 @@ TESTS: dict[str, list[str]] = {
     "okd/nn/contrastive.py": ["models/test_contrastive.py", "methods/test_mcl.py", "methods/test_lmcl.py"],
     "okd/nn/distances.py": ["methods/test_switokd.py"],
     "okd/nn/hybrid.py": ["methods/test_okdph.py"],
-    "okd/methods/base.py": [CONTRACT, SHARED],
+    "okd/methods/base.py": [CONTRACT, SHARED, "engine/test_engine_mutants.py"],
     "okd/methods/build.py": ["cli/test_config.py", CONTRACT],
     "okd/methods/branch_base.py": [CONTRACT, SHARED, "methods/test_one.py"],
     "okd/methods/baseline.py": [CONTRACT, SHARED],
