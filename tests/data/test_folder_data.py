@@ -30,7 +30,9 @@ from okd.data.folder import (
     scan_tinyimagenet,
     scan_train_val,
 )
+from okd.data.folder.builder import geometry
 from okd.data.folder.samplers import dist_rank_world
+from okd.data.folder.scan import _names
 from okd.data.folder.transforms import _center_crop, _resize_shorter, sample_generator
 from okd.errors import ConfigError, DataError
 
@@ -133,6 +135,27 @@ def test_random_resized_crop_params_in_bounds():
         for _ in range(50):
             top, left, ch, cw = _rrc_params(w, h, rng)
             assert 0 <= top and 0 <= left and 0 < ch and 0 < cw and top + ch <= h and left + cw <= w
+
+
+def test_random_resized_crop_draws_areas_and_ratios_within_its_ranges():
+    """On a 500 x 375 image nearly every draw fits at the first try: crops of 8-100 % of the area (up to rounding)
+    and aspect 3/4-4/3, at varied sizes and places, rarely the fallback's whole image."""
+    rng = np.random.default_rng(0)
+    crops = [_rrc_params(500, 375, rng) for _ in range(200)]
+    for _, _, ch, cw in crops:
+        assert 0.08 * 0.97 <= ch * cw / (500 * 375) <= 1.0 and 0.74 <= cw / ch <= 1.35
+    assert len({(ch, cw) for _, _, ch, cw in crops}) > 150 and len({(t, x) for t, x, _, _ in crops}) > 100
+    assert sum(c == (0, 0, 375, 500) for c in crops) < 5
+
+
+def test_the_test_resize_defaults_to_the_crop_over_0_875():
+    assert geometry(DataConfig(dataset="folder", image_size=224)) == (224, 256, "random_resized")
+    assert geometry(DataConfig(dataset="folder", image_size=64, resize=72)) == (64, 72, "random_resized")
+
+
+def test_class_lists_in_messages_show_five_names_and_count_the_rest():
+    assert _names(["a", "b", "c", "d", "e"]) == "a, b, c, d, e"
+    assert _names(["a", "b", "c", "d", "e", "f", "g"]) == "a, b, c, d, e (+2 more)"
 
 
 def test_random_resized_crop_falls_back_to_the_central_crop_of_an_allowed_ratio():

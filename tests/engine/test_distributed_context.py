@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from okd.engine import distributed
 from okd.engine.distributed import (
     DistContext,
     all_gather_objects,
@@ -26,6 +27,22 @@ def test_one_process_needs_no_process_group(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert init_distributed("cuda") == DistContext()
     assert DistContext(rank=1, world_size=2).enabled and not DistContext(rank=1, world_size=2).is_main
+
+
+def test_a_torchrun_process_joins_with_gloo_on_the_cpu_and_nccl_on_its_gpu(monkeypatch):
+    """WORLD_SIZE > 1: the context comes from RANK/LOCAL_RANK; a GPU run selects cuda:LOCAL_RANK and NCCL."""
+    joined, selected = [], []
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(distributed.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(distributed.torch.cuda, "set_device", selected.append)
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend: joined.append(backend))
+    assert init_distributed("cpu") == DistContext(rank=3, world_size=4, local_rank=1)
+    assert (joined, selected) == (["gloo"], [])
+    assert init_distributed("cuda") == DistContext(rank=3, world_size=4, local_rank=1)
+    assert (joined, selected) == (["gloo", "nccl"], [1])
 
 
 def test_each_rank_drives_the_gpu_of_its_local_rank():

@@ -88,7 +88,7 @@ TESTS: dict[str, list[str]] = {
     "okd/engine/trackers.py": ["engine/test_trackers.py"],
     "okd/engine/evaluate.py": ["runs/test_run_store.py", TRAINING],
     "okd/engine/schedules.py": ["engine/test_schedules.py"],
-    "okd/engine/builder.py": ["engine/test_schedules.py", SHARED],
+    "okd/engine/builder.py": ["engine/test_devices.py", "engine/test_schedules.py", SHARED],
     "okd/engine/seeding.py": ["engine/test_seeding.py", "engine/test_engine_mutants.py", TRAINING],
     "okd/engine/trainer.py": [
         "engine/test_engine_mutants.py", "runs/test_resume_policy.py", FAULTS, TRAINING, "engine/test_distributed.py"
