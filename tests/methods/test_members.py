@@ -143,6 +143,7 @@ def test_copies_listed_as_members_are_the_cohort_of_copies():
 
 def test_a_mixed_cohort_method_must_say_which_member_it_deploys():
     mixed = load_config(None, ["method.name=dml", *MIXED])
+    assert build_method(mixed, 10).head_networks() == {"net0": "resnet20", "net1": "wrn16_2"}  # every head labelled
     assert deployed_spec(mixed, SimpleNamespace(deployed_member=1))["name"] == "wrn16_2"
     with pytest.raises(ValueError, match="dml trains a mixed cohort but does not say which member it deploys"):
         deployed_spec(mixed, SimpleNamespace(deployed_member=None))
