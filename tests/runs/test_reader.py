@@ -284,3 +284,21 @@ def test_deploy_pt_is_found_after_two_commits_made_while_it_is_read(tmp_path, mo
     monkeypatch.setattr(reader_mod, "epoch_of", committing)
     record, source = reader.deploy_record()
     assert source == str(run / "deploy.pt") and record["epoch"] == 4 and reader.epoch == 4
+
+
+def test_the_class_count_is_last_pts_else_the_data_sets_else_refused(tmp_path):
+    """A folder dataset's count lives only in last.pt; an old CIFAR record without one falls back to the data set's."""
+    run = _run(tmp_path / "run")
+    last = torch.load(run / "last.pt", weights_only=True)
+
+    def record(dataset: str, stored: int | None) -> None:
+        config = last["config"] | {"data": {"dataset": dataset}}
+        (run / "config.yaml").write_text(yaml.safe_dump(config))
+        torch.save(last | {"config": config, "num_classes": stored}, run / "last.pt")
+
+    for dataset, stored, want in (("folder", 3, 3), ("cifar100", None, 100)):
+        record(dataset, stored)
+        assert Run(run).num_classes == want, (dataset, stored)
+    record("folder", None)
+    with pytest.raises(CheckpointError, match=r"last\.pt does not say how many classes the run has"):
+        Run(run).num_classes  # noqa: B018 - the property raises
