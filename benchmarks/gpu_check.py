@@ -41,6 +41,7 @@ from gpu_check_plan import (  # noqa: E402
     REPO,
     SECTIONS,
     cifar10_root,
+    failed_smoke,
     missing_outputs,
     now,
     read_csv,
@@ -163,9 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     args.work = args.work or str(Path(args.out).resolve().parent / (Path(args.out).name + "_work"))
     if args.verify:
-        missing = missing_outputs(Path(args.out))
+        missing, failed = missing_outputs(Path(args.out)), failed_smoke(Path(args.out))
         print(f"{args.out}: " + (f"missing or empty: {', '.join(missing)}" if missing else "every section's results"))
-        return 1 if missing else 0
+        if failed:
+            print(f"{args.out}: smoke runs that failed: {', '.join(failed)} (their errors are in smoke.csv)")
+        return 1 if missing or failed else 0
     if args.section is None:
         os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
         return drive(args)

@@ -160,3 +160,11 @@ OUTPUTS = {"env": ["env.json"], "speed": ["speed.csv", "speed_items.json"], "acc
 def missing_outputs(out: Path) -> list[str]:
     """The expected result files that are absent or empty under ``out`` (``--verify``)."""
     return [f for files in OUTPUTS.values() for f in files if not (out / f).is_file() or (out / f).stat().st_size == 0]
+
+
+def failed_smoke(out: Path) -> list[str]:
+    """``method precision`` of every smoke row that ended in an error (``--verify``): a method that cannot train one
+    step of its own settings."""
+    path = out / "smoke.csv"
+    rows = read_csv(path) if path.is_file() else []
+    return [f"{r['method']} {r['precision']}" for r in rows if r.get("status") == "error"]

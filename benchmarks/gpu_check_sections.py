@@ -211,6 +211,8 @@ def smoke_overrides(method: str, precision: str, root: Path, work: Path, dry: bo
         f"output_dir={work}",
         f"name={name}",
     ]
+    if method in ("mcl", "lmcl"):  # supervised contrast: every class of a batch needs a second image (their recipe's)
+        overrides += ["data.sampler=m_per_class", "data.m_per_class=2"]
     if method == "kd":
         overrides += [
             "method.teacher_model=resnet20",

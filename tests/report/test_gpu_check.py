@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from types import SimpleNamespace
 
 import helpers
 import pytest
@@ -89,5 +90,21 @@ def test_summary_reports_each_section_and_verify_finds_missing_files(gc, tmp_pat
     assert "9/15 | leader | 80.1 | 80.5 (8)" in text
     assert "smoke: 0/1 ok" in text and "kd fp32: error boom" in text
     (out / "gpu_check.log").write_text("log\n")
-    assert gc.missing_outputs(out) == []
+    assert gc.missing_outputs(out) == [] and gc.failed_smoke(out) == ["kd fp32"]
+    assert gc.main([str(out), "--verify"]) == 1  # a method that cannot train its smoke run fails the check
+    (out / "smoke.csv").unlink()
+    gc.append_csv(out / "smoke.csv", {"method": "kd", "precision": "fp32", "status": "ok"}, gc.SMOKE_COLUMNS)
     assert gc.main([str(out), "--verify"]) == 0
+
+
+@pytest.mark.parametrize("method", ["mcl", "lmcl"])
+def test_the_smoke_run_of_a_contrastive_method_takes_class_balanced_batches(gc, method, tmp_path):
+    """Their supervised contrast needs two images of each class in a batch: the smoke run uses their recipe's
+    sampler, and one dry-run step trains."""
+    sections = importlib.import_module("gpu_check_sections")
+    overrides = sections.smoke_overrides(method, "fp32", tmp_path / "none", tmp_path, True, method, 1)
+    assert {"data.sampler=m_per_class", "data.m_per_class=2"} <= set(overrides)
+    root = gc.synthetic_cifar10(tmp_path / "c10")
+    args = SimpleNamespace(dry_run=True)
+    row = sections.smoke_item(method, "fp32", root, tmp_path / "work", args, deterministic=True)
+    assert row["status"] == "ok", row
