@@ -69,9 +69,7 @@ def scan(dataset: str, root: str | os.PathLike) -> tuple[FolderSplit, FolderSpli
     raise DataError(f"data.dataset={dataset!r} is not an image-folder dataset ({', '.join(FOLDER_DATASETS)})")
 
 
-def split_statistics(
-    split: FolderSplit, transform: Callable, skip_unreadable: bool = False
-) -> tuple[list[float], list[float]]:
+def split_statistics(split: FolderSplit, transform: Callable, skip_unreadable: bool) -> tuple[list[float], list[float]]:
     """Per-channel mean and std ([0, 1] scale) of ``split`` under the (deterministic) test ``transform``;
     unreadable images fail naming the file, or with ``skip_unreadable`` are left out (counted, the first named),
     as training leaves them out."""
