@@ -21,9 +21,24 @@ from okd.engine.trainer import config_from_run, train
 from okd.errors import OKDError, StopRequested
 from okd.methods.build import load_config
 from okd.runs.metrics import read_metrics_csv
+from okd.runs.store import RunStore
 from okd.runs.tracker_ids import TRACKERS_FILE, read_tracker_ids
 
 CONFIG = "cifar10/baseline_resnet20"
+
+
+class StandInRun:
+    """A W&B run as ``wandb.init`` returns it, recording what okd declares and logs."""
+
+    def __init__(self, run_id: str) -> None:
+        self.id, self.calls = run_id, []
+        self.config = SimpleNamespace(update=lambda *a, **k: None)
+
+    def define_metric(self, key, step_metric):
+        self.calls.append(("define", key, step_metric))
+
+    def log(self, row):
+        self.calls.append(("log", row))
 
 
 def tiny(root: Path, out: Path, name: str, epochs: int, **extra) -> list[str]:
@@ -203,19 +218,9 @@ def test_wandb_runs_are_named_after_the_folder_and_only_a_known_run_is_resumed(t
     """The arguments ``wandb.init`` gets, seen through a stand-in module: a fresh run has no id and no resume."""
     inits: list[dict] = []
 
-    class StandInRun:
-        def __init__(self, id):  # noqa: A002 - wandb's own keyword
-            self.id, self.calls = id or "new-id", []
-
-        def define_metric(self, key, step_metric):
-            self.calls.append(("define", key, step_metric))
-
-        def log(self, row):
-            self.calls.append(("log", row))
-
     def init(**kwargs):
         inits.append(kwargs)
-        return StandInRun(kwargs["id"])
+        return StandInRun(kwargs["id"] or "new-id")
 
     monkeypatch.setitem(sys.modules, "wandb", type(sys)("wandb"))
     monkeypatch.setattr(sys.modules["wandb"], "init", init, raising=False)
@@ -241,17 +246,12 @@ def test_wandb_runs_are_named_after_the_folder_and_only_a_known_run_is_resumed(t
 
 def test_a_tracker_run_that_cannot_be_continued_is_replaced_by_a_new_one(tmp_path, monkeypatch, caplog):
     """trackers.json names a W&B run the service no longer has: a new tracker run starts (with a warning) and
-    its id replaces the old one; a tracker that cannot start at all is left out, and the run goes on."""
-    from okd.runs.store import RunStore
-
-    class StandInRun:
-        def __init__(self, id):  # noqa: A002 - wandb's own keyword
-            self.id, self.config = id or "fresh", SimpleNamespace(update=lambda *a, **k: None)
+    its id replaces the old one."""
 
     def init(**kwargs):
         if kwargs["id"] is not None:
             raise RuntimeError("run gone-run not found")
-        return StandInRun(None)
+        return StandInRun("fresh")
 
     monkeypatch.setitem(sys.modules, "wandb", SimpleNamespace(init=init))
     cfg = load_config(CONFIG, ["train.wandb=true"])
