@@ -42,8 +42,6 @@ class FusionModule(_DepthwisePointwise):
 
     def __init__(self, channels: int, num_classes: int, num_inputs: int = 2) -> None:
         super().__init__(channels * num_inputs, channels)
-        self.channels = channels
-        self.num_inputs = num_inputs
         self.fc = nn.Linear(channels, num_classes)
         init_he_fan_out(self)
 

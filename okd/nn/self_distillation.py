@@ -50,7 +50,6 @@ class SelfDistillationModule(nn.Module):
         channels = [int(c) for c in channels]
         if len(channels) < 2:
             raise ValueError(f"an SD module needs a channel list of length >= 2, got {channels}")
-        self.channels = channels
         self.blocks = nn.ModuleList(
             nn.Sequential(
                 nn.ConvTranspose2d(cin, cout, 3, stride=2, padding=1, output_padding=1, bias=False),

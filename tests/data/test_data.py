@@ -240,6 +240,9 @@ def test_missing_key_and_unknown_dataset(tmp_path):
     )
     with pytest.raises(DataError, match=r"no 'fine_labels' entry"):
         load_cifar(tmp_path, "cifar100", train=False)
+    _dump(tmp_path / "cifar-100-python" / "test", {"fine_labels": [0, 1]}, bytes_keys=True, protocol=2)
+    with pytest.raises(DataError, match=r"test has no 'data' entry \(keys: fine_labels\).*official cifar-100-python"):
+        load_cifar(tmp_path, "cifar100", train=False)
     with pytest.raises(DataError, match=r"unknown dataset 'svhn'; choose one of: cifar10, cifar100"):
         load_cifar(tmp_path, "svhn", train=False)
 
@@ -705,6 +708,9 @@ def test_holdout_is_the_last_images_in_order_and_unaugmented():
         (torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.arange(4), {"views": 0}, "views must be positive"),
         (torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.arange(4), {"mean": (0.5,)}, "mean and std need 3 values"),
         (torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.arange(4), {"std": (1.0,) * 4}, "mean and std need 3"),
+        (torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.arange(4), {"m_per_class": -1}, "m_per_class=-1 needs"),
+        (torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.arange(4), {"m_per_class": 3}, "must divide batch_size"),
+        (torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.arange(4), {"m_per_class": 2, "train": False}, "training"),
     ],
 )
 def test_device_loader_refuses_inconsistent_inputs(images, labels, kw, says):

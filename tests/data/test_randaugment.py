@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from okd.data import randaugment as randaugment_module
 from okd.data.autoaugment import IMAGENET_POLICY, auto_augment, auto_augment_draws
 from okd.data.randaugment import (
     OPS,
@@ -168,6 +169,26 @@ def test_the_subset_path_equals_the_whole_batch_path():
         assert torch.equal(whole, apply_where(base, chosen, op, x, mag, 7, subset=True)), op
         assert torch.equal(whole[~chosen], base[~chosen]), op
     assert torch.equal(apply_where(base, torch.zeros(6, dtype=torch.bool), "equalize", x, mag, 7, True), base)
+
+
+@pytest.mark.parametrize("augmenter", ["rand_augment", "auto_augment"])
+def test_on_the_cpu_each_op_runs_on_its_chosen_images_only(monkeypatch, augmenter):
+    """A CPU batch takes the subset path: every op call gets only the images that chose it, never the whole batch."""
+    sizes: list[int] = []
+    real = apply_op
+
+    def counting(op, x, mag, bits=7):
+        sizes.append(x.shape[0])
+        return real(op, x, mag, bits=bits)
+
+    monkeypatch.setattr(randaugment_module, "apply_op", counting)
+    x = img(7, n=8, size=8)
+    gen = torch.Generator().manual_seed(3)
+    if augmenter == "rand_augment":
+        rand_augment(x, *rand_augment_draws(gen, 8))
+    else:
+        auto_augment(x, *auto_augment_draws(gen, 8))
+    assert sizes and max(sizes) < 8 and sum(sizes) <= 2 * 8
 
 
 #: AutoAugment's ImageNet policy as published (Cubuk et al. 2019, Table 9; torchvision's AutoAugmentPolicy.IMAGENET):

@@ -408,8 +408,6 @@ class _LinearMethod(torch.nn.Module):
 def test_each_step_starts_from_fresh_gradients_and_steps_the_schedules():
     """Gradients do not accumulate from one step to the next; the per-step schedules and the after-step hook
     run once per step."""
-    from okd.engine.step import StepRunner
-
     method = _LinearMethod()
     opt = torch.optim.SGD(method.parameters(), lr=1.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
@@ -421,6 +419,21 @@ def test_each_step_starts_from_fresh_gradients_and_steps_the_schedules():
     assert torch.equal(method.w.detach(), -3 * x)  # w - x each step, never w - (1 + 2 + ...) x
     assert sched.last_epoch == 3 and method.after == 3 and set(losses) == {"net/loss", "stat/w0"}
     assert total.item() == (method.w.detach() + x) @ x  # the last step's loss, stat terms left out
+
+
+def test_zero_grad_frees_the_gradients_of_one_or_every_optimizer():
+    """Gradients are set to None, not to zeros: a parameter with no gradient in a step is skipped by its optimizer
+    (no weight decay, no momentum step) instead of being moved by a zero gradient."""
+    first, second = _LinearMethod(), _LinearMethod()
+    optimizers = [torch.optim.SGD(m.parameters(), lr=1.0) for m in (first, second)]
+    cfg = load_config("cifar10/baseline_resnet20").run.train
+    runner = StepRunner(first, optimizers, cfg, torch.device("cpu"))
+    for m in (first, second):
+        (m.w * 2).sum().backward()
+    runner.zero_grad(1)
+    assert first.w.grad is not None and second.w.grad is None
+    runner.zero_grad()
+    assert first.w.grad is None
 
 
 class _ManualMethod(_LinearMethod):

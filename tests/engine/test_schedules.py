@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from okd.config import OptimConfig
+from okd.engine.builder import OptimizationPlan
 from okd.engine.schedules import EpochCosineLR, IterationLR, build_scheduler, cosine_lr, ffsd_code_lr
 from okd.errors import ConfigError
 
@@ -126,6 +127,9 @@ def _roundtrip(obj):
 def test_bad_arguments():
     with pytest.raises(ValueError, match="steps_per_epoch"):
         build_scheduler(optimizer(), OptimConfig(schedule="ffsd_imagenet_code"), 0)
+    for len_epoch in (0, -3):
+        with pytest.raises(ValueError, match=f"len_epoch must be positive, got {len_epoch}"):
+            build_scheduler(optimizer(), OptimConfig(schedule="ffsd_imagenet_code"), 5, len_epoch=len_epoch)
     with pytest.raises(ConfigError, match="optim.schedule='linear'"):
         build_scheduler(optimizer(), OptimConfig(), 10, schedule="linear")
     with pytest.raises(ConfigError, match="train.epochs > 0"):
@@ -223,3 +227,13 @@ def test_the_plan_steps_epoch_schedules_at_the_end_of_each_epoch():
         plan.end_of_epoch()
         after = plan.learning_rates()["lr/net"]
         assert after == (before if per_step else pytest.approx(before * 0.1))
+
+
+def test_a_checkpoint_whose_schedulers_do_not_match_the_optimizers_is_refused():
+    """Each optimizer's schedule is restored beside it; a scheduler list of another length is never half-loaded."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    plan = OptimizationPlan(["net"], [opt], [torch.optim.lr_scheduler.StepLR(opt, 2)], [False])
+    state = plan.state_dict()
+    plan.load_state_dict(state)
+    with pytest.raises(ValueError):
+        plan.load_state_dict({**state, "schedulers": []})

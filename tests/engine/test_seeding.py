@@ -38,3 +38,13 @@ def test_cuda_states_are_restored_only_when_saved_and_a_gpu_is_present(monkeypat
     monkeypatch.setattr(seeding.torch.cuda, "is_available", lambda: False)
     restore_rng_state(saved)  # a GPU checkpoint read on the CPU: the CUDA states wait unused
     assert len(restored) == 1
+
+
+def test_seed_everything_seeds_python_numpy_and_torch():
+    """One seed fixes all three generators: draws after it repeat, and another seed gives other draws of each."""
+    seeding.seed_everything(5)
+    first = draws()
+    seeding.seed_everything(5)
+    assert draws() == first
+    seeding.seed_everything(6)
+    assert all(a != b for a, b in zip(draws(), first, strict=True))

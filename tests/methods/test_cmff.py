@@ -381,6 +381,9 @@ def test_resnet_configs_build_the_release_rotation_head(name):
     m = build_method(cfg, 100)
     widths = [layer.out_features for layer in m.net.rot_head.modules() if isinstance(layer, nn.Linear)]
     assert m.net.rot_head[0].in_features == 4096 and widths == [2048, 1024, 512, 400]  # 4096-2048-1024-512-4K
+    # ReLU and Dropout after every hidden layer, none after the output layer
+    assert [type(layer).__name__ for layer in m.net.rot_head] == ["Linear", "ReLU", "Dropout"] * 3 + ["Linear"]
+    assert [type(layer).__name__ for layer in m.net.proj_head] == ["Linear", "ReLU", "Dropout", "Linear"]
 
 
 def test_vgg_training_step_and_heads():

@@ -26,10 +26,11 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from okd.config import Config
+from okd.config import Config, OptimConfig
 from okd.engine.builder import build_optimization
+from okd.engine.distributed import DistContext
 from okd.engine.step import StepRunner
-from okd.methods import METHODS, Method
+from okd.methods import METHODS, Method, MethodContext, ParamGroup
 from okd.methods.build import build_method, load_config
 from okd.models import create_model
 from okd.models.deploy_file import build_network, read_deploy
@@ -251,3 +252,73 @@ def test_the_smallest_cohort_is_accepted_and_one_less_refused(name, key, smalles
     load_config(None, [f"method.name={name}", *extra, f"method.{key}={smallest}"])
     with pytest.raises(ConfigError, match=rf"method\.{key} must be (an integer )?>= {smallest}, got {smallest - 1}"):
         load_config(None, [f"method.name={name}", *extra, f"method.{key}={smallest - 1}"])
+
+
+def test_a_method_that_leaves_out_a_required_hook_fails_loudly_and_the_optional_ones_default():
+    """A method built on ``Method`` without its required hooks raises NotImplementedError when the trainer calls one
+    (never a silent None); the optional hooks answer their documented defaults."""
+    ctx = MethodContext(model="resnet20", num_classes=10, optim=OptimConfig(), params=None, epochs=1)
+    bare = type("Bare", (Method,), {})(ctx)
+    x, y = torch.zeros(2, 3, 8, 8), torch.zeros(2, dtype=torch.long)
+    for call in (
+        bare.param_groups,
+        bare.deployable,
+        lambda: bare.training_step(x, y, 0),
+        lambda: bare.eval_outputs(x),
+        lambda: bare.manual_step(x, y, 0, None),
+        lambda: bare.distribute_networks(lambda m: m),
+    ):
+        with pytest.raises(NotImplementedError):
+            call()
+    assert bare.epoch_scalars(3) == {} and bare.oracle_groups() == {} and bare.derived_metrics({"a/top1": 1.0}) == {}
+    assert bare.manual_optimization is False and bare.ddp_ignored_parameters() == []
+
+
+def test_a_param_group_left_at_its_defaults_takes_the_default_recipes_optimizer():
+    """``ParamGroup``'s defaults are ``OptimConfig``'s: an SGD group a user builds by hand trains like the recipe."""
+    group, optim = ParamGroup("mine", []), OptimConfig()
+    assert group.optimizer == "sgd" and group.schedule is None
+    assert (group.lr, group.momentum, group.nesterov, group.weight_decay) == (
+        optim.lr,
+        optim.momentum,
+        optim.nesterov,
+        optim.weight_decay,
+    )
+
+
+class RecordingDDP(nn.Module):
+    """Stands in for DistributedDataParallel (no process group needed): records each module it wraps."""
+
+    wrapped: list[nn.Module] = []
+
+    def __init__(self, module: nn.Module, device_ids=None, find_unused_parameters: bool = False) -> None:
+        super().__init__()
+        self.module = module
+        RecordingDDP.wrapped.append(module)
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    @staticmethod
+    def _set_params_and_buffers_to_ignore_for_model(module: nn.Module, names: list[str]) -> None:
+        module._ddp_params_and_buffers_to_ignore = names
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_every_registered_method_is_accepted_under_ddp_with_every_trained_parameter_wrapped(
+    name, teacher_file, monkeypatch
+):
+    """Each method in its default configuration goes through ``wrap_distributed``: one wrapper around the whole
+    method, or (``ddp_per_network``) one per network; every trained parameter sits in a wrapper or is one the method
+    averages itself (``ddp_ignored_parameters``)."""
+    cfg, method = build(name, teacher_file)
+    trained = {id(p) for p in method.parameters() if p.requires_grad}
+    ignored = {id(p) for n, p in method.named_parameters() if n in set(method.ddp_ignored_parameters())}
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", RecordingDDP)
+    monkeypatch.setattr(RecordingDDP, "wrapped", [])
+    runner = StepRunner(method, [], cfg.run.train, torch.device("cpu"))
+    runner.wrap_distributed(DistContext(rank=0, world_size=2), cfg.run.train)
+    per_network = method.manual_optimization and method.ddp_per_network
+    assert per_network or RecordingDDP.wrapped == [method]
+    in_wrappers = {id(p) for module in RecordingDDP.wrapped for p in module.parameters()}
+    assert not trained - in_wrappers - ignored, "trained parameters outside every DDP wrapper"

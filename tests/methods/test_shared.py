@@ -227,6 +227,25 @@ def test_heads_of_each_method():
             "net0", "net1", "mean_logits", "ensemble", "fusion", "leader"}  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    "name, prefix, members",
+    [
+        ("one", "", ["branch0", "branch1", "branch2", "branch3"]),
+        ("okddip", "peer_", ["peer0", "peer1", "peer2"]),  # the leader is left out
+        ("ffl", "", ["branch0", "branch1"]),
+        ("dml_sl", "", ["net0", "net1"]),
+    ],
+)
+def test_ensemble_heads_combine_every_member_and_only_them(name, prefix, members):
+    """``<prefix>mean_logits`` is the mean of the members' logits, ``<prefix>ensemble`` the log of the mean of their
+    softmaxes."""
+    with torch.no_grad():
+        heads = make(name).eval().eval_outputs(batch()[0])
+    logits = torch.stack([heads[m] for m in members])
+    close(heads[f"{prefix}mean_logits"], logits.mean(0))
+    close(heads[f"{prefix}ensemble"], logits.softmax(-1).mean(0).log())
+
+
 def test_param_groups_and_fusion_weight_decay():
     groups = {g.name: g for g in make("ffl").param_groups()}
     assert set(groups) == {"net", "fusion"} and groups["fusion"].weight_decay == 1e-5
