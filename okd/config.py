@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from okd.configs import close_configs, read_recipe, recipe_names, resolve_config
@@ -170,8 +170,13 @@ def typed_section(schema_cls, raw: dict, where: str):
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema_cls), raw)
         return OmegaConf.to_object(merged)
+    except TypeError:  # OmegaConf cannot merge a mapping into a list (or the reverse)
+        key, given = _container_mismatch(schema_cls, raw)
+        raise shape_error(".".join(p for p in (where, key) if p), given) from None
     except OmegaConfBaseException as exc:
-        key = str(getattr(exc, "full_key", None) or getattr(exc, "key", None) or "")
+        key = str(
+            getattr(exc, "full_key", None) or getattr(exc, "key", None) or _container_mismatch(schema_cls, raw)[0]
+        )
         dotted = ".".join(p for p in (where, key) if p) or "the config"
         msg = str(exc).splitlines()[0]
         if isinstance(exc, ConfigKeyError):
@@ -179,6 +184,62 @@ def typed_section(schema_cls, raw: dict, where: str):
             valid = ", ".join(_field_names(section))
             raise ConfigError(f"unknown config key {dotted} ({msg}). Valid keys here: {valid}.") from None
         raise ConfigError(f"bad value for {dotted}: {msg}.") from None
+
+
+def _container_mismatch(cls, raw, prefix: str = "") -> tuple[str, str]:
+    """The first key of ``raw`` whose shape clashes with ``cls``'s field, and what ``raw`` gives there: a
+    "mapping" where a value or list belongs (``data.mean.x=1``), or a "list" where a section belongs
+    (``data=[1,2]``); ("", "") when none does."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in raw.items():
+        f = fields.get(key)
+        if f is None:
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        section = dataclasses.is_dataclass(default)
+        if isinstance(value, dict | DictConfig):
+            if not section:
+                return f"{prefix}{key}", "mapping"
+            found = _container_mismatch(type(default), value, f"{prefix}{key}.")
+            if found[0]:
+                return found
+        elif section and isinstance(value, list | ListConfig):
+            return f"{prefix}{key}", "list"
+    return "", ""
+
+
+def _clash(a: DictConfig, b: DictConfig, prefix: str = "") -> tuple[str, str]:
+    """The first key that is a mapping in raw config ``a`` and a list in the later ``b`` (or the reverse), and what
+    ``b`` gives there; ("", "") when none is."""
+    for key in a.keys() & b.keys():
+        x, y = a._get_node(key), b._get_node(key)
+        dotted = f"{prefix}{key}"
+        if isinstance(x, DictConfig) and isinstance(y, DictConfig):
+            found = _clash(x, y, f"{dotted}.")
+            if found[0]:
+                return found
+        elif {type(x), type(y)} == {DictConfig, ListConfig}:
+            return dotted, "mapping" if isinstance(y, DictConfig) else "list"
+    return "", ""
+
+
+def shape_error(key: str, given: str) -> ConfigError:
+    """The error for a mapping given where a value or list belongs, or a list where a section belongs."""
+    belongs = "a section of keys" if given == "list" else "a value or a list"
+    return ConfigError(
+        f"bad value for {key or 'the config'}: a {given or 'mapping or list'} where {belongs} belongs; "
+        f"`okd config --explain {key}` shows what it takes"
+    )
+
+
+def merge_raw(*parts: DictConfig) -> DictConfig:
+    """``OmegaConf.merge`` of raw configs (later ones win), refusing a key that is a mapping in one and a list in
+    another with okd's error."""
+    try:
+        return OmegaConf.merge(*parts)
+    except TypeError:
+        clashes = (_clash(a, b) for i, a in enumerate(parts) for b in parts[i + 1 :])
+        raise shape_error(*next((c for c in clashes if c[0]), ("", ""))) from None
 
 
 def _section_of(cls, dotted: str):
@@ -293,8 +354,21 @@ def parse_overrides(overrides: list[str]) -> DictConfig:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.epochs=5)")
     try:
         return OmegaConf.from_dotlist(list(overrides))
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"cannot parse overrides {overrides}: {exc}") from None
+    except (OmegaConfBaseException, yaml.YAMLError) as exc:
+        bad = [item for item in overrides if not _parses(item)] or list(overrides)
+        why = " ".join(str(exc).split())
+        raise ConfigError(
+            f"cannot parse the override {' '.join(map(repr, bad))}: {why}. Quote the value in the shell and close "
+            "its brackets, e.g. 'optim.milestones=[150,225]'"
+        ) from None
+
+
+def _parses(item: str) -> bool:
+    try:
+        OmegaConf.from_dotlist([item])
+    except (OmegaConfBaseException, yaml.YAMLError):
+        return False
+    return True
 
 
 def load_raw(path: str | Path | None) -> DictConfig:
@@ -395,7 +469,7 @@ def compose(file_raw: DictConfig, overrides: DictConfig) -> DictConfig:
     dataset the file and overrides give. A file's recipe carried by ``data.dataset=...`` to a data set that has no
     recipe of that name keeps the settings it has for the file's own data set, and the run is "custom". Without a
     recipe the file and overrides alone count ("custom")."""
-    top = OmegaConf.merge(file_raw, overrides)
+    top = merge_raw(file_raw, overrides)
     name = top.get("recipe")
     if name is None:
         return top
@@ -411,8 +485,8 @@ def compose(file_raw: DictConfig, overrides: DictConfig) -> DictConfig:
         # a config file's recipe carried to another data set by data.dataset=...: its settings as written for
         # the file's own data set, and the run names no recipe of its own data set ("custom")
         body = OmegaConf.create(recipe_body(own, name))
-        return OmegaConf.merge(body, file_raw, overrides, OmegaConf.create({"recipe": None}))
-    return OmegaConf.merge(OmegaConf.create(recipe_body(dataset, name)), file_raw, overrides)
+        return merge_raw(body, file_raw, overrides, OmegaConf.create({"recipe": None}))
+    return merge_raw(OmegaConf.create(recipe_body(dataset, name)), file_raw, overrides)
 
 
 def recipe_run(dataset: str, name: str) -> RunConfig:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from okd.errors import ConfigError
@@ -56,6 +58,17 @@ def test_bad_override_syntax_and_missing_file(tmp_path):
     bad.write_text("data: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- data\n- model\n")
+    with pytest.raises(ConfigError, match=r"list.yaml' must hold a mapping of sections \(data, model, ...\)"):
+        load_config(listed)
+
+
+@pytest.mark.parametrize("bad", ["data.mean=[1,2", "optim.milestones=}"])
+def test_an_override_whose_value_is_not_yaml_is_named_in_a_config_error(bad):
+    """A value YAML cannot parse (an unclosed bracket) is an okd error that names the override, not a traceback."""
+    with pytest.raises(ConfigError, match=rf"cannot parse the override '{re.escape(bad)}': .*Quote the value"):
+        load_config(BASE, ["seed=1", bad])
 
 
 @pytest.mark.slow
@@ -98,11 +111,21 @@ def test_every_shipped_config_validates():
         ("data.resize=16", "data.resize .* not smaller than it"),
         ("train.max_steps_per_epoch=0", "train.max_steps_per_epoch must be positive or null"),
         ("train.max_steps_per_epoch=-2", "train.max_steps_per_epoch must be positive or null"),
+        ("data.sampler=m_per_class data.dataset=imagenet", "data.sampler=m_per_class works with the CIFAR loaders"),
+        ("train.eval_every=0", "train.eval_every must be a positive number of epochs, got 0"),
+        ("train.log_every_steps=-1", r"train.log_every_steps must be >= 0 \(0: off\), got -1"),
+        ("train.log_every_seconds=-5", r"train.log_every_seconds must be >= 0 \(0: off\), got -5"),
+        ("train.track_every_steps=-1", r"train.track_every_steps must be >= 0 \(0: off\), got -1"),
+        (
+            "data.sampler=m_per_class data.m_per_class=0",
+            "data.m_per_class must be >= 1 and divide data.batch_size, got m_per_class=0",
+        ),
+        ("data.sampler=m_per_class data.m_per_class=3", "divide data.batch_size, got m_per_class=3, batch_size=128"),
     ],
 )
 def test_numeric_values_are_finite_and_in_range(override, text):
     with pytest.raises(ConfigError, match=text):
-        load_config(BASE, [override])
+        load_config(BASE, override.split())
 
 
 def test_method_numbers_are_finite():
@@ -124,6 +147,10 @@ def test_values_at_the_edge_of_their_range_are_accepted():
         "train.max_steps_per_epoch=1",
         "data.image_size=32",
         "data.resize=32",
+        "train.eval_every=1",
+        "train.log_every_steps=0",
+        "train.log_every_seconds=0",
+        "train.track_every_steps=0",
     ]
     cfg = load_config(BASE, edges)
     assert cfg.run.optim.momentum == 0 and cfg.run.train.max_steps_per_epoch == 1 and cfg.run.data.resize == 32
@@ -158,3 +185,24 @@ def test_method_defaults_of_known_and_unknown_methods():
 
     assert method_defaults("kdcl")["temperature"] == 4.0 and method_defaults("kdcl")["ensemble"] == "naive"
     assert method_defaults("not-a-method") is None and method_class("not-a-method") is None
+
+
+@pytest.mark.parametrize(
+    "path, overrides, says",
+    [
+        (BASE, ["data.mean.x=0.5"], r"data.mean: a mapping where a value or a list belongs; `okd config --explain"),
+        (None, ["model.members.x=1"], r"bad value for model.members: a mapping where a value or a list belongs"),
+        (BASE, ["optim.milestones.first=5"], r"bad value for optim.milestones: a mapping where a value or a list"),
+        (
+            BASE,
+            ["data=[1,2]"],
+            r"bad value for data: a list where a section of keys belongs; `okd config --explain data`",
+        ),
+        (None, ["data=[1,2]"], r"bad value for data: .*list is not a subclass of DataConfig"),
+    ],
+)
+def test_a_mapping_or_list_in_the_wrong_place_is_named_in_a_config_error(path, overrides, says):
+    """A mapping where a value or list belongs (``data.mean.x=...``), or a list where a section belongs, is refused
+    with the key it was given for, whether the clash is with the config file or with the typed defaults."""
+    with pytest.raises(ConfigError, match=says):
+        load_config(path, overrides)
