@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import copyreg
 import dataclasses
 import hashlib
+import io
 import math
+import os
 import pickle
 import tarfile
 from pathlib import Path
@@ -272,8 +275,6 @@ def test_download_verifies_and_extracts(tmp_path, monkeypatch):
 
 def _tar_with(tmp_path: Path, member: str, *, link: str | None = None) -> Path:
     """A .tar.gz holding cifar-10-batches-py/ plus one more member (a file at ``member``, or a link to ``link``)."""
-    import io
-
     path, _ = _archive(tmp_path / "src")
     with tarfile.open(path, "r:gz") as tar:
         members = [(m, tar.extractfile(m).read() if m.isfile() else None) for m in tar.getmembers()]
@@ -834,3 +835,90 @@ def test_m_per_class_config_checks(overrides, says):
         load_config(None, overrides)
     assert "sampler" not in load_config(None, []).to_dict()["data"], "the default is stored as before"
     assert load_config(None, ["data.sampler=m_per_class"]).to_dict()["data"]["m_per_class"] == 2
+
+
+def _spec_serving(monkeypatch, archive: Path) -> None:
+    spec = dataclasses.replace(
+        SPECS["cifar10"], url=archive.as_uri(), md5=hashlib.md5(archive.read_bytes()).hexdigest()
+    )
+    monkeypatch.setitem(SPECS, "cifar10", spec)
+
+
+def test_a_download_that_is_not_an_archive_or_lacks_a_file_is_refused_and_leaves_nothing(tmp_path, monkeypatch):
+    """An archive that cannot be unpacked, or that lacks one of the official files, is an okd error naming what
+    went wrong; the data root is left as it was (no partial folder, no temporary files)."""
+    junk = tmp_path / "junk.tar.gz"
+    junk.write_bytes(b"not a tar archive at all")
+    _spec_serving(monkeypatch, junk)
+    root = tmp_path / "root"
+    with pytest.raises(DataError, match=r"cannot unpack the cifar10 archive from file://.*junk.tar.gz: "):
+        download_cifar(root, "cifar10")
+    assert list(root.iterdir()) == []
+    src = tmp_path / "src"
+    write_cifar10(src)
+    (src / "cifar-10-batches-py" / "data_batch_4").unlink()
+    partial = tmp_path / "partial.tar.gz"
+    with tarfile.open(partial, "w:gz") as tar:
+        tar.add(src / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    _spec_serving(monkeypatch, partial)
+    with pytest.raises(DataError, match=r"does not hold the expected layout .*\(missing: data_batch_4\)"):
+        download_cifar(root, "cifar10")
+    assert list(root.iterdir()) == []
+
+
+def test_an_archive_without_cifar10s_optional_meta_file_is_accepted(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    write_cifar10(src, meta=False)
+    archive = tmp_path / "no-meta.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(src / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    _spec_serving(monkeypatch, archive)
+    assert download_cifar(tmp_path / "root", "cifar10") == tmp_path / "root" / "cifar-10-batches-py"
+
+
+def test_a_data_root_that_cannot_be_created_is_named(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(DataError, match=r"cannot create data.root .*a-file/sub to download cifar10 into: "):
+        download_cifar(blocker / "sub", "cifar10")
+
+
+def test_a_folder_another_process_finished_first_is_kept(tmp_path, monkeypatch):
+    """Two processes downloading at once: the second rename finds the folder already in place and keeps it."""
+    archive, _ = _archive(tmp_path)
+    _spec_serving(monkeypatch, archive)
+    root = tmp_path / "root"
+    real_replace = os.replace
+
+    def raced(src, dst):
+        real_replace(src, dst)  # the other process got there first
+        raise OSError(39, "Directory not empty")
+
+    monkeypatch.setattr(cifar_mod.os, "replace", raced)
+    assert download_cifar(root, "cifar10") == root / "cifar-10-batches-py"
+    assert sorted(p.name for p in root.iterdir()) == ["cifar-10-batches-py"]
+    monkeypatch.setattr(cifar_mod.os, "replace", lambda src, dst: (_ for _ in ()).throw(OSError(28, "No space")))
+    with pytest.raises(OSError, match="No space"):
+        download_cifar(tmp_path / "other", "cifar10")
+
+
+def test_a_pickle_that_is_not_a_dict_or_has_the_wrong_class_names_is_refused(tmp_path):
+    write_cifar10(tmp_path)
+    folder = tmp_path / "cifar-10-batches-py"
+    (folder / "test_batch").write_bytes(pickle.dumps([1, 2, 3], protocol=2))
+    with pytest.raises(DataError, match=r"test_batch does not hold a dict of arrays \(got list\)"):
+        load_cifar(tmp_path, "cifar10", train=False)
+    write_cifar10(tmp_path / "names")
+    meta = tmp_path / "names" / "cifar-10-batches-py" / "batches.meta"
+    _dump(meta, {"label_names": CIFAR10_CLASSES[:9]}, bytes_keys=False, protocol=2)
+    with pytest.raises(DataError, match=r"should list 10 class names under 'label_names'; got 9"):
+        load_cifar(tmp_path / "names", "cifar10", train=False)
+
+
+def test_python_2_module_names_in_a_pickle_map_to_their_python_3_objects():
+    """Official files written by Python 2 name ``copy_reg`` and ``__builtin__``; the allow-list maps them."""
+    unpickler = cifar_mod._SafeUnpickler(io.BytesIO(b""), encoding="latin1")
+    assert unpickler.find_class("copy_reg", "_reconstructor") is copyreg._reconstructor
+    assert unpickler.find_class("__builtin__", "object") is object
+    with pytest.raises(pickle.UnpicklingError, match="unexpected object __builtin__.eval"):
+        unpickler.find_class("__builtin__", "eval")
