@@ -199,6 +199,8 @@ def test_method_defaults_of_known_and_unknown_methods():
             r"bad value for data: a list where a section of keys belongs; `okd config --explain data`",
         ),
         (None, ["data=[1,2]"], r"bad value for data: .*list is not a subclass of DataConfig"),
+        (None, ["data.batch_size=64", "model.members.x=1"], r"bad value for model.members: a mapping where a value"),
+        (None, ["method.name=kdcl", "method.models.x=1"], r"bad value for method.models: a mapping where a value"),
     ],
 )
 def test_a_mapping_or_list_in_the_wrong_place_is_named_in_a_config_error(path, overrides, says):

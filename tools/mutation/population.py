@@ -20,11 +20,12 @@ FOLDER = [
 #: source file -> the test files that cover it (under tests/), fastest first (pytest stops at the first failure)
 TESTS: dict[str, list[str]] = {
     "okd/config.py": [
-        "cli/test_config.py", "cli/test_cli_parsing.py", "runs/test_resume_policy.py", "config/test_recipes.py"
+        "cli/test_config.py", "cli/test_cli_parsing.py", "runs/test_resume_policy.py", "config/test_recipes.py",
+        "cli/test_explain.py",
     ],
     "okd/io.py": ["runs/test_io.py", "runs/test_run_store.py", "runs/test_safe_loading.py", FAULTS],
     "okd/data/cifar.py": ["data/test_data.py"],
-    "okd/data/device_loader.py": ["data/test_data.py", "engine/test_last_batch.py"],
+    "okd/data/device_loader.py": ["data/test_data.py", "engine/test_last_batch.py", "data/test_views.py"],
     "okd/data/views.py": ["data/test_views.py", "methods/test_okdph.py"],
     "okd/data/randaugment.py": ["data/test_randaugment.py"],
     "okd/data/autoaugment.py": ["data/test_randaugment.py"],
