@@ -6,9 +6,12 @@ from __future__ import annotations
 import torch
 from method_helpers import (
     batch,
+    branch_outputs,
     close,
     grads_of,
     make,
+    ramp,
+    ref_kl,
     some_grad_in,
     summed,
 )
@@ -34,6 +37,19 @@ def test_grad_scale_is_identity_forward_and_scaled_backward():
     assert torch.equal(y, x.detach())
     (y * torch.tensor([4.0, 8.0])).sum().backward()
     assert torch.equal(x.grad, torch.tensor([1.0, 2.0]))
+
+
+def test_cl_ilr_mean_probs_target_is_the_mean_of_the_other_branches_softened_probabilities():
+    """``target=mean_probs``: branch i's KL target is (1/(m-1)) sum_{j != i} softmax(z_j / T), not the logit mean."""
+    m = make("cl_ilr", target="mean_probs")
+    x, y = batch()
+    _, _, z = branch_outputs(m, x)
+    losses = m.training_step(x, y, 40)
+    for i, zi in enumerate(z):
+        q = sum(torch.softmax(zj / 3.0, 1) for j, zj in enumerate(z) if j != i) / 3
+        close(losses[f"branch{i}/kl"], ramp(40) * ref_kl(zi, 3.0 * q.log(), 3.0, 1e-7))
+    logit_mean = make("cl_ilr").training_step(x, y, 40)
+    assert abs(losses["branch0/kl"].item() - logit_mean["branch0/kl"].item()) > 1e-4
 
 
 # --------------------------------------------------------------------------------------- gradient flow

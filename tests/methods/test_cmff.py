@@ -5,6 +5,7 @@ deployable nets, and training end to end through the trainer with exact resume."
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import helpers
@@ -31,6 +32,8 @@ from okd.methods.cmff import (
     similarity_ce,
 )
 from okd.models import count_parameters, create_model
+from okd.models.cmff_backbone import SUPPORTED
+from okd.models.spec import ModelRef
 from okd.nn.cross_attention import CrossAttentionFusion
 from okd.nn.losses import rampup_0based
 
@@ -505,6 +508,34 @@ def test_unsupported_models_are_rejected():
         make("wrn16_2")
     with pytest.raises(ConfigError, match="aux_stage"):
         make(aux_stage=3, **SMALL)
+
+
+def test_unknown_and_described_models_are_rejected_by_name():
+    """A name the registry does not know, or a network given by its spec (a ModelRef, even of a supported name)."""
+    for model in ("no_such_net", ModelRef({"name": "resnet20", "kind": "registered", "kwargs": {}})):
+        expected = f"cmff supports {SUPPORTED}, not model.name={str(model)!r}: it runs two nets stage by stage"
+        with pytest.raises(ConfigError, match=f"^{re.escape(expected)}"):
+            make(model, **SMALL)
+
+
+def test_auxiliary_stage_that_does_not_downscale_evenly_is_refused():
+    """30x30 inputs: the CIFAR ResNet's stages are 30, 15 and 8 pixels wide, and 30 is no multiple of 8."""
+    with pytest.raises(ConfigError, match=r"^stage 0 \(30x30\) does not downscale evenly to stage 2 \(8x8\)$"):
+        make(image_size=30, rot_hidden=[32], proj_dim=32)
+
+
+def test_aux_pool_average_pools_the_fused_knowledge_before_flattening():
+    m = make(aux_pool=2, **SMALL)
+    assert m.net.aux_in == 64 * 2 * 2  # stage 2 of resnet20 at 16x16 inputs: 64 x 4 x 4, pooled to 2 x 2
+    kappa = torch.randn(3, 64, 4, 4, generator=torch.Generator().manual_seed(0))
+    hand = kappa.unflatten(3, (2, 2)).unflatten(2, (2, 2)).mean((3, 5)).flatten(1)
+    torch.testing.assert_close(m.net._aux_input(kappa), hand)
+    x, y = batch()
+    assert m.train().training_step(x, y, 0)["net1/rot_ce"].isfinite()
+
+
+def test_the_cohort_is_two_networks_whatever_the_params():
+    assert CMFF.cohort_size(CMFFParams()) == 2 and CMFF.cohort_size(CMFFParams(self_supervision=False)) == 2
 
 
 @pytest.mark.parametrize("path", [name for name in packaged_configs() if name.split("/")[1].startswith("cmff_")])

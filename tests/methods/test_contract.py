@@ -18,9 +18,11 @@ The last tests break a method on purpose and check that the same helpers fail it
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -30,8 +32,9 @@ from okd.config import Config, OptimConfig
 from okd.engine.builder import build_optimization
 from okd.engine.distributed import DistContext
 from okd.engine.step import StepRunner
+from okd.errors import ConfigError
 from okd.methods import METHODS, Method, MethodContext, ParamGroup
-from okd.methods.build import build_method, load_config
+from okd.methods.build import build_method, load_config, method_defaults
 from okd.models import create_model
 from okd.models.deploy_file import build_network, read_deploy
 from okd.runs.records import deploy_record
@@ -218,10 +221,6 @@ DISTILLATION_KNOBS |= {"rampup_length": (-1, ">= 0"), "target_eps": (-1e-7, ">= 
 def test_every_distillation_knob_is_refused_by_its_own_name(name):
     """A bad temperature, KL weight, ramp-up length or target epsilon is refused naming that key (not another one
     the check was handed by mistake), in every method that has it."""
-    import dataclasses
-
-    from okd.errors import ConfigError
-
     fields = {f.name for f in dataclasses.fields(METHODS.get(name).Params)}
     setup = [item.format(teacher="t.pt") for item in SETUP.get(name, [])]
     checked = 0
@@ -247,8 +246,6 @@ SMALLEST = [
 
 @pytest.mark.parametrize(("name", "key", "smallest", "extra"), SMALLEST)
 def test_the_smallest_cohort_is_accepted_and_one_less_refused(name, key, smallest, extra):
-    from okd.errors import ConfigError
-
     load_config(None, [f"method.name={name}", *extra, f"method.{key}={smallest}"])
     with pytest.raises(ConfigError, match=rf"method\.{key} must be (an integer )?>= {smallest}, got {smallest - 1}"):
         load_config(None, [f"method.name={name}", *extra, f"method.{key}={smallest - 1}"])
@@ -272,6 +269,37 @@ def test_a_method_that_leaves_out_a_required_hook_fails_loudly_and_the_optional_
             call()
     assert bare.epoch_scalars(3) == {} and bare.oracle_groups() == {} and bare.derived_metrics({"a/top1": 1.0}) == {}
     assert bare.manual_optimization is False and bare.ddp_ignored_parameters() == []
+
+
+def test_the_base_cohort_hooks_count_the_cohort_key_or_one_and_deploy_a_copy():
+    """``cohort_size`` reads the ``cohort_key`` field (as an int) or answers one; ``deployed_member`` is None."""
+    ctx = MethodContext(model="resnet20", num_classes=10, optim=OptimConfig(), params=None, epochs=1)
+    bare = type("Bare", (Method,), {})
+    counted = type("Counted", (Method,), {"cohort_key": "size"})
+    assert bare.cohort_size(SimpleNamespace(size=5)) == 1
+    assert counted.cohort_size(SimpleNamespace(size="3")) == 3
+    assert bare(ctx).deployed_member is None
+
+
+def test_a_context_hands_out_its_members_or_copies_and_refuses_a_wrong_count():
+    ctx = MethodContext("resnet20", 10, OptimConfig(), None, 1)
+    assert ctx.cohort(3) == ["resnet20"] * 3
+    mixed = MethodContext("resnet20", 10, OptimConfig(), None, 1, members=["resnet20", "wrn16_2"])
+    assert mixed.cohort(2) == ["resnet20", "wrn16_2"] and mixed.cohort(2) is not mixed.members
+    with pytest.raises(ConfigError, match=r"^model\.members lists 2 networks, but the method builds 3$"):
+        mixed.cohort(3)
+
+
+@dataclasses.dataclass
+class RequiredParams:
+    depth: int
+
+
+def test_method_defaults_of_a_method_whose_params_need_a_value_are_unknown(monkeypatch):
+    """A registered method whose ``Params`` has a field without a default has no defaults to show: None."""
+    monkeypatch.setitem(METHODS._entries, "needs_depth", type("NeedsDepth", (Method,), {"Params": RequiredParams}))
+    assert method_defaults("needs_depth") is None
+    assert method_defaults("dml")["num_nets"] == 2
 
 
 def test_a_param_group_left_at_its_defaults_takes_the_default_recipes_optimizer():

@@ -96,6 +96,12 @@ def test_attention_transfer_sum_by_hand():
     assert attention_transfer_sum([s, s], [t, s]).item() == pytest.approx(0.04, rel=1e-5)
 
 
+def test_attention_transfer_sum_refuses_unpaired_maps():
+    s = torch.ones(1, 1, 1, 2)
+    with pytest.raises(ValueError, match=r"^1 source maps but 2 targets$"):
+        attention_transfer_sum([s], [s, s])
+
+
 def test_sd_training_terms_by_hand():
     # output o = [3, 4], tap t = [4, 3] (1 x 1 x 1 x 2):
     #   feature NL2 = mean((0.6-0.8)², (0.8-0.6)²) = 0.04;

@@ -11,9 +11,11 @@ from method_helpers import (
     make,
     summed,
 )
+from safetensors.torch import save_file
 
 from okd.errors import CheckpointError
 from okd.methods.kd import load_teacher
+from okd.models.deploy_file import safetensors_metadata
 from okd.models.factory import create_model
 
 
@@ -42,6 +44,32 @@ def test_kd_teacher_checkpoint_formats(teacher_file, tmp_path):
         assert loaded.keys() == state.keys()
         assert all(torch.equal(loaded[k], v) for k, v in state.items())  # every tensor, BN buffers included
         assert not m.teacher.training and not any(p.requires_grad for p in m.teacher.parameters())
+
+
+def test_kd_teacher_from_a_safetensors_export(teacher_file, tmp_path):
+    """A ``.safetensors`` export (``okd export --format safetensors``) is read without pickle: the same weights."""
+    state = torch.load(teacher_file, weights_only=True)
+    info = {"format": "okd-deploy-v1", "model": "resnet20", "num_classes": K, "state_dict": state}
+    save_file(state, tmp_path / "teacher.safetensors", metadata=safetensors_metadata(info))
+    m = make("kd", teacher_model="resnet20", teacher_checkpoint=str(tmp_path / "teacher.safetensors"))
+    loaded = m.teacher.state_dict()
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], v) for k, v in state.items())
+    save_file(state, tmp_path / "k100.safetensors", metadata=safetensors_metadata({**info, "num_classes": 100}))
+    with pytest.raises(CheckpointError, match="100"):
+        make("kd", teacher_model="resnet20", teacher_checkpoint=str(tmp_path / "k100.safetensors"))
+
+
+def test_kd_teacher_given_as_a_mapping_is_built_with_its_kwargs(tmp_path):
+    """``method.teacher_model`` as a member mapping (name + kwargs): the teacher is built as the mapping says."""
+    torch.manual_seed(3)
+    teacher = create_model("wrn16_2", K, dropout=0.25)
+    torch.save(teacher.state_dict(), tmp_path / "teacher.pt")
+    given = {"name": "wrn16_2", "kwargs": {"dropout": 0.25}}
+    m = make("kd", teacher_model=given, teacher_checkpoint=str(tmp_path / "teacher.pt"))
+    assert m.teacher.layer1[0].dropout.p == 0.25 and not m.teacher.training
+    x, _ = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(m.teacher(x), teacher.eval()(x))
 
 
 def test_kd_teacher_mismatch_is_a_clear_error(teacher_file, tmp_path):

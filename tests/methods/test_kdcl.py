@@ -149,6 +149,22 @@ def test_kdcl_fit_on_holdout_estimates_the_error_covariance():
     assert torch.allclose(target, torch.full((B, K), float(w[0])))
 
 
+def test_kdcl_fit_on_holdout_refuses_an_empty_split_and_keeps_the_training_mode():
+    method = make_kdcl().train()
+    before = method.general_weights.clone()
+    with pytest.raises(ValueError, match=r"^the held-out split yielded no batch$"):
+        method.fit_on_holdout([])
+    assert method.training and torch.equal(method.general_weights, before)
+
+
+def test_kdcl_target_refuses_the_general_rule_without_weights_and_an_unknown_rule():
+    logits, y = [torch.zeros(B, K), torch.ones(B, K)], torch.zeros(B, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"^the general rule needs the held-out weights$"):
+        kdcl_target(logits, y, KDCLParams(ensemble="general"))
+    with pytest.raises(ValueError, match=r"^unknown ensemble rule 'vote'$"):
+        kdcl_target(logits, y, KDCLParams(ensemble="vote"))
+
+
 def test_kdcl_losses_match_the_equation():
     g = torch.Generator().manual_seed(4)
     logits = [torch.randn(B, K, generator=g) * 3 for _ in range(3)]
@@ -208,6 +224,9 @@ def test_kdcl_students_views_groups_and_deploy():
     with pytest.raises(ConfigError, match="model.name"):
         make_kdcl(models=["resnet20", "wrn16_2"], deploy_student=1)
     assert KDCL.views_for(KDCLParams(models=["a", "b", "c"])) == 3 and KDCL.views_for(KDCLParams()) == 2
+    second = make_kdcl(models=["resnet20", "resnet20"], deploy_student=1)  # model.name agrees: student 1, not 0
+    assert second.deploy_index == 1 and second.deployed_member == 1 and second.deploy_head == "student1"
+    assert second.deployable() is second.students[1]
     assert len(make_kdcl(num_students=3).students) == 3
     views, y = batch(2)
     # each student sees its own view

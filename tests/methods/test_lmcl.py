@@ -473,7 +473,9 @@ def test_heads_deployment_and_groups():
     m = make_lmcl()
     heads = m.eval().eval_outputs(images(dtype=torch.float32))
     assert sorted(heads) == sorted(f"net{i}{s}" for i in range(2) for s in ("", "_aux1", "_aux2"))
-    assert m.deploy_head == "net0"
+    assert m.deploy_head == "net0" and m.deployed_member == 0
+    second = make_lmcl(deploy_net=1)
+    assert second.deploy_head == "net1" and second.deployed_member == 1
     fresh = create_model("resnet20", 10)
     fresh.load_state_dict(m.deployable().state_dict())
     groups = m.param_groups()

@@ -43,6 +43,11 @@ def test_okddip_diversity_statistic():
     assert okddip.peer_diversity(z).item() == pytest.approx((d + 0 + d) / 3, rel=1e-5)
 
 
+def test_okddip_diversity_of_a_single_peer_is_zero():
+    """One peer has no pair to compare: the statistic is a float 0-d zero, not a division by zero pairs."""
+    assert torch.equal(okddip.peer_diversity([torch.tensor([[1.0, 2.0]], dtype=torch.float64)]), torch.tensor(0.0))
+
+
 # --------------------------------------------------------------------------------------- gradient flow
 def test_okddip_projections_receive_gradient_unless_peer_targets_are_detached():
     x, y = batch()

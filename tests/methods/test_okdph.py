@@ -124,6 +124,22 @@ def test_hwm_without_buffers_keeps_its_own_statistics():
     )
 
 
+def test_dirichlet_weights_under_ddp_are_rank_0s_draw_broadcast(monkeypatch):
+    """In a process group every rank takes rank 0's r: the draw is broadcast from rank 0 (a faked broadcast
+    hands this rank rank 0's weights); the mean mix broadcasts nothing."""
+    sent = []
+
+    def broadcast(r, src):
+        sent.append((src, r.dtype, r.shape))
+        r.copy_(torch.tensor([0.25, 0.5, 0.25], dtype=r.dtype))
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "broadcast", broadcast)
+    assert make_okdph(hwm_mix="dirichlet", num_students=3, views=[]).mix_weights() == [0.25, 0.5, 0.25]
+    assert sent == [(0, torch.float64, (3,))]
+    assert make_okdph(num_students=3, views=[]).mix_weights() == [1 / 3] * 3 and len(sent) == 1
+
+
 def test_dirichlet_weights_are_a_convex_combination_from_the_global_generator():
     method = make_okdph(hwm_mix="dirichlet", num_students=3, views=[])
     torch.manual_seed(5)

@@ -40,6 +40,19 @@ def test_one_kl_weight_scales_the_ramped_kl():
     close(losses["teacher/ce"], ref["teacher/ce"])
 
 
+def test_one_losses_compute_the_ramped_kl_weight_when_the_caller_gives_none():
+    """``one_losses`` without ``w`` weights the KLs with ``kl_weight * w(epoch)``, as if the caller had given it."""
+    m = make("one", kl_weight=0.4)
+    x, y = batch()
+    out, gate = m.forward_one(x)
+    losses = one.one_losses(out, gate, y, m.hp, 40)
+    given = one.one_losses(out, gate, y, m.hp, 40, w=0.4 * ramp(40))
+    assert losses["stat/kl_weight"].item() == pytest.approx(0.4 * ramp(40), rel=1e-6)
+    assert losses.keys() == given.keys()
+    for key, value in losses.items():
+        close(value, given[key])
+
+
 def test_one_gate_batchnorm_uses_momentum_0_1():
     gate = one.Gate(16, 4)
     assert helpers.assert_bn_updates_with_momentum_0_1(gate, torch.randn(8, 16, 4, 4)) == 1

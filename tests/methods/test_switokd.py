@@ -11,6 +11,7 @@ import math
 import helpers
 import pytest
 import torch
+import torch.distributed as dist
 from method_helpers import make, ref_ce, ref_kl
 
 from okd.config import OptimConfig, TrainConfig
@@ -58,6 +59,32 @@ def test_statistics_follow_their_equations():
         assert stats[key].dtype == torch.float64, key  # float64 stays float64 (parity checks are not rounded)
         assert float(stats[key]) == pytest.approx(float(want), rel=1e-12, abs=1e-14), key
     assert not any(v.requires_grad for v in switch_statistics(z_t.requires_grad_(), z_s, y, 4).values())
+
+
+def test_global_batch_statistics_are_image_weighted_means_over_every_rank(monkeypatch):
+    """``global_batch``: the three means go out as sums with the image count in one SUM all-reduce; a second rank of
+    5 images (faked: the all-reduce adds its sums) weighs 5 against this rank's 3, and eps and delta follow."""
+    z_t, z_s, y = hand_logits()
+    local = switch_statistics(z_t, z_s, y, 4)
+    other = {"d_s": 0.5, "d_t": 0.25, "gap": 1.25}
+    calls = []
+
+    def all_reduce(sums, op):
+        calls.append((sums.clone(), op))
+        sums.add_(torch.tensor([5 * other["d_s"], 5 * other["d_t"], 5 * other["gap"], 5.0], dtype=sums.dtype))
+
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    stats = switch_statistics(z_t, z_s, y, 4, global_batch=True)
+    sent, op = calls[0]
+    assert len(calls) == 1 and op == dist.ReduceOp.SUM
+    torch.testing.assert_close(
+        sent, torch.stack([3 * local["d_s"], 3 * local["d_t"], 3 * local["gap"], sent.new_tensor(3.0)])
+    )
+    want = {k: (3 * float(local[k]) + 5 * other[k]) / 8 for k in other}
+    eps = math.exp(-want["d_t"] / (want["d_t"] + want["d_s"]))
+    want |= {"epsilon": eps, "delta": want["d_s"] - eps * want["d_t"]}
+    for key, value in want.items():
+        assert float(stats[key]) == pytest.approx(value, rel=1e-12), key
 
 
 def test_one_hot_width_is_the_runs_class_count():

@@ -104,6 +104,12 @@ def test_sup_contrast_refuses_anchor_without_positive():
     check_positives(torch.tensor([3, 1, 3, 1]))
 
 
+def test_check_positives_is_skipped_while_torch_compile_traces(monkeypatch):
+    """Under ``torch.compile`` tracing the host read is skipped: a batch with lonely classes passes unchecked."""
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert check_positives(torch.tensor([0, 0, 1, 2])) is None
+
+
 @pytest.mark.parametrize("weighted", [False, True])
 def test_soft_contrast_matches_loop(weighted):
     s_s = similarity(unit_rows(6, 5, 9), unit_rows(6, 5, 10), TAU)

@@ -243,6 +243,13 @@ def test_l2_diversity_by_hand():
     assert l2_diversity_loss([a, a], [b, b], detach_target=True).item() == pytest.approx(-0.08, rel=1e-5)
 
 
+def test_l2_diversity_refuses_unpaired_maps():
+    """One previous map per current map: a list of the wrong length is refused, counting both."""
+    a = torch.ones(1, 1, 2, 2)
+    with pytest.raises(ValueError, match=r"^2 current maps but 1 previous maps$"):
+        l2_diversity_loss([a, a], [a], detach_target=True)
+
+
 def test_l2_diversity_detach_keeps_gradient_from_the_previous_maps():
     """With ``detach_target`` no gradient reaches the previous student's maps; without it, it does."""
     cur = [torch.rand(2, 3, 4, 4, requires_grad=True) for _ in range(2)]
