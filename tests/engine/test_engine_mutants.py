@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
 from types import SimpleNamespace
 
@@ -14,7 +15,9 @@ import torch
 from okd.config import TrainConfig
 from okd.engine import distributed
 from okd.engine import epoch as epoch_module
+from okd.engine import trainer as trainer_module
 from okd.engine.distributed import DistContext, all_gather_objects, all_reduce_sum, barrier, shutdown
+from okd.engine.run_log import epoch_line
 from okd.engine.step import StepRunner, compile_loss_function, configure_backends, prepare_method
 from okd.engine.trainer import (
     _check_teacher_file,
@@ -22,7 +25,9 @@ from okd.engine.trainer import (
     _log_start,
     _log_summary,
     _members_note,
+    _report_epoch,
     rank_rng_state,
+    run_stem,
 )
 from okd.errors import ConfigError, StopRequested
 from okd.methods.build import build_method, load_config
@@ -770,3 +775,37 @@ def test_the_summary_of_a_run_with_no_scored_epoch_says_so(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="okd"):
         _log_summary(tmp_path, [{"epoch": 1, "train/loss": 0.5}], None, 5.0)
     assert caplog.messages == [f"{tmp_path}: no epoch was scored on the test split yet (train.eval_every)"]
+
+
+def test_a_compiled_runner_compiles_its_step_function_once_as_configured(monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: compiled.append(options) or fn)
+    cfg = TrainConfig(compile=True, compile_mode="max-autotune")
+    runner = StepRunner(
+        _LinearMethod(), [], cfg, torch.device("cpu"), compile_backend="inductor", compile_fullgraph=True
+    )
+    assert runner.loss_function() is runner.loss_function()
+    assert compiled == [{"fullgraph": True, "mode": "max-autotune"}]
+
+
+def test_a_run_is_named_after_its_recipe_only_where_it_is_not_the_methods_own():
+    assert run_stem(load_config("cifar100/dml_resnet32")) == "cifar100_dml_resnet32"
+    assert run_stem(load_config("cifar100/dml_resnet32", ["recipe=ffsd"])) == "cifar100_dml_resnet32_ffsd"
+    assert run_stem(load_config("cifar100/ffsd_resnet32", ["recipe=ffsd"])) == "cifar100_ffsd_resnet32"
+
+
+def test_an_interactive_epoch_line_is_written_above_the_bars(monkeypatch):
+    """With bars on screen the epoch line goes through tqdm.write to stderr (not the log, which would break them)."""
+    written = []
+    monkeypatch.setattr(trainer_module, "interactive", lambda progress: True)
+    monkeypatch.setattr(trainer_module.tqdm, "write", lambda line, file=None: written.append((line, file)))
+    row = {
+        "epoch": 1,
+        "train/loss": 0.5,
+        "test/net/top1": 10.0,
+        "test/net/top5": 50.0,
+        "time/epoch_s": 2.0,
+        "time/images_per_s": 9.0,
+    }
+    _report_epoch(row, "bar", 3, "net", 4.0, {})
+    assert written == [(epoch_line(row, ["net"], 3, "net", 4.0, {}), sys.stderr)]
