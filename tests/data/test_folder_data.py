@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,14 +28,16 @@ from okd.data.folder import (
     build_folder_loaders,
     build_transforms,
     scan,
+    scan_class_folders,
     scan_imagenet,
     scan_tinyimagenet,
     scan_train_val,
 )
 from okd.data.folder.builder import geometry
+from okd.data.folder.loader import default_workers
 from okd.data.folder.samplers import dist_rank_world
 from okd.data.folder.scan import _names
-from okd.data.folder.transforms import _center_crop, _resize_shorter, sample_generator
+from okd.data.folder.transforms import _center_crop, _pil, _resize_shorter, sample_generator
 from okd.errors import ConfigError, DataError
 
 pytest.importorskip("PIL")
@@ -614,3 +618,50 @@ def test_tiny_train_transform_refuses_an_unknown_padding_mode():
         Image.fromarray(src), np.random.default_rng(0)
     )
     assert np.array_equal(out, padded[top : top + 8, left : left + 8])
+
+
+def test_a_class_folder_split_that_does_not_exist_is_named():
+    missing = Path("/nonexistent/okd/val")
+    with pytest.raises(DataError, match=r"^folder val: folder '/nonexistent/okd/val' does not exist$"):
+        scan_class_folders(missing, missing.parent, what="folder val")
+
+
+def test_a_limit_of_the_whole_split_or_more_keeps_every_index():
+    labels = np.array([2, 0, 1, 0])
+    assert balanced_prefix(labels, 4).tolist() == [0, 1, 2, 3]
+    assert balanced_prefix(labels, 9).tolist() == [0, 1, 2, 3]
+    assert balanced_prefix(labels, 3).tolist() == [0, 1, 2]
+
+
+def test_folder_loaders_need_rank_and_world_size_together(tmp_path):
+    root = write_class_folder(tmp_path / "data", train_per_class=1, val_per_class=1)
+    folder = cfg(root, "folder", image_size=8)
+    for given in ({"rank": 0}, {"world_size": 2}):
+        with pytest.raises(ValueError, match=r"^give both rank and world_size, or neither$"):
+            build_folder_loaders(folder, 0, "cpu", **given)
+
+
+def test_named_view_augmentations_are_refused_for_image_folders(tmp_path):
+    """Per-view augmentations exist for CIFAR only: a folder run asked for them is refused, naming them."""
+    refused = (
+        r"^named per-view augmentations \(flip, crop\) are implemented for CIFAR only, not for data\.dataset=folder; "
+        r"leave the method's views out to give every view the standard crop$"
+    )
+    with pytest.raises(DataError, match=refused):
+        build_loaders(cfg(tmp_path, "folder", image_size=8), 0, "cpu", views=2, view_augs=["flip", "crop"])
+
+
+def test_workers_default_from_the_cpu_count_where_there_is_no_affinity_mask(monkeypatch):
+    """macOS and Windows have no sched_getaffinity: the CPU count is used, one core when it is unknown."""
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    assert default_workers() == 3
+    monkeypatch.setattr(os, "cpu_count", lambda: None)
+    assert default_workers() == 0
+
+
+def test_image_folders_without_pillow_say_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "PIL", None)  # import PIL fails as where it is not installed
+    refused = r"^ImageNet-style folders need Pillow: pip install 'okd\[images\]' \(or pillow\)$"
+    with pytest.raises(DataError, match=refused):
+        _pil()

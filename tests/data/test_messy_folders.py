@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -135,3 +136,36 @@ def test_a_std_that_is_not_positive_is_refused(tmp_path, std):
         preprocessing(_stats_cfg(root, compute_stats=False, std=std))
     classes, mean, got = preprocessing(_stats_cfg(root, compute_stats=False, std=[0.2, 1e-6, 0.2]))
     assert (classes, mean, got) == (["circle", "square", "zigzag"], [0.485, 0.456, 0.406], [0.2, 1e-6, 0.2])
+
+
+def test_compute_stats_of_a_limited_run_are_those_of_the_images_it_keeps(tmp_path):
+    """data.limit_train=3 keeps the first image of each class (round-robin): the statistics are those of a folder
+    holding only those three, not of the whole training split."""
+    root = write_class_folder(tmp_path / "data", train_per_class=3, val_per_class=1)
+    kept = tmp_path / "kept"
+    shutil.copytree(root, kept)
+    for path in (kept / "train").glob("*/*.png"):
+        if path.name != "0.png":
+            path.unlink()
+    classes, mean, std = preprocessing(_stats_cfg(root, limit_train=3))
+    assert classes == ["circle", "square", "zigzag"]
+    assert (mean, std) == tuple(preprocessing(_stats_cfg(kept))[1:])
+    assert mean != preprocessing(_stats_cfg(root))[1]
+
+
+def test_in_memory_decoding_names_an_unreadable_image_or_leaves_it_out(messy, caplog):
+    """data.in_memory decodes every image once: an unreadable one fails with its path and the fix, or with
+    data.skip_unreadable=true is left out of the held images (counted, the first named)."""
+    _, dirty = messy
+    held = {"compute_stats": False, "in_memory": True, "train_crop": "pad_crop", "batch_size": 2}
+    refused = r"cannot read image .*notes\.png: .*\. Replace or delete it, or set data\.skip_unreadable=true to leave"
+    with pytest.raises(DataError, match=refused):
+        build_folder_loaders(_stats_cfg(dirty, **held), 0, "cpu", rank=0, world_size=1)
+    with caplog.at_level(logging.WARNING, logger="okd"):
+        train, test, k, _ = build_folder_loaders(
+            _stats_cfg(dirty, **held, skip_unreadable=True), 0, "cpu", rank=0, world_size=1
+        )
+    first = str(dirty / "train" / "circle" / "notes.png")
+    assert f"left out 2 unreadable image(s) (data.skip_unreadable=true); first: {first}: " in caplog.text
+    assert train.images.shape == (9, 3, 12, 12) and train.labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert test.images.shape[0] == 3 and k == 3

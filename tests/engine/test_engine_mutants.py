@@ -3,14 +3,33 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import sys
+import threading
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from okd.engine.distributed import DistContext
-from okd.engine.step import StepRunner
-from okd.engine.trainer import _log_start, rank_rng_state
+from okd.config import TrainConfig
+from okd.engine import distributed
+from okd.engine import epoch as epoch_module
+from okd.engine import trainer as trainer_module
+from okd.engine.distributed import DistContext, all_gather_objects, all_reduce_sum, barrier, shutdown
+from okd.engine.run_log import epoch_line
+from okd.engine.step import StepRunner, compile_loss_function, configure_backends, prepare_method
+from okd.engine.trainer import (
+    _check_teacher_file,
+    _GracefulStop,
+    _log_start,
+    _log_summary,
+    _members_note,
+    _report_epoch,
+    rank_rng_state,
+    run_stem,
+)
+from okd.errors import ConfigError, StopRequested
 from okd.methods.build import build_method, load_config
 
 
@@ -458,3 +477,335 @@ def test_a_manual_step_runs_under_the_runs_autocast(precision, autocast):
     runner = StepRunner(method, [torch.optim.SGD(method.parameters(), lr=1.0)], cfg, torch.device("cpu"))
     losses, total = runner.step(torch.tensor([1.0, -2.0]), None, 0)
     assert method.autocast == [autocast] and method.after == 1 and total.item() == 0.0
+
+
+# ------------------------------------------------------------------------------- the DDP wrap (a stand-in)
+class _RecordingDDP(torch.nn.Module):
+    """Stands in for DistributedDataParallel (no process group): records each wrap with its keywords, the names
+    handed over to be ignored, and each forward through it."""
+
+    made: list = []
+    ignored: list = []
+    forwards: list = []
+
+    def __init__(self, module, device_ids=None, find_unused_parameters=False):
+        super().__init__()
+        self.module = module
+        _RecordingDDP.made.append((module, device_ids, find_unused_parameters))
+
+    def forward(self, *args):
+        _RecordingDDP.forwards.append(len(args))
+        return self.module(*args)
+
+    @staticmethod
+    def _set_params_and_buffers_to_ignore_for_model(module, names):
+        _RecordingDDP.ignored.append((module, list(names)))
+
+
+@pytest.fixture
+def recording_ddp(monkeypatch):
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", _RecordingDDP)
+    for name in ("made", "ignored", "forwards"):
+        monkeypatch.setattr(_RecordingDDP, name, [])
+    return _RecordingDDP
+
+
+class _AveragingMethod(_LinearMethod):
+    """A method with a parameter whose gradient it averages itself (DDP must leave it alone)."""
+
+    def __init__(self):
+        super().__init__()
+        self.v = torch.nn.Parameter(torch.zeros(1))
+
+    def ddp_ignored_parameters(self):
+        return ["v"]
+
+
+def test_the_whole_method_is_wrapped_once_with_the_configured_ddp_options(recording_ddp):
+    """One wrapper around the whole method, with find_unused_parameters as configured and no device ids on the
+    CPU; the parameters the method averages itself are handed to DDP to ignore; the step's function is rebuilt
+    over the wrapper, so each step's forward goes through it."""
+    method = _AveragingMethod()
+    cfg = TrainConfig(find_unused_parameters=True)
+    runner = StepRunner(method, [torch.optim.SGD(method.parameters(), lr=1.0)], cfg, torch.device("cpu"))
+    before = runner.loss_function()
+    runner.wrap_distributed(DistContext(rank=0, world_size=2), cfg)
+    assert recording_ddp.made == [(method, None, True)] and recording_ddp.ignored == [(method, ["v"])]
+    assert isinstance(runner.model, _RecordingDDP) and runner.model.module is method and runner.method is method
+    assert runner.world_size == 2 and runner._losses is None
+    assert runner.loss_function() is not before
+    runner.step(torch.tensor([1.0, -2.0]), None, 0)
+    assert recording_ddp.forwards == [4]  # images, labels, epoch, scalars
+
+
+def test_a_cuda_wrap_names_its_device_and_ignores_nothing_unasked(recording_ddp):
+    method = _LinearMethod()  # no ddp_ignored_parameters
+    cfg = TrainConfig()
+    StepRunner(method, [], cfg, torch.device("cuda", 1)).wrap_distributed(DistContext(rank=1, world_size=2), cfg)
+    assert recording_ddp.made == [(method, [1], False)] and recording_ddp.ignored == []
+
+
+def test_sync_bn_converts_the_methods_batch_norms_before_the_wrap(recording_ddp):
+    """train.sync_bn=true on CUDA devices: every BatchNorm becomes a SyncBatchNorm (converted on the CPU here; a
+    CUDA device object only), and the converted method is the one wrapped."""
+    method = _LinearMethod()
+    method.bn = torch.nn.BatchNorm1d(2)
+    cfg = TrainConfig(sync_bn=True)
+    runner = StepRunner(method, [], cfg, torch.device("cuda", 0))
+    runner.wrap_distributed(DistContext(rank=0, world_size=2), cfg)
+    assert isinstance(runner.method.bn, torch.nn.SyncBatchNorm)
+    assert recording_ddp.made == [(runner.method, [0], False)]
+
+
+# ---------------------------------------------------------------- CUDA switches and compilation (stand-ins)
+_CUDA_SWITCHES = (
+    (torch.backends.cuda.matmul, "allow_tf32"),
+    (torch.backends.cudnn, "allow_tf32"),
+    (torch.backends.cudnn, "benchmark"),
+)
+
+
+@pytest.fixture
+def cuda_switches():
+    """The process-wide CUDA switches, restored after the test (monkeypatch cannot restore torch's cuBLAS module)."""
+    saved = [getattr(module, name) for module, name in _CUDA_SWITCHES]
+    yield _CUDA_SWITCHES
+    for (module, name), value in zip(_CUDA_SWITCHES, saved, strict=True):
+        setattr(module, name, value)
+
+
+@pytest.mark.parametrize(
+    "tf32, benchmark, deterministic, expected",
+    [(True, True, False, (True, True, True)), (False, True, True, (False, False, False)),
+     (True, False, False, (True, True, False))],
+)  # fmt: skip
+def test_cuda_backends_take_tf32_and_autotuning_from_the_config(
+    cuda_switches, tf32, benchmark, deterministic, expected
+):
+    """TF32 matmuls and convolutions as train.tf32 says; cuDNN autotuning when asked and not deterministic; a CPU
+    run leaves every switch as it is."""
+    for (module, name), value in zip(cuda_switches, expected, strict=True):
+        setattr(module, name, not value)
+    cfg = TrainConfig(tf32=tf32, cudnn_benchmark=benchmark, deterministic=deterministic)
+    configure_backends(cfg, torch.device("cpu"))
+    assert tuple(getattr(module, name) for module, name in cuda_switches) == tuple(not v for v in expected)
+    configure_backends(cfg, torch.device("cuda", 0))
+    assert tuple(getattr(module, name) for module, name in cuda_switches) == expected
+
+
+def test_reduce_overhead_marks_a_new_cuda_graph_step_before_each_compiled_step(monkeypatch):
+    """Inductor's reduce-overhead: each step is marked as a new CUDA-graph step before the compiled function runs;
+    other modes and backends get the compiled function itself, with mode for inductor, else the backend."""
+    compiled_with, marks = [], []
+
+    def fake_compile(fn, **options):
+        compiled_with.append(options)
+        return lambda *args: (args, len(marks))
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(True))
+    graphs = compile_loss_function(lambda *args: None, "reduce-overhead", "inductor", fullgraph=True)
+    assert compiled_with == [{"fullgraph": True, "mode": "reduce-overhead"}]
+    assert graphs(1, 2, 3, 4) == ((1, 2, 3, 4), 1) and graphs(5, 6, 7, 8) == ((5, 6, 7, 8), 2)
+    assert compile_loss_function(lambda *args: None, "default")(1, 2, 3, 4) == ((1, 2, 3, 4), 2)
+    assert compile_loss_function(lambda *args: None, "reduce-overhead", "aot_eager")(1, 2, 3, 4)[1] == 2
+    assert compiled_with[1:] == [{"fullgraph": False, "mode": "default"}, {"fullgraph": False, "backend": "aot_eager"}]
+
+
+class _Tapped(torch.nn.Module):
+    """A network exposing forward_taps, as okd's networks do."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(2, 2)
+
+    def forward(self, x):
+        return self.fc(x)
+
+    def forward_taps(self, x):
+        return self.fc(x), []
+
+
+def test_compile_of_a_stepwise_method_compiles_each_networks_forwards(monkeypatch):
+    """A method that steps its optimizers itself has each network exposing forward_taps compiled (the module and
+    its forward_taps), with the mode for inductor, else the backend; no other module, and nothing for a method
+    whose whole step is compiled or without train.compile."""
+    compiled = []
+
+    def fake_compile(fn, **options):
+        compiled.append((getattr(fn, "__name__", ""), options))
+        return ("compiled", fn)
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    method = _ManualMethod()
+    method.nets = torch.nn.ModuleList([_Tapped(), _Tapped()])
+    taps = [net.forward_taps for net in method.nets]
+    assert prepare_method(method, TrainConfig(compile=True, compile_mode="max-autotune")) is method
+    assert compiled == [("_call_impl", {"mode": "max-autotune"}), ("forward_taps", {"mode": "max-autotune"})] * 2
+    assert [net.forward_taps for net in method.nets] == [("compiled", t) for t in taps]
+    compiled.clear()
+    prepare_method(_ManualMethod(), TrainConfig(compile=True), compile_backend="aot_eager")
+    other = _ManualMethod()
+    other.net = _Tapped()
+    prepare_method(other, TrainConfig(compile=True), compile_backend="aot_eager")
+    assert compiled == [("_call_impl", {"backend": "aot_eager"}), ("forward_taps", {"backend": "aot_eager"})]
+    compiled.clear()
+    whole = _LinearMethod()
+    whole.net = _Tapped()
+    prepare_method(whole, TrainConfig(compile=True))
+    prepare_method(other, TrainConfig(compile=False))
+    assert compiled == []
+
+
+def test_fp16_steps_go_through_the_grad_scaler_updated_after_each_call():
+    """The scaler unscales the gradients before the step and is updated after each call (a second step before an
+    update is refused by torch); a step with an inf gradient is skipped and the scale backs off."""
+    method = _LinearMethod()
+    runner = StepRunner(method, [torch.optim.SGD(method.parameters(), lr=1.0)], TrainConfig(precision="fp16"),
+                        torch.device("cpu"))  # fmt: skip
+    x = torch.tensor([1.0, -2.0])
+    for _ in range(2):
+        runner.zero_grad()
+        runner.backward((method.w * x).sum())
+        runner.step_optimizer()
+    assert torch.equal(method.w.detach(), -2 * x) and runner.scaler.get_scale() == 65536.0
+    runner.zero_grad()
+    runner.backward((method.w * torch.tensor([float("inf"), 0.0])).sum())
+    runner.step_optimizer(0)
+    assert torch.equal(method.w.detach(), -2 * x) and runner.scaler.get_scale() == 32768.0
+
+
+# ------------------------------------------------------------------------------ an empty epoch, device sync
+def test_an_epoch_without_a_batch_is_refused_with_the_fix():
+    refused = r"^the training split yielded no batch; lower data\.batch_size or set data\.drop_last=false$"
+    with pytest.raises(ConfigError, match=refused):
+        epoch_module.train_epoch(_Runner(), _batches([]), 0, _train_cfg(), DistContext())
+
+
+def test_sync_waits_for_a_cuda_device_only(monkeypatch):
+    waited = []
+    monkeypatch.setattr(torch.cuda, "synchronize", waited.append)
+    epoch_module.sync(torch.device("cpu"))
+    epoch_module.sync(torch.device("cuda", 1))
+    assert waited == [torch.device("cuda", 1)]
+
+
+# ------------------------------------------------------------------- the collectives of several processes
+def test_the_collectives_of_several_processes_go_through_the_process_group(monkeypatch):
+    """Sum all-reduce in place, an object gathered from each of the world's ranks, the barrier, and the process
+    group destroyed at shutdown only when there is one."""
+    calls = []
+
+    def all_gather_object(out, obj):
+        calls.append(("gather", list(out)))
+        out[:] = [(rank, obj) for rank in range(len(out))]
+
+    monkeypatch.setattr(distributed.dist, "all_reduce", lambda t, op: calls.append(("sum", op)) or t.mul_(3))
+    monkeypatch.setattr(distributed.dist, "all_gather_object", all_gather_object)
+    monkeypatch.setattr(distributed.dist, "barrier", lambda: calls.append(("barrier",)))
+    monkeypatch.setattr(distributed.dist, "destroy_process_group", lambda: calls.append(("destroy",)))
+    three = DistContext(rank=1, world_size=3)
+    t = torch.tensor([1.0, 2.0])
+    assert all_reduce_sum(t, three) is t and t.tolist() == [3.0, 6.0]
+    assert all_gather_objects("x", three) == [(0, "x"), (1, "x"), (2, "x")]
+    barrier(three)
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    shutdown(three)
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
+    shutdown(three)
+    shutdown(DistContext())
+    assert calls == [("sum", torch.distributed.ReduceOp.SUM), ("gather", [None] * 3), ("barrier",), ("destroy",)]
+
+
+# --------------------------------------------------------------------------- stopping, teachers, summaries
+def test_sigterm_stops_the_run_through_a_keyboard_interrupt_and_the_handler_is_restored():
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(StopRequested) as stopped:
+        with _GracefulStop():
+            assert signal.getsignal(signal.SIGTERM) == _GracefulStop._handler
+            os.kill(os.getpid(), signal.SIGTERM)
+    assert stopped.value.signum == signal.SIGTERM and signal.getsignal(signal.SIGTERM) == before
+
+
+def test_a_run_outside_the_main_thread_keeps_the_sigterm_handler():
+    """signal.signal works in the main thread only: elsewhere the stop is left to the default handling, and
+    leaving the block restores nothing."""
+    before, seen, errors = signal.getsignal(signal.SIGTERM), [], []
+
+    def run():
+        try:
+            with _GracefulStop() as stop:
+                seen.append((stop._old, signal.getsignal(signal.SIGTERM)))
+        except Exception as exc:  # noqa: BLE001 - reported to the test below
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    assert errors == [] and seen == [(None, before)] and signal.getsignal(signal.SIGTERM) == before
+
+
+def test_a_teacher_given_as_a_folder_is_refused_and_a_file_of_its_own_read_as_it_is(tmp_path):
+    def cfg(path):
+        return SimpleNamespace(method_params=SimpleNamespace(teacher_checkpoint=str(path)))
+
+    refused = (
+        rf"^method\.teacher_checkpoint={tmp_path} is a folder; give the teacher run's deploy\.pt \({tmp_path}/deploy"
+    )
+    with pytest.raises(ConfigError, match=refused):
+        _check_teacher_file(cfg(tmp_path))
+    (tmp_path / "last.pt").write_bytes(b"not read")
+    for name in ("teacher.pt", "sub/deploy.pt"):  # another name; a deploy.pt without its run's last.pt
+        assert _check_teacher_file(cfg(tmp_path / name)) is None
+    assert _check_teacher_file(SimpleNamespace(method_params=SimpleNamespace())) is None
+
+
+def test_a_resume_that_changes_the_cohort_says_so():
+    one, two = {"model": {"members": ["a"]}}, {"model": {"members": ["a", "b"]}}
+    assert _members_note(one, one) == "" and _members_note({"model": {}}, {"model": {}}) == ""
+    assert _members_note(one, two) == (
+        " The cohort changed: model.members=['a'] in the run, ['a', 'b'] asked; the restored weights are the run's "
+        "own networks'."
+    )
+    assert _members_note({"model": {}}, one).startswith(" The cohort changed: model.members=unset in the run, ['a']")
+    assert _members_note(one, {"model": {}}).startswith(" The cohort changed: model.members=['a'] in the run, unset")
+
+
+def test_the_summary_of_a_run_with_no_scored_epoch_says_so(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="okd"):
+        _log_summary(tmp_path, [{"epoch": 1, "train/loss": 0.5}], None, 5.0)
+    assert caplog.messages == [f"{tmp_path}: no epoch was scored on the test split yet (train.eval_every)"]
+
+
+def test_a_compiled_runner_compiles_its_step_function_once_as_configured(monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: compiled.append(options) or fn)
+    cfg = TrainConfig(compile=True, compile_mode="max-autotune")
+    runner = StepRunner(
+        _LinearMethod(), [], cfg, torch.device("cpu"), compile_backend="inductor", compile_fullgraph=True
+    )
+    assert runner.loss_function() is runner.loss_function()
+    assert compiled == [{"fullgraph": True, "mode": "max-autotune"}]
+
+
+def test_a_run_is_named_after_its_recipe_only_where_it_is_not_the_methods_own():
+    assert run_stem(load_config("cifar100/dml_resnet32")) == "cifar100_dml_resnet32"
+    assert run_stem(load_config("cifar100/dml_resnet32", ["recipe=ffsd"])) == "cifar100_dml_resnet32_ffsd"
+    assert run_stem(load_config("cifar100/ffsd_resnet32", ["recipe=ffsd"])) == "cifar100_ffsd_resnet32"
+
+
+def test_an_interactive_epoch_line_is_written_above_the_bars(monkeypatch):
+    """With bars on screen the epoch line goes through tqdm.write to stderr (not the log, which would break them)."""
+    written = []
+    monkeypatch.setattr(trainer_module, "interactive", lambda progress: True)
+    monkeypatch.setattr(trainer_module.tqdm, "write", lambda line, file=None: written.append((line, file)))
+    row = {
+        "epoch": 1,
+        "train/loss": 0.5,
+        "test/net/top1": 10.0,
+        "test/net/top5": 50.0,
+        "time/epoch_s": 2.0,
+        "time/images_per_s": 9.0,
+    }
+    _report_epoch(row, "bar", 3, "net", 4.0, {})
+    assert written == [(epoch_line(row, ["net"], 3, "net", 4.0, {}), sys.stderr)]

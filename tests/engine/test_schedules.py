@@ -8,9 +8,17 @@ import pytest
 import torch
 
 from okd.config import OptimConfig
-from okd.engine.builder import OptimizationPlan
-from okd.engine.schedules import EpochCosineLR, IterationLR, build_scheduler, cosine_lr, ffsd_code_lr
-from okd.errors import ConfigError
+from okd.engine.builder import OptimizationPlan, _check_groups, build_optimizer
+from okd.engine.schedules import (
+    EpochCosineLR,
+    IterationLR,
+    build_scheduler,
+    cosine_lr,
+    current_lrs,
+    ffsd_code_lr,
+)
+from okd.errors import CheckpointError, ConfigError
+from okd.methods.base import ParamGroup
 
 
 def optimizer(lr: float = 0.1, groups: int = 1) -> torch.optim.Optimizer:
@@ -237,3 +245,70 @@ def test_a_checkpoint_whose_schedulers_do_not_match_the_optimizers_is_refused():
     plan.load_state_dict(state)
     with pytest.raises(ValueError):
         plan.load_state_dict({**state, "schedulers": []})
+
+
+def test_schedules_refuse_what_they_cannot_follow():
+    """A cosine over no epoch, a per-iteration schedule of an unknown kind, a negative warm-up: each is named."""
+    with pytest.raises(ValueError, match=r"^epochs must be positive, got 0$"):
+        EpochCosineLR(optimizer(), 0)
+    with pytest.raises(ValueError, match=r"^unknown per-iteration schedule 'linear'$"):
+        IterationLR(optimizer(), "linear", 5)
+    for kind in ("ffsd_imagenet_code", "ffsd_imagenet_paper"):
+        with pytest.raises(ConfigError, match=r"^optim\.warmup_epochs must be >= 0, got -1$"):
+            build_scheduler(optimizer(), OptimConfig(schedule=kind, warmup_epochs=-1), 5)
+
+
+def test_a_constant_schedule_never_decays_and_is_stepped_per_epoch():
+    opt = optimizer(0.1)
+    sched, per_step = build_scheduler(opt, OptimConfig(milestones=[1, 2], gamma=0.1), 10, schedule="constant")
+    assert not per_step and isinstance(sched, torch.optim.lr_scheduler.MultiStepLR) and sched.milestones == {}
+    assert lr_trace(sched, opt, 4) == [0.1] * 4
+
+
+def test_current_lrs_are_the_rates_of_every_group():
+    opt = optimizer(0.1, groups=2)
+    sched, _ = build_scheduler(opt, OptimConfig(milestones=[1], gamma=0.5), 10)
+    assert current_lrs(sched) == [0.1, 0.2]
+    opt.step()
+    sched.step()
+    assert current_lrs(sched) == [0.05, 0.1]
+
+
+def test_parameter_groups_must_not_share_a_parameter():
+    net = torch.nn.Linear(2, 2)
+    with pytest.raises(RuntimeError, match=r"^parameter in both groups 'a' and 'b'$"):
+        _check_groups(net, [ParamGroup("a", [net.weight, net.bias]), ParamGroup("b", [net.bias])])
+    with pytest.raises(RuntimeError, match=r"^trainable parameters in no optimizer group: \['bias'\]$"):
+        _check_groups(net, [ParamGroup("a", [net.weight])])
+    _check_groups(net, [ParamGroup("a", [net.weight]), ParamGroup("b", [net.bias])])
+
+
+class _UnfusedSGD(torch.optim.SGD):
+    """An SGD that refuses the fused implementation, as an older torch or an unsupported device does."""
+
+    def __init__(self, params, fused=None, **kwargs):
+        if fused:
+            raise RuntimeError("fused=True is not supported here")
+        super().__init__(params, **kwargs)
+
+
+def test_an_optimizer_falls_back_to_the_plain_implementation_where_fused_is_refused(monkeypatch):
+    """Fused where torch offers it; where it is refused, or a parameter is not floating point, the plain one with
+    the group's settings."""
+    assert build_optimizer(ParamGroup("g", [torch.nn.Parameter(torch.zeros(2))])).defaults["fused"] is True
+    complex_group = ParamGroup("c", [torch.nn.Parameter(torch.zeros(2, dtype=torch.complex64))], lr=0.3)
+    plain = build_optimizer(complex_group)
+    assert not plain.defaults["fused"] and plain.defaults["lr"] == 0.3
+    monkeypatch.setattr(torch.optim, "SGD", _UnfusedSGD)
+    fallback = build_optimizer(ParamGroup("g", [torch.nn.Parameter(torch.zeros(2))], lr=0.2, momentum=0.5))
+    assert type(fallback) is _UnfusedSGD and not fallback.defaults["fused"]
+    assert (fallback.defaults["lr"], fallback.defaults["momentum"]) == (0.2, 0.5)
+
+
+def test_a_checkpoint_with_another_number_of_optimizers_is_refused_by_count():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    plan = OptimizationPlan(["net"], [opt], [torch.optim.lr_scheduler.StepLR(opt, 2)], [False])
+    state = plan.state_dict()
+    refused = r"^the checkpoint has 2 optimizers but the method builds 1; it was written by another method or method"
+    with pytest.raises(CheckpointError, match=refused):
+        plan.load_state_dict({**state, "optimizers": state["optimizers"] * 2})

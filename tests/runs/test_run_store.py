@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 import signal
 import stat
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+import tqdm
 from torch import nn
 
 from okd.engine.evaluate import evaluate
@@ -132,6 +134,32 @@ def test_nonfinite_logits_never_count_as_correct():
     labels = torch.tensor([0, 0, 0, 1])
     metrics = evaluate(_Fixed(logits), [(torch.zeros(4, 3, 2, 2), labels)])
     assert metrics["net/top1"] == 50.0 and metrics["net/top5"] == 50.0
+
+
+def test_evaluation_stops_after_max_batches_and_its_bar_counts_only_those():
+    """max_batches=2 of 3 batches: the third (every label wrong) is never scored, and the bar on stderr (left
+    behind by nobody) counts 2 batches."""
+    bars = []
+
+    def bar(iterable, **kw):
+        bars.append(kw)
+        return iterable
+
+    logits = torch.tensor([[0.0, 5.0, 0.0], [0.0, 5.0, 0.0]])
+    right, wrong = torch.tensor([1, 1]), torch.tensor([0, 0])
+    loader = [(torch.zeros(2), right), (torch.zeros(2), right), (torch.zeros(2), wrong)]
+    assert evaluate(_Fixed(logits), loader, max_batches=2) == {"net/top1": 100.0, "net/top5": 100.0}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tqdm, "tqdm", bar)
+        assert evaluate(_Fixed(logits), loader, max_batches=2, progress=True)["net/top1"] == 100.0
+        assert evaluate(_Fixed(logits), loader, progress=True)["net/top1"] == pytest.approx(200 / 3)
+    assert bars == [{"total": n, "desc": "eval", "leave": False, "file": sys.stderr} for n in (2, 3)]
+
+
+def test_evaluation_of_no_image_scores_nothing():
+    """A split that yields no image (an empty batch) gives no scores rather than a division by zero."""
+    empty = [(torch.zeros(0, 3, 2, 2), torch.zeros(0, dtype=torch.long))]
+    assert evaluate(_Fixed(torch.zeros(0, 3)), empty) == {}
 
 
 def test_a_run_folder_path_given_as_its_checkpoint_file(tmp_path):
