@@ -413,3 +413,12 @@ def test_a_deploy_pt_of_another_class_count_put_in_after_the_folder_was_read_is_
     torch.save({**deploy, "state_dict": {"w": torch.zeros(1)}}, run / "deploy.pt")
     with pytest.raises(CheckpointError, match=r"deploy\.pt holds a 100-class network, but the run's data set"):
         reader.deploy_record()
+
+
+def test_a_runs_best_pt_that_is_not_on_disk_is_the_best_epoch_rebuilt_from_last_pt(tmp_path):
+    """RUN/best.pt names the run's best checkpoint even where no best.pt file is left: the best epoch is the
+    committed one, so it is rebuilt from last.pt (not refused as a run folder named best.pt)."""
+    run = _baseline_run(tmp_path / "run")
+    method, cfg, source = load_run_method(run / "best.pt")
+    assert source == f"{run / 'last.pt'} (its epoch is the best epoch)" and cfg.method_name == "baseline"
+    assert not method.training
