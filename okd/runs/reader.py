@@ -273,8 +273,8 @@ def load_run_method(path: str | Path, which: str = "last", overrides: list[str] 
     the CPU. Returns ``(method, cfg, source)``."""
     path = Path(path)
     if path.is_dir() or path.name in ("last.pt", "best.pt") and (path.parent / "last.pt").exists():
-        run = Run(path)
-        which = path.stem if path.is_file() else which
+        run = Run(path if path.is_dir() else path.parent)  # RUN/best.pt names the best epoch, on disk or not
+        which = which if path.is_dir() else path.stem
         record, source = run.checkpoint(which)
         method = method_from_record(record, source, overrides, run.num_classes)
     else:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import stat
+
 import pytest
 import torch
 
@@ -175,3 +178,52 @@ def test_an_empty_or_folder_shaped_checkpoint_gets_okds_message(tmp_path):
         load_checkpoint(tmp_path / "empty.pt")
     with pytest.raises(CheckpointError, match=r"folder.pt' is a folder, not a file\. Use another checkpoint"):
         load_checkpoint(tmp_path / "folder.pt")
+
+
+def test_unexpected_keys_are_counted_and_the_first_three_named():
+    net = torch.nn.Linear(4, 3)
+    extra = {name: torch.zeros(1) for name in ("a", "b", "c", "d")}
+    with pytest.raises(CheckpointError) as info:
+        load_state_checked(net, {**net.state_dict(), **extra}, "x.pt")
+    assert str(info.value) == (
+        "x.pt does not match the model it is loaded into: 4 unexpected keys (e.g. ['a', 'b', 'c']). "
+        "Check that the model name, the number of classes and the method match those of the checkpoint."
+    )
+    with pytest.raises(CheckpointError) as info:
+        load_state_checked(net, {"weight": net.weight.detach(), "e": torch.zeros(1)}, "x.pt")
+    assert "loaded into: 1 missing keys (e.g. ['bias']); 1 unexpected keys (e.g. ['e']). Check" in str(info.value)
+
+
+@pytest.mark.parametrize("refuses", ["open", "fsync"])
+def test_a_folder_the_filesystem_cannot_open_or_sync_leaves_the_renamed_file_in_place(tmp_path, monkeypatch, refuses):
+    """Some filesystems refuse to open or fsync a folder: the new file is already renamed into place, so the save
+    succeeds all the same, and a folder descriptor that was opened is closed."""
+    real_open, real_fsync, real_close = os.open, os.fsync, os.close
+    opened: list[int] = []
+    closed: list[int] = []
+
+    def open_(path, flags, *args, **kwargs):
+        if os.path.isdir(path):
+            if refuses == "open":
+                raise OSError(22, "Invalid argument")
+            opened.append(real_open(path, flags, *args, **kwargs))
+            return opened[-1]
+        return real_open(path, flags, *args, **kwargs)
+
+    def fsync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode) and refuses == "fsync":
+            raise OSError(22, "Invalid argument")
+        real_fsync(fd)
+
+    def close(fd):
+        closed.append(fd)
+        real_close(fd)
+
+    monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "close", close)
+    atomic_save({"epoch": 2}, tmp_path / "last.pt")
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+    assert len(opened) == (refuses == "fsync") and set(opened) <= set(closed)

@@ -9,10 +9,10 @@ import pytest
 import torch
 import yaml
 
-from okd.errors import CheckpointError, OKDError
+from okd.errors import CheckpointError, OKDError, UnsafeCheckpointError
 from okd.runs.metrics import metrics_csv_text
-from okd.runs.reader import Run, expand_run_dirs
-from okd.runs.records import CHECKPOINT_FORMAT, RUN_KEYS
+from okd.runs.reader import Run, deploy_head_of, expand_run_dirs, load_run_method, method_from_record
+from okd.runs.records import CHECKPOINT_FORMAT, RUN_KEYS, best_record
 from okd.runs.store import LOCK_NAME, RunStore
 
 
@@ -302,3 +302,123 @@ def test_the_class_count_is_last_pts_else_the_data_sets_else_refused(tmp_path):
     record("folder", None)
     with pytest.raises(CheckpointError, match=r"last\.pt does not say how many classes the run has"):
         Run(run).num_classes  # noqa: B018 - the property raises
+
+
+def test_a_folder_of_runs_expands_to_its_runs_in_name_order_and_anything_else_is_refused(tmp_path):
+    """Run folders stand for themselves; a folder holding runs gives them sorted (its other folders skipped); an
+    empty or missing folder is refused by name."""
+    runs = tmp_path / "runs"
+    second, first = _run(runs / "b"), _run(runs / "a")
+    (runs / "c").mkdir()
+    assert expand_run_dirs([second, runs]) == [second, first, second]
+    for path in (tmp_path / "empty", tmp_path / "missing"):
+        path.parent.mkdir(exist_ok=True)
+        if path.name == "empty":
+            path.mkdir()
+        with pytest.raises(CheckpointError) as info:
+            expand_run_dirs([first, path])
+        assert str(info.value) == f"{str(path)!r} is not a run folder (no last.pt) nor a folder of runs"
+
+
+def _restate(run: Path, method: str, history: list[dict]) -> None:
+    """last.pt (and config.yaml, metrics.csv beside it) of ``run`` rewritten: no best head, ``method``, ``history``."""
+    last = torch.load(run / "last.pt", weights_only=True)
+    config = last["config"] | {"method": {"name": method}}
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    (run / "metrics.csv").write_text(metrics_csv_text(history))
+    torch.save(last | {"config": config, "history": history, "best": {"epoch": 1}}, run / "last.pt")
+
+
+def test_without_a_best_head_the_deploy_head_is_the_method_classes_else_the_last_scored_rows_first(tmp_path):
+    """No head in last.pt's best: kd's class names its student; a method without one (baseline, or one okd does
+    not know) takes the first top-1 head of the last scored row (train.eval_every leaves later rows unscored)."""
+    run = _run(tmp_path / "run")
+    scored = {"epoch": 2, "test/b/top5": 1.0, "test/c/top1": 2.0, "test/b/top1": 3.0}
+    history = [{"epoch": 1, "test/a/top1": 1.0}, scored, {"epoch": 3, "train/loss": 1.0}]
+    _restate(run, "kd", history)
+    assert Run(run).deploy_head == "student"
+    for method in ("baseline", "not_a_method"):
+        _restate(run, method, history)
+        assert Run(run).deploy_head == "c", method
+    _restate(run, "baseline", [{"epoch": 1, "train/loss": 1.0}])
+    assert Run(run).deploy_head is None
+
+
+def test_the_deploy_head_of_a_folder_without_a_readable_commit_comes_from_its_config_or_heads(tmp_path):
+    """A run answers from last.pt; a folder without one from its config's method class, else the first head
+    given, else None; a pickled object in last.pt is refused, not passed over."""
+    run = _run(tmp_path / "run")
+    assert deploy_head_of(run, {"method": {"name": "kd"}}, ["x"]) == "net"
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    assert deploy_head_of(bare, {"method": {"name": "kd"}}, ["x"]) == "student"
+    assert deploy_head_of(bare, {"method": {"name": "baseline"}}, ["x", "y"]) == "x"
+    assert deploy_head_of(bare, {"method": {"name": "not_a_method"}}, ["x", "y"]) == "x"
+    assert deploy_head_of(bare, {"method": None}, ["y"]) == "y"
+    assert deploy_head_of(bare) is None
+    torch.save({"format": CHECKPOINT_FORMAT, "payload": Path("x")}, run / "last.pt")
+    with pytest.raises(UnsafeCheckpointError, match=r"holds a pickled object \(pathlib\.PosixPath\)"):
+        deploy_head_of(run, {"method": {"name": "kd"}}, ["x"])
+
+
+def test_a_record_without_config_or_method_state_is_not_a_run_checkpoint():
+    for record in ({"method": {}}, {"config": {}}):
+        with pytest.raises(CheckpointError) as info:
+            method_from_record(record, "x.pt")
+        assert str(info.value) == "x.pt is not a run checkpoint (no config/method state); use last.pt or best.pt"
+
+
+def test_a_record_without_a_class_count_takes_its_cifar_data_sets_else_is_refused(tmp_path):
+    last = torch.load(_baseline_run(tmp_path / "run") / "last.pt", weights_only=True)
+    del last["num_classes"]
+    method = method_from_record(last, "x.pt")
+    assert method.net.fc.out_features == 10 and not method.training
+    folder = last | {"config": last["config"] | {"data": {"dataset": "folder"}}}
+    with pytest.raises(CheckpointError) as info:
+        method_from_record(folder, "x.pt")
+    assert str(info.value) == "x.pt does not say how many classes the run has"
+
+
+def test_a_runs_method_loads_from_its_folder_its_checkpoint_files_or_a_lone_checkpoint(tmp_path):
+    """A folder or its last.pt/best.pt is read through the run (best.pt as the best epoch); any other file is
+    loaded as it is. The config returned carries the overrides."""
+    run = _baseline_run(tmp_path / "run")
+    lone = tmp_path / "elsewhere" / "mine.pt"
+    lone.parent.mkdir()
+    lone.write_bytes((run / "last.pt").read_bytes())
+    last = torch.load(run / "last.pt", weights_only=True)
+    torch.save(best_record(last), run / "best.pt")
+    want = last["method"]
+    for path, source in (
+        (run, str(run / "last.pt")),
+        (run / "last.pt", str(run / "last.pt")),
+        (run / "best.pt", str(run / "best.pt")),
+        (lone, str(lone)),
+        (str(lone), str(lone)),
+    ):
+        method, cfg, where = load_run_method(path, overrides=["seed=5", "train.epochs=7"])
+        assert where == source and cfg.run.seed == 5 and cfg.method_name == "baseline", path
+        assert method.ctx.epochs == 7, path  # the method is built with the overrides too
+        assert not method.training and method.state_dict().keys() == want.keys(), path
+        assert all(torch.equal(method.state_dict()[k], v) for k, v in want.items()), path
+
+
+def test_a_deploy_pt_of_another_class_count_put_in_after_the_folder_was_read_is_refused(tmp_path):
+    """deploy.pt replaced by a 100-class network of the same epoch and method once the reader has read last.pt:
+    it is not returned; the reader reads the folder again and refuses it as the folder check does."""
+    run = _baseline_run(tmp_path / "run")
+    reader = Run(run)
+    assert reader.epoch == 2
+    deploy = {"format": "okd-deploy-v1", "model": "resnet20", "method": "baseline", "num_classes": 100, "epoch": 2}
+    torch.save({**deploy, "state_dict": {"w": torch.zeros(1)}}, run / "deploy.pt")
+    with pytest.raises(CheckpointError, match=r"deploy\.pt holds a 100-class network, but the run's data set"):
+        reader.deploy_record()
+
+
+def test_a_runs_best_pt_that_is_not_on_disk_is_the_best_epoch_rebuilt_from_last_pt(tmp_path):
+    """RUN/best.pt names the run's best checkpoint even where no best.pt file is left: the best epoch is the
+    committed one, so it is rebuilt from last.pt (not refused as a run folder named best.pt)."""
+    run = _baseline_run(tmp_path / "run")
+    method, cfg, source = load_run_method(run / "best.pt")
+    assert source == f"{run / 'last.pt'} (its epoch is the best epoch)" and cfg.method_name == "baseline"
+    assert not method.training

@@ -7,6 +7,7 @@ import hashlib
 import shutil
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import helpers
 import pytest
@@ -14,12 +15,14 @@ import torch
 import yaml
 
 from okd.cli import main
+from okd.engine.schedules import IterationLR
 from okd.engine.trainer import train
-from okd.errors import ConfigError
+from okd.errors import CheckpointError, ConfigError
 from okd.io import load_checkpoint
 from okd.methods.build import build_config, load_config
-from okd.runs.metrics import read_metrics_csv
-from okd.runs.resume_policy import MAY_CHANGE, check_changes, read_history
+from okd.runs import resume_policy
+from okd.runs.metrics import metrics_csv_text, read_metrics_csv
+from okd.runs.resume_policy import MAY_CHANGE, check_belongs_to_folder, check_changes, read_history
 
 CONFIG = "cifar10/baseline_resnet20"
 
@@ -314,3 +317,58 @@ def test_the_history_of_a_run_never_resumed_is_empty_and_blank_lines_are_skipped
     assert read_history(tmp_path) == []
     (tmp_path / HISTORY_FILE).write_text('{"resumed_after_epoch": 1}\n\n  \n{"resumed_after_epoch": 3}\n')
     assert [e["resumed_after_epoch"] for e in read_history(tmp_path)] == [1, 3]
+
+
+def _paper_schedule(milestones: list[int]) -> IterationLR:
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    return IterationLR(optimizer, "ffsd_imagenet_paper", steps_per_epoch=10, milestones=milestones, gamma=0.1)
+
+
+def test_new_milestones_move_a_restored_per_iteration_schedule():
+    """An IterationLR restored at iteration 25 (epoch 2, decayed once under [2, 4]) given milestones [3, 4]:
+    its lr is the closed form under the new milestones at once (undecayed), in the restored optimizer too."""
+    old = _paper_schedule([2, 4])
+    for _ in range(25):
+        old.optimizer.step()
+        old.step()
+    assert old.get_last_lr() == pytest.approx([0.01])
+    new = _paper_schedule([3, 4])
+
+    def load_state_dict(ckpt: dict) -> None:  # as the optimization plan restores: optimizer, then scheduler
+        new.optimizer.load_state_dict(ckpt["optimizer"])
+        new.load_state_dict(ckpt["scheduler"])
+
+    plan = SimpleNamespace(schedulers=[new], load_state_dict=load_state_dict)
+    resume_policy.restore_optimization(plan, {"optimizer": old.optimizer.state_dict(), "scheduler": old.state_dict()})
+    assert new.last_epoch == 25 and new.milestones == [3, 4]
+    assert new.get_last_lr() == [0.1] and new.optimizer.param_groups[0]["lr"] == 0.1
+    new.optimizer.step()
+    for _ in range(5):
+        new.step()
+    assert new.get_last_lr() == pytest.approx([0.01])  # iteration 30: epoch 3, the new first milestone
+
+
+@pytest.mark.parametrize("text", ["seed: [1\n", "- a list\n"])
+def test_a_config_yaml_that_cannot_be_read_as_a_mapping_is_not_compared(tmp_path, text):
+    """An unparsable config.yaml, or one holding a list, says nothing about the run: last.pt is not refused over
+    it (its seed differs from the folder's usual one here), and the other folder checks still run."""
+    folder = _folder(tmp_path)
+    (folder / "config.yaml").write_text(text)
+    check_belongs_to_folder(folder, _ckpt(seed=1))
+    (folder / "metrics.csv").write_text(metrics_csv_text(_edit(HISTORY, 1, test__net__top1=12.75)))
+    with pytest.raises(CheckpointError, match=r"metrics.csv epoch 2 disagrees with last.pt's history"):
+        check_belongs_to_folder(folder, _ckpt(seed=1))
+
+
+def test_a_metrics_csv_that_cannot_be_read_is_left_to_the_next_save(tmp_path, monkeypatch):
+    """A metrics.csv with a value that is not a number, or one the system cannot read, is not compared: the next
+    save rewrites it from last.pt's history."""
+    folder = _folder(tmp_path, csv_rows=None)
+    (folder / "metrics.csv").write_text("epoch,test/net/top1\n1,not a number\n")
+    check_belongs_to_folder(folder, _ckpt())
+
+    def unreadable(path):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(resume_policy, "read_metrics_csv", unreadable)
+    check_belongs_to_folder(_folder(tmp_path, _edit(HISTORY, 1, test__net__top1=12.75)), _ckpt())

@@ -6,6 +6,7 @@ import os
 import signal
 import stat
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,8 @@ from torch import nn
 
 from okd.engine.evaluate import evaluate
 from okd.errors import ConfigError, RunFolderError, StopRequested
-from okd.runs.records import first_nonfinite
+from okd.methods.build import build_method, load_config
+from okd.runs.records import BEST_NOTE, best_record, deploy_record, device_label, first_nonfinite
 from okd.runs.store import LOCK_NAME, UNCOMMITTED, RunStore, deferred_signals
 
 
@@ -537,3 +539,110 @@ def test_a_tracker_id_that_cannot_be_written_is_logged_and_the_run_goes_on(tmp_p
         with caplog.at_level("WARNING", logger="okd"):
             store.record_tracker_ids({"mlflow": {"run_id": "abc"}})
     assert "could not write trackers.json (No space left on device)" in caplog.text
+
+
+def test_outside_the_main_thread_the_block_runs_unprotected():
+    """Python installs signal handlers only in the main thread: elsewhere the block runs as it is, the handlers
+    untouched, and leaving it raises nothing."""
+    before = signal.getsignal(signal.SIGTERM)
+    seen: list = []
+
+    def body():
+        try:
+            with deferred_signals():
+                seen.append(signal.getsignal(signal.SIGTERM))
+            seen.append("left")
+        except BaseException as exc:  # reported to the main thread
+            seen.append(exc)
+
+    thread = threading.Thread(target=body)
+    thread.start()
+    thread.join()
+    assert seen == [before, "left"] and signal.getsignal(signal.SIGTERM) == before
+
+
+def test_a_file_in_the_way_or_a_missing_folder_to_resume_is_refused_by_name(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(RunFolderError) as info:
+        RunStore(tmp_path / "file").lock()
+    where = str(tmp_path / "file")
+    assert str(info.value) == f"{where!r} is a file, not a run folder; choose another output_dir or name"
+    with pytest.raises(RunFolderError) as info:
+        RunStore(tmp_path / "missing").lock(create=False)
+    assert str(info.value) == f"run folder {str(tmp_path / 'missing')!r} does not exist; nothing to resume"
+    assert not (tmp_path / "missing").exists()
+
+
+@pytest.mark.parametrize("missing", [os.W_OK, os.X_OK])
+def test_a_folder_the_process_cannot_write_is_refused_and_its_lock_descriptor_closed(tmp_path, monkeypatch, missing):
+    """The lock file opens (as it may for root, or on a read-only bind), but the folder lacks the write or the
+    search permission: refused before any lock is taken, the lock file's descriptor closed."""
+    run = tmp_path / "run"
+    run.mkdir()
+    real_open, real_close = os.open, os.close
+    opened: list[int] = []
+    closed: list[int] = []
+
+    def open_(path, *args, **kwargs):
+        opened.append(real_open(path, *args, **kwargs))
+        return opened[-1]
+
+    def close(fd):
+        closed.append(fd)
+        real_close(fd)
+
+    monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(os, "close", close)
+    monkeypatch.setattr(os, "access", lambda path, mode: not mode & missing)
+    with pytest.raises(RunFolderError) as info:
+        RunStore(run).lock(create=False)
+    monkeypatch.undo()
+    assert str(info.value) == (
+        f"cannot write the run folder {str(run)!r} (Permission denied); "
+        "choose a writable output_dir (output_dir=...) or another name"
+    )
+    assert len(opened) == 1 and closed == opened
+
+
+def test_the_device_label_names_the_gpu(monkeypatch):
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: asked.append(device) or "NVIDIA Test GPU")
+    assert device_label(torch.device("cuda", 1)) == "cuda (NVIDIA Test GPU)"
+    assert asked == [torch.device("cuda", 1)]
+    assert device_label(torch.device("cpu")) == "cpu" and len(asked) == 1
+
+
+def test_a_state_without_floating_values_has_no_nonfinite_tensor():
+    """Integer, empty and non-tensor entries are never checked (an empty tensor has no value to be NaN)."""
+    assert first_nonfinite({"steps": torch.tensor(4), "empty": torch.zeros(0), "lr": float("nan")}) is None
+    assert first_nonfinite({}) is None
+
+
+def test_best_pt_notes_the_scored_epochs_when_only_some_were_scored():
+    """train.eval_every scores some epochs: best.pt says which it was chosen among; every epoch scored: the note
+    alone."""
+    rows = [{"epoch": e, "train/loss": 1.0} | ({"test/net/top1": float(e)} if e % 2 == 0 else {}) for e in (1, 2, 3, 4)]
+    best = best_record({"epoch": 4, "history": rows})
+    assert best["note"] == f"{BEST_NOTE}; chosen among the scored epochs 2, 4 (train.eval_every)"
+    assert best["scored_epochs"] == [2, 4] and best["selected_on"] == "test" and best["epoch"] == 4
+    every = best_record({"epoch": 2, "history": [{"epoch": 1, "test/net/top1": 1.0}, {"epoch": 2, "test/x/top5": 1.0}]})
+    assert every["note"] == BEST_NOTE and every["scored_epochs"] == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "model", "head"),
+    [
+        (["method.name=dml", "model.members=[resnet20,wrn16_2]", "method.deploy_net=1"], "wrn16_2", "net1"),
+        (["model.members=[wrn16_2]"], "wrn16_2", None),  # a cohort of one: baseline names no head
+        (["method.name=kdcl", "method.models=[resnet20,wrn16_2]", "model.name=wrn16_2"], "wrn16_2", None),
+        (["method.name=dml", "model.name=resnet20"], "resnet20", None),
+    ],
+)
+def test_deploy_pt_of_a_members_cohort_describes_the_deployed_member_and_names_its_head(overrides, model, head):
+    """``model.members``: the deployed member's name and spec, and the head that scored it; KDCL's method.models
+    or copies of model.name: the member without a head (the model section tells it)."""
+    cfg = load_config(None, overrides)
+    record = deploy_record(cfg, build_method(cfg, 10), 3)
+    assert record["model"] == model and record["model_spec"]["name"] == model and record.get("head") == head
+    assert ("head" in record) == (head is not None)
+    assert record["epoch"] == 3 and record["num_classes"] == 10
