@@ -1,7 +1,9 @@
-"""The mutation tool's map (tools/mutation/population.py): every core source file has test files, and they exist."""
+"""The mutation tool's map (tools/mutation/population.py): every core source file has test files, and they exist;
+the gap finder counts only the lines a file's own test files ran."""
 
 from pathlib import Path
 
+from tools.mutation.gaps import unexecuted
 from tools.mutation.population import CORE, TESTS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -22,3 +24,10 @@ def test_every_core_source_file_is_mapped_to_test_files():
 def test_every_mapped_test_file_exists():
     missing = sorted({t for tests in TESTS.values() for t in tests if not (ROOT / "tests" / t).is_file()})
     assert missing == []
+
+
+def test_gaps_are_the_statements_none_of_the_files_own_tests_ran():
+    executed = {"a.py": {1, 2}, "b.py": {3}, "other.py": {4, 5}}
+    assert unexecuted({1, 2, 3, 4, 5}, executed, ["a.py", "b.py"]) == [4, 5]  # other.py is not this file's test
+    assert unexecuted({1, 2}, executed, ["missing.py"]) == [1, 2]
+    assert unexecuted({1}, executed, ["a.py"]) == []

@@ -19,8 +19,8 @@ swaps call arguments, the mutants that matter most here). Each mutant is one cha
   token         single-token swaps: ``and`` <-> ``or``, ``+`` <-> ``-``, ``*`` <-> ``/``, ``not x`` -> ``x``,
                 ``True`` <-> ``False``, a number changed (0 -> 1, 1 -> 0, k -> k+1, x -> 2x)
 
-Docstrings, f-strings, annotations, string constants, class bodies (dataclass fields) and ``__all__`` are never
-mutated. A mutant whose AST equals the
+Docstrings, f-strings, annotations, string constants and ``__all__`` are never mutated; a class body's statements
+(dataclass fields, methods) are never deleted, though the values in them are. A mutant whose AST equals the
 original, or that does not compile, is dropped.
 
 Every source file maps to the test files that cover it (:data:`TESTS`, fast files first). For each mutant the

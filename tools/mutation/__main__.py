@@ -1,4 +1,4 @@
-"""The command line: ``python -m tools.mutation list|show|run|report`` (see ``docs/development.md``)."""
+"""The command line: ``python -m tools.mutation list|show|run|gaps|report`` (see ``docs/development.md``)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 
 from tools.mutation import ROOT
 from tools.mutation import __doc__ as DOC
+from tools.mutation.gaps import gaps
 from tools.mutation.operators import mutants_of
 from tools.mutation.population import resolve_files
 from tools.mutation.report import report
@@ -60,6 +61,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-baseline", type=float, default=1800.0, help="limit of an unmutated run (s)")
     p.add_argument("--keep", action="store_true", help="keep the sandbox copy")
     p.set_defaults(func=run)
+    p = sub.add_parser("gaps", help="statements no mapped test file executes (needs coverage): OUT/gaps.md")
+    p.add_argument("--files", nargs="+", default=["core"], help="source files, folders under okd/, or 'core'")
+    p.add_argument("--out", required=True, help="folder for gaps.md and the coverage data of each test file")
+    p.set_defaults(func=gaps)
     p = sub.add_parser("report", help="summary.md and survivors.md again (after editing triage.csv)")
     p.add_argument("folder")
     p.set_defaults(func=lambda a: report(Path(a.folder)))
