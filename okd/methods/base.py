@@ -74,6 +74,12 @@ class MethodContext:
     #: None: the cohort is copies of ``model``. Only methods whose ``mixed_cohort`` is None see different ones.
     members: list[str] | None = None
 
+    @property
+    def input_size(self) -> int:
+        """The side of the training images (``extra['input_size']``; 32, CIFAR's, for a context built without it):
+        the size a network given by import path is probed at."""
+        return int(self.extra.get("input_size", 32))
+
     def cohort(self, size: int) -> list[str]:
         """The networks of a cohort of ``size``: the members, or ``size`` copies of ``model``."""
         if self.members is None:

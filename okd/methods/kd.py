@@ -168,7 +168,7 @@ class KD(Method):
         given = self.hp.teacher_model
         teacher = str(given)
         if isinstance(given, Mapping):  # its own kwargs, taps, ...: built as the mapping says
-            teacher = spec_ref(entry_spec(member_entry(given, "method.teacher_model"), ctx.extra.get("input_size", 32)))
+            teacher = spec_ref(entry_spec(member_entry(given, "method.teacher_model"), ctx.input_size))
         self.teacher = load_teacher(teacher, ctx.num_classes, self.hp.teacher_checkpoint)
 
     def train(self, mode: bool = True) -> KD:

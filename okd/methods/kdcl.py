@@ -254,7 +254,7 @@ class KDCL(Method):
             self.names = ctx.cohort(m)
             self.deploy_index = hp.deploy_student or 0
         else:
-            size = ctx.extra.get("input_size", 32)
+            size = ctx.input_size
             entries = member_entries(list(hp.models), "method.models") if hp.models else None
             self.names = [spec_ref(entry_spec(e, size)) for e in entries] if entries else [ctx.model] * m
             self.deploy_index = self._deploy_index(hp, ctx.model)

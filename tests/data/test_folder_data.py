@@ -162,6 +162,28 @@ def test_class_lists_in_messages_show_five_names_and_count_the_rest():
     assert _names(["a", "b", "c", "d", "e", "f", "g"]) == "a, b, c, d, e (+2 more)"
 
 
+class CountingRng:
+    """Stands in for a numpy Generator: fixed draws, counted (the uniform draws give the largest area and ratio)."""
+
+    def __init__(self) -> None:
+        self.uniform_calls = 0
+
+    def uniform(self, low: float, high: float) -> float:
+        self.uniform_calls += 1
+        return high
+
+    def integers(self, low: int, high: int) -> int:
+        return low
+
+
+def test_a_crop_as_wide_or_as_high_as_the_image_is_taken_at_the_first_try():
+    """The draw is accepted when the crop fits, its sides equal to the image's included: a 20 x 10 image at the
+    full area and ratio 2 is a crop of 20 x 10, taken from the first area and ratio drawn (no further tries)."""
+    rng = CountingRng()
+    assert _rrc_params(20, 10, rng, scale=(0.5, 1.0), ratio=(1.0, 2.0)) == (0, 0, 10, 20)
+    assert rng.uniform_calls == 2
+
+
 def test_random_resized_crop_falls_back_to_the_central_crop_of_an_allowed_ratio():
     """When none of the 10 tries fits (here: every target area exceeds the image), torchvision's fallback: the whole
     image if its ratio is within [3/4, 4/3] (bounds included), else the largest central crop at the nearest bound."""
@@ -259,6 +281,19 @@ def test_each_seed_epoch_and_index_has_its_own_augmentation_stream():
     for other in ((2, 0, 5), (1, 1, 5), (1, 0, 6), (2**32 + 1, 0, 5)):
         drawn = sample_generator(*other).integers(0, 2**31, 4).tolist()
         assert (drawn == first) == (other == (2**32 + 1, 0, 5)), other  # seeds are taken modulo 2**32
+
+
+def test_a_training_sample_is_transformed_with_the_stream_of_its_seed_epoch_and_index(imagenet_folder):
+    """Sample ``index`` of pass ``epoch`` is augmented from ``sample_generator(seed, epoch, index)``, the three in
+    that order (seed 1, pass 4: a swap of seed and pass would draw another crop)."""
+    train, _, _, _ = build_loaders(cfg(imagenet_folder), seed=0, device="cpu")
+    split, transform = train.dataset.split, train.dataset.transform
+    dataset = FolderDataset(split, transform, train=True, seed=1)
+    x, label, error = dataset[(4, 2)]
+    assert error is None and label == int(split.labels[2])
+    expected = transform(dataset.load(2), sample_generator(1, 4, 2)).transpose(2, 0, 1)
+    assert np.array_equal(x.numpy(), expected)
+    assert not np.array_equal(x.numpy(), transform(dataset.load(2), sample_generator(4, 1, 2)).transpose(2, 0, 1))
 
 
 def test_shard_sampler_defaults_to_the_whole_range_and_refuses_a_rank_outside_the_world():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from okd.config import OptimConfig
-from okd.engine.builder import OptimizationPlan, _check_groups, build_optimizer
+from okd.engine.builder import OptimizationPlan, _check_groups, build_optimizer, lr_scale
 from okd.engine.schedules import (
     EpochCosineLR,
     IterationLR,
@@ -19,6 +19,7 @@ from okd.engine.schedules import (
 )
 from okd.errors import CheckpointError, ConfigError
 from okd.methods.base import ParamGroup
+from okd.methods.build import load_config
 
 
 def optimizer(lr: float = 0.1, groups: int = 1) -> torch.optim.Optimizer:
@@ -312,3 +313,11 @@ def test_a_checkpoint_with_another_number_of_optimizers_is_refused_by_count():
     refused = r"^the checkpoint has 2 optimizers but the method builds 1; it was written by another method or method"
     with pytest.raises(CheckpointError, match=refused):
         plan.load_state_dict({**state, "optimizers": state["optimizers"] * 2})
+
+
+def test_linear_lr_scaling_multiplies_by_the_batch_over_the_reference_batch():
+    scaled = load_config(None, ["optim.lr_scaling=linear", "data.batch_size=256", "optim.reference_batch=128"])
+    assert lr_scale(scaled) == 2.0
+    half = load_config(None, ["optim.lr_scaling=linear", "data.batch_size=32", "optim.reference_batch=64"])
+    assert lr_scale(half) == 0.5
+    assert lr_scale(load_config(None, ["data.batch_size=256"])) == 1.0  # optim.lr_scaling=none

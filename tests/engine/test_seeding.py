@@ -48,3 +48,11 @@ def test_seed_everything_seeds_python_numpy_and_torch():
     assert draws() == first
     seeding.seed_everything(6)
     assert all(a != b for a, b in zip(draws(), first, strict=True))
+
+
+def test_a_seed_past_numpys_range_seeds_numpy_modulo_2_to_the_32():
+    """numpy takes seeds below 2**32: a larger one seeds it with its remainder (python and torch take it whole)."""
+    seeding.seed_everything(5)
+    small = float(np.random.rand())
+    seeding.seed_everything(2**32 + 5)
+    assert float(np.random.rand()) == small

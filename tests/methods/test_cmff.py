@@ -99,6 +99,13 @@ def test_similarity_ce_by_hand():
         assert similarity_ce(rep, tau).item() == pytest.approx(want, rel=1e-6)
 
 
+def test_similarity_ce_is_computed_in_float32_from_a_bf16_projection():
+    """Under bf16 autocast the projections come in bf16; the loss is taken in float32 from those values."""
+    rep = torch.randn(8, 16, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    loss = similarity_ce(rep, 0.5)
+    assert loss.dtype == torch.float32
+    assert loss.item() == similarity_ce(rep.float(), 0.5).item()
+
 def test_similarity_ce_needs_the_rotation_layout():
     for rows in (0, 3, 6):
         with pytest.raises(ValueError, match=f"similarity_ce needs 4B rows \\(rotate_batch layout\\), got {rows}"):

@@ -350,3 +350,12 @@ def test_every_registered_method_is_accepted_under_ddp_with_every_trained_parame
     assert per_network or RecordingDDP.wrapped == [method]
     in_wrappers = {id(p) for module in RecordingDDP.wrapped for p in module.parameters()}
     assert not trained - in_wrappers - ignored, "trained parameters outside every DDP wrapper"
+
+
+def test_a_context_gives_its_input_size_or_cifars_32_without_one():
+    ctx = MethodContext(model="resnet20", num_classes=10, optim=OptimConfig(), params=None, epochs=1)
+    assert ctx.input_size == 32
+    ctx.extra["input_size"] = 64
+    assert ctx.input_size == 64
+    cfg = load_config(None, ["data.dataset=tinyimagenet", "model.name=resnet18"])
+    assert build_method(cfg, 200).ctx.input_size == 64  # the config's image size reaches the method

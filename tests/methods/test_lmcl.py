@@ -365,6 +365,30 @@ def test_meta_rounds_every_meta_every_batches_from_batch_zero_per_epoch(monkeypa
     assert not make_lmcl(meta_every=0).manual_optimization
 
 
+def test_the_meta_round_steps_phi_at_the_cohorts_current_lr():
+    """The step's meta round gets the loss-weight optimizer (phi's group) and the lr the cohort's optimizer has
+    now (its schedule), and changes phi alone (the networks stay at theta_0)."""
+    m = make_lmcl(meta_every=1)
+    runner = Runner(m)
+    runner.optimizers[0].param_groups[0]["lr"] = 0.05
+    calls = []
+    real = m.meta_step
+
+    def recording(images, labels, lr, weight_optimizer, average=None):
+        calls.append((lr, weight_optimizer))
+        return real(images, labels, lr, weight_optimizer, average)
+
+    m.meta_step = recording
+    phi = [p.detach().clone() for p in m.weight_net.parameters()]
+    m.manual_step(images(dtype=torch.float32), SMALL, 0, runner)
+    ((lr, weight_optimizer),) = calls
+    assert lr == 0.05 and weight_optimizer is runner.optimizers[1]
+    assert {id(p) for g in weight_optimizer.param_groups for p in g["params"]} == {
+        id(p) for p in m.weight_net.parameters()
+    }
+    assert any(not torch.equal(a, b) for a, b in zip(phi, m.weight_net.parameters(), strict=True))
+
+
 # ------------------------------------------------------------------------------------------------ golden
 def fill_(module: nn.Module, seed: int = 0) -> None:
     """Deterministic weights by sorted name (the values loaded into both implementations for the golden run)."""

@@ -372,3 +372,19 @@ def test_a_metrics_csv_that_cannot_be_read_is_left_to_the_next_save(tmp_path, mo
 
     monkeypatch.setattr(resume_policy, "read_metrics_csv", unreadable)
     check_belongs_to_folder(_folder(tmp_path, _edit(HISTORY, 1, test__net__top1=12.75)), _ckpt())
+
+
+def test_a_deploy_pt_checked_against_last_pt_alone_or_the_data_set_alone_names_the_right_source(tmp_path):
+    """With one other count to compare with: last.pt's own (a folder data set, unknown to okd) gives "class counts
+    differ"; the data set's (a last.pt without a count) names the data set as the source."""
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "cifar").mkdir()
+    folder_run = _folder(tmp_path / "folder", deploy_classes=100)
+    (folder_run / "config.yaml").write_text(yaml.safe_dump(_run_cfg(data__dataset="imagenet")))
+    with pytest.raises(CheckpointError, match=r"class counts differ \(last.pt: 10, deploy.pt: 100\)"):
+        check_belongs_to_folder(folder_run, _ckpt(data__dataset="imagenet"))
+    uncounted = {k: v for k, v in _ckpt().items() if k != "num_classes"}
+    with pytest.raises(
+        CheckpointError, match=r"deploy.pt holds a 100-class network, but the run's data set \(cifar10\)"
+    ):
+        check_belongs_to_folder(_folder(tmp_path / "cifar", deploy_classes=100), uncounted)

@@ -92,8 +92,8 @@ TESTS: dict[str, list[str]] = {
     "okd/engine/builder.py": ["engine/test_devices.py", "engine/test_schedules.py", SHARED],
     "okd/engine/seeding.py": ["engine/test_seeding.py", "engine/test_engine_mutants.py", TRAINING],
     "okd/engine/trainer.py": [
-        "engine/test_engine_mutants.py", "runs/test_resume_policy.py", FAULTS, TRAINING, "engine/test_distributed.py",
-        "methods/test_kdcl.py",
+        "engine/test_engine_mutants.py", "engine/test_last_batch.py", "methods/test_kdcl.py",
+        "runs/test_resume_policy.py", FAULTS, TRAINING, "engine/test_distributed.py",
     ],
     "okd/runs/records.py": ["runs/test_run_store.py", "runs/test_safe_loading.py", FAULTS],
     "okd/runs/metrics.py": ["runs/test_run_store.py", "runs/test_resume_policy.py", FAULTS],
