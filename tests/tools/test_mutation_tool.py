@@ -4,7 +4,7 @@ the gap finder counts only the lines a file's own test files ran."""
 from pathlib import Path
 
 from tools.mutation.gaps import unexecuted
-from tools.mutation.population import CORE, TESTS
+from tools.mutation.population import CORE, TESTS, resolve_guards
 
 ROOT = Path(__file__).resolve().parents[2]
 CORE_DIRS = ("okd/data", "okd/nn", "okd/methods", "okd/engine", "okd/runs")
@@ -31,3 +31,10 @@ def test_gaps_are_the_statements_none_of_the_files_own_tests_ran():
     assert unexecuted({1, 2, 3, 4, 5}, executed, ["a.py", "b.py"]) == [4, 5]  # other.py is not this file's test
     assert unexecuted({1, 2}, executed, ["missing.py"]) == [1, 2]
     assert unexecuted({1}, executed, ["a.py"]) == []
+
+
+def test_every_guard_row_still_matches_its_mutants():
+    """A guard that moved or changed makes its row match another number of mutants: the guards run would stop, so
+    this fails first, naming the row."""
+    guards = resolve_guards(ROOT / "results" / "mutation" / "guards" / "guards.tsv")
+    assert len(guards) >= 80 and set(guards.values()) >= {"nothing non-finite overwrites a good file"}
