@@ -394,6 +394,11 @@ def test_missing_and_malformed_folders(tmp_path, imagenet_folder):
     layout = r"must hold train/ and val/ .*\(root/train/n01440764/\*\.JPEG, .*not downloaded"
     with pytest.raises(DataError, match=layout):
         build_loaders(cfg(tmp_path / "nowhere"), seed=0, device="cpu")
+    for present in ("train", "val"):  # either folder alone is refused the same way
+        half = copy_of(imagenet_folder, tmp_path / f"only-{present}")
+        shutil.rmtree(half / ("val" if present == "train" else "train"))
+        with pytest.raises(DataError, match=layout):
+            build_loaders(cfg(half), seed=0, device="cpu")
     root = copy_of(imagenet_folder, tmp_path)
     (root / "train" / "n99999999").mkdir()
     with pytest.raises(DataError, match=r"1 of 4 class folders .* hold no image.*n99999999"):
