@@ -106,6 +106,7 @@ def test_similarity_ce_is_computed_in_float32_from_a_bf16_projection():
     assert loss.dtype == torch.float32
     assert loss.item() == similarity_ce(rep.float(), 0.5).item()
 
+
 def test_similarity_ce_needs_the_rotation_layout():
     for rows in (0, 3, 6):
         with pytest.raises(ValueError, match=f"similarity_ce needs 4B rows \\(rotate_batch layout\\), got {rows}"):
