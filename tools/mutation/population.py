@@ -12,6 +12,8 @@ from tools.mutation.operators import OPERATORS, Mutant, mutants_of
 
 CONTRACT, SHARED, FAULTS = "methods/test_contract.py", "methods/test_shared.py", "runs/test_faults.py"
 TRAINING = "engine/test_training.py"
+#: the config reference page against the code: fails when a default (a method parameter included) changes
+EXPLAIN = "cli/test_explain.py"
 #: image folders (okd/data/folder/): their own tests, then the messy-folder and own-network edge cases
 FOLDER = [
     "data/test_folder_data.py", "data/test_messy_folders.py", "engine/test_last_batch.py",
@@ -49,31 +51,35 @@ TESTS: dict[str, list[str]] = {
     "okd/nn/contrastive.py": ["models/test_contrastive.py", "methods/test_mcl.py", "methods/test_lmcl.py"],
     "okd/nn/distances.py": ["methods/test_switokd.py"],
     "okd/nn/hybrid.py": ["methods/test_okdph.py"],
-    "okd/methods/base.py": [CONTRACT, SHARED, "engine/test_engine_mutants.py", "methods/test_switokd_multi.py"],
+    "okd/methods/base.py": [
+        CONTRACT, SHARED, "engine/test_engine_mutants.py", "methods/test_switokd_multi.py", EXPLAIN
+    ],
     "okd/methods/build.py": ["cli/test_config.py", CONTRACT],
-    "okd/methods/branch_base.py": [CONTRACT, SHARED, "methods/test_one.py"],
+    "okd/methods/branch_base.py": [CONTRACT, SHARED, "methods/test_one.py", EXPLAIN],
     "okd/methods/baseline.py": [CONTRACT, SHARED],
-    "okd/methods/individual.py": [CONTRACT, SHARED],
-    "okd/methods/one.py": ["methods/test_one.py", CONTRACT, SHARED],
-    "okd/methods/cl_ilr.py": ["methods/test_cl_ilr.py", CONTRACT, SHARED],
-    "okd/methods/okddip.py": ["methods/test_okddip.py", CONTRACT, SHARED],
-    "okd/methods/ffl.py": ["methods/test_ffl.py", CONTRACT, SHARED],
-    "okd/methods/dml.py": ["methods/test_dml.py", CONTRACT, SHARED, "methods/test_members.py"],
-    "okd/methods/leader_sl.py": ["methods/test_leader_sl.py", CONTRACT, SHARED],
-    "okd/methods/kd.py": ["methods/test_kd.py", CONTRACT, SHARED, "runs/test_safe_loading.py"],
-    "okd/methods/kdcl.py": ["methods/test_kdcl.py", CONTRACT, SHARED, "methods/test_members.py"],
-    "okd/methods/pcl.py": ["methods/test_pcl.py", CONTRACT, SHARED],
+    "okd/methods/individual.py": [CONTRACT, SHARED, EXPLAIN],
+    "okd/methods/one.py": ["methods/test_one.py", CONTRACT, SHARED, EXPLAIN],
+    "okd/methods/cl_ilr.py": ["methods/test_cl_ilr.py", CONTRACT, SHARED, EXPLAIN],
+    "okd/methods/okddip.py": ["methods/test_okddip.py", CONTRACT, SHARED, EXPLAIN],
+    "okd/methods/ffl.py": ["methods/test_ffl.py", CONTRACT, SHARED, EXPLAIN],
+    "okd/methods/dml.py": ["methods/test_dml.py", CONTRACT, SHARED, "methods/test_members.py", EXPLAIN],
+    "okd/methods/leader_sl.py": ["methods/test_leader_sl.py", CONTRACT, SHARED, EXPLAIN],
+    "okd/methods/kd.py": ["methods/test_kd.py", CONTRACT, SHARED, "runs/test_safe_loading.py", EXPLAIN],
+    "okd/methods/kdcl.py": ["methods/test_kdcl.py", CONTRACT, SHARED, "methods/test_members.py", EXPLAIN],
+    "okd/methods/pcl.py": ["methods/test_pcl.py", CONTRACT, SHARED, EXPLAIN],
     "okd/methods/cohort.py": ["methods/test_members.py", "engine/test_mixed_cohort_engine.py"],
-    "okd/methods/ffsd.py": ["methods/test_ffsd.py", CONTRACT],
-    "okd/methods/cmff.py": ["methods/test_cmff.py", CONTRACT],
+    "okd/methods/ffsd.py": ["methods/test_ffsd.py", CONTRACT, EXPLAIN],
+    "okd/methods/cmff.py": ["methods/test_cmff.py", CONTRACT, EXPLAIN],
     "okd/methods/cmff_net.py": ["methods/test_cmff.py", CONTRACT],
-    "okd/methods/mcl.py": ["methods/test_mcl.py", CONTRACT],
-    "okd/methods/lmcl.py": ["methods/test_lmcl.py", CONTRACT],
+    "okd/methods/mcl.py": ["methods/test_mcl.py", CONTRACT, EXPLAIN],
+    "okd/methods/lmcl.py": ["methods/test_lmcl.py", CONTRACT, EXPLAIN],
     "okd/methods/lmcl_net.py": ["methods/test_lmcl.py"],
     "okd/methods/lmcl_meta.py": ["methods/test_lmcl.py"],
-    "okd/methods/okdph.py": ["methods/test_okdph.py", CONTRACT],
-    "okd/methods/switokd.py": ["methods/test_switokd.py", "methods/test_switokd_ddp.py", CONTRACT],
-    "okd/methods/switokd_multi.py": ["methods/test_switokd_multi.py", "methods/test_switokd_multi_ddp.py", CONTRACT],
+    "okd/methods/okdph.py": ["methods/test_okdph.py", CONTRACT, EXPLAIN],
+    "okd/methods/switokd.py": ["methods/test_switokd.py", "methods/test_switokd_ddp.py", CONTRACT, EXPLAIN],
+    "okd/methods/switokd_multi.py": [
+        "methods/test_switokd_multi.py", "methods/test_switokd_multi_ddp.py", CONTRACT, EXPLAIN
+    ],
     "okd/engine/step.py": ["engine/test_engine_mutants.py", "methods/test_dml.py", TRAINING],
     "okd/engine/epoch.py": ["engine/test_engine_mutants.py", "engine/test_heartbeat.py", TRAINING],
     "okd/engine/last_batch.py": ["engine/test_last_batch.py"],
