@@ -225,11 +225,10 @@ def _clash(a: DictConfig, b: DictConfig, prefix: str = "") -> tuple[str, str]:
 
 def shape_error(key: str, given: str) -> ConfigError:
     """The error for a mapping given where a value or list belongs, or a list where a section belongs."""
+    if not key:  # OmegaConf's merge failed where no key of the config clashes (not seen in practice)
+        return ConfigError("bad value in the config: a mapping and a list meet at the same key")
     belongs = "a section of keys" if given == "list" else "a value or a list"
-    return ConfigError(
-        f"bad value for {key or 'the config'}: a {given or 'mapping or list'} where {belongs} belongs; "
-        f"`okd config --explain {key}` shows what it takes"
-    )
+    return ConfigError(f"bad value for {key}: a {given} where {belongs} belongs; `okd config --explain {key}` shows it")
 
 
 def merge_raw(*parts: DictConfig) -> DictConfig:

@@ -182,3 +182,33 @@ def trained(tmp_path_factory, cifar10_root: Path, config: str, name: str, extra:
         ]
         train(load_config(path, overrides))
     return out / run
+
+
+class RecordingDDP(torch.nn.Module):
+    """Stands in for DistributedDataParallel (no process group needed): records each wrap with its keywords
+    (``made``), the names handed over to be ignored (``ignored``) and each forward through it (``forwards``).
+    ``RecordingDDP.install(monkeypatch)`` puts it in place of the real class with empty records."""
+
+    made: list = []
+    ignored: list = []
+    forwards: list = []
+
+    def __init__(self, module, device_ids=None, find_unused_parameters=False):
+        super().__init__()
+        self.module = module
+        RecordingDDP.made.append((module, device_ids, find_unused_parameters))
+
+    def forward(self, *args, **kwargs):
+        RecordingDDP.forwards.append(len(args))
+        return self.module(*args, **kwargs)
+
+    @staticmethod
+    def _set_params_and_buffers_to_ignore_for_model(module, names):
+        RecordingDDP.ignored.append((module, list(names)))
+
+    @classmethod
+    def install(cls, monkeypatch) -> type:
+        monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", cls)
+        for name in ("made", "ignored", "forwards"):
+            monkeypatch.setattr(cls, name, [])
+        return cls

@@ -6,6 +6,7 @@ import re
 
 import pytest
 
+from okd.config import shape_error
 from okd.errors import ConfigError
 from okd.methods.build import load_config
 
@@ -208,3 +209,8 @@ def test_a_mapping_or_list_in_the_wrong_place_is_named_in_a_config_error(path, o
     with the key it was given for, whether the clash is with the config file or with the typed defaults."""
     with pytest.raises(ConfigError, match=says):
         load_config(path, overrides)
+
+
+def test_a_shape_clash_no_key_explains_still_reads_as_a_sentence():
+    assert str(shape_error("", "")) == "bad value in the config: a mapping and a list meet at the same key"
+    assert str(shape_error("data", "list")).startswith("bad value for data: a list where a section of keys belongs;")

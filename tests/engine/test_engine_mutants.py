@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import RecordingDDP
 
 from okd.config import TrainConfig
 from okd.engine import distributed
@@ -480,34 +481,9 @@ def test_a_manual_step_runs_under_the_runs_autocast(precision, autocast):
 
 
 # ------------------------------------------------------------------------------- the DDP wrap (a stand-in)
-class _RecordingDDP(torch.nn.Module):
-    """Stands in for DistributedDataParallel (no process group): records each wrap with its keywords, the names
-    handed over to be ignored, and each forward through it."""
-
-    made: list = []
-    ignored: list = []
-    forwards: list = []
-
-    def __init__(self, module, device_ids=None, find_unused_parameters=False):
-        super().__init__()
-        self.module = module
-        _RecordingDDP.made.append((module, device_ids, find_unused_parameters))
-
-    def forward(self, *args):
-        _RecordingDDP.forwards.append(len(args))
-        return self.module(*args)
-
-    @staticmethod
-    def _set_params_and_buffers_to_ignore_for_model(module, names):
-        _RecordingDDP.ignored.append((module, list(names)))
-
-
 @pytest.fixture
 def recording_ddp(monkeypatch):
-    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", _RecordingDDP)
-    for name in ("made", "ignored", "forwards"):
-        monkeypatch.setattr(_RecordingDDP, name, [])
-    return _RecordingDDP
+    return RecordingDDP.install(monkeypatch)
 
 
 class _AveragingMethod(_LinearMethod):
@@ -531,7 +507,7 @@ def test_the_whole_method_is_wrapped_once_with_the_configured_ddp_options(record
     before = runner.loss_function()
     runner.wrap_distributed(DistContext(rank=0, world_size=2), cfg)
     assert recording_ddp.made == [(method, None, True)] and recording_ddp.ignored == [(method, ["v"])]
-    assert isinstance(runner.model, _RecordingDDP) and runner.model.module is method and runner.method is method
+    assert isinstance(runner.model, RecordingDDP) and runner.model.module is method and runner.method is method
     assert runner.world_size == 2 and runner._losses is None
     assert runner.loss_function() is not before
     runner.step(torch.tensor([1.0, -2.0]), None, 0)

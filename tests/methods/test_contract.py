@@ -26,6 +26,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import RecordingDDP
 from torch import Tensor, nn
 
 from okd.config import Config, OptimConfig
@@ -314,24 +315,6 @@ def test_a_param_group_left_at_its_defaults_takes_the_default_recipes_optimizer(
     )
 
 
-class RecordingDDP(nn.Module):
-    """Stands in for DistributedDataParallel (no process group needed): records each module it wraps."""
-
-    wrapped: list[nn.Module] = []
-
-    def __init__(self, module: nn.Module, device_ids=None, find_unused_parameters: bool = False) -> None:
-        super().__init__()
-        self.module = module
-        RecordingDDP.wrapped.append(module)
-
-    def forward(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
-
-    @staticmethod
-    def _set_params_and_buffers_to_ignore_for_model(module: nn.Module, names: list[str]) -> None:
-        module._ddp_params_and_buffers_to_ignore = names
-
-
 @pytest.mark.parametrize("name", METHODS.names())
 def test_every_registered_method_is_accepted_under_ddp_with_every_trained_parameter_wrapped(
     name, teacher_file, monkeypatch
@@ -342,13 +325,13 @@ def test_every_registered_method_is_accepted_under_ddp_with_every_trained_parame
     cfg, method = build(name, teacher_file)
     trained = {id(p) for p in method.parameters() if p.requires_grad}
     ignored = {id(p) for n, p in method.named_parameters() if n in set(method.ddp_ignored_parameters())}
-    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", RecordingDDP)
-    monkeypatch.setattr(RecordingDDP, "wrapped", [])
+    recording = RecordingDDP.install(monkeypatch)
     runner = StepRunner(method, [], cfg.run.train, torch.device("cpu"))
     runner.wrap_distributed(DistContext(rank=0, world_size=2), cfg.run.train)
     per_network = method.manual_optimization and method.ddp_per_network
-    assert per_network or RecordingDDP.wrapped == [method]
-    in_wrappers = {id(p) for module in RecordingDDP.wrapped for p in module.parameters()}
+    wrapped = [module for module, _, _ in recording.made]
+    assert per_network or wrapped == [method]
+    in_wrappers = {id(p) for module in wrapped for p in module.parameters()}
     assert not trained - in_wrappers - ignored, "trained parameters outside every DDP wrapper"
 
 
